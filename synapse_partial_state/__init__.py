@@ -1,0 +1,55 @@
+"""synapse-partial-state: fast partial-state room joins for Synapse.
+
+Enable it in ``homeserver.yaml``::
+
+    modules:
+      - module: synapse_partial_state.PartialStateModule
+        config: {}
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from synapse.module_api import ModuleApi
+
+from synapse_partial_state import _synapse
+from synapse_partial_state.config import PartialStateConfig, parse_config
+from synapse_partial_state.resident.send_join import SendJoinEnricher
+from synapse_partial_state.status import STATUS_PATH, StatusResource
+
+__version__ = "0.1.0"
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PartialStateModule", "PartialStateConfig", "__version__"]
+
+
+class PartialStateModule:
+    """The Synapse module: validates its config, installs its hooks, logs its role."""
+
+    def __init__(self, config: PartialStateConfig, api: ModuleApi) -> None:
+        self._api = api
+        self._config = config
+        _synapse.check_synapse_version(config.allow_untested_synapse)
+
+        if config.resident.enabled:
+            SendJoinEnricher(api, config.resident).install()
+        api.register_web_resource(STATUS_PATH, StatusResource(api, config, __version__))
+
+        role = "main process" if api.worker_app is None else f"worker {api.worker_name}"
+        logger.info(
+            "synapse_partial_state %s loaded on the %s: resident send_join "
+            "essentials %s; joins and resyncs run on the main process only, as in "
+            "Synapse (do_invite_join is main-only); patches: %s",
+            __version__,
+            role,
+            "on" if config.resident.enabled else "off (native answers)",
+            ", ".join(p.target.rsplit(".", 1)[-1] for p in _synapse.INSTALLED_PATCHES)
+            or "none",
+        )
+
+    @staticmethod
+    def parse_config(config: Any) -> PartialStateConfig:
+        return parse_config(config)

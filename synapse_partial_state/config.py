@@ -1,0 +1,140 @@
+"""The module's configuration: one frozen object, validated once at start-up.
+
+Every bad value raises :class:`synapse.module_api.errors.ConfigError` with a message
+that names the key (as a dotted path under the module's ``config:``), the value found
+and what is accepted, so that Synapse refuses to start with a useful line in its log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attr
+from synapse.module_api.errors import ConfigError
+
+
+@attr.s(frozen=True, auto_attribs=True, slots=True)
+class ResidentConfig:
+    """What we add to partial ``/send_join`` answers when we are the resident."""
+
+    #: Add MSC2775 essentials on top of the MSC3706 partial state.
+    enabled: bool = True
+    #: Hero members (as clients compute room summaries), also for named rooms.
+    heroes: bool = True
+    #: Memberships that are power events: bans, and kicks still in force.
+    bans_and_kicks: bool = True
+    #: Pending invites and knocks.
+    invites_and_knocks: bool = True
+    #: Joined members per server in the room (0 disables).
+    members_per_server: int = 1
+    #: Members named in ``m.room.power_levels`` ``users``.
+    power_level_users: bool = True
+    #: Add an ``org.matrix.msc2775.summary`` block (heroes, member counts).
+    summary: bool = True
+    #: Cap on the number of extra member events added to one answer.
+    max_extra_members: int = 300
+
+
+@attr.s(frozen=True, auto_attribs=True, slots=True)
+class PartialStateConfig:
+    """The whole module configuration."""
+
+    resident: ResidentConfig = ResidentConfig()
+    #: Start even on a Synapse version outside the tested range.
+    allow_untested_synapse: bool = False
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+class _Reader:
+    """Reads one mapping of options, remembering where it is for messages."""
+
+    def __init__(self, raw: Any, path: tuple[str, ...]) -> None:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError(
+                f"{self._where(path)}: expected a mapping of options, "
+                f"found {_describe(raw)}"
+            )
+        self._raw = raw
+        self._path = path
+        self._seen: set[str] = set()
+
+    @staticmethod
+    def _where(path: tuple[str, ...]) -> str:
+        return "partial-state module config" + ("." + ".".join(path) if path else "")
+
+    def _key(self, key: str) -> str:
+        return ".".join(self._path + (key,))
+
+    def _fail(self, key: str, value: Any, accepted: str) -> ConfigError:
+        return ConfigError(
+            f"partial-state module config: '{self._key(key)}' is {_describe(value)}; "
+            f"expected {accepted}"
+        )
+
+    def boolean(self, key: str, default: bool) -> bool:
+        self._seen.add(key)
+        value = self._raw.get(key, default)
+        if not isinstance(value, bool):
+            raise self._fail(key, value, "true or false")
+        return value
+
+    def integer(self, key: str, default: int, minimum: int, maximum: int) -> int:
+        self._seen.add(key)
+        value = self._raw.get(key, default)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or not minimum <= value <= maximum
+        ):
+            raise self._fail(key, value, f"a whole number from {minimum} to {maximum}")
+        return value
+
+    def section(self, key: str) -> _Reader:
+        self._seen.add(key)
+        return _Reader(self._raw.get(key), self._path + (key,))
+
+    def finish(self) -> None:
+        unknown = sorted(str(k) for k in self._raw if k not in self._seen)
+        if unknown:
+            raise ConfigError(
+                f"{self._where(self._path)}: unknown option(s) "
+                + ", ".join(repr(k) for k in unknown)
+                + "; known options are "
+                + ", ".join(repr(k) for k in sorted(self._seen))
+            )
+
+
+def _parse_resident(r: _Reader) -> ResidentConfig:
+    d = ResidentConfig()
+    parsed = ResidentConfig(
+        enabled=r.boolean("enabled", d.enabled),
+        heroes=r.boolean("heroes", d.heroes),
+        bans_and_kicks=r.boolean("bans_and_kicks", d.bans_and_kicks),
+        invites_and_knocks=r.boolean("invites_and_knocks", d.invites_and_knocks),
+        members_per_server=r.integer("members_per_server", d.members_per_server, 0, 10),
+        power_level_users=r.boolean("power_level_users", d.power_level_users),
+        summary=r.boolean("summary", d.summary),
+        max_extra_members=r.integer("max_extra_members", d.max_extra_members, 0, 10000),
+    )
+    r.finish()
+    return parsed
+
+
+def parse_config(raw: Any) -> PartialStateConfig:
+    """Validate the ``config:`` mapping of the module's entry in ``modules:``."""
+    r = _Reader(raw, ())
+    d = PartialStateConfig()
+    parsed = PartialStateConfig(
+        resident=_parse_resident(r.section("resident")),
+        allow_untested_synapse=r.boolean(
+            "allow_untested_synapse", d.allow_untested_synapse
+        ),
+    )
+    r.finish()
+    return parsed

@@ -1,0 +1,1 @@
+"""Serving side: what a resident server answers to joining servers."""

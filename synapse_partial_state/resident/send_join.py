@@ -1,0 +1,220 @@
+"""MSC3706 partial ``/send_join`` answers with MSC2775's essential members.
+
+Native Synapse answers a partial join with all non-member state, the joiner's own
+previous membership and, for rooms without a name or alias, the heroes. We add, in
+priority order and under a total cap:
+
+1. heroes (also for named rooms: clients compute summaries from them);
+2. members named in ``m.room.power_levels`` ``users``;
+3. memberships that are power events: bans, and kicks still in force;
+4. pending invites and knocks (so nobody is invited twice);
+5. ``members_per_server`` joined members of every server, longest-standing first.
+
+Candidates come from the room's current state; the selector then keeps only the
+member events that are in the state *before the join*, so the answer is always a
+true subset of that state. An ``org.matrix.msc2775.summary`` block gives the joiner
+the heroes and member counts at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from synapse.api.constants import EventTypes, Membership
+from synapse.module_api import ModuleApi
+from synapse.types import get_domain_from_id
+
+from synapse_partial_state import _synapse
+from synapse_partial_state.config import ResidentConfig
+
+if TYPE_CHECKING:
+    from synapse.events import EventBase
+    from synapse.storage.database import LoggingTransaction
+    from synapse.storage.roommember import MemberSummary
+    from synapse.types import StateMap
+
+logger = logging.getLogger(__name__)
+
+#: Unstable field carrying the room summary in partial ``/send_join`` answers.
+SUMMARY_FIELD = "org.matrix.msc2775.summary"
+
+
+def select_partial_state(
+    join_event: EventBase,
+    prev_state_ids: StateMap[str],
+    summary: Mapping[str, MemberSummary],
+    extras: Collection[str],
+    cap: int,
+) -> set[str]:
+    """The event IDs of the partial state for ``join_event``.
+
+    Everything that is not ``m.room.member``, the joiner's own previous membership,
+    then up to ``cap`` member events of the users in ``extras`` (in order) that are
+    in the state before the join.
+    """
+    state = {
+        event_id
+        for (event_type, _), event_id in prev_state_ids.items()
+        if event_type != EventTypes.Member
+    }
+    own = prev_state_ids.get((EventTypes.Member, join_event.state_key))
+    if own is not None:
+        state.add(own)
+    added = 0
+    for user_id in extras:
+        if added >= cap:
+            break
+        event_id = prev_state_ids.get((EventTypes.Member, user_id))
+        if event_id is not None and event_id not in state:
+            state.add(event_id)
+            added += 1
+    return state
+
+
+def order_candidates(
+    heroes: Iterable[str],
+    power_users: Iterable[str],
+    power_memberships: Iterable[str],
+    pending: Iterable[str],
+    per_server: Iterable[str],
+) -> tuple[str, ...]:
+    """Concatenate the categories in priority order, dropping repeats."""
+    seen: dict[str, None] = {}
+    for group in (heroes, power_users, power_memberships, pending, per_server):
+        for user_id in group:
+            seen.setdefault(user_id, None)
+    return tuple(seen)
+
+
+def pick_per_server(joined_oldest_first: Iterable[str], per_server: int) -> list[str]:
+    """The first ``per_server`` users of every server, keeping the input order."""
+    counts: dict[str, int] = {}
+    picked = []
+    for user_id in joined_oldest_first:
+        try:
+            server = get_domain_from_id(user_id)
+        except Exception:
+            continue
+        if counts.get(server, 0) < per_server:
+            counts[server] = counts.get(server, 0) + 1
+            picked.append(user_id)
+    return picked
+
+
+def _power_users(content: Mapping[str, Any] | None) -> list[str]:
+    users = (content or {}).get("users")
+    if not isinstance(users, Mapping):
+        return []
+    return [u for u in users if isinstance(u, str) and u.startswith("@")]
+
+
+def _memberships_txn(
+    txn: LoggingTransaction, room_id: str, want_joined: bool
+) -> tuple[list[str], list[str], list[str]]:
+    """(bans and kicks, invites and knocks, joined oldest-first) in current state."""
+    txn.execute(
+        """
+        SELECT c.state_key, c.membership, m.sender
+        FROM current_state_events AS c
+        INNER JOIN room_memberships AS m USING (event_id)
+        WHERE c.room_id = ? AND c.type = 'm.room.member'
+          AND c.membership IN ('ban', 'leave', 'invite', 'knock')
+        ORDER BY c.event_stream_ordering DESC
+        """,
+        (room_id,),
+    )
+    power: list[str] = []
+    pending: list[str] = []
+    for user_id, membership, sender in txn:
+        if membership == Membership.BAN or (
+            membership == Membership.LEAVE and sender != user_id
+        ):
+            power.append(user_id)
+        elif membership in (Membership.INVITE, Membership.KNOCK):
+            pending.append(user_id)
+    joined: list[str] = []
+    if want_joined:
+        txn.execute(
+            """
+            SELECT state_key FROM current_state_events
+            WHERE room_id = ? AND type = 'm.room.member' AND membership = 'join'
+            ORDER BY event_stream_ordering ASC
+            """,
+            (room_id,),
+        )
+        joined = [row[0] for row in txn]
+    return power, pending, joined
+
+
+class SendJoinEnricher:
+    """Chooses and adds the MSC2775 essentials to partial ``/send_join`` answers."""
+
+    def __init__(self, api: ModuleApi, config: ResidentConfig) -> None:
+        self._api = api
+        self._config = config
+
+    def install(self) -> None:
+        _synapse.install_send_join_hooks(
+            self.extras_for, self.select, self.response_fields
+        )
+
+    def select(
+        self,
+        join_event: EventBase,
+        prev_state_ids: StateMap[str],
+        summary: Mapping[str, MemberSummary],
+        extras: tuple[str, ...],
+    ) -> Collection[str]:
+        return select_partial_state(
+            join_event,
+            prev_state_ids,
+            summary,
+            extras,
+            self._config.max_extra_members if self._config.enabled else 0,
+        )
+
+    async def extras_for(self, room_id: str, joiner: str) -> tuple[str, ...]:
+        """Essential member user IDs for a partial join of ``joiner``, in order."""
+        cfg = self._config
+        if not cfg.enabled or cfg.max_extra_members == 0:
+            return ()
+        heroes: list[str] = []
+        if cfg.heroes:
+            summary = await _synapse.get_room_summary(self._api, room_id)
+            heroes = _synapse.heroes_from_summary(summary, joiner)
+        power_users: list[str] = []
+        if cfg.power_level_users:
+            content = await _synapse.get_current_state_event_content(
+                self._api, room_id, EventTypes.PowerLevels, ""
+            )
+            power_users = _power_users(content)
+        power, pending, joined = await self._api.run_db_interaction(
+            "sps_send_join_essentials",
+            _memberships_txn,
+            room_id,
+            cfg.members_per_server > 0,
+        )
+        return order_candidates(
+            heroes,
+            power_users,
+            power if cfg.bans_and_kicks else (),
+            pending if cfg.invites_and_knocks else (),
+            pick_per_server(joined, cfg.members_per_server),
+        )
+
+    async def response_fields(self, room_id: str, joiner: str) -> Mapping[str, Any]:
+        """The ``org.matrix.msc2775.summary`` block, when enabled."""
+        if not (self._config.enabled and self._config.summary):
+            return {}
+        summary = await _synapse.get_room_summary(self._api, room_id)
+        joined = summary.get(Membership.JOIN)
+        invited = summary.get(Membership.INVITE)
+        return {
+            SUMMARY_FIELD: {
+                "m.heroes": _synapse.heroes_from_summary(summary, joiner),
+                "m.joined_member_count": joined.count if joined else 0,
+                "m.invited_member_count": invited.count if invited else 0,
+            }
+        }

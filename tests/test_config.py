@@ -1,0 +1,115 @@
+"""Config validation: every bad shape fails with a message naming key, value and rule."""
+
+from __future__ import annotations
+
+import unittest
+from typing import Any
+
+import attr
+from synapse.module_api.errors import ConfigError
+
+from synapse_partial_state import PartialStateModule
+from synapse_partial_state.config import PartialStateConfig, ResidentConfig
+
+
+class ParseConfigTests(unittest.TestCase):
+    def assert_rejected(self, raw: Any, *fragments: str) -> None:
+        with self.assertRaises(ConfigError) as cm:
+            PartialStateModule.parse_config(raw)
+        message = str(cm.exception)
+        for fragment in fragments:
+            self.assertIn(fragment, message)
+
+    def test_empty_gives_defaults(self) -> None:
+        self.assertEqual(PartialStateModule.parse_config({}), PartialStateConfig())
+        self.assertEqual(PartialStateModule.parse_config(None), PartialStateConfig())
+
+    def test_config_is_frozen(self) -> None:
+        config = PartialStateModule.parse_config({})
+        with self.assertRaises(attr.exceptions.FrozenInstanceError):
+            config.allow_untested_synapse = True  # type: ignore[misc]
+
+    def test_full_valid_config(self) -> None:
+        config = PartialStateModule.parse_config(
+            {
+                "resident": {
+                    "enabled": True,
+                    "heroes": False,
+                    "bans_and_kicks": False,
+                    "invites_and_knocks": True,
+                    "members_per_server": 3,
+                    "power_level_users": False,
+                    "summary": False,
+                    "max_extra_members": 50,
+                },
+                "allow_untested_synapse": True,
+            }
+        )
+        self.assertEqual(
+            config.resident,
+            ResidentConfig(
+                heroes=False,
+                bans_and_kicks=False,
+                members_per_server=3,
+                power_level_users=False,
+                summary=False,
+                max_extra_members=50,
+            ),
+        )
+        self.assertTrue(config.allow_untested_synapse)
+
+    def test_top_level_not_a_mapping(self) -> None:
+        self.assert_rejected(["a"], "expected a mapping", "['a'] (list)")
+
+    def test_section_not_a_mapping(self) -> None:
+        self.assert_rejected({"resident": "yes"}, "config.resident", "'yes' (str)")
+
+    def test_unknown_top_level_key(self) -> None:
+        self.assert_rejected({"resync_speed": 3}, "unknown option", "'resync_speed'")
+
+    def test_unknown_nested_key(self) -> None:
+        self.assert_rejected(
+            {"resident": {"hero": True}}, "config.resident", "'hero'", "'heroes'"
+        )
+
+    def test_boolean_given_string(self) -> None:
+        self.assert_rejected(
+            {"resident": {"heroes": "yes"}},
+            "'resident.heroes'",
+            "'yes' (str)",
+            "true or false",
+        )
+
+    def test_boolean_given_number(self) -> None:
+        self.assert_rejected(
+            {"allow_untested_synapse": 1}, "'allow_untested_synapse'", "1 (int)"
+        )
+
+    def test_integer_out_of_range(self) -> None:
+        self.assert_rejected(
+            {"resident": {"members_per_server": 11}},
+            "'resident.members_per_server'",
+            "11 (int)",
+            "from 0 to 10",
+        )
+
+    def test_integer_negative(self) -> None:
+        self.assert_rejected(
+            {"resident": {"max_extra_members": -1}},
+            "'resident.max_extra_members'",
+            "-1 (int)",
+        )
+
+    def test_integer_given_bool(self) -> None:
+        self.assert_rejected(
+            {"resident": {"max_extra_members": True}},
+            "'resident.max_extra_members'",
+            "True (bool)",
+        )
+
+    def test_integer_given_float(self) -> None:
+        self.assert_rejected(
+            {"resident": {"members_per_server": 1.5}},
+            "'resident.members_per_server'",
+            "1.5 (float)",
+        )
