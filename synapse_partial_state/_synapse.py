@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import re
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -38,8 +39,9 @@ def synapse_version() -> tuple[int, int, int]:
     """The installed Synapse's version as a tuple of three integers."""
     parts = []
     for piece in synapse.__version__.split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits or 0))
+        # Leading digits only: "0rc1" is 0.
+        match = re.match(r"\d*", piece)
+        parts.append(int(match.group(0) or 0) if match else 0)
     while len(parts) < 3:
         parts.append(0)
     return parts[0], parts[1], parts[2]
