@@ -198,7 +198,7 @@ def install_send_join_hooks(
 async def get_room_summary(api: ModuleApi, room_id: str) -> Mapping[str, MemberSummary]:
     """Synapse's cached member summary of the room's current state."""
     # @cached descriptors confuse mypy's view of the bound method.
-    return await main_store(api).get_room_summary(room_id)  # type: ignore[call-arg,arg-type]
+    return await main_store(api).get_room_summary(room_id)  # type: ignore[call-arg,arg-type,misc]
 
 
 def heroes_from_summary(summary: Mapping[str, MemberSummary], me: str) -> list[str]:

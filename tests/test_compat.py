@@ -37,6 +37,9 @@ class VersionGateTests(unittest.TestCase):
             self.assertIn("1.163.0 <= version < 1.164.0", message)
 
     def test_override_starts_with_a_warning(self) -> None:
-        with self._with_version("1.170.0"), self.assertLogs(_synapse.logger, "WARNING") as logs:
+        with (
+            self._with_version("1.170.0"),
+            self.assertLogs(_synapse.logger, "WARNING") as logs,
+        ):
             _synapse.check_synapse_version(allow_untested=True)
         self.assertIn("outside the tested range", logs.output[0])

@@ -1,0 +1,104 @@
+"""Misbehaviour rules applied to incoming federation requests."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+ACTIONS = ("delay", "error", "hang", "drop", "bad_signature")
+
+
+class BehaviourError(ValueError):
+    """Invalid behaviour specification."""
+
+
+@dataclass
+class Behaviour:
+    """One rule: on ``server`` (or ``*``), requests whose path matches ``path_regex``."""
+
+    id: str
+    server: str
+    path_regex: str
+    action: str
+    seconds: float = 0.0
+    status: int = 500
+    count: int | None = None
+    hits: int = 0
+    _rx: re.Pattern[str] = field(default=re.compile(""), repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """Control API representation."""
+        return {
+            "id": self.id,
+            "server": self.server,
+            "path_regex": self.path_regex,
+            "action": self.action,
+            "seconds": self.seconds,
+            "status": self.status,
+            "count": self.count,
+            "hits": self.hits,
+        }
+
+
+class BehaviourTable:
+    """The active rules; the first matching rule with budget left applies."""
+
+    def __init__(self) -> None:
+        self._rules: list[Behaviour] = []
+        self._ids = itertools.count(1)
+
+    def add(self, body: dict[str, Any]) -> Behaviour:
+        """Add a rule from a control API body."""
+        action = body.get("action")
+        if action not in ACTIONS:
+            raise BehaviourError(f"action must be one of {ACTIONS}")
+        path_regex = body.get("path_regex", "")
+        try:
+            rx = re.compile(path_regex)
+        except re.error as e:
+            raise BehaviourError(f"bad path_regex: {e}") from e
+        count = body.get("count")
+        if count is not None and (not isinstance(count, int) or count < 0):
+            raise BehaviourError("count must be null or a non-negative integer")
+        rule = Behaviour(
+            id=str(next(self._ids)),
+            server=str(body.get("server") or "*"),
+            path_regex=path_regex,
+            action=action,
+            seconds=float(body.get("seconds") or 0.0),
+            status=int(body.get("status") or 500),
+            count=count,
+            _rx=rx,
+        )
+        self._rules.append(rule)
+        return rule
+
+    def clear(self) -> int:
+        """Remove all rules; returns how many there were."""
+        n = len(self._rules)
+        self._rules.clear()
+        return n
+
+    def remove(self, rule_id: str) -> bool:
+        """Remove one rule by id."""
+        before = len(self._rules)
+        self._rules = [r for r in self._rules if r.id != rule_id]
+        return len(self._rules) != before
+
+    def list(self) -> list[dict[str, Any]]:
+        """All rules, as JSON."""
+        return [r.to_json() for r in self._rules]
+
+    def match(self, server: str, paths: tuple[str, ...]) -> Behaviour | None:
+        """The rule applying to a request (consumes one use of its count)."""
+        for rule in self._rules:
+            if rule.server not in ("*", server):
+                continue
+            if rule.count is not None and rule.hits >= rule.count:
+                continue
+            if any(rule._rx.search(p) for p in paths):
+                rule.hits += 1
+                return rule
+        return None

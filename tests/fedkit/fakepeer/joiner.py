@@ -1,0 +1,123 @@
+"""The fake peer acting as a joining server against a real homeserver."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
+
+from .errors import ControlError
+from .httpclient import q
+from .rooms import MEMBER
+from .signing import finalize_event
+
+if TYPE_CHECKING:
+    from .peer import Peer
+
+
+async def join_remote(peer: Peer, body: dict[str, Any]) -> dict[str, Any]:
+    """``POST /control/join``: make_join + send_join against a real server."""
+    room_id = body.get("room_id")
+    remote = body.get("remote")
+    if not room_id or not remote:
+        raise ControlError(400, "room_id and remote are required")
+    srv = peer.server(body["server"]) if body.get("server") else peer.new_server()
+    key = srv.key
+    assert key is not None
+    user_id = f"@{body.get('user_localpart') or 'joiner'}:{srv.name}"
+    vers = "&".join(f"ver={q(v)}" for v in KNOWN_ROOM_VERSIONS)
+    mj = await peer.client.request(
+        key,
+        remote,
+        "GET",
+        f"/_matrix/federation/v1/make_join/{q(room_id)}/{q(user_id)}?{vers}",
+    )
+    mj_body = mj.json()
+    result: dict[str, Any] = {
+        "server": srv.name,
+        "user_id": user_id,
+        "make_join": {"status": mj.status, "body": mj_body, "seconds": mj.seconds},
+        "send_join": None,
+        "join_event": None,
+        "event_id": None,
+    }
+    if mj.status != 200 or not isinstance(mj_body, dict):
+        return result
+    rv = KNOWN_ROOM_VERSIONS.get(str(mj_body.get("room_version", "1")))
+    if rv is None:
+        raise ControlError(502, f"unknown room version {mj_body.get('room_version')!r}")
+    event = dict(mj_body["event"])
+    for k in ("signatures", "hashes", "unsigned", "event_id"):
+        event.pop(k, None)
+    event["origin_server_ts"] = int(time.time() * 1000)
+    event_id = finalize_event(rv, event, srv.name, key.signing_key)
+    result["join_event"] = event
+    result["event_id"] = event_id
+    version = int(body.get("send_join_version", 2))
+    uri = f"/_matrix/federation/v{version}/send_join/{q(room_id)}/{q(event_id)}"
+    omit = body.get("omit_members", True)
+    if omit is not None:
+        if omit is True or omit is False:
+            uri += "?omit_members=" + ("true" if omit else "false")
+        else:
+            uri += "?omit_members=" + str(omit)
+    sj = await peer.client.request(key, remote, "PUT", uri, event, timeout=600)
+    sj_body = sj.json()
+    result["send_join"] = {
+        "status": sj.status,
+        "bytes": len(sj.body),
+        "seconds": sj.seconds,
+        "uri": uri,
+        "summary": summarise_send_join(sj_body),
+    }
+    if body.get("include_body", True):
+        result["send_join"]["body"] = sj_body
+    if sj.status == 200:
+        peer.remote_rooms[room_id] = {
+            "room_version": rv.identifier,
+            "remote": remote,
+            "server": srv.name,
+            "user_id": user_id,
+            "event_id": event_id,
+        }
+    return result
+
+
+async def federation_request(peer: Peer, body: dict[str, Any]) -> dict[str, Any]:
+    """``POST /control/federation_request``: a signed request from a fake server."""
+    srv = peer.server(body.get("server") or "")
+    resp = await peer.client.request(
+        srv.key,
+        body["destination"],
+        body.get("method", "GET"),
+        body["path"],
+        body.get("content"),
+        timeout=float(body.get("timeout", 300)),
+    )
+    return {
+        "status": resp.status,
+        "body": resp.json(),
+        "bytes": len(resp.body),
+        "seconds": resp.seconds,
+    }
+
+
+def summarise_send_join(body: Any) -> dict[str, Any] | None:
+    """Counts describing a send_join response (v1 ``[200, {...}]`` or v2)."""
+    if isinstance(body, list) and len(body) == 2:
+        body = body[1]
+    if not isinstance(body, dict):
+        return None
+    state = body.get("state") or []
+    auth_chain = body.get("auth_chain") or []
+    return {
+        "members_omitted": body.get("members_omitted"),
+        "state": len(state),
+        "state_members": sum(
+            1 for e in state if isinstance(e, dict) and e.get("type") == MEMBER
+        ),
+        "auth_chain": len(auth_chain),
+        "servers_in_room": len(body.get("servers_in_room") or []),
+        "has_event": "event" in body,
+    }

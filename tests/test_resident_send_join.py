@@ -1,0 +1,247 @@
+"""Resident side: partial /send_join answers from a real Synapse running the module.
+
+The fake peer plays the joining server, so every field of the answer is inspected
+as it went over the wire. Each test runs on SQLite and on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
+from synapse.events import make_event_from_dict
+
+from tests.fedkit.client import Client
+from tests.fedkit.homeserver import Homeserver
+from tests.fedkit.testcase import FederationTestCase, on_both_databases
+
+SUMMARY = "org.matrix.msc2775.summary"
+MEMBER = "m.room.member"
+
+
+def event_ids(pdus: list[dict[str, Any]], room_version: str) -> list[str]:
+    version = KNOWN_ROOM_VERSIONS[room_version]
+    return [make_event_from_dict(pdu, version).event_id for pdu in pdus]
+
+
+class _ResidentRoom(FederationTestCase):
+    """A room on hs1 with bans, a kick, an invite, a power-level user and members
+    from three servers (hs1 and two fake servers)."""
+
+    MODULE_CONFIG: dict[str, Any] = {}
+    ROOM_NAME: str | None = None
+
+    def build_room(self) -> None:
+        self.peer = self.make_fake_peer()
+        (self.hs1,) = self.make_homeservers(["hs1"], module_config=self.MODULE_CONFIG)
+        hs1 = self.hs1
+        users = {
+            name: self.register(hs1, name)
+            for name in ("alice", "bob", "carol", "dave", "erin", "frank", "greg")
+        }
+        self.users = users
+        alice = users["alice"]
+        create: dict[str, Any] = {"preset": "public_chat"}
+        if self.ROOM_NAME:
+            create["name"] = self.ROOM_NAME
+        self.room_id = alice.create_room(**create)
+        self.room_version = self._room_version(alice)
+        for name in ("bob", "carol", "dave", "erin", "frank", "greg"):
+            users[name].join(self.room_id)
+        alice.ban(self.room_id, users["dave"].user_id)
+        alice.kick(self.room_id, users["erin"].user_id)
+        self.invitee = "@henry:" + hs1.server_name
+        self.register(hs1, "henry")
+        alice.invite(self.room_id, self.invitee)
+        power = alice.state_event(self.room_id, "m.room.power_levels")
+        power["users"][users["greg"].user_id] = 50
+        alice.send_state(self.room_id, "m.room.power_levels", "", power)
+        # Two more local members: not heroes (five already), not power users,
+        # not the first of their server: they must be omitted.
+        for name in ("ivan", "judy"):
+            users[name] = self.register(hs1, name)
+            users[name].join(self.room_id)
+        # Members of two more servers, joined with full state.
+        self.fake_members = []
+        for _ in range(2):
+            result = self.peer.join(self.room_id, hs1.server_name, omit_members=False)
+            self.assertEqual(result["send_join"]["status"], 200, result)
+            self.fake_members.append(result["join_event"]["state_key"])
+
+    def _room_version(self, client: Client) -> str:
+        create = client.state_event(self.room_id, "m.room.create")
+        return str(create.get("room_version", "1"))
+
+    def partial_join(self, **kw: Any) -> dict[str, Any]:
+        result = self.peer.join(self.room_id, self.hs1.server_name, **kw)
+        self.assertEqual(result["send_join"]["status"], 200, result)
+        return result
+
+    def members_in(self, pdus: list[dict[str, Any]]) -> set[str]:
+        return {p["state_key"] for p in pdus if p["type"] == MEMBER}
+
+    def assert_auth_chain_minimal_and_complete(self, body: dict[str, Any]) -> None:
+        state_ids = event_ids(body["state"], self.room_version)
+        chain_ids = event_ids(body["auth_chain"], self.room_version)
+        self.assertEqual(len(chain_ids), len(set(chain_ids)), "duplicate in auth_chain")
+        self.assertEqual(len(state_ids), len(set(state_ids)), "duplicate in state")
+        self.assertFalse(set(state_ids) & set(chain_ids), "auth_chain repeats state")
+        known = set(state_ids) | set(chain_ids)
+        for pdu in body["state"] + body["auth_chain"] + [body["event"]]:
+            for auth_id in pdu.get("auth_events", []):
+                self.assertIn(auth_id, known, f"auth event missing for {pdu['type']}")
+
+
+@on_both_databases
+class PartialAnswerUnnamedRoom(_ResidentRoom):
+    def test_essentials_summary_and_auth_chain(self) -> None:
+        self.build_room()
+        u = {name: c.user_id for name, c in self.users.items()}
+        result = self.partial_join()
+        body = result["send_join"]["body"]
+        joiner = result["join_event"]["state_key"]
+
+        self.assertIs(body["members_omitted"], True)
+        self.assertEqual(
+            set(body["servers_in_room"]),
+            {self.hs1.server_name} | {m.split(":", 1)[1] for m in self.fake_members},
+        )
+
+        # Every non-member state event of the room is there.
+        current = self.users["alice"].room_state(self.room_id)
+        non_member = {
+            (e["type"], e["state_key"]) for e in current if e["type"] != MEMBER
+        }
+        self.assertEqual(
+            {(p["type"], p["state_key"]) for p in body["state"] if p["type"] != MEMBER},
+            non_member,
+        )
+
+        heroes = [u["alice"], u["bob"], u["carol"], u["frank"], u["greg"]]
+        expected = (
+            set(heroes)  # heroes, in join order
+            | {u["greg"]}  # named in power levels (alice too)
+            | {u["dave"], u["erin"]}  # ban, kick
+            | {self.invitee}  # pending invite
+            | set(self.fake_members)  # first member of each other server
+        )
+        self.assertEqual(self.members_in(body["state"]), expected)
+        self.assertNotIn(u["ivan"], self.members_in(body["state"]))
+        by_key = {p["state_key"]: p for p in body["state"] if p["type"] == MEMBER}
+        self.assertEqual(by_key[u["dave"]]["content"]["membership"], "ban")
+        self.assertEqual(by_key[u["erin"]]["content"]["membership"], "leave")
+        self.assertEqual(by_key[self.invitee]["content"]["membership"], "invite")
+
+        self.assert_auth_chain_minimal_and_complete(body)
+
+        summary = body[SUMMARY]
+        self.assertEqual(summary["m.heroes"], heroes)
+        # alice bob carol frank greg ivan judy + 2 fake members + the joiner
+        self.assertEqual(summary["m.joined_member_count"], 10)
+        self.assertEqual(summary["m.invited_member_count"], 1)
+        self.assertNotIn(joiner, summary["m.heroes"])
+
+    def test_bad_omit_members_is_rejected_and_changes_nothing(self) -> None:
+        self.build_room()
+        for bad in ("yes", "1", "TRUE", ""):
+            result = self.peer.join(
+                self.room_id, self.hs1.server_name, omit_members=bad
+            )
+            send_join = result["send_join"]
+            self.assertEqual(send_join["status"], 400, (bad, send_join))
+            self.assertEqual(send_join["body"]["errcode"], "M_INVALID_PARAM")
+            joiner = result["join_event"]["state_key"]
+            status, _ = self.users["alice"].get(
+                f"/_matrix/client/v3/rooms/{self.room_id}/state/{MEMBER}/{joiner}"
+            )
+            self.assertEqual(status, 404, f"{bad!r}: the join must not be persisted")
+
+    def test_full_answers_are_unchanged(self) -> None:
+        self.build_room()
+        current = self.users["alice"].room_state(self.room_id)
+        members = {e["state_key"] for e in current if e["type"] == MEMBER}
+        for kw in (
+            {"omit_members": False},
+            {"omit_members": None},
+            {"send_join_version": 1},
+        ):
+            result = self.partial_join(**kw)
+            body = result["send_join"]["body"]
+            if kw.get("send_join_version") == 1:
+                # v1 wraps the answer as [200, {...}]
+                self.assertEqual(body[0], 200)
+                body = body[1]
+            self.assertFalse(body.get("members_omitted", False), kw)
+            self.assertNotIn(SUMMARY, body, kw)
+            # every member known before this join is in the full state
+            self.assertLessEqual(members, self.members_in(body["state"]), kw)
+            members.add(result["join_event"]["state_key"])
+
+
+@on_both_databases
+class PartialAnswerNamedRoom(_ResidentRoom):
+    ROOM_NAME = "A named room"
+
+    def test_heroes_also_for_named_rooms(self) -> None:
+        self.build_room()
+        body = self.partial_join()["send_join"]["body"]
+        got = self.members_in(body["state"])
+        for name in ("alice", "bob", "carol", "frank", "greg"):
+            self.assertIn(self.users[name].user_id, got)
+        self.assertEqual(len(body[SUMMARY]["m.heroes"]), 5)
+
+
+@on_both_databases
+class PartialAnswerCapped(_ResidentRoom):
+    MODULE_CONFIG = {"resident": {"max_extra_members": 2}}
+
+    def test_cap_keeps_the_highest_priority_members(self) -> None:
+        self.build_room()
+        body = self.partial_join()["send_join"]["body"]
+        self.assertEqual(
+            self.members_in(body["state"]),
+            {self.users["alice"].user_id, self.users["bob"].user_id},
+        )
+        self.assert_auth_chain_minimal_and_complete(body)
+
+
+@on_both_databases
+class PartialAnswerDisabled(_ResidentRoom):
+    MODULE_CONFIG = {"resident": {"enabled": False}}
+
+    def test_native_answer_when_disabled(self) -> None:
+        self.build_room()
+        body = self.partial_join()["send_join"]["body"]
+        self.assertIs(body["members_omitted"], True)
+        self.assertNotIn(SUMMARY, body)
+        # native: heroes only (unnamed room), no bans, invites or per-server members
+        got = self.members_in(body["state"])
+        self.assertNotIn(self.users["dave"].user_id, got)
+        self.assertNotIn(self.invitee, got)
+        self.assertFalse(set(self.fake_members) & got)
+
+
+@on_both_databases
+class WireCompatibility(FederationTestCase):
+    def _join_and_talk(self, resident: Homeserver, joiner: Homeserver) -> None:
+        alice = self.register(resident, "alice")
+        bob = self.register(joiner, "bob")
+        room_id = alice.create_room(preset="public_chat")
+        for i in range(3):
+            self.register(resident, f"extra{i}").join(room_id)
+        bob.join(room_id, via=[resident.server_name])
+        bob.send_message(room_id, "hi")
+        alice.wait_for_message(room_id, "hi")
+        alice.send_message(room_id, "hello")
+        bob.wait_for_message(room_id, "hello")
+        self.assertEqual(len(bob.joined_members(room_id)), 5)
+
+    def test_stock_joiner_module_resident(self) -> None:
+        resident = self.make_homeserver("hs1", with_module=True)
+        joiner = self.make_homeserver("hs2", with_module=False)
+        self._join_and_talk(resident, joiner)
+
+    def test_module_joiner_stock_resident(self) -> None:
+        resident = self.make_homeserver("hs1", with_module=False)
+        joiner = self.make_homeserver("hs2", with_module=True)
+        self._join_and_talk(resident, joiner)
