@@ -15,7 +15,10 @@ from typing import Any
 from synapse.module_api import ModuleApi
 
 from synapse_partial_state import _synapse
+from synapse_partial_state.admin import ADMIN_PATH, AdminResource
 from synapse_partial_state.config import PartialStateConfig, parse_config
+from synapse_partial_state.joining.engine import ResyncEngine
+from synapse_partial_state.joining.metrics import ResyncMetrics
 from synapse_partial_state.resident.send_join import SendJoinEnricher
 from synapse_partial_state.status import STATUS_PATH, StatusResource
 
@@ -38,14 +41,33 @@ class PartialStateModule:
             SendJoinEnricher(api, config.resident).install()
         api.register_web_resource(STATUS_PATH, StatusResource(api, config, __version__))
 
-        role = "main process" if api.worker_app is None else f"worker {api.worker_name}"
+        # Synapse runs remote joins and resyncs on the main process only
+        # (do_invite_join asserts it), so that is where the engine lives.
+        is_main = api.worker_app is None
+        self.engine: ResyncEngine | None = None
+        if config.resync.enabled and is_main:
+            self.engine = ResyncEngine(
+                api,
+                config.resync,
+                _synapse.ResyncOps(api),
+                ResyncMetrics(api.server_name),
+            )
+            _synapse.install_resync_hook(self.engine.sync_room)
+        api.register_web_resource(ADMIN_PATH, AdminResource(api, self.engine))
+
+        if not config.resync.enabled:
+            resync = "off (Synapse's own resync)"
+        elif is_main:
+            resync = "on: this process runs every resync"
+        else:
+            resync = "not here: resyncs run on the main process"
         logger.info(
             "synapse_partial_state %s loaded on the %s: resident send_join "
-            "essentials %s; joins and resyncs run on the main process only, as in "
-            "Synapse (do_invite_join is main-only); patches: %s",
+            "essentials %s; resync engine %s; patches: %s",
             __version__,
-            role,
+            "main process" if is_main else f"worker {api.worker_name}",
             "on" if config.resident.enabled else "off (native answers)",
+            resync,
             ", ".join(p.target.rsplit(".", 1)[-1] for p in _synapse.INSTALLED_PATCHES)
             or "none",
         )

@@ -100,6 +100,241 @@ def main_store(api: ModuleApi) -> DataStore:
 
 
 # ---------------------------------------------------------------------------
+# Joining side: the resync engine's hook and the native operations it uses
+# ---------------------------------------------------------------------------
+
+#: (initial destination, other destinations, room id) -> None; runs one resync.
+ResyncEntry = Callable[[str | None, "Collection[str]", str], Awaitable[None]]
+
+
+def install_resync_hook(entry: ResyncEntry) -> None:
+    """Route Synapse's resyncs to our engine.
+
+    Replaces ``FederationHandler._sync_partial_state_room`` (143 lines; 2 changes
+    since 1.100; identical in 1.163.2). Native keeps doing what surrounds it:
+    ``do_invite_join`` and the start-up resume both call
+    ``_start_partial_state_room_sync``, whose in-memory de-duplication and
+    "restart if still partial" logic then calls this method, now ours. The native
+    loop gives up for good when every server fails (#13000); ours never does.
+    """
+    from synapse.handlers.federation import FederationHandler
+
+    if getattr(FederationHandler._sync_partial_state_room, "_sps_wrapped", False):
+        return
+
+    async def _sync_partial_state_room(
+        self: Any,
+        initial_destination: str | None,
+        other_destinations: Collection[str],
+        room_id: str,
+    ) -> None:
+        await entry(initial_destination, other_destinations, room_id)
+
+    _sync_partial_state_room._sps_wrapped = True  # type: ignore[attr-defined]
+    FederationHandler._sync_partial_state_room = _sync_partial_state_room  # type: ignore[method-assign]
+    _record(
+        PatchRecord(
+            "synapse.handlers.federation.FederationHandler._sync_partial_state_room",
+            "replace",
+            "durable, never-stuck resync engine (retries, failover, abort on leave)",
+        )
+    )
+
+
+@attr.s(frozen=True, auto_attribs=True, slots=True)
+class _KeepStateContext:
+    """The three fields ``update_state_for_partial_state_event`` reads from an
+    ``EventContext``: used to drop an event's partial flag without changing its
+    state group or rejection status (aborting a resync)."""
+
+    rejected: str | bool
+    state_group: int | None
+    state_group_before_event: int | None
+
+
+class ResyncOps:
+    """The native Synapse operations a resync is made of, typed, in one place.
+
+    Each method says which Synapse code it calls. Nothing here retries or decides:
+    that is the engine's job.
+    """
+
+    def __init__(self, api: ModuleApi) -> None:
+        hs = homeserver(api)
+        self._hs = hs
+        # Any: mypy without Synapse's own plugin mis-types @cached methods.
+        self._store: Any = hs.get_datastores().main
+        self._clock = hs.get_clock()
+        self.server_name: str = hs.hostname
+
+    # -- read ---------------------------------------------------------------
+
+    async def is_partial_state_room(self, room_id: str) -> bool:
+        return await self._store.is_partial_state_room(room_id)
+
+    async def resync_info(self, room_id: str) -> tuple[str | None, frozenset[str]]:
+        """(joined_via, servers_in_room) from ``partial_state_rooms(_servers)``."""
+        info = await self._store.get_partial_state_room_resync_info()
+        entry = info.get(room_id)
+        if entry is None:
+            return None, frozenset()
+        return entry.joined_via, frozenset(entry.servers_in_room)
+
+    async def join_event_id(self, room_id: str) -> str | None:
+        def txn(t: Any) -> str | None:
+            t.execute(
+                "SELECT join_event_id FROM partial_state_rooms WHERE room_id = ?",
+                (room_id,),
+            )
+            row = t.fetchone()
+            return row[0] if row else None
+
+        return await self._store.db_pool.runInteraction("sps_join_event_id", txn)
+
+    async def local_users_in_room(self, room_id: str) -> Collection[str]:
+        return await self._store.get_local_users_in_room(room_id)
+
+    async def count_partial_state_events(self, room_id: str) -> int:
+        def txn(t: Any) -> int:
+            t.execute(
+                "SELECT COUNT(*) FROM partial_state_events WHERE room_id = ?",
+                (room_id,),
+            )
+            return int(t.fetchone()[0])
+
+        return await self._store.db_pool.runInteraction("sps_count_partial", txn)
+
+    async def recent_sender_servers(self, room_id: str, limit: int = 500) -> list[str]:
+        """Servers of the senders of the room's latest events (servers learned
+        since the join), most recent first."""
+
+        def txn(t: Any) -> list[str]:
+            t.execute(
+                "SELECT sender FROM events WHERE room_id = ?"
+                " ORDER BY stream_ordering DESC LIMIT ?",
+                (room_id, limit),
+            )
+            return [row[0] for row in t.fetchall()]
+
+        senders = await self._store.db_pool.runInteraction("sps_recent_senders", txn)
+        seen: dict[str, None] = {}
+        for sender in senders:
+            server = sender.split(":", 1)[1] if ":" in sender else None
+            if server:
+                seen.setdefault(server, None)
+        return list(seen)
+
+    async def partial_state_events_batch(self, room_id: str) -> list[EventBase]:
+        """Up to 100 partial-state events without partial-state prev events,
+        in stream order (``get_partial_state_events_batch``)."""
+        from synapse.storage.databases.main.events_worker import EventRedactBehaviour
+
+        batch = await self._store.get_partial_state_events_batch(room_id)
+        if not batch:
+            return []
+        return await self._store.get_events_as_list(
+            batch, redact_behaviour=EventRedactBehaviour.as_is, allow_rejected=True
+        )
+
+    # -- write ----------------------------------------------------------------
+
+    async def update_state_for_partial_state_event(
+        self, destination: str, event: EventBase
+    ) -> None:
+        """Native per-event de-partial-stating: computes the full state before
+        ``event`` (fetching from ``destination`` when its prev events are not
+        local), re-checks its auth against it, repoints its state group and flips
+        its rejection if needed. Raises ``FederationError`` /
+        ``FederationPullAttemptBackoffError`` like native."""
+        handler = self._hs.get_federation_event_handler()
+        await handler.update_state_for_partial_state_event(destination, event)
+
+    async def complete(self, room_id: str) -> bool:
+        """The native end of a resync: recompute current state, replay device
+        lists, clear the partial flag under Synapse's linearizer, wake waiters and
+        replication. False if new partial-state events raced in (go round again)."""
+        await self._hs.get_state_handler().update_current_state(room_id)
+        await self._hs.get_device_handler().handle_room_un_partial_stated(room_id)
+        return await self._clear_and_notify(room_id)
+
+    async def _clear_and_notify(self, room_id: str) -> bool:
+        fed = self._hs.get_federation_handler()
+        async with fed._is_partial_state_room_linearizer.queue(room_id):
+            stream_id = await self._store.clear_partial_state_room(room_id)
+        if stream_id is None:
+            return False
+        self._hs.get_storage_controllers().state.notify_room_un_partial_stated(room_id)
+        await self._hs.get_notifier().on_un_partial_stated_room(room_id, stream_id)
+        return True
+
+    async def abort(self, room_id: str) -> bool:
+        """Give up on a room nobody local is in any more, through Synapse's own
+        paths: every partial-state event loses its flag keeping its state group
+        (``update_state_for_partial_state_event`` with an unchanged context, which
+        writes the un-partial-stated event stream and invalidates caches), then the
+        room flag is cleared and every waiter is woken, as at a normal end.
+        False if new partial-state events raced in."""
+        store = self._store
+        state_storage = self._hs.get_storage_controllers().state
+        while True:
+            events = await self.partial_state_events_batch(room_id)
+            if not events:
+                break
+            for event in events:
+                groups = await store._get_state_group_for_events([event.event_id])
+                group = groups.get(event.event_id)
+                context = _KeepStateContext(
+                    rejected=event.rejected_reason or False,
+                    state_group=group,
+                    state_group_before_event=group,
+                )
+                await store.update_state_for_partial_state_event(event, context)  # type: ignore[arg-type]
+                state_storage.notify_event_un_partial_stated(event.event_id)
+            self._hs.get_notifier().notify_replication()
+        return await self._clear_and_notify(room_id)
+
+    def start_resync(self, room_id: str) -> None:
+        """Start a resync the way Synapse does after a join (its de-duplication
+        included), with the servers Synapse recorded for the room."""
+        fed = self._hs.get_federation_handler()
+
+        async def start() -> None:
+            joined_via, servers = await self.resync_info(room_id)
+            fed._start_partial_state_room_sync(
+                initial_destination=joined_via,
+                other_destinations=set(servers),
+                room_id=room_id,
+            )
+
+        self._hs.run_as_background_process("sps_start_resync", start)
+
+    def now_ms(self) -> int:
+        return self._clock.time_msec()
+
+    def call_later(self, delay_s: float, callback: Callable[[], object]) -> Any:
+        """Synapse's clock ``call_later`` (takes a ``Duration`` since 1.144)."""
+        from synapse.util.duration import Duration
+
+        return self._clock.call_later(Duration(milliseconds=delay_s * 1000), callback)
+
+
+def is_pull_backoff(error: BaseException) -> int | None:
+    """``retry_after_ms`` if ``error`` is Synapse's pull-attempt back-off."""
+    from synapse.api.errors import FederationPullAttemptBackoffError
+
+    if isinstance(error, FederationPullAttemptBackoffError):
+        return int(error.retry_after_ms)
+    return None
+
+
+def is_federation_failure(error: BaseException) -> bool:
+    """Whether ``error`` is how native says "this server could not give us state"."""
+    from synapse.api.errors import FederationError
+
+    return isinstance(error, FederationError)
+
+
+# ---------------------------------------------------------------------------
 # Resident side: partial /send_join answers
 # ---------------------------------------------------------------------------
 
@@ -197,8 +432,9 @@ def install_send_join_hooks(
 
 async def get_room_summary(api: ModuleApi, room_id: str) -> Mapping[str, MemberSummary]:
     """Synapse's cached member summary of the room's current state."""
-    # @cached descriptors confuse mypy's view of the bound method.
-    return await main_store(api).get_room_summary(room_id)  # type: ignore[call-arg,arg-type,misc]
+    # Any: mypy without Synapse's own plugin mis-types @cached methods.
+    store: Any = main_store(api)
+    return await store.get_room_summary(room_id)
 
 
 def heroes_from_summary(summary: Mapping[str, MemberSummary], me: str) -> list[str]:

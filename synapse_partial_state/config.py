@@ -37,10 +37,23 @@ class ResidentConfig:
 
 
 @attr.s(frozen=True, auto_attribs=True, slots=True)
+class ResyncConfig:
+    """The joining side's background resync engine."""
+
+    #: Replace Synapse's resync loop with this module's engine.
+    enabled: bool = True
+    #: First wait after every known server failed, in seconds.
+    initial_backoff_seconds: float = 5.0
+    #: Ceiling of the exponential back-off, in seconds.
+    max_backoff_seconds: float = 600.0
+
+
+@attr.s(frozen=True, auto_attribs=True, slots=True)
 class PartialStateConfig:
     """The whole module configuration."""
 
     resident: ResidentConfig = ResidentConfig()
+    resync: ResyncConfig = ResyncConfig()
     #: Start even on a Synapse version outside the tested range.
     allow_untested_synapse: bool = False
 
@@ -95,6 +108,21 @@ class _Reader:
             raise self._fail(key, value, f"a whole number from {minimum} to {maximum}")
         return value
 
+    def seconds(
+        self, key: str, default: float, minimum: float, maximum: float
+    ) -> float:
+        self._seen.add(key)
+        value = self._raw.get(key, default)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not minimum <= value <= maximum
+        ):
+            raise self._fail(
+                key, value, f"a number of seconds from {minimum:g} to {maximum:g}"
+            )
+        return float(value)
+
     def section(self, key: str) -> _Reader:
         self._seen.add(key)
         return _Reader(self._raw.get(key), self._path + (key,))
@@ -126,12 +154,35 @@ def _parse_resident(r: _Reader) -> ResidentConfig:
     return parsed
 
 
+def _parse_resync(r: _Reader) -> ResyncConfig:
+    d = ResyncConfig()
+    parsed = ResyncConfig(
+        enabled=r.boolean("enabled", d.enabled),
+        initial_backoff_seconds=r.seconds(
+            "initial_backoff_seconds", d.initial_backoff_seconds, 0.1, 3600
+        ),
+        max_backoff_seconds=r.seconds(
+            "max_backoff_seconds", d.max_backoff_seconds, 1, 86400
+        ),
+    )
+    r.finish()
+    if parsed.max_backoff_seconds < parsed.initial_backoff_seconds:
+        raise ConfigError(
+            "partial-state module config: 'resync.max_backoff_seconds' "
+            f"({parsed.max_backoff_seconds:g}) is below "
+            f"'resync.initial_backoff_seconds' ({parsed.initial_backoff_seconds:g}); "
+            "expected max_backoff_seconds >= initial_backoff_seconds"
+        )
+    return parsed
+
+
 def parse_config(raw: Any) -> PartialStateConfig:
     """Validate the ``config:`` mapping of the module's entry in ``modules:``."""
     r = _Reader(raw, ())
     d = PartialStateConfig()
     parsed = PartialStateConfig(
         resident=_parse_resident(r.section("resident")),
+        resync=_parse_resync(r.section("resync")),
         allow_untested_synapse=r.boolean(
             "allow_untested_synapse", d.allow_untested_synapse
         ),

@@ -113,3 +113,34 @@ class ParseConfigTests(unittest.TestCase):
             "'resident.members_per_server'",
             "1.5 (float)",
         )
+
+    def test_resync_section(self) -> None:
+        config = PartialStateModule.parse_config(
+            {"resync": {"initial_backoff_seconds": 1, "max_backoff_seconds": 30}}
+        )
+        self.assertEqual(config.resync.initial_backoff_seconds, 1.0)
+        self.assertEqual(config.resync.max_backoff_seconds, 30.0)
+        self.assertTrue(config.resync.enabled)
+
+    def test_seconds_given_string(self) -> None:
+        self.assert_rejected(
+            {"resync": {"initial_backoff_seconds": "5s"}},
+            "'resync.initial_backoff_seconds'",
+            "'5s' (str)",
+            "a number of seconds from 0.1 to 3600",
+        )
+
+    def test_seconds_out_of_range(self) -> None:
+        self.assert_rejected(
+            {"resync": {"max_backoff_seconds": 0}},
+            "'resync.max_backoff_seconds'",
+            "0 (int)",
+            "from 1 to 86400",
+        )
+
+    def test_backoff_ceiling_below_start(self) -> None:
+        self.assert_rejected(
+            {"resync": {"initial_backoff_seconds": 60, "max_backoff_seconds": 10}},
+            "'resync.max_backoff_seconds' (10)",
+            "'resync.initial_backoff_seconds' (60)",
+        )

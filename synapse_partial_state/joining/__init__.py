@@ -1,0 +1,1 @@
+"""Joining side: the durable, never-stuck resync engine for partial-state rooms."""

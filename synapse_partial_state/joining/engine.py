@@ -1,0 +1,448 @@
+"""The resync engine: brings a partial-state room to full state, and never gives up.
+
+Synapse calls :meth:`ResyncEngine.sync_room` (through the compat hook) when a partial
+join completes and, at start-up, for every room still in ``partial_state_rooms``.
+Each room has one durable job row (``sps_resync_jobs``) saying where it is:
+
+``queued -> fetching -> applying -> replaying -> done``, with ``retrying`` whenever
+every known server failed (capped exponential back-off, forever) and ``aborted``
+when the last local user left or the room was purged.
+
+Per event, Synapse's own ``update_state_for_partial_state_event`` does the work
+(fetch the state at the join, re-check auth of every later event against full state,
+repoint state groups), so Synapse's tables and caches stay consistent; the engine owns
+the policy around it: which server, when to retry, when to stop, and the record.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+
+from synapse.module_api import EventBase, ModuleApi, make_deferred_yieldable
+from synapse.module_api.errors import SynapseError
+from twisted.internet import defer
+
+from synapse_partial_state import _synapse
+from synapse_partial_state.config import ResyncConfig
+from synapse_partial_state.joining import jobs
+from synapse_partial_state.joining.jobs import Job, Phase
+from synapse_partial_state.joining.metrics import ResyncMetrics
+from synapse_partial_state.storage import (
+    create_schema_txn,
+    get_job_txn,
+    list_jobs_txn,
+    upsert_job_txn,
+)
+
+logger = logging.getLogger(__name__)
+
+#: While backing off, look this often whether the room was left meanwhile.
+CHECK_INTERVAL_MS = 5_000
+
+
+class _Aborted(Exception):
+    """The room was left by its last local user (or an admin aborted the job)."""
+
+
+class ResyncEngine:
+    def __init__(
+        self,
+        api: ModuleApi,
+        config: ResyncConfig,
+        ops: _synapse.ResyncOps,
+        metrics: ResyncMetrics,
+    ) -> None:
+        self._api = api
+        self._config = config
+        self._ops = ops
+        self._metrics = metrics
+        #: rooms whose back-off sleep should end now (retry now, new server, leave)
+        self._wakeups: dict[str, defer.Deferred[None]] = {}
+        #: rooms an admin asked to abort
+        self._abort_requested: set[str] = set()
+        self._schema_ready = False
+        self._schema_lock = defer.DeferredLock()
+        #: rooms poked since their back-off began
+        self._poked: set[str] = set()
+        #: the latest copy of every job this process runs or ran
+        self._jobs: dict[str, Job] = {}
+
+    # -- entry points -----------------------------------------------------------
+
+    async def ensure_schema(self) -> None:
+        """Create our tables once per process (idempotent, race-free here)."""
+        if self._schema_ready:
+            return
+        await make_deferred_yieldable(self._schema_lock.acquire())
+        try:
+            if not self._schema_ready:
+                await self._api.run_db_interaction(
+                    "sps_create_schema", create_schema_txn
+                )
+                self._schema_ready = True
+        finally:
+            self._schema_lock.release()
+
+    async def sync_room(
+        self,
+        initial_destination: str | None,
+        other_destinations: Collection[str],
+        room_id: str,
+    ) -> None:
+        """Resync ``room_id`` until it is complete or aborted. Never raises for
+        federation failures: it waits and tries again."""
+        await self.ensure_schema()
+        job = await self._start_job(room_id, initial_destination, other_destinations)
+        self._metrics.started()
+        try:
+            await self._run(job)
+        except _Aborted as e:
+            await self._abort(room_id, str(e))
+
+    def poke(self, room_id: str) -> None:
+        """Something changed for ``room_id`` (a local leave, a new server, an admin
+        'retry now'): end its back-off sleep so the engine looks again."""
+        self._poked.add(room_id)
+        waiter = self._wakeups.pop(room_id, None)
+        if waiter is not None and not waiter.called:
+            waiter.callback(None)
+
+    def request_abort(self, room_id: str) -> None:
+        self._abort_requested.add(room_id)
+        self.poke(room_id)
+
+    def now_ms(self) -> int:
+        return self._ops.now_ms()
+
+    async def retry_now(self, room_id: str) -> bool:
+        """Admin "retry now": end a running job's back-off, or start a resync for
+        a partial-state room that has none running. True if one was started."""
+        if self.is_running(room_id):
+            self.poke(room_id)
+            return False
+        if not await self._ops.is_partial_state_room(room_id):
+            raise SynapseError(
+                404, f"{room_id} is not a partial-state room", "M_NOT_FOUND"
+            )
+        self._ops.start_resync(room_id)
+        return True
+
+    async def abort_now(self, room_id: str) -> None:
+        """Admin "abort": the running job stops at its next check (at once if it
+        is backing off); a partial-state room with no running job is given up now."""
+        if self.is_running(room_id):
+            self.request_abort(room_id)
+            return
+        if not await self._ops.is_partial_state_room(room_id):
+            raise SynapseError(
+                404, f"{room_id} is not a partial-state room", "M_NOT_FOUND"
+            )
+        await self._abort(room_id, "aborted by an admin")
+
+    async def list_jobs(self, include_finished: bool) -> list[Job]:
+        await self.ensure_schema()
+        return await self._api.run_db_interaction(
+            "sps_list_jobs", list_jobs_txn, include_finished
+        )
+
+    async def get_job(self, room_id: str) -> Job | None:
+        await self.ensure_schema()
+        return await self._api.run_db_interaction("sps_get_job", get_job_txn, room_id)
+
+    def is_running(self, room_id: str) -> bool:
+        job = self._jobs.get(room_id)
+        return job is not None and not job.phase.final
+
+    # -- the loop -------------------------------------------------------------------
+
+    async def _start_job(
+        self,
+        room_id: str,
+        initial_destination: str | None,
+        other_destinations: Collection[str],
+    ) -> Job:
+        now = self._ops.now_ms()
+        existing = await self.get_job(room_id)
+        joined_via, servers = await self._ops.resync_info(room_id)
+        join_event_id = await self._ops.join_event_id(room_id)
+        destinations = jobs.order_destinations(
+            initial_destination or joined_via,
+            sorted(set(other_destinations) | servers),
+            [],
+            self._ops.server_name,
+        )
+        if existing is not None and not existing.phase.final:
+            # Resume: keep attempts, counters and timestamps; start a fresh round.
+            job = existing.evolve(
+                now,
+                destinations=destinations or existing.destinations,
+                join_event_id=join_event_id or existing.join_event_id,
+                tried=(),
+                phase=Phase.FETCHING,
+                next_attempt_ts=None,
+            )
+            logger.info(
+                "Resuming resync of %s (attempts so far: %d, %d events persisted)",
+                room_id,
+                job.attempts,
+                job.events_persisted,
+            )
+        else:
+            job = Job(
+                room_id=room_id,
+                phase=Phase.FETCHING,
+                created_ts=now,
+                updated_ts=now,
+                started_ts=now,
+                join_event_id=join_event_id,
+                joined_via=initial_destination or joined_via,
+                destinations=destinations,
+            )
+            logger.info(
+                "Starting resync of %s: %d server(s) to ask, first %s",
+                room_id,
+                len(destinations),
+                destinations[0] if destinations else None,
+            )
+        job = job.evolve(
+            now, current_destination=jobs.next_destination(job.destinations, ())
+        )
+        await self._save(job)
+        return job
+
+    async def _run(self, job: Job) -> None:
+        room_id = job.room_id
+        while True:
+            await self._check_still_wanted(job)
+            batch = await self._ops.partial_state_events_batch(room_id)
+            if not batch:
+                job = await self._save(
+                    job.evolve(self._ops.now_ms(), phase=Phase.REPLAYING)
+                )
+                logger.info(
+                    "Resync of %s: all events have full state; finishing", room_id
+                )
+                if await self._ops.complete(room_id):
+                    await self._finish(job)
+                    return
+                continue  # new partial-state events raced in
+            remaining = await self._ops.count_partial_state_events(room_id)
+            job = await self._save(
+                job.evolve(self._ops.now_ms(), events_remaining=remaining)
+            )
+            for event in batch:
+                job = await self._update_event(job, event)
+
+    async def _update_event(self, job: Job, event: EventBase) -> Job:
+        """De-partial-state one event, trying servers and backing off until it
+        succeeds (or the room is abandoned)."""
+        room_id = job.room_id
+        fetching = job.events_persisted == 0 or event.event_id == job.join_event_id
+        phase = Phase.FETCHING if fetching else Phase.APPLYING
+        if job.phase != phase:
+            job = await self._save(job.evolve(self._ops.now_ms(), phase=phase))
+        while True:
+            destination = job.current_destination
+            if destination is None:
+                job = await self._wait_for_next_round(job)
+                continue
+            started = self._ops.now_ms()
+            try:
+                await self._ops.update_state_for_partial_state_event(destination, event)
+            except Exception as e:
+                retry_after = _synapse.is_pull_backoff(e)
+                if retry_after is not None:
+                    logger.info(
+                        "Resync of %s: %s; waiting %d ms", room_id, e, retry_after
+                    )
+                    await self._sleep(room_id, retry_after)
+                    await self._check_still_wanted(job)
+                    continue
+                if not _synapse.is_federation_failure(e):
+                    raise
+                job = await self._destination_failed(job, destination, e)
+                continue
+            self._metrics.event_done(phase, (self._ops.now_ms() - started) / 1000)
+            remaining = (
+                None
+                if job.events_remaining is None
+                else max(job.events_remaining - 1, 0)
+            )
+            return job.evolve(
+                self._ops.now_ms(),
+                events_persisted=job.events_persisted + 1,
+                events_remaining=remaining,
+            )
+
+    async def _destination_failed(
+        self, job: Job, destination: str, error: Exception
+    ) -> Job:
+        reason = _reason(error)
+        self._metrics.failure(reason)
+        await self._check_still_wanted(job)
+        tried = job.tried + (destination,)
+        destinations = await self._refresh_destinations(job)
+        nxt = jobs.next_destination(destinations, tried)
+        logger.info(
+            "Resync of %s: %s failed (%s); %s",
+            job.room_id,
+            destination,
+            reason,
+            f"trying {nxt} instead" if nxt else "every known server failed",
+        )
+        return await self._save(
+            job.evolve(
+                self._ops.now_ms(),
+                tried=tried,
+                destinations=destinations,
+                current_destination=nxt,
+                last_error=f"{destination}: {error}"[:1000],
+            )
+        )
+
+    async def _wait_for_next_round(self, job: Job) -> Job:
+        """Every server failed this round: back off (capped), then start again with
+        a refreshed server list. Never gives up."""
+        attempts = job.attempts + 1
+        delay = jobs.backoff_ms(
+            attempts,
+            self._config.initial_backoff_seconds,
+            self._config.max_backoff_seconds,
+        )
+        job = await self._save(
+            job.evolve(
+                self._ops.now_ms(),
+                phase=Phase.RETRYING,
+                attempts=attempts,
+                next_attempt_ts=self._ops.now_ms() + delay,
+            )
+        )
+        logger.warning(
+            "Resync of %s: all %d server(s) failed (round %d, last error: %s); "
+            "retrying in %.1f s",
+            job.room_id,
+            len(job.destinations),
+            attempts,
+            job.last_error,
+            delay / 1000,
+        )
+        wake_at = self._ops.now_ms() + delay
+        while True:
+            await self._check_still_wanted(job)
+            left = wake_at - self._ops.now_ms()
+            if left <= 0 or job.room_id in self._poked:
+                break
+            await self._sleep(job.room_id, min(left, CHECK_INTERVAL_MS))
+        self._poked.discard(job.room_id)
+        destinations = await self._refresh_destinations(job)
+        return await self._save(
+            job.evolve(
+                self._ops.now_ms(),
+                phase=Phase.FETCHING,
+                tried=(),
+                destinations=destinations,
+                current_destination=jobs.next_destination(destinations, ()),
+                next_attempt_ts=None,
+            )
+        )
+
+    async def _refresh_destinations(self, job: Job) -> tuple[str, ...]:
+        """Joined-via, then ``/send_join``'s servers, then servers seen since."""
+        _, servers = await self._ops.resync_info(job.room_id)
+        learned = await self._ops.recent_sender_servers(job.room_id)
+        return jobs.order_destinations(
+            job.joined_via,
+            list(job.destinations) + sorted(servers - set(job.destinations)),
+            learned,
+            self._ops.server_name,
+        )
+
+    async def _check_still_wanted(self, job: Job) -> None:
+        room_id = job.room_id
+        if room_id in self._abort_requested:
+            self._abort_requested.discard(room_id)
+            raise _Aborted("aborted by an admin")
+        if not await self._ops.local_users_in_room(room_id):
+            raise _Aborted("no local user is in the room any more")
+
+    async def _sleep(self, room_id: str, delay_ms: int) -> None:
+        """Sleep up to ``delay_ms``; :meth:`poke` ends it early."""
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._wakeups[room_id] = waiter
+
+        def wake() -> None:
+            if not waiter.called:
+                waiter.callback(None)
+
+        call = self._ops.call_later(delay_ms / 1000, wake)
+        try:
+            await make_deferred_yieldable(waiter)
+        finally:
+            if call.active():
+                call.cancel()
+            if self._wakeups.get(room_id) is waiter:
+                del self._wakeups[room_id]
+
+    async def _finish(self, job: Job) -> None:
+        now = self._ops.now_ms()
+        job = await self._save(
+            job.evolve(
+                now,
+                phase=Phase.DONE,
+                completed_ts=now,
+                events_remaining=0,
+                current_destination=None,
+                next_attempt_ts=None,
+            )
+        )
+        self._metrics.completed((now - job.created_ts) / 1000)
+        logger.info(
+            "Resync of %s complete in %.1f s (%d events, %d failed round(s))",
+            job.room_id,
+            (now - job.created_ts) / 1000,
+            job.events_persisted,
+            job.attempts,
+        )
+
+    async def _abort(self, room_id: str, why: str) -> None:
+        logger.info("Aborting resync of %s: %s", room_id, why)
+        job = self._jobs.get(room_id) or await self.get_job(room_id)
+        cleared = False
+        for _ in range(10):
+            if not await self._ops.is_partial_state_room(room_id):
+                cleared = True
+                break
+            if await self._ops.abort(room_id):
+                cleared = True
+                break
+        if not cleared:
+            logger.error("Could not clear the partial-state flag of %s", room_id)
+        if job is not None:
+            now = self._ops.now_ms()
+            await self._save(
+                job.evolve(
+                    now,
+                    phase=Phase.ABORTED,
+                    completed_ts=now,
+                    last_error=why,
+                    current_destination=None,
+                    next_attempt_ts=None,
+                )
+            )
+        self._metrics.aborted()
+
+    async def _save(self, job: Job) -> Job:
+        previous = self._jobs.get(job.room_id)
+        self._jobs[job.room_id] = job
+        self._metrics.set_phase(previous.phase if previous else None, job.phase)
+        await self._api.run_db_interaction("sps_save_job", upsert_job_txn, job)
+        return job
+
+
+def _reason(error: BaseException) -> str:
+    """A short, low-cardinality reason for metrics and logs."""
+    cause = error.__cause__ or error.__context__ or error
+    code = getattr(cause, "code", None)
+    name = type(cause).__name__
+    return f"{name}:{code}" if isinstance(code, int) else name

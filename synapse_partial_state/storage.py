@@ -1,0 +1,146 @@
+"""The module's own tables (prefixed ``sps_``), created idempotently at start-up.
+
+No foreign keys into Synapse's tables: Synapse's purge and delete paths do not know
+about us. Works on SQLite and PostgreSQL (only portable SQL). ``*_txn`` functions run
+inside :meth:`ModuleApi.run_db_interaction`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from synapse_partial_state.joining.jobs import Job, Phase
+
+if TYPE_CHECKING:
+    from synapse.storage.database import LoggingTransaction
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = [
+    """
+    CREATE TABLE IF NOT EXISTS sps_schema_version (
+        lock CHAR(1) NOT NULL DEFAULT 'X' UNIQUE,
+        version INTEGER NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS sps_resync_jobs (
+        room_id TEXT NOT NULL PRIMARY KEY,
+        phase TEXT NOT NULL,
+        join_event_id TEXT,
+        joined_via TEXT,
+        destinations TEXT NOT NULL,
+        tried TEXT NOT NULL,
+        current_destination TEXT,
+        attempts INTEGER NOT NULL,
+        next_attempt_ts BIGINT,
+        last_error TEXT,
+        events_fetched BIGINT NOT NULL,
+        events_verified BIGINT NOT NULL,
+        events_persisted BIGINT NOT NULL,
+        events_remaining BIGINT,
+        created_ts BIGINT NOT NULL,
+        started_ts BIGINT,
+        updated_ts BIGINT NOT NULL,
+        completed_ts BIGINT
+    )
+    """,
+]
+
+_COLUMNS = (
+    "room_id",
+    "phase",
+    "join_event_id",
+    "joined_via",
+    "destinations",
+    "tried",
+    "current_destination",
+    "attempts",
+    "next_attempt_ts",
+    "last_error",
+    "events_fetched",
+    "events_verified",
+    "events_persisted",
+    "events_remaining",
+    "created_ts",
+    "started_ts",
+    "updated_ts",
+    "completed_ts",
+)
+
+
+def create_schema_txn(txn: LoggingTransaction) -> None:
+    """Create our tables if missing and record the schema version."""
+    for statement in _SCHEMA:
+        txn.execute(statement)
+    txn.execute("SELECT version FROM sps_schema_version")
+    row = txn.fetchone()
+    if row is None:
+        txn.execute(
+            "INSERT INTO sps_schema_version (lock, version) VALUES ('X', ?)",
+            (SCHEMA_VERSION,),
+        )
+    elif row[0] > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"synapse_partial_state: database schema version {row[0]} is newer than "
+            f"this module's ({SCHEMA_VERSION}); upgrade the module"
+        )
+
+
+def _to_row(job: Job) -> tuple[Any, ...]:
+    return (
+        job.room_id,
+        job.phase.value,
+        job.join_event_id,
+        job.joined_via,
+        json.dumps(list(job.destinations)),
+        json.dumps(list(job.tried)),
+        job.current_destination,
+        job.attempts,
+        job.next_attempt_ts,
+        job.last_error,
+        job.events_fetched,
+        job.events_verified,
+        job.events_persisted,
+        job.events_remaining,
+        job.created_ts,
+        job.started_ts,
+        job.updated_ts,
+        job.completed_ts,
+    )
+
+
+def _from_row(row: tuple[Any, ...]) -> Job:
+    d = dict(zip(_COLUMNS, row, strict=True))
+    d["phase"] = Phase(d["phase"])
+    d["destinations"] = tuple(json.loads(d["destinations"]))
+    d["tried"] = tuple(json.loads(d["tried"]))
+    return Job(**d)
+
+
+def upsert_job_txn(txn: LoggingTransaction, job: Job) -> None:
+    """Write the whole job row (insert or replace)."""
+    txn.execute("DELETE FROM sps_resync_jobs WHERE room_id = ?", (job.room_id,))
+    placeholders = ", ".join("?" for _ in _COLUMNS)
+    txn.execute(
+        f"INSERT INTO sps_resync_jobs ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
+        _to_row(job),
+    )
+
+
+def get_job_txn(txn: LoggingTransaction, room_id: str) -> Job | None:
+    txn.execute(
+        f"SELECT {', '.join(_COLUMNS)} FROM sps_resync_jobs WHERE room_id = ?",
+        (room_id,),
+    )
+    row = txn.fetchone()
+    return None if row is None else _from_row(row)
+
+
+def list_jobs_txn(txn: LoggingTransaction, include_finished: bool) -> list[Job]:
+    sql = f"SELECT {', '.join(_COLUMNS)} FROM sps_resync_jobs"
+    if not include_finished:
+        sql += " WHERE phase NOT IN ('done', 'aborted')"
+    txn.execute(sql + " ORDER BY created_ts")
+    return [_from_row(row) for row in txn.fetchall()]
