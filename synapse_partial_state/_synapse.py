@@ -141,17 +141,6 @@ def install_resync_hook(entry: ResyncEntry) -> None:
     )
 
 
-@attr.s(frozen=True, auto_attribs=True, slots=True)
-class _KeepStateContext:
-    """The three fields ``update_state_for_partial_state_event`` reads from an
-    ``EventContext``: used to drop an event's partial flag without changing its
-    state group or rejection status (aborting a resync)."""
-
-    rejected: str | bool
-    state_group: int | None
-    state_group_before_event: int | None
-
-
 class ResyncOps:
     """The native Synapse operations a resync is made of, typed, in one place.
 
@@ -268,30 +257,40 @@ class ResyncOps:
         return True
 
     async def abort(self, room_id: str) -> bool:
-        """Give up on a room nobody local is in any more, through Synapse's own
-        paths: every partial-state event loses its flag keeping its state group
-        (``update_state_for_partial_state_event`` with an unchanged context, which
-        writes the un-partial-stated event stream and invalidates caches), then the
-        room flag is cleared and every waiter is woken, as at a normal end.
-        False if new partial-state events raced in."""
-        store = self._store
+        """Give up a partial-state room that no local user is in any more.
+
+        Its local copy was never complete, and keeping it would be harmful: a later
+        rejoin would build on its partial state as if it were whole. So the room is
+        purged through Synapse's own ``PaginationHandler.purge_room`` (which refuses
+        while a local user is joined, and deletes the partial-state tables in
+        foreign-key order), then every waiter on the room or its events is woken.
+        False if a local user is joined again (the resync must go on).
+        """
+        from synapse.api.errors import SynapseError
+
+        def txn(t: Any) -> list[str]:
+            t.execute(
+                "SELECT event_id FROM partial_state_events WHERE room_id = ?",
+                (room_id,),
+            )
+            return [row[0] for row in t.fetchall()]
+
+        event_ids = await self._store.db_pool.runInteraction("sps_partial_events", txn)
+        try:
+            await self._hs.get_pagination_handler().purge_room(room_id, force=False)
+        except SynapseError as e:
+            logger.info("Not purging %s: %s", room_id, e)
+            return False
         state_storage = self._hs.get_storage_controllers().state
-        while True:
-            events = await self.partial_state_events_batch(room_id)
-            if not events:
-                break
-            for event in events:
-                groups = await store._get_state_group_for_events([event.event_id])
-                group = groups.get(event.event_id)
-                context = _KeepStateContext(
-                    rejected=event.rejected_reason or False,
-                    state_group=group,
-                    state_group_before_event=group,
-                )
-                await store.update_state_for_partial_state_event(event, context)  # type: ignore[arg-type]
-                state_storage.notify_event_un_partial_stated(event.event_id)
-            self._hs.get_notifier().notify_replication()
-        return await self._clear_and_notify(room_id)
+        for event_id in event_ids:
+            self._store.is_partial_state_event.invalidate((event_id,))
+            state_storage.notify_event_un_partial_stated(event_id)
+        self._store.is_partial_state_room.invalidate((room_id,))
+        state_storage.notify_room_un_partial_stated(room_id)
+        return True
+
+    async def room_exists(self, room_id: str) -> bool:
+        return await self._store.get_room(room_id) is not None
 
     def start_resync(self, room_id: str) -> None:
         """Start a resync the way Synapse does after a join (its de-duplication

@@ -45,6 +45,9 @@ def job_json(job: Job, now: int, running: bool) -> dict[str, Any]:
 
 
 class AdminResource(DirectServeJsonResource):
+    #: Sub-paths (room IDs, actions) are parsed here rather than by child resources.
+    isLeaf = True
+
     def __init__(self, api: ModuleApi, engine: ResyncEngine | None) -> None:
         super().__init__()
         self._api = api

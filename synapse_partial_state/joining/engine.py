@@ -95,10 +95,15 @@ class ResyncEngine:
         await self.ensure_schema()
         job = await self._start_job(room_id, initial_destination, other_destinations)
         self._metrics.started()
-        try:
-            await self._run(job)
-        except _Aborted as e:
-            await self._abort(room_id, str(e))
+        while True:
+            try:
+                await self._run(job)
+                return
+            except _Aborted as e:
+                if await self._abort(room_id, str(e)):
+                    return
+            # A local user joined again while we were aborting: carry on.
+            job = self._jobs[room_id]
 
     def poke(self, room_id: str) -> None:
         """Something changed for ``room_id`` (a local leave, a new server, an admin
@@ -129,15 +134,24 @@ class ResyncEngine:
         return True
 
     async def abort_now(self, room_id: str) -> None:
-        """Admin "abort": the running job stops at its next check (at once if it
-        is backing off); a partial-state room with no running job is given up now."""
-        if self.is_running(room_id):
-            self.request_abort(room_id)
-            return
+        """Admin "abort": give up a partial-state room no local user is in (its
+        incomplete copy is purged). The running job stops at its next check, at
+        once if it is backing off. Refused while local users are joined: remove
+        them first (e.g. with Synapse's delete-room admin API)."""
         if not await self._ops.is_partial_state_room(room_id):
             raise SynapseError(
                 404, f"{room_id} is not a partial-state room", "M_NOT_FOUND"
             )
+        if await self._ops.local_users_in_room(room_id):
+            raise SynapseError(
+                409,
+                "Local users are still in the room; remove them first "
+                "(e.g. with the delete-room admin API)",
+                "M_UNKNOWN",
+            )
+        if self.is_running(room_id):
+            self.request_abort(room_id)
+            return
         await self._abort(room_id, "aborted by an admin")
 
     async def list_jobs(self, include_finished: bool) -> list[Job]:
@@ -214,6 +228,13 @@ class ResyncEngine:
     async def _run(self, job: Job) -> None:
         room_id = job.room_id
         while True:
+            if not await self._ops.is_partial_state_room(room_id):
+                # Finished by someone else, or purged under us.
+                if await self._ops.room_exists(room_id):
+                    await self._finish(job)
+                else:
+                    await self._mark_aborted(job, "the room was purged")
+                return
             await self._check_still_wanted(job)
             batch = await self._ops.partial_state_events_batch(room_id)
             if not batch:
@@ -405,32 +426,35 @@ class ResyncEngine:
             job.attempts,
         )
 
-    async def _abort(self, room_id: str, why: str) -> None:
+    async def _abort(self, room_id: str, why: str) -> bool:
+        """Purge the room (see ``ResyncOps.abort``); False if a local user is
+        joined again, in which case the resync goes on."""
         logger.info("Aborting resync of %s: %s", room_id, why)
-        job = self._jobs.get(room_id) or await self.get_job(room_id)
-        cleared = False
-        for _ in range(10):
-            if not await self._ops.is_partial_state_room(room_id):
-                cleared = True
-                break
-            if await self._ops.abort(room_id):
-                cleared = True
-                break
-        if not cleared:
-            logger.error("Could not clear the partial-state flag of %s", room_id)
-        if job is not None:
-            now = self._ops.now_ms()
-            await self._save(
-                job.evolve(
-                    now,
-                    phase=Phase.ABORTED,
-                    completed_ts=now,
-                    last_error=why,
-                    current_destination=None,
-                    next_attempt_ts=None,
+        if await self._ops.is_partial_state_room(room_id):
+            if not await self._ops.abort(room_id):
+                logger.info(
+                    "Resync of %s goes on: a local user is in the room", room_id
                 )
+                return False
+        job = self._jobs.get(room_id) or await self.get_job(room_id)
+        if job is not None:
+            await self._mark_aborted(job, why)
+        return True
+
+    async def _mark_aborted(self, job: Job, why: str) -> None:
+        now = self._ops.now_ms()
+        await self._save(
+            job.evolve(
+                now,
+                phase=Phase.ABORTED,
+                completed_ts=now,
+                last_error=why,
+                current_destination=None,
+                next_attempt_ts=None,
             )
+        )
         self._metrics.aborted()
+        logger.info("Resync of %s aborted: %s", job.room_id, why)
 
     async def _save(self, job: Job) -> Job:
         previous = self._jobs.get(job.room_id)

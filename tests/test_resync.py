@@ -1,0 +1,314 @@
+"""The resync engine against real Synapse joiners and a fake (misbehaving) resident.
+
+Each test runs on SQLite and on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote
+
+from tests.fedkit.client import Client
+from tests.fedkit.homeserver import Homeserver
+from tests.fedkit.testcase import FederationTestCase, on_both_databases
+
+ADMIN = "/_synapse/client/partial_state/v1/admin/rooms"
+STATE_PATHS = r"^/_matrix/federation/v1/state(_ids)?/"
+
+#: Fast retries so tests do not wait for production back-offs: ours and
+#: Synapse's per-destination back-off (10 minutes by default).
+FAST = {
+    "module_config": {
+        "resync": {"initial_backoff_seconds": 0.5, "max_backoff_seconds": 2}
+    },
+    "extra_config": {
+        "federation": {
+            "destination_min_retry_interval": 200,
+            "destination_max_retry_interval": 1000,
+        }
+    },
+}
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.2)
+
+
+class _ResyncCase(FederationTestCase):
+    MEMBERS = 200
+    SERVERS = 5
+
+    def setup_room(self, **hs_kw: Any) -> None:
+        self.peer = self.make_fake_peer()
+        self.room = self.peer.create_room(
+            members=self.MEMBERS, servers=self.SERVERS, name="Resync room"
+        )
+        self.room_id: str = self.room["room_id"]
+        self.resident: str = self.room["resident"]
+        kw = {**FAST, **hs_kw}
+        self.hs2: Homeserver = self.make_homeserver("hs2", **kw)
+        self.admin: Client = self.register(self.hs2, "admin", admin=True)
+        self.bob: Client = self.register(self.hs2, "bob")
+
+    def job(self) -> dict[str, Any]:
+        status, body = self.admin.get(f"{ADMIN}/{quote(self.room_id)}")
+        self.assertEqual(status, 200, body)
+        return body
+
+    def wait_phase(self, phase: str, timeout: float = 60) -> dict[str, Any]:
+        return wait_until(
+            lambda: (j := self.job())["phase"] == phase and j, timeout, f"phase {phase}"
+        )
+
+    def wait_complete(self, since: int, timeout: float = 120) -> None:
+        self.hs2.wait_for_log(
+            rf"Resync of {re.escape(self.room_id)} complete",
+            timeout=timeout,
+            since=since,
+        )
+
+    def assert_full_members(self, extra: int = 1) -> None:
+        members = self.bob.joined_members(self.room_id, timeout=60)
+        self.assertEqual(len(members), self.room["member_count"] + extra)
+
+
+@on_both_databases
+class Failover(_ResyncCase):
+    def test_resident_dies_mid_resync_other_server_completes(self) -> None:
+        self.setup_room()
+        # Hold the resident's state answers, then kill it while we wait on it.
+        self.peer.add_behaviour(STATE_PATHS, "delay", server=self.resident, seconds=5)
+        since = self.hs2.log_offset()
+        self.bob.join(self.room_id, via=[self.resident])
+        self.peer.stop_server(self.resident)
+        self.wait_complete(since)
+        self.assert_full_members()
+        job = self.job()
+        self.assertEqual(job["phase"], "done")
+        self.assertIn(self.resident, job["tried"])
+        self.assertNotEqual(job["destinations"][0:1], [])
+        log = self.hs2.read_log()[since:]
+        self.assertRegex(
+            log, rf"{re.escape(self.resident)} failed .*; trying \S+ instead"
+        )
+
+
+@on_both_databases
+class EveryServerDownThenBack(_ResyncCase):
+    def test_retries_until_a_server_answers(self) -> None:
+        self.setup_room()
+        rule = self.peer.add_behaviour(STATE_PATHS, "error", status=502)
+        since = self.hs2.log_offset()
+        self.bob.join(self.room_id, via=[self.resident])
+        job = self.wait_phase("retrying")
+        self.assertGreaterEqual(job["attempts"], 1)
+        self.assertIsNotNone(job["next_attempt_ts"])
+        self.assertTrue(job["last_error"])
+        # still partial, still trying, several rounds on
+        wait_until(lambda: self.job()["attempts"] >= 3, 60, "three failed rounds")
+        self.assertIn("all", self.hs2.read_log()[since:])
+        self.peer.remove_behaviour(rule)
+        self.wait_complete(since)
+        self.assert_full_members()
+        self.assertEqual(self.job()["phase"], "done")
+
+
+@on_both_databases
+class RestartMidResync(_ResyncCase):
+    def test_joiner_restart_resumes_from_its_job_row(self) -> None:
+        self.setup_room()
+        rule = self.peer.add_behaviour(STATE_PATHS, "error", status=502)
+        self.bob.join(self.room_id, via=[self.resident])
+        before = wait_until(
+            lambda: (j := self.job())["attempts"] >= 2 and j, 60, "two failed rounds"
+        )
+        self.hs2.restart()
+        self.peer.remove_behaviour(rule)
+        since = 0  # the log is appended to across restarts; look from the start
+        self.wait_complete(since)
+        after = self.job()
+        self.assertEqual(after["phase"], "done")
+        # the same job, resumed: creation time and failed rounds carried over
+        self.assertEqual(after["created_ts"], before["created_ts"])
+        self.assertGreaterEqual(after["attempts"], before["attempts"])
+        self.assertIn(f"Resuming resync of {self.room_id}", self.hs2.read_log())
+        self.assert_full_members()
+
+
+@on_both_databases
+class LeaveMidResync(_ResyncCase):
+    def test_last_local_leave_aborts_and_rejoin_works(self) -> None:
+        self.setup_room()
+        rule = self.peer.add_behaviour(STATE_PATHS, "error", status=502)
+        since = self.hs2.log_offset()
+        self.bob.join(self.room_id, via=[self.resident])
+        self.wait_phase("retrying")
+        self.bob.leave(self.room_id)
+        job = self.wait_phase("aborted", timeout=30)
+        self.assertIn("no local user", job["last_error"])
+        self.assertRegex(self.hs2.read_log()[since:], r"Aborting resync of")
+        # The incomplete copy is gone, and nothing is left waiting on it: a member
+        # list request answers at once instead of blocking on a resync that will
+        # never come.
+        started = time.monotonic()
+        status, body = self.bob.get(
+            f"/_matrix/client/v3/rooms/{quote(self.room_id)}/members"
+        )
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertEqual(status, 403, body)
+        self.assertNotIn(self.room_id, self.bob.joined_rooms())
+
+        # Rejoining starts a new partial join and completes.
+        self.peer.remove_behaviour(rule)
+        since = self.hs2.log_offset()
+        self.bob.join(self.room_id, via=[self.resident])
+        self.wait_complete(since)
+        self.assert_full_members()
+
+
+@on_both_databases
+class AdminApi(_ResyncCase):
+    def test_list_retry_abort_and_auth(self) -> None:
+        self.setup_room(module_config={"resync": {"initial_backoff_seconds": 60}})
+        rule = self.peer.add_behaviour(STATE_PATHS, "error", status=502)
+        self.bob.join(self.room_id, via=[self.resident])
+        job = self.wait_phase("retrying")
+        self.assertGreater(job["next_attempt_ts"], int(time.time() * 1000) + 30_000)
+
+        status, body = self.admin.get(ADMIN)
+        self.assertEqual(status, 200)
+        listed = {j["room_id"]: j for j in body["rooms"]}
+        self.assertEqual(listed[self.room_id]["phase"], "retrying")
+        self.assertTrue(listed[self.room_id]["running"])
+
+        # Non-admins are refused.
+        status, body = self.bob.get(ADMIN)
+        self.assertEqual((status, body.get("errcode")), (403, "M_FORBIDDEN"))
+        status, body = self.bob.post(f"{ADMIN}/{quote(self.room_id)}/retry", json={})
+        self.assertEqual(status, 403)
+
+        # "retry now" ends a 60 s back-off at once.
+        self.peer.remove_behaviour(rule)
+        since = self.hs2.log_offset()
+        status, body = self.admin.post(f"{ADMIN}/{quote(self.room_id)}/retry", json={})
+        self.assertEqual(status, 200, body)
+        self.wait_complete(since, timeout=30)
+        self.assert_full_members()
+
+        status, body = self.admin.post(f"{ADMIN}/{quote('!nope:x')}/abort", json={})
+        self.assertEqual(status, 404)
+
+
+@on_both_databases
+class AdminAbortAndPurge(_ResyncCase):
+    def test_admin_abort_refused_while_local_users_are_in_the_room(self) -> None:
+        self.setup_room()
+        self.peer.add_behaviour(STATE_PATHS, "error", status=502)
+        self.bob.join(self.room_id, via=[self.resident])
+        self.wait_phase("retrying")
+        status, body = self.admin.post(f"{ADMIN}/{quote(self.room_id)}/abort", json={})
+        self.assertEqual(status, 409, body)
+        self.assertIn("Local users are still in the room", body["error"])
+        self.assertEqual(self.job()["phase"], "retrying")
+
+    def test_room_deleted_and_purged_mid_resync(self) -> None:
+        self.setup_room()
+        rule = self.peer.add_behaviour(STATE_PATHS, "error", status=502)
+        self.bob.join(self.room_id, via=[self.resident])
+        self.wait_phase("retrying")
+        # Synapse's own delete-room admin API: kicks local users, then purges.
+        status, body = self.admin.request(
+            "DELETE",
+            f"/_synapse/admin/v2/rooms/{quote(self.room_id)}",
+            json={"purge": True},
+        )
+        self.assertEqual(status, 200, body)
+        delete_id = body["delete_id"]
+
+        def purged() -> bool:
+            st, b = self.admin.get(
+                f"/_synapse/admin/v2/rooms/delete_status/{delete_id}"
+            )
+            return st == 200 and b["status"] == "complete"
+
+        wait_until(purged, 60, "the delete-room job")
+        job = self.wait_phase("aborted", timeout=30)
+        self.assertTrue(job["last_error"])
+        # A fresh join afterwards works end to end.
+        self.peer.remove_behaviour(rule)
+        since = self.hs2.log_offset()
+        self.bob.join(self.room_id, via=[self.resident])
+        self.wait_complete(since)
+        self.assert_full_members()
+
+
+@on_both_databases
+class EventsDuringResync(_ResyncCase):
+    def test_final_state_matches_the_resident(self) -> None:
+        self.setup_room()
+        rule = self.peer.add_behaviour(STATE_PATHS, "delay", seconds=4)
+        since = self.hs2.log_offset()
+        self.bob.join(self.room_id, via=[self.resident])
+        creator = self.room["creator"]
+        # While hs2 waits for state: messages, a state change, a kick, new members.
+        self.peer.send_event(
+            self.room_id, "m.room.message", {"msgtype": "m.text", "body": "during"}
+        )
+        self.peer.send_event(
+            self.room_id, "m.room.topic", {"topic": "changed"}, state_key=""
+        )
+        victim = next(
+            e["state_key"]
+            for e in self.peer.room_events(self.room_id, limit=100000)["events"]
+            if e["type"] == "m.room.member"
+            and e["content"].get("membership") == "join"
+            and e["state_key"] != creator
+        )
+        self.peer.send_event(
+            self.room_id,
+            "m.room.member",
+            {"membership": "leave"},
+            sender=creator,
+            state_key=victim,
+        )
+        self.peer.join_users(self.room_id, 3)
+        self.peer.remove_behaviour(rule)
+        self.wait_complete(since)
+
+        expected = resident_state(
+            self.peer.room_events(self.room_id, limit=100000)["events"]
+        )
+        got = {
+            (e["type"], e["state_key"]): e["event_id"]
+            for e in self.bob.room_state(self.room_id)
+        }
+        self.assertIn(("m.room.member", self.bob.user_id), got)
+        differences = {
+            key: (got.get(key), expected.get(key))
+            for key in set(got) | set(expected)
+            if got.get(key) != expected.get(key)
+        }
+        self.assertEqual(differences, {})
+        self.assertEqual(
+            got[("m.room.member", victim)], expected[("m.room.member", victim)]
+        )
+        self.bob.wait_for_message(self.room_id, "during")
+
+
+def resident_state(events: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
+    """Current state of a linear event log: the last event of each state key."""
+    state: dict[tuple[str, str], str] = {}
+    for event in events:
+        if "state_key" in event:
+            state[(event["type"], event["state_key"])] = event["event_id"]
+    return state
