@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 #: While backing off, look this often whether the room was left meanwhile.
 CHECK_INTERVAL_MS = 5_000
+#: Key servers asked at once when prefetching signing keys at the start.
+KEY_PREFETCH_CONCURRENCY = 50
 
 
 class _Aborted(Exception):
@@ -95,6 +97,12 @@ class ResyncEngine:
         await self.ensure_schema()
         job = await self._start_job(room_id, initial_destination, other_destinations)
         self._metrics.started()
+        if job.events_persisted == 0:
+            # The state at the join will carry members of every server in the
+            # room: get their signing keys now, while the state itself downloads.
+            self._api.run_as_background_process(
+                "sps_prefetch_keys", self._prefetch_keys, room_id, job.destinations
+            )
         while True:
             try:
                 await self._run(job)
@@ -167,6 +175,19 @@ class ResyncEngine:
     def is_running(self, room_id: str) -> bool:
         job = self._jobs.get(room_id)
         return job is not None and not job.phase.final
+
+    async def _prefetch_keys(self, room_id: str, servers: tuple[str, ...]) -> None:
+        started = self._ops.now_ms()
+        ok, failed = await self._ops.prefetch_server_keys(
+            servers, KEY_PREFETCH_CONCURRENCY
+        )
+        logger.info(
+            "Resync of %s: prefetched signing keys of %d server(s) in %.2f s (%d failed)",
+            room_id,
+            ok,
+            (self._ops.now_ms() - started) / 1000,
+            failed,
+        )
 
     # -- the loop -------------------------------------------------------------------
 
