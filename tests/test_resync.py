@@ -312,3 +312,28 @@ def resident_state(events: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
         if "state_key" in event:
             state[(event["type"], event["state_key"])] = event["event_id"]
     return state
+
+
+@on_both_databases
+class LyingResident(_ResyncCase):
+    def test_forged_signatures_in_state_are_rejected_room_still_completes(self) -> None:
+        """The resident serves the state with forged signatures: nothing forged is
+        stored, the genuine events are fetched from their own servers, and the
+        room still ends complete and correct."""
+        self.setup_room()
+        self.peer.add_behaviour(
+            r"^/_matrix/federation/v1/state/", "bad_signature", server=self.resident
+        )
+        since = self.hs2.log_offset()
+        self.bob.join(self.room_id, via=[self.resident])
+        self.wait_complete(since)
+        self.assert_full_members()
+        expected = resident_state(
+            self.peer.room_events(self.room_id, limit=100000)["events"]
+        )
+        got = {
+            (e["type"], e["state_key"]): e["event_id"]
+            for e in self.bob.room_state(self.room_id)
+        }
+        self.assertEqual(got, expected)
+        self.assertRegex(self.hs2.read_log()[since:], r"[Ss]ignature")
