@@ -1,0 +1,1 @@
+A resync of a partial-state room no longer gives up when every server fails: it retries with capped back-off, fails over between servers, resumes after a restart, and is aborted cleanly when the last local user leaves.
