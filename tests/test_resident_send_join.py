@@ -245,3 +245,15 @@ class WireCompatibility(FederationTestCase):
         resident = self.make_homeserver("hs1", with_module=False)
         joiner = self.make_homeserver("hs2", with_module=True)
         self._join_and_talk(resident, joiner)
+
+
+@on_both_databases
+class UnknownRoom(_ResidentRoom):
+    def test_unknown_room_is_refused_and_nothing_is_created(self) -> None:
+        self.build_room()
+        bogus = "!doesnotexist:" + self.hs1.server_name
+        result = self.peer.join(bogus, self.hs1.server_name, omit_members=True)
+        self.assertEqual(result["make_join"]["status"], 404, result)
+        self.assertIsNone(result["send_join"])
+        status, _ = self.users["alice"].get(f"/_matrix/client/v3/rooms/{bogus}/state")
+        self.assertIn(status, (403, 404))
