@@ -94,6 +94,8 @@ class _ResidentRoom(FederationTestCase):
 
 @on_both_databases
 class PartialAnswerUnnamedRoom(_ResidentRoom):
+    MODULE_CONFIG = {"resident": {"members_per_server": 1}}
+
     def test_essentials_summary_and_auth_chain(self) -> None:
         self.build_room()
         u = {name: c.user_id for name, c in self.users.items()}
@@ -189,6 +191,8 @@ class PartialAnswerNamedRoom(_ResidentRoom):
         for name in ("alice", "bob", "carol", "frank", "greg"):
             self.assertIn(self.users[name].user_id, got)
         self.assertEqual(len(body[SUMMARY]["m.heroes"]), 5)
+        # Per-server members are off by default: no member of the fake servers.
+        self.assertFalse(set(self.fake_members) & got)
 
 
 @on_both_databases

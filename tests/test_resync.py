@@ -77,6 +77,22 @@ class _ResyncCase(FederationTestCase):
             since=since,
         )
 
+    def join_while_state_fails(self) -> str:
+        """bob joins while every server fails state requests; returns the rule
+        once the job is backing off."""
+        rule = self.peer.add_behaviour(STATE_PATHS, "error", status=502)
+        self.bob.join(self.room_id, via=[self.resident])
+        self.wait_phase("retrying")
+        return rule
+
+    def heal_and_join_again(self, rule: str) -> None:
+        """Servers answer again; a fresh join completes with the whole room."""
+        self.peer.remove_behaviour(rule)
+        since = self.hs2.log_offset()
+        self.bob.join(self.room_id, via=[self.resident])
+        self.wait_complete(since)
+        self.assert_full_members()
+
     def assert_full_members(self, extra: int = 1) -> None:
         members = self.bob.joined_members(self.room_id, timeout=60)
         self.assertEqual(len(members), self.room["member_count"] + extra)
@@ -149,10 +165,8 @@ class RestartMidResync(_ResyncCase):
 class LeaveMidResync(_ResyncCase):
     def test_last_local_leave_aborts_and_rejoin_works(self) -> None:
         self.setup_room()
-        rule = self.peer.add_behaviour(STATE_PATHS, "error", status=502)
         since = self.hs2.log_offset()
-        self.bob.join(self.room_id, via=[self.resident])
-        self.wait_phase("retrying")
+        rule = self.join_while_state_fails()
         self.bob.leave(self.room_id)
         job = self.wait_phase("aborted", timeout=30)
         self.assertIn("no local user", job["last_error"])
@@ -169,11 +183,7 @@ class LeaveMidResync(_ResyncCase):
         self.assertNotIn(self.room_id, self.bob.joined_rooms())
 
         # Rejoining starts a new partial join and completes.
-        self.peer.remove_behaviour(rule)
-        since = self.hs2.log_offset()
-        self.bob.join(self.room_id, via=[self.resident])
-        self.wait_complete(since)
-        self.assert_full_members()
+        self.heal_and_join_again(rule)
 
 
 @on_both_databases
@@ -213,9 +223,7 @@ class AdminApi(_ResyncCase):
 class AdminAbortAndPurge(_ResyncCase):
     def test_admin_abort_refused_while_local_users_are_in_the_room(self) -> None:
         self.setup_room()
-        self.peer.add_behaviour(STATE_PATHS, "error", status=502)
-        self.bob.join(self.room_id, via=[self.resident])
-        self.wait_phase("retrying")
+        self.join_while_state_fails()
         status, body = self.admin.post(f"{ADMIN}/{quote(self.room_id)}/abort", json={})
         self.assertEqual(status, 409, body)
         self.assertIn("Local users are still in the room", body["error"])
@@ -223,9 +231,7 @@ class AdminAbortAndPurge(_ResyncCase):
 
     def test_room_deleted_and_purged_mid_resync(self) -> None:
         self.setup_room()
-        rule = self.peer.add_behaviour(STATE_PATHS, "error", status=502)
-        self.bob.join(self.room_id, via=[self.resident])
-        self.wait_phase("retrying")
+        rule = self.join_while_state_fails()
         # Synapse's own delete-room admin API: kicks local users, then purges.
         status, body = self.admin.request(
             "DELETE",
@@ -245,11 +251,7 @@ class AdminAbortAndPurge(_ResyncCase):
         job = self.wait_phase("aborted", timeout=30)
         self.assertTrue(job["last_error"])
         # A fresh join afterwards works end to end.
-        self.peer.remove_behaviour(rule)
-        since = self.hs2.log_offset()
-        self.bob.join(self.room_id, via=[self.resident])
-        self.wait_complete(since)
-        self.assert_full_members()
+        self.heal_and_join_again(rule)
 
 
 @on_both_databases
