@@ -1,0 +1,317 @@
+"""Measurements from logs and processes: federation bytes per endpoint, stages, RSS/CPU.
+
+The parsers are pure functions over log lines (unit-tested on sample lines):
+
+* :func:`parse_access_line`: a resident's federation access log line
+  (``{origin} Processed request: 0.022sec/0.005sec ... 426B 200 "GET /path HTTP/1.1"``);
+* :func:`parse_outgoing_line`: a joiner's outgoing federation request line
+  (``{GET-O-12} [dest] Completed request: 200 OK in 0.50 secs, got 1234 bytes - GET
+  matrix-federation://dest/path``);
+* :func:`aggregate_peer_requests`: the fake peer's request log (``requests()``);
+* :func:`stage_times`: when each stage of a join/resync shows up in a joiner's log.
+
+A stage is one ``(name, regex)`` entry of :data:`STAGES` (optionally a third element
+``"last"`` to take the last matching line instead of the first). In a regex,
+``{room}`` is replaced by the escaped room ID and ``{room_q}`` by the escaped,
+percent-encoded room ID (as in request URIs); a named group ``stage`` makes the stage
+name dynamic (``<name>:<group value>``), which is how the module's own
+``synapse_partial_state.joining`` stage lines are picked up without listing them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+MIB = 1024 * 1024
+
+#: (stage name, regex[, "first"|"last"]) looked for in the joiner's log.
+STAGES: list[tuple[str, ...]] = [
+    # Stock Synapse (synapse/handlers/federation.py, 1.163) | the module's engine.
+    ("resync started", r"Syncing state for room {room} via|Starting resync of {room}:"),
+    (
+        "state_ids received",
+        r"Completed request: \d+ .* - GET matrix-federation://[^/]+"
+        r"/_matrix/federation/v1/state_ids/{room_q}",
+    ),
+    (
+        "state received",
+        r"Completed request: \d+ .* - GET matrix-federation://[^/]+"
+        r"/_matrix/federation/v1/state/{room_q}",
+    ),
+    (
+        "last key fetched",
+        r"Completed request: \d+ .* - GET matrix-federation://[^/]+/_matrix/key/v2/",
+        "last",
+    ),
+    ("first server failed", r"Resync of {room}: \S+ failed"),
+    ("all events have full state", r"Resync of {room}: all events have full state"),
+    ("updating current state", r"Updating current state for {room}"),
+    ("partial-state flag cleared", r"Clearing partial-state flag for {room}"),
+    ("resync complete", r"State resync complete for {room}|Resync of {room} complete"),
+    # The module's joining engine: any other line of its loggers naming the room
+    # and a stage ("stage=<name>").
+    (
+        "module",
+        r"^(?=.*{room}).* - synapse_partial_state\.joining[\w.]* - .*?\bstage[=: ]+"
+        r"(?P<stage>[\w.-]+)",
+    ),
+]
+
+_TIME_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)[,.](\d{3})")
+
+_ACCESS_RE = re.compile(
+    r"\{(?P<origin>[^}]*)\} Processed request: (?P<proc>-?[\d.]+)sec/(?P<send>-?[\d.]+)sec"
+    r" .*? (?P<bytes>\d+)B (?P<status>\d+)!? \"(?P<method>[A-Z]+) (?P<uri>\S+) [^\"]*\""
+)
+
+_OUTGOING_RE = re.compile(
+    r"\{(?P<txn>[^}]*)\} \[(?P<dest>[^\]]*)\] Completed request: (?P<status>\d+) .*?"
+    r" in (?P<secs>[\d.]+) secs, got (?P<bytes>\d+) bytes - (?P<method>[A-Z]+)"
+    r" (?P<uri>\S+)"
+)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One federation request seen in a log."""
+
+    time: float | None  # epoch seconds of the log line
+    peer: str  # origin (access log) or destination (outgoing log)
+    endpoint: str
+    method: str
+    path: str
+    status: int
+    bytes: int  # response body bytes
+    #: Access log: processing + response sending time; outgoing log: round trip.
+    seconds: float
+
+
+def parse_log_time(line: str) -> float | None:
+    """Epoch seconds of a Synapse log line (local time, millisecond precision)."""
+    m = _TIME_RE.match(line)
+    if not m:
+        return None
+    dt = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")
+    return dt.timestamp() + int(m.group(2)) / 1000
+
+
+def endpoint_of(path: str) -> str:
+    """A short name for a federation path: ``state_ids``, ``send_join``, ``key/server``."""
+    path = urlsplit(path).path
+    parts = [p for p in path.split("/") if p]
+    if len(parts) >= 3 and parts[0] == "_matrix" and parts[1] == "federation":
+        rest = parts[3:] if re.fullmatch(r"v\d+|unstable", parts[2]) else parts[2:]
+        if not rest:
+            return "federation"
+        if rest[0] in ("query", "user") and len(rest) > 1:
+            return f"{rest[0]}/{rest[1]}"
+        return rest[0]
+    if len(parts) >= 4 and parts[0] == "_matrix" and parts[1] == "key":
+        return f"key/{parts[3]}"
+    return "/".join(parts[:3]) or "/"
+
+
+def parse_access_line(line: str) -> Request | None:
+    """A federation access log line of the resident, or None."""
+    m = _ACCESS_RE.search(line)
+    if not m:
+        return None
+    path = unquote(urlsplit(m.group("uri")).path)
+    return Request(
+        time=parse_log_time(line),
+        peer=m.group("origin"),
+        endpoint=endpoint_of(path),
+        method=m.group("method"),
+        path=path,
+        status=int(m.group("status")),
+        bytes=int(m.group("bytes")),
+        # Synapse may log a tiny negative send time ("-0.000sec").
+        seconds=round(
+            max(0.0, float(m.group("proc"))) + max(0.0, float(m.group("send"))), 3
+        ),
+    )
+
+
+def parse_outgoing_line(line: str) -> Request | None:
+    """An outgoing federation request the joiner completed, or None."""
+    m = _OUTGOING_RE.search(line)
+    if not m:
+        return None
+    path = unquote(urlsplit(m.group("uri")).path)
+    return Request(
+        time=parse_log_time(line),
+        peer=m.group("dest"),
+        endpoint=endpoint_of(path),
+        method=m.group("method"),
+        path=path,
+        status=int(m.group("status")),
+        bytes=int(m.group("bytes")),
+        seconds=float(m.group("secs")),
+    )
+
+
+def access_requests(
+    lines: Iterable[str], origin: str | None = None, since: float | None = None
+) -> list[Request]:
+    """Access-log requests, optionally only from ``origin`` and not before ``since``."""
+    out = []
+    for line in lines:
+        r = parse_access_line(line)
+        if r is None or (origin is not None and r.peer != origin):
+            continue
+        if since is not None and r.time is not None and r.time < since:
+            continue
+        out.append(r)
+    return out
+
+
+def outgoing_requests(
+    lines: Iterable[str], since: float | None = None, until: float | None = None
+) -> list[Request]:
+    """Outgoing requests completed between ``since`` and ``until`` (epoch seconds)."""
+    out = []
+    for line in lines:
+        r = parse_outgoing_line(line)
+        if r is None:
+            continue
+        if r.time is not None:
+            if since is not None and r.time < since:
+                continue
+            if until is not None and r.time > until:
+                continue
+        out.append(r)
+    return out
+
+
+def aggregate(requests: Iterable[Request]) -> dict[str, dict[str, float]]:
+    """{endpoint: {"count", "bytes", "seconds" (summed), "max_seconds"}}."""
+    out: dict[str, dict[str, float]] = {}
+    for r in requests:
+        agg = out.setdefault(
+            r.endpoint, {"count": 0, "bytes": 0, "seconds": 0.0, "max_seconds": 0.0}
+        )
+        agg["count"] += 1
+        agg["bytes"] += r.bytes
+        agg["seconds"] += r.seconds
+        agg["max_seconds"] = max(agg["max_seconds"], r.seconds)
+    return out
+
+
+def aggregate_peer_requests(
+    entries: Iterable[Mapping[str, Any]],
+    origin: str | None = None,
+    since: float | None = None,
+) -> dict[str, dict[str, float]]:
+    """Aggregate the fake peer's request log like :func:`aggregate`.
+
+    Entries are ``{time, method, path, origin, status, bytes, ms, ...}``; unsigned
+    requests (key fetches) have no origin and are kept whatever ``origin`` is."""
+    reqs = []
+    for e in entries:
+        if origin is not None and e.get("origin") not in (origin, None):
+            continue
+        if since is not None and float(e.get("time") or 0) < since:
+            continue
+        path = str(e.get("path") or "/")
+        reqs.append(
+            Request(
+                time=e.get("time"),
+                peer=str(e.get("origin") or ""),
+                endpoint=endpoint_of(path),
+                method=str(e.get("method") or ""),
+                path=path,
+                status=int(e.get("status") or 0),
+                bytes=int(e.get("bytes") or 0),
+                seconds=float(e.get("ms") or 0) / 1000,
+            )
+        )
+    return aggregate(reqs)
+
+
+def _compile_stage(regex: str, room_id: str) -> re.Pattern[str]:
+    return re.compile(
+        regex.replace("{room_q}", re.escape(quote(room_id, safe=""))).replace(
+            "{room}", re.escape(room_id)
+        )
+    )
+
+
+def stage_times(
+    lines: Iterable[str],
+    t0: float,
+    room_id: str,
+    stages: Sequence[tuple[str, ...]] = STAGES,
+    until: float | None = None,
+) -> dict[str, float]:
+    """{stage: seconds after ``t0``} for every stage found in ``lines``.
+
+    Lines without a timestamp, or (with ``until``) logged after it, are ignored. A stage regex with a ``stage`` group
+    yields one entry per distinct group value, named ``<name>:<value>``."""
+    compiled = [
+        (s[0], _compile_stage(s[1], room_id), s[2] if len(s) > 2 else "first")
+        for s in stages
+    ]
+    found: dict[str, float] = {}
+    for line in lines:
+        when: float | None = None
+        for name, rx, which in compiled:
+            m = rx.search(line)
+            if not m:
+                continue
+            if when is None:
+                when = parse_log_time(line)
+                if when is None or (until is not None and when > until):
+                    break
+            key = name
+            if "stage" in rx.groupindex and m.group("stage"):
+                key = f"{name}:{m.group('stage')}"
+            if which == "last" or key not in found:
+                found[key] = round(when - t0, 3)
+    return dict(sorted(found.items(), key=lambda kv: kv[1]))
+
+
+def read_log_lines(path: str, offset: int = 0, end: int | None = None) -> list[str]:
+    """Lines of a log file from byte ``offset`` (to ``end``), decoded leniently."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read() if end is None else f.read(max(0, end - offset))
+    except FileNotFoundError:
+        return []
+    return data.decode("utf8", "replace").splitlines()
+
+
+def log_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return 0
+
+
+class ResourceWindow:
+    """Peak RSS and CPU seconds of a kit :class:`Homeserver` over a window.
+
+    ``start()`` resets the kernel's peak-RSS counter (VmHWM) and notes the CPU
+    time; ``stop()`` returns ``{"peak_rss_mib", "cpu_s"}`` for the window."""
+
+    def __init__(self, hs: Any, reset_rss: bool = True) -> None:
+        self.hs = hs
+        self.reset_rss = reset_rss
+        self._cpu0 = 0.0
+
+    def start(self) -> None:
+        if self.reset_rss:
+            self.hs.reset_rss_peak()
+        self._cpu0 = self.hs.cpu_seconds()
+
+    def stop(self) -> dict[str, float]:
+        return {
+            "peak_rss_mib": round(self.hs.rss_peak_bytes() / MIB, 1),
+            "cpu_s": round(self.hs.cpu_seconds() - self._cpu0, 2),
+        }
