@@ -20,6 +20,7 @@ from synapse_partial_state.config import PartialStateConfig, parse_config
 from synapse_partial_state.joining.engine import ResyncEngine
 from synapse_partial_state.joining.metrics import ResyncMetrics
 from synapse_partial_state.resident.send_join import SendJoinEnricher
+from synapse_partial_state.resident.state import StateServer
 from synapse_partial_state.status import STATUS_PATH, StatusResource
 
 __version__ = "0.1.0"
@@ -39,6 +40,7 @@ class PartialStateModule:
 
         if config.resident.enabled:
             SendJoinEnricher(api, config.resident).install()
+            StateServer.install_if_enabled(api, config.resident.state_cache)
         api.register_web_resource(STATUS_PATH, StatusResource(api, config, __version__))
 
         # Synapse runs remote joins and resyncs on the main process only

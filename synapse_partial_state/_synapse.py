@@ -489,3 +489,493 @@ async def get_current_state_event_content(
     storage = homeserver(api).get_storage_controllers()
     event = await storage.state.get_current_state_event(room_id, event_type, state_key)
     return None if event is None else event.content
+
+
+# ---------------------------------------------------------------------------
+# Resident side: /state and /state_ids serving
+# ---------------------------------------------------------------------------
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from synapse.http.site import SynapseRequest
+
+#: Unstable (MSC2775) query parameter of ``GET /state``: member events only.
+MEMBERS_ONLY_PARAM = "org.matrix.msc2775.members_only"
+
+#: The request a patched federation servlet is serving in this task: set by the
+#: servlet's ``_wrap`` before Synapse authenticates the request, read by ``on_GET``
+#: (which Synapse calls with the query only, never the request).
+_FEDERATION_REQUEST: contextvars.ContextVar[SynapseRequest | None] = (
+    contextvars.ContextVar("sps_federation_request", default=None)
+)
+
+#: How the state *before* an event differs from the state group stored for it:
+#: None for a non-state event, else the event's ``(type, state_key)`` and the
+#: event it replaced (``unsigned.replaces_state``, None if it replaced nothing).
+StateAdjustment = tuple[tuple[str, str], str | None] | None
+
+
+@attr.s(frozen=True, auto_attribs=True, slots=True)
+class StateQuery:
+    """One authenticated ``/state`` or ``/state_ids`` request, parsed as Synapse does."""
+
+    origin: str
+    room_id: str
+    event_id: str
+    #: ``org.matrix.msc2775.members_only=true`` (``/state`` only).
+    members_only: bool = False
+
+
+#: Serves a request by writing the response itself (True), or declines (False)
+#: and lets Synapse's own servlet answer. Raising a ``SynapseError`` answers
+#: with that error, as Synapse's servlets do.
+StateHandler = Callable[["SynapseRequest", StateQuery], Awaitable[bool]]
+
+
+def install_state_servlets(
+    serve_state: StateHandler, serve_state_ids: StateHandler
+) -> None:
+    """Serve ``GET /_matrix/federation/v1/state{,_ids}/{roomId}`` through the module.
+
+    Replaces ``FederationStateV1Servlet`` and ``FederationStateIdsServlet`` (only
+    type-hint changes since 1.100; checked in 1.163.2) in
+    ``synapse.federation.transport.server.SERVLET_GROUPS["federation"]`` with
+    subclasses of the same names (so Synapse's request metrics keep their labels).
+    ``register_servlets`` reads that dict when a federation listener (main process
+    or worker) builds its ``TransportLayerServer``, in ``hs.start_listening()``,
+    which runs after modules are created: every listener gets the subclasses.
+
+    The subclasses keep everything Synapse's ``BaseFederationServlet._wrap`` does
+    (signature check, origin, per-origin rate limit, tracing) and only override
+    ``_wrap`` to put the request in a context variable, because ``on_GET`` is called
+    with the query, not the request. ``on_GET`` parses ``event_id`` exactly as
+    Synapse does (400 ``M_MISSING_PARAM`` when absent) and hands over to the
+    module, which writes the response itself and returns None (the documented
+    "already handled" return of ``BaseFederationServlet`` callbacks), or declines:
+    then the stock ``on_GET`` answers, as if the module were not there.
+    """
+    import functools
+
+    from synapse.federation.transport import server as transport_server
+    from synapse.federation.transport.server import federation as fed_servlets
+    from synapse.http.servlet import parse_boolean_from_args, parse_string_from_args
+
+    group = tuple(transport_server.SERVLET_GROUPS["federation"])
+    if any(getattr(cls, "_sps_state_servlet", False) for cls in group):
+        return
+    native_state = fed_servlets.FederationStateV1Servlet
+    native_state_ids = fed_servlets.FederationStateIdsServlet
+
+    def wrap_with_request(inner: Callable[..., Awaitable[Any]]) -> Any:
+        @functools.wraps(inner)
+        async def with_request(
+            request: SynapseRequest, *args: Any, **kwargs: Any
+        ) -> Any:
+            token = _FEDERATION_REQUEST.set(request)
+            try:
+                return await inner(request, *args, **kwargs)
+            finally:
+                _FEDERATION_REQUEST.reset(token)
+
+        return with_request
+
+    class FederationStateV1Servlet(native_state):  # type: ignore[valid-type,misc]
+        _sps_state_servlet = True
+
+        def _wrap(self, func: Callable[..., Awaitable[tuple[int, Any]]]) -> Any:
+            return wrap_with_request(super()._wrap(func))
+
+        async def on_GET(
+            self,
+            origin: str,
+            content: None,
+            query: dict[bytes, list[bytes]],
+            room_id: str,
+        ) -> tuple[int, Any] | None:
+            request = _FEDERATION_REQUEST.get()
+            event_id = parse_string_from_args(query, "event_id", None, required=True)
+            members_only = parse_boolean_from_args(query, MEMBERS_ONLY_PARAM, False)
+            if request is not None and await serve_state(
+                request, StateQuery(origin, room_id, event_id, members_only)
+            ):
+                return None
+            return await super().on_GET(origin, content, query, room_id)
+
+    class FederationStateIdsServlet(native_state_ids):  # type: ignore[valid-type,misc]
+        _sps_state_servlet = True
+
+        def _wrap(self, func: Callable[..., Awaitable[tuple[int, Any]]]) -> Any:
+            return wrap_with_request(super()._wrap(func))
+
+        async def on_GET(
+            self,
+            origin: str,
+            content: None,
+            query: dict[bytes, list[bytes]],
+            room_id: str,
+        ) -> tuple[int, Any] | None:
+            request = _FEDERATION_REQUEST.get()
+            event_id = parse_string_from_args(query, "event_id", None, required=True)
+            if request is not None and await serve_state_ids(
+                request, StateQuery(origin, room_id, event_id)
+            ):
+                return None
+            return await super().on_GET(origin, content, query, room_id)
+
+    replacements: dict[type[Any], type[Any]] = {
+        native_state: FederationStateV1Servlet,
+        native_state_ids: FederationStateIdsServlet,
+    }
+    transport_server.SERVLET_GROUPS["federation"] = tuple(
+        replacements.get(cls, cls) for cls in group
+    )
+    _record(
+        PatchRecord(
+            "synapse.federation.transport.server.SERVLET_GROUPS[federation]"
+            ".FederationStateV1Servlet",
+            "replace",
+            "serve /state from the module's state-group cache, streamed; "
+            "MSC2775 members-only variant",
+        )
+    )
+    _record(
+        PatchRecord(
+            "synapse.federation.transport.server.SERVLET_GROUPS[federation]"
+            ".FederationStateIdsServlet",
+            "replace",
+            "serve /state_ids from the module's state-group cache",
+        )
+    )
+
+
+def install_event_invalidation_hook(
+    api: ModuleApi,
+    on_event: Callable[[str], None],
+    on_room: Callable[[str], None],
+) -> None:
+    """Be told whenever Synapse drops an event from its own event cache.
+
+    Wraps, on this homeserver's main data store *instance* only,
+    ``EventsWorkerStore._invalidate_local_get_event_cache(event_id)`` and
+    ``_invalidate_local_get_event_cache_room_id(room_id)`` (checked in 1.163.2).
+    They are where every process (main or worker, through replication) forgets the
+    cached form of an event whose served form may have changed: redactions (of the
+    redacted event), censoring, rejection changes, purges, redact-on-ban. Both are
+    looked up on ``self`` at call time (``txn.call_after(self._invalidate_...)``),
+    so the instance attributes are what Synapse calls. The originals run first.
+    """
+    store: Any = main_store(api)
+    if getattr(store._invalidate_local_get_event_cache, "_sps_wrapped", False):
+        return
+    native_event = store._invalidate_local_get_event_cache
+    native_room = store._invalidate_local_get_event_cache_room_id
+
+    def invalidate_event(event_id: str) -> None:
+        native_event(event_id)
+        on_event(event_id)
+
+    def invalidate_room(room_id: str) -> None:
+        native_room(room_id)
+        on_room(room_id)
+
+    invalidate_event._sps_wrapped = True  # type: ignore[attr-defined]
+    store._invalidate_local_get_event_cache = invalidate_event
+    store._invalidate_local_get_event_cache_room_id = invalidate_room
+    _record(
+        PatchRecord(
+            "synapse.storage.databases.main.events_worker.EventsWorkerStore"
+            "._invalidate_local_get_event_cache",
+            "wrap (store instance)",
+            "drop the module's encoded copy of an event whenever Synapse drops its own",
+        )
+    )
+    _record(
+        PatchRecord(
+            "synapse.storage.databases.main.events_worker.EventsWorkerStore"
+            "._invalidate_local_get_event_cache_room_id",
+            "wrap (store instance)",
+            "drop the module's encoded copies of a room's events (purges)",
+        )
+    )
+
+
+class ResidentStateAccess:
+    """The private Synapse calls the ``/state`` server makes, with stock semantics.
+
+    Each method names the stock code it mirrors (``FederationServer.
+    on_room_state_request`` / ``on_state_ids_request`` /
+    ``_on_context_state_request_compute_with_events`` and ``FederationHandler.
+    get_state_ids_for_pdu``, 1.163.2).
+    """
+
+    def __init__(self, api: ModuleApi) -> None:
+        self._api = api
+        self._hs = homeserver(api)
+        self._store: Any = self._hs.get_datastores().main
+        self._state = self._hs.get_storage_controllers().state
+
+    def _federation_server(self) -> FederationServer:
+        # Built lazily by Synapse (at start_listening); only ask once serving.
+        return self._hs.get_federation_server()
+
+    async def check_origin(self, origin: str, room_id: str) -> None:
+        """Stock's access checks, in stock's order.
+
+        ``assert_host_in_room`` (403 "Host not in room."; 403
+        ``M_UNABLE_DUE_TO_PARTIAL_STATE`` while the room is partial-stated here),
+        then the room's server ACL on the origin's host (403)."""
+        from synapse.util.stringutils import parse_server_name
+
+        server = self._federation_server()
+        await self._hs.get_event_auth_handler().assert_host_in_room(room_id, origin)
+        origin_host, _ = parse_server_name(origin)
+        await server.check_server_matches_acl(origin_host, room_id)
+
+    def origin_room_queue(self, origin: str, room_id: str) -> Any:
+        """Stock ``/state``'s per-(origin, room) linearizer (an async context manager)."""
+        return self._federation_server()._server_linearizer.queue((origin, room_id))
+
+    def deliveries_are_tracked(self) -> bool:
+        """Whether a module registered ``on_event_delivered_over_federation``.
+
+        Stock ``/state`` then skips its response cache and reports the events it
+        sends; we decline such requests so that stock does exactly that."""
+        callbacks = self._hs.get_module_api_callbacks().federation
+        return bool(callbacks.interested_in_events_delivered_over_federation())
+
+    async def state_group_before(
+        self, room_id: str, event_id: str
+    ) -> tuple[int, StateAdjustment]:
+        """The state group at ``event_id`` and how the state before it differs.
+
+        As ``get_state_ids_for_pdu``: 404 for an unknown or rejected event or one in
+        another room, 404 "State not known at event" for an outlier; waits for full
+        state at the event (stock's ``await_full_state=True``)."""
+        from synapse.api.errors import NotFoundError
+
+        event = await self._store.get_event(event_id, check_room_id=room_id)
+        if event.internal_metadata.outlier:
+            raise NotFoundError(f"State not known at event {event_id}")
+        groups = await self._state.get_state_group_for_events([event_id])
+        state_key = event.get_state_key()
+        if state_key is None:
+            return groups[event_id], None
+        replaced = event.unsigned.get("replaces_state")
+        return groups[event_id], ((event.type, state_key), replaced)
+
+    async def state_ids_of_group(self, state_group: int) -> StateMap[str]:
+        """All state of a state group (Synapse's state-group cache)."""
+        return await self._state.get_state_ids_for_group(state_group)
+
+    async def auth_chain_ids(
+        self, room_id: str, event_ids: Collection[str]
+    ) -> set[str]:
+        """``get_auth_chain_ids(room_id, event_ids)``, the given events excluded."""
+        return await self._store.get_auth_chain_ids(room_id, event_ids)
+
+    async def encoded_pdus(self, event_ids: Collection[str]) -> dict[str, bytes]:
+        """The events as stock ``/state`` serialises them, by event ID.
+
+        Stock: ``get_events_as_list`` (rejected and unknown events left out,
+        redacted ones pruned), ``get_pdu_json()`` without ``time_now``,
+        ``filter_pdus_for_valid_depth``, Synapse's federation JSON encoder. Events
+        the depth filter drops map to ``b""`` (loaded, not sent).
+
+        Stock's loader parses each event's stored JSON in Python, re-encodes it
+        canonically and builds the (Rust) event from that; for a big room that is
+        most of a ``/state``. Here the plain events (not rejected, no redaction
+        recorded against them, not a redaction, no MSC4293 redact-on-ban for their
+        sender, a known room version of the right event format) are built straight
+        from their stored JSON (``make_event_from_json``, the constructor stock's
+        ``make_event_from_dict`` ends in) and serialised the same way. Everything
+        else, any event whose rebuilt ID does not match, and events already in
+        Synapse's in-memory event cache (``_get_event_cache``) go through
+        ``get_events_as_list`` itself. Rows as in
+        ``EventsWorkerStore._fetch_event_rows`` (1.163.2).
+        """
+        from synapse.api.constants import EventTypes
+        from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
+        from synapse.events import make_event_from_json
+
+        # Events Synapse holds in memory are served by its own loader at once.
+        event_cache = self._store._get_event_cache
+        slow: list[str] = []
+        uncached: list[str] = []
+        for event_id in event_ids:
+            if event_cache.get_local((event_id,), update_metrics=False) is None:
+                uncached.append(event_id)
+            else:
+                slow.append(event_id)
+        encoded: dict[str, bytes] = {}
+        for start in range(0, len(uncached), STATE_LOAD_BATCH):
+            # (Reading the next batch while building this one does not pay: the
+            # database thread then mostly waits for the GIL.)
+            rows = await self._store.db_pool.runInteraction(
+                "sps_state_event_rows",
+                _state_event_rows_txn,
+                uncached[start : start + STATE_LOAD_BATCH],
+            )
+            for event_id, text, fmt, version_id, rejected, special in rows:
+                if rejected is not None:
+                    continue  # stock leaves rejected events out
+                version = KNOWN_ROOM_VERSIONS.get(version_id) if version_id else None
+                if special or version is None or version.event_format != fmt:
+                    slow.append(event_id)
+                    continue
+                try:
+                    event = make_event_from_json(text, version)
+                except Exception:
+                    slow.append(event_id)
+                    continue
+                if event.event_id != event_id or event.type == EventTypes.Redaction:
+                    slow.append(event_id)
+                    continue
+                encoded[event_id] = _encode_pdu(event)
+        if slow:
+            for event in await self._store.get_events_as_list(slow):
+                encoded[event.event_id] = _encode_pdu(event)
+        return encoded
+
+
+#: Events read from the database per query when building ``/state`` answers.
+STATE_LOAD_BATCH = 1000
+
+
+def _encode_pdu(event: EventBase) -> bytes:
+    """One event as stock ``serialize_and_filter_pdus`` + encoder send it."""
+    from synapse.federation.units import filter_pdus_for_valid_depth
+    from synapse.util.json import json_encoder
+
+    pdu = event.get_pdu_json()
+    if not filter_pdus_for_valid_depth([pdu]):
+        return b""
+    return json_encoder.encode(pdu).encode("utf-8")
+
+
+def _state_event_rows_txn(
+    txn: Any, event_ids: list[str]
+) -> list[tuple[str, str, int, str | None, str | None, bool]]:
+    """(event ID, stored JSON, format version, room version, rejection, special).
+
+    ``special``: a redaction is recorded against the event, or a MSC4293
+    redact-on-ban applies to its sender (or its sender is unknown): stock's loader
+    must decide how it is served."""
+    from synapse.storage.database import make_in_list_sql_clause
+
+    result = []
+    for start in range(0, len(event_ids), STATE_LOAD_BATCH):
+        batch = event_ids[start : start + STATE_LOAD_BATCH]
+        clause, args = make_in_list_sql_clause(txn.database_engine, "e.event_id", batch)
+        txn.execute(
+            f"""
+            SELECT e.event_id, ej.json, ej.format_version, r.room_version,
+                rej.reason, e.room_id, e.sender,
+                EXISTS (SELECT 1 FROM redactions AS rd WHERE rd.redacts = e.event_id)
+            FROM events AS e
+            JOIN event_json AS ej USING (event_id)
+            LEFT JOIN rooms AS r ON r.room_id = e.room_id
+            LEFT JOIN rejections AS rej USING (event_id)
+            WHERE {clause}
+            """,
+            args,
+        )
+        rows = txn.fetchall()
+        rooms = {row[5] for row in rows}
+        banned: set[tuple[str, str]] = set()
+        if rooms:
+            clause, args = make_in_list_sql_clause(
+                txn.database_engine, "room_id", list(rooms)
+            )
+            txn.execute(
+                f"SELECT room_id, user_id FROM room_ban_redactions WHERE {clause}", args
+            )
+            banned = {(room_id, user_id) for room_id, user_id in txn}
+        for event_id, json_text, fmt, version, rejected, room, sender, redacted in rows:
+            special = bool(redacted) or sender is None or (room, sender) in banned
+            result.append((event_id, json_text, fmt or 1, version, rejected, special))
+    return result
+
+
+def encode_federation_json(value: Any) -> bytes:
+    """Synapse's federation response encoding (``JsonResource(canonical_json=False)``)."""
+    from synapse.util.json import json_encoder
+
+    return json_encoder.encode(value).encode("utf-8")
+
+
+def write_json_response(
+    request: SynapseRequest, length: int, chunks: Iterator[bytes]
+) -> None:
+    """Write a 200 JSON body of ``length`` bytes from ``chunks``, as Synapse does.
+
+    The headers of ``respond_with_json_bytes`` (Content-Type, Content-Length,
+    Cache-Control unless set, CORS as ``JsonResource`` sends), then Synapse's own
+    push producer (``synapse.http.server._ByteProducer``, 1.163.2), which pulls the
+    chunks lazily, pauses on back-pressure and finishes the request, so the body is
+    never joined in memory."""
+    from synapse.http.server import _ByteProducer, set_cors_headers
+
+    request.setResponseCode(200)
+    if request._disconnected:
+        logger.info("Not sending response to %s: already disconnected", request)
+        return
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Content-Length", b"%d" % (length,))
+    if not request.responseHeaders.hasHeader(b"Cache-Control"):
+        request.setHeader(b"Cache-Control", b"no-cache, no-store, must-revalidate")
+    set_cors_headers(request)
+    _ByteProducer(request, chunks)
+
+
+#: (room ID, the ``prev_events`` of a join we answered with partial state).
+PartialJoinObserver = Callable[[str, list[str]], None]
+
+
+def install_partial_join_observer(observer: PartialJoinObserver) -> None:
+    """Tell ``observer`` when a server got a partial ``/send_join`` answer from us.
+
+    Wraps ``FederationServer.on_send_join_request`` (class method, 123 lines in
+    1.163.2; the servlets look it up on the instance at call time) *as installed
+    when this runs*: the module installs it after the send_join hooks of the
+    "partial /send_join answers" section, so it wraps that wrapper, which it calls
+    unchanged. When the answer has ``members_omitted``, ``observer(room_id,
+    join["prev_events"])`` is called (it must not block; errors are logged and
+    swallowed). Such a joiner resyncs next: it asks for ``/state_ids`` and
+    ``/state`` at those events once it has processed the answer.
+    """
+    from synapse.federation import federation_server as fs
+
+    current = fs.FederationServer.on_send_join_request
+    if getattr(current, "_sps_partial_join_observed", False):
+        return
+
+    async def on_send_join_request(
+        self: FederationServer,
+        origin: str,
+        content: dict[str, Any],
+        room_id: str,
+        caller_supports_partial_state: bool = False,
+    ) -> dict[str, Any]:
+        resp = await current(
+            self, origin, content, room_id, caller_supports_partial_state
+        )
+        if resp.get("members_omitted"):
+            try:
+                prev_events = content.get("prev_events") or []
+                observer(room_id, [e for e in prev_events if isinstance(e, str)])
+            except Exception:
+                logger.exception("partial join observer failed for %s", room_id)
+        return resp
+
+    on_send_join_request._sps_partial_join_observed = True  # type: ignore[attr-defined]
+    fs.FederationServer.on_send_join_request = on_send_join_request  # type: ignore[method-assign]
+    _record(
+        PatchRecord(
+            "synapse.federation.federation_server.FederationServer"
+            ".on_send_join_request (observer)",
+            "wrap",
+            "after a partial /send_join answer, prepare the /state the joiner's "
+            "resync asks for next, in the background",
+        )
+    )

@@ -1,0 +1,825 @@
+"""Resident side: /state and /state_ids served by the module, against stock Synapse.
+
+Black-box tests run a real Synapse with the module; a fake federation peer plays the
+servers asking. The answers are compared with stock Synapse's for the *same*
+database: the homeserver is restarted without the module and asked again. Each test
+runs on SQLite and on PostgreSQL. The pure parts (the byte-budget cache, the answer
+assembly, the state-before-event rule) have unit tests at the end.
+
+``SPS_BENCH=1`` enables :class:`StateServingBenchmark`, which times ``/state`` on a big
+room for the module and for stock Synapse (``SPS_BENCH_MEMBERS``, default 10,000).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import unittest
+from functools import partial
+from typing import Any
+from urllib.parse import quote
+
+from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
+from synapse.events import make_event_from_dict
+from twisted.internet import defer
+
+from synapse_partial_state.config import StateCacheConfig
+from synapse_partial_state.resident.state import (
+    MEMBERS_ONLY_FIELD,
+    ByteBudgetLRU,
+    SingleFlight,
+    StateServer,
+    blocks,
+    split_state,
+    state_before,
+    state_body_parts,
+)
+from tests.fedkit.client import Client
+from tests.fedkit.fakepeer.client import FakePeer
+from tests.fedkit.testcase import FederationTestCase, on_both_databases
+
+MEMBER = "m.room.member"
+FED = "/_matrix/federation/v1"
+
+
+def _q(value: str) -> str:
+    return quote(value, safe="")
+
+
+def state_path(
+    room_id: str,
+    event_id: str | None,
+    endpoint: str = "state",
+    members_only: str | None = None,
+) -> str:
+    path = f"{FED}/{endpoint}/{_q(room_id)}"
+    params = []
+    if event_id is not None:
+        params.append(f"event_id={_q(event_id)}")
+    if members_only is not None:
+        params.append(f"{MEMBERS_ONLY_FIELD}={members_only}")
+    return path + ("?" + "&".join(params) if params else "")
+
+
+def pdus_by_id(pdus: list[dict[str, Any]], room_version: str) -> dict[str, Any]:
+    """Event ID -> PDU, checking that no event is listed twice."""
+    version = KNOWN_ROOM_VERSIONS[room_version]
+    result = {make_event_from_dict(pdu, version).event_id: pdu for pdu in pdus}
+    assert len(result) == len(pdus), "an event is listed twice"
+    return result
+
+
+class _StateRoom(FederationTestCase):
+    """A room on hs1 (module) with bans, a kick, an invite, a power-level change,
+    messages and a topic, and a fake server joined to it (the asker)."""
+
+    MODULE_CONFIG: dict[str, Any] = {}
+
+    def build_room(self) -> None:
+        self.peer = self.make_fake_peer()
+        (self.hs1,) = self.make_homeservers(["hs1"], module_config=self.MODULE_CONFIG)
+        users = {
+            name: self.register(self.hs1, name)
+            for name in ("alice", "bob", "carol", "dave", "erin", "henry")
+        }
+        self.users = users
+        alice = users["alice"]
+        self.room_id = alice.create_room(
+            preset="public_chat", name="State room", topic="Serving state"
+        )
+        self.room_version = str(
+            alice.state_event(self.room_id, "m.room.create").get("room_version", "1")
+        )
+        for name in ("bob", "carol", "dave", "erin"):
+            users[name].join(self.room_id)
+        alice.ban(self.room_id, users["dave"].user_id)
+        alice.kick(self.room_id, users["erin"].user_id)
+        alice.invite(self.room_id, users["henry"].user_id)
+        self.message_id = alice.send_message(self.room_id, "hello")
+        power = alice.state_event(self.room_id, "m.room.power_levels")
+        power["users"][users["bob"].user_id] = 50
+        self.power_id = alice.send_state(self.room_id, "m.room.power_levels", "", power)
+        joined = self.peer.join(self.room_id, self.hs1.server_name, omit_members=False)
+        self.assertEqual(joined["send_join"]["status"], 200, joined)
+        self.asker = joined["server"]
+        self.fake_join_id = joined["event_id"]
+        self.last_id = alice.send_message(self.room_id, "after the fake join")
+
+    # -- requests --------------------------------------------------------------
+
+    def fed_get(self, path: str, server: str | None = None) -> dict[str, Any]:
+        return self.peer.federation_request(
+            server or self.asker, self.hs1.server_name, "GET", path
+        )
+
+    def get_state(
+        self,
+        event_id: str,
+        endpoint: str = "state",
+        members_only: str | None = None,
+    ) -> dict[str, Any]:
+        result = self.fed_get(
+            state_path(self.room_id, event_id, endpoint, members_only)
+        )
+        self.assertEqual(result["status"], 200, result)
+        body: dict[str, Any] = result["body"]
+        return body
+
+    def switch_to_stock(self) -> None:
+        """Restart hs1 on the same database without the module."""
+        self.hs1.with_module = False
+        self.hs1.write_config()
+        self.hs1.restart()
+
+    def redact(self, client: Client, event_id: str) -> str:
+        txn = f"r{time.monotonic_ns()}"
+        status, body = client.put(
+            f"/_matrix/client/v3/rooms/{_q(self.room_id)}/redact/{_q(event_id)}/{txn}",
+            {"reason": "test"},
+        )
+        self.assertEqual(status, 200, body)
+        return str(body["event_id"])
+
+    def state_log_lines(self, since: int) -> list[str]:
+        return [
+            line
+            for line in self.hs1.read_log()[since:].splitlines()
+            if "state cache: /state" in line
+        ]
+
+    # -- checks ----------------------------------------------------------------
+
+    def assert_same_state(
+        self, module: dict[str, Any], stock: dict[str, Any], what: str = ""
+    ) -> None:
+        """Same keys, same events (as JSON values) in each list; order aside."""
+        self.assertEqual(set(module), set(stock), what)
+        for field in ("pdus", "auth_chain"):
+            self.assertEqual(
+                pdus_by_id(module[field], self.room_version),
+                pdus_by_id(stock[field], self.room_version),
+                f"{what}: {field}",
+            )
+
+    def assert_same_state_ids(
+        self, module: dict[str, Any], stock: dict[str, Any], what: str = ""
+    ) -> None:
+        self.assertEqual(set(module), {"pdu_ids", "auth_chain_ids"}, what)
+        self.assertEqual(set(module), set(stock), what)
+        for field in ("pdu_ids", "auth_chain_ids"):
+            ids = module[field]
+            self.assertEqual(len(ids), len(set(ids)), f"{what}: {field}")
+            self.assertEqual(set(ids), set(stock[field]), f"{what}: {field}")
+
+
+@on_both_databases
+class StateAnswersMatchStock(_StateRoom):
+    def test_state_and_state_ids_equal_stock_also_after_a_redaction(self) -> None:
+        self.build_room()
+        alice = self.users["alice"]
+        events = {
+            "message": self.message_id,
+            "power levels (replaces state)": self.power_id,
+            "fake join (new state key)": self.fake_join_id,
+            "last": self.last_id,
+        }
+        # Warm the cache with every event of these states, unredacted.
+        for event_id in events.values():
+            self.get_state(event_id)
+        topic_id = alice._call(
+            "GET",
+            f"/_matrix/client/v3/rooms/{_q(self.room_id)}/state/m.room.topic/",
+            params={"format": "event"},
+        )["event_id"]
+        events["redaction"] = self.redact(alice, topic_id)
+
+        module = {
+            name: (
+                self.get_state(event_id),
+                self.get_state(event_id, "state_ids"),
+                self.get_state(event_id, members_only="true"),
+            )
+            for name, event_id in events.items()
+        }
+        # The redacted topic is served pruned: the cached copy was dropped.
+        topic = pdus_by_id(module["redaction"][0]["pdus"], self.room_version)[topic_id]
+        self.assertEqual(topic["content"], {})
+        # The state at the last event is the room's current state (before it).
+        current = {
+            (e["type"], e["state_key"]): e["event_id"]
+            for e in alice.room_state(self.room_id)
+        }
+        self.assertEqual(
+            set(pdus_by_id(module["last"][0]["pdus"], self.room_version)),
+            set(current.values()),
+        )
+
+        self.switch_to_stock()
+        for name, event_id in events.items():
+            full, ids, members_only = module[name]
+            self.assert_same_state(full, self.get_state(event_id), name)
+            self.assert_same_state_ids(ids, self.get_state(event_id, "state_ids"), name)
+            # A stock resident ignores members_only: a full answer, no marker.
+            stock_mo = self.get_state(event_id, members_only="true")
+            self.assertNotIn(MEMBERS_ONLY_FIELD, stock_mo)
+            self.assert_same_state(full, stock_mo, name)
+            self.assertIs(members_only[MEMBERS_ONLY_FIELD], True)
+
+    def test_members_only_answer(self) -> None:
+        self.build_room()
+        for event_id in (self.power_id, self.last_id):
+            full = self.get_state(event_id)
+            answer = self.get_state(event_id, members_only="true")
+            self.assertEqual(set(answer), {"pdus", "auth_chain", MEMBERS_ONLY_FIELD})
+            self.assertIs(answer[MEMBERS_ONLY_FIELD], True)
+            state = pdus_by_id(full["pdus"], self.room_version)
+            members = {i for i, p in state.items() if p["type"] == MEMBER}
+            others = set(state) - members
+            pdus = pdus_by_id(answer["pdus"], self.room_version)
+            chain = pdus_by_id(answer["auth_chain"], self.room_version)
+            # Exactly the member events of the state, each as in the full answer.
+            self.assertEqual(set(pdus), members)
+            for event_id_, pdu in pdus.items():
+                self.assertEqual(pdu, state[event_id_])
+            # The auth chain repeats neither the members nor the other state...
+            self.assertFalse(set(chain) & members)
+            self.assertFalse(set(chain) & others)
+            # ...and, with the rest of the state, holds every auth event needed.
+            known = set(pdus) | set(chain) | others
+            for pdu in list(pdus.values()) + list(chain.values()):
+                for auth_id in pdu["auth_events"]:
+                    self.assertIn(auth_id, known, pdu)
+            # The full answer's auth chain, minus the state, is a superset.
+            full_chain = set(pdus_by_id(full["auth_chain"], self.room_version))
+            self.assertLessEqual(set(chain), full_chain - set(state))
+
+
+@on_both_databases
+class StateCache(_StateRoom):
+    def test_repeats_hit_the_cache_and_new_state_gets_a_new_entry(self) -> None:
+        self.build_room()
+        since = self.hs1.log_offset()
+        first = self.get_state(self.last_id)
+        second = self.get_state(self.last_id)
+        self.assertEqual(
+            pdus_by_id(first["pdus"], self.room_version),
+            pdus_by_id(second["pdus"], self.room_version),
+        )
+        self.get_state(self.last_id, "state_ids")
+        time.sleep(0.5)  # the log is flushed five times a second
+        lines = self.state_log_lines(since)
+        self.assertEqual(len(lines), 3, lines)
+        self.assertRegex(lines[0], r"/state full .* entry=miss .* loaded=[1-9]")
+        self.assertRegex(lines[1], r"/state full .* entry=hit .* loaded=0 ")
+        self.assertRegex(lines[2], r"/state_ids .* entry=hit ")
+
+        # A new member: a new state group, so a new entry, and only the new
+        # events are loaded; the answer has the new member.
+        bob = self.users["bob"]
+        newcomer = self.register(self.hs1, "newcomer")
+        newcomer.join(self.room_id)
+        after_id = bob.send_message(self.room_id, "welcome")
+        since = self.hs1.log_offset()
+        answer = self.get_state(after_id)
+        time.sleep(0.5)
+        (line,) = self.state_log_lines(since)
+        match = re.search(r"entry=(\w+) .* loaded=(\d+) ", line)
+        assert match is not None, line
+        self.assertEqual(match.group(1), "miss")
+        self.assertLessEqual(int(match.group(2)), 2, line)
+        members = {p["state_key"] for p in answer["pdus"] if p["type"] == MEMBER}
+        self.assertIn(newcomer.user_id, members)
+        self.assertEqual(len(answer["pdus"]), len(first["pdus"]) + 1, "one more member")
+
+
+@on_both_databases
+class StateErrorsMatchStock(_StateRoom):
+    def test_refusals_are_stock_refusals(self) -> None:
+        self.build_room()
+        (outsider,) = self.peer.create_servers(1)
+        other_room = self.users["alice"].create_room(preset="public_chat")
+        other_event = self.users["alice"].send_message(other_room, "elsewhere")
+        cases: dict[str, tuple[str, str | None]] = {}
+        for endpoint in ("state", "state_ids"):
+            cases[f"{endpoint}: server not in the room"] = (
+                state_path(self.room_id, self.last_id, endpoint),
+                outsider,
+            )
+            cases[f"{endpoint}: unknown event"] = (
+                state_path(self.room_id, "$nosuchevent", endpoint),
+                None,
+            )
+            cases[f"{endpoint}: event of another room"] = (
+                state_path(self.room_id, other_event, endpoint),
+                None,
+            )
+            cases[f"{endpoint}: no event_id"] = (
+                state_path(self.room_id, None, endpoint),
+                None,
+            )
+            cases[f"{endpoint}: unknown room"] = (
+                state_path("!nosuchroom:example.org", self.last_id, endpoint),
+                None,
+            )
+        cases["state: bad members_only"] = (
+            state_path(self.room_id, self.last_id, members_only="yes"),
+            None,
+        )
+
+        def outcomes() -> dict[str, tuple[int, str | None]]:
+            result = {}
+            for name, (path, server) in cases.items():
+                answer = self.fed_get(path, server)
+                body = answer["body"]
+                errcode = body.get("errcode") if isinstance(body, dict) else None
+                result[name] = (answer["status"], errcode)
+            return result
+
+        module = outcomes()
+        self.assertEqual(module["state: server not in the room"], (403, "M_FORBIDDEN"))
+        self.assertEqual(module["state: unknown event"], (404, "M_NOT_FOUND"))
+        self.assertEqual(module["state: bad members_only"], (400, "M_INVALID_PARAM"))
+
+        # The room bans the asker's host by server ACL: 403 too.
+        acl_path = state_path(self.room_id, self.last_id)
+        alice = self.users["alice"]
+        alice.send_state(
+            self.room_id,
+            "m.room.server_acl",
+            "",
+            {"allow": ["*"], "deny": ["127.0.0.1"], "allow_ip_literals": True},
+        )
+        module_acl = self.fed_get(acl_path)
+        self.assertEqual(module_acl["status"], 403, module_acl)
+
+        self.switch_to_stock()
+        stock_acl = self.fed_get(acl_path)
+        self.assertEqual(
+            (module_acl["status"], module_acl["body"].get("errcode")),
+            (stock_acl["status"], stock_acl["body"].get("errcode")),
+        )
+        alice.send_state(self.room_id, "m.room.server_acl", "", {"allow": ["*"]})
+        stock = outcomes()
+        # A stock resident ignores the unknown parameter (it is ours).
+        self.assertEqual(stock.pop("state: bad members_only")[0], 200)
+        del module["state: bad members_only"]
+        self.assertEqual(module, stock)
+
+
+@on_both_databases
+class StateWhilePartial(FederationTestCase):
+    def test_partial_state_room_is_refused_as_stock_does(self) -> None:
+        peer = self.make_fake_peer()
+        room = peer.create_room(members=50, servers=3)
+        # Never answer the resync's state requests: hs1 stays partial.
+        peer.add_behaviour(r"^/_matrix/federation/v1/state", "hang")
+        (hs1,) = self.make_homeservers(["hs1"])
+        alice = self.register(hs1, "alice")
+        alice.join(room["room_id"], via=[room["resident"]])
+        join_id = alice._call(
+            "GET",
+            f"/_matrix/client/v3/rooms/{_q(room['room_id'])}/state/"
+            f"{MEMBER}/{_q(alice.user_id)}",
+            params={"format": "event"},
+        )["event_id"]
+        for endpoint in ("state", "state_ids"):
+            answer = peer.federation_request(
+                room["resident"],
+                hs1.server_name,
+                "GET",
+                state_path(room["room_id"], join_id, endpoint),
+            )
+            self.assertEqual(answer["status"], 403, answer)
+            self.assertEqual(
+                answer["body"]["errcode"],
+                "ORG.MATRIX.MSC3895_UNABLE_DUE_TO_PARTIAL_STATE",  # stock's code
+                answer,
+            )
+
+
+@on_both_databases
+class StatePrewarm(FederationTestCase):
+    def test_partial_join_and_state_ids_prepare_the_state_answer(self) -> None:
+        peer = self.make_fake_peer()
+        room = peer.create_room(members=1200, servers=4)
+        room_id = room["room_id"]
+        (hs1,) = self.make_homeservers(["hs1"])
+        alice = self.register(hs1, "alice")
+        alice.join(room_id, via=[room["resident"]])
+        alice.joined_members(room_id, timeout=300)  # resync done: hs1 can resident
+
+        # A new server joins through hs1 with partial state: the state before its
+        # join's prev_events is prepared at once, so its /state finds it ready.
+        since = hs1.log_offset()
+        joined = peer.join(room_id, hs1.server_name)
+        self.assertEqual(joined["send_join"]["status"], 200, joined)
+        hs1.wait_for_log(r"state cache: prewarmed /state of", timeout=60, since=since)
+        (prev_id,) = joined["join_event"]["prev_events"]
+        answer = peer.federation_request(
+            joined["server"], hs1.server_name, "GET", state_path(room_id, prev_id)
+        )
+        self.assertEqual(answer["status"], 200, answer)
+        self.assertGreater(len(answer["body"]["pdus"]), 1200)
+        line = hs1.wait_for_log(r"state cache: /state full .*", since=since)
+        self.assertRegex(line.group(0), r" entry=hit .* loaded=0 ")
+
+        # /state_ids for a state not prepared yet prepares the /state.
+        new = peer.join_users(room_id, 1, destinations=[hs1.server_name])
+        new_id = new["event_ids"][0]
+        alice.wait_for_event(room_id, partial(_has_id, new_id))
+        hs1.restart()  # forget everything
+        since = hs1.log_offset()
+        ids = peer.federation_request(
+            joined["server"],
+            hs1.server_name,
+            "GET",
+            state_path(room_id, new_id, "state_ids"),
+        )
+        self.assertEqual(ids["status"], 200, ids)
+        hs1.wait_for_log(r"state cache: prewarmed /state of", timeout=60, since=since)
+        answer = peer.federation_request(
+            joined["server"], hs1.server_name, "GET", state_path(room_id, new_id)
+        )
+        self.assertEqual(answer["status"], 200, answer)
+        line = hs1.wait_for_log(r"state cache: /state full .*", since=since)
+        self.assertRegex(line.group(0), r" entry=hit .* loaded=0 ")
+        # The state *before* the new member's join: the earlier joiner is in it,
+        # the new member not yet.
+        members = {
+            p["state_key"] for p in answer["body"]["pdus"] if p["type"] == MEMBER
+        }
+        self.assertIn(joined["user_id"], members)
+        self.assertNotIn(new["user_ids"][0], members)
+
+
+@on_both_databases
+class StateServingMembersOnlyOff(_StateRoom):
+    MODULE_CONFIG = {"resident": {"state_cache": {"members_only": False}}}
+
+    def test_members_only_off_gives_full_answers(self) -> None:
+        self.build_room()
+        self.assertIn("FederationStateV1Servlet", patch_targets(self.users["alice"]))
+        answer = self.get_state(self.last_id, members_only="true")
+        self.assertNotIn(MEMBERS_ONLY_FIELD, answer)
+        self.assert_same_state(answer, self.get_state(self.last_id))
+
+
+@on_both_databases
+class StateServingDisabled(_StateRoom):
+    MODULE_CONFIG = {"resident": {"state_cache": {"enabled": False}}}
+
+    def test_disabled_leaves_stock_servlets(self) -> None:
+        self.build_room()
+        targets = patch_targets(self.users["alice"])
+        self.assertNotIn("FederationStateV1Servlet", targets)
+        self.assertNotIn("FederationStateIdsServlet", targets)
+        since = self.hs1.log_offset()
+        answer = self.get_state(self.last_id, members_only="true")
+        self.assertNotIn(MEMBERS_ONLY_FIELD, answer)
+        self.get_state(self.last_id, "state_ids")
+        time.sleep(0.5)
+        self.assertEqual(self.state_log_lines(since), [])
+
+
+def patch_targets(client: Client) -> set[str]:
+    """The last component of every patch the status endpoint lists."""
+    status, body = client.get("/_synapse/client/partial_state/v1/status")
+    assert status == 200, body
+    return {p["target"].rsplit(".", 1)[-1] for p in body["patches"]}
+
+
+# ---------------------------------------------------------------------------
+# Benchmark (opt-in)
+
+
+@unittest.skipUnless(os.environ.get("SPS_BENCH") == "1", "set SPS_BENCH=1 to run")
+@on_both_databases
+class StateServingBenchmark(FederationTestCase):
+    """Times ``/state`` of a big fake-peer room on a module and a stock homeserver.
+
+    Each joins the room (partial join, then resync). Then, from a fake server of
+    the room, ``/state`` at the homeserver's join event twice: right after the
+    resync ("warm": Synapse still holds the newest events in memory), and again
+    after a restart ("cold"). Last, one more member joins and the fake server asks
+    ``/state_ids`` then ``/state`` at that join: a new state group, as in a wave of
+    joiners. Peak RSS is sampled over the cold phase."""
+
+    def test_time_state_module_versus_stock(self) -> None:
+        members = int(os.environ.get("SPS_BENCH_MEMBERS", "10000"))
+        servers = max(2, members // 50)
+        peer: FakePeer = self.make_fake_peer()
+        room = peer.create_room(members=members, servers=servers)
+        room_id = room["room_id"]
+        module_hs, stock_hs = self.make_homeservers(["module", "stock"])
+        stock_hs.with_module = False
+        stock_hs.write_config()
+        stock_hs.restart()
+        asker = [s for s in room["servers"] if s != room["resident"]][0]
+        report = [
+            f"/state benchmark: {members + 1} members, {servers} servers, "
+            f"{self.DATABASE}"
+        ]
+        for label, hs in (("module", module_hs), ("stock", stock_hs)):
+            client = self.register(hs, "alice")
+            started = time.monotonic()
+            client.join(room_id, via=[room["resident"]])
+            client.joined_members(room_id, timeout=3600)
+            joined = time.monotonic() - started
+            join_id = client._call(
+                "GET",
+                f"/_matrix/client/v3/rooms/{_q(room_id)}/state/{MEMBER}/"
+                f"{_q(client.user_id)}",
+                params={"format": "event"},
+            )["event_id"]
+            timings: list[str] = []
+            ask = (peer, asker, hs.server_name, room_id, timings)
+            self.timed(*ask, "state", join_id, "warm: /state")
+            self.timed(*ask, "state", join_id, "again")
+            hs.restart()
+            hs.reset_rss_peak()
+            rss_before = hs.rss_peak_bytes()
+            hs.start_sampling(0.1)
+            self.timed(*ask, "state", join_id, "cold: /state")
+            self.timed(*ask, "state", join_id, "again")
+            new = peer.join_users(room_id, 1, destinations=[hs.server_name])
+            new_id = new["event_ids"][0]
+            client.wait_for_event(room_id, partial(_has_id, new_id))
+            self.timed(*ask, "state_ids", new_id, "new member: /state_ids")
+            self.timed(*ask, "state", new_id, "/state")
+            hs.stop_sampling()
+            report.append(
+                f"  {label}: join+resync {joined:.1f}s; "
+                + "; ".join(timings)
+                + f"; RSS after restart {rss_before / 2**20:.0f} MiB, peak while "
+                f"serving cold {hs.rss_peak_bytes() / 2**20:.0f} MiB"
+            )
+        print("\n" + "\n".join(report))
+
+    def test_stock_joiner_resyncing_from_module_versus_stock_resident(self) -> None:
+        """A stock joiner's partial join and resync through each resident."""
+        members = int(os.environ.get("SPS_BENCH_MEMBERS", "10000"))
+        servers = max(2, members // 50)
+        peer: FakePeer = self.make_fake_peer()
+        room = peer.create_room(members=members, servers=servers)
+        room_id = room["room_id"]
+        module_hs, stock_hs = self.make_homeservers(["module", "stock"])
+        joiners = self.make_homeservers(["joiner1", "joiner2"], with_module=False)
+        stock_hs.with_module = False
+        stock_hs.write_config()
+        stock_hs.restart()
+        report = [
+            f"stock joiner resync benchmark: {members + 1} members, {servers} "
+            f"servers, {self.DATABASE}"
+        ]
+        for (label, resident), joiner in zip(
+            (("module", module_hs), ("stock", stock_hs)), joiners, strict=True
+        ):
+            local = self.register(resident, "alice")
+            local.join(room_id, via=[room["resident"]])
+            local.joined_members(room_id, timeout=3600)
+            resident.restart()  # nothing of the room in memory
+            bob = self.register(joiner, "bob")
+            since = resident.log_offset()
+            started = time.monotonic()
+            bob.join(room_id, via=[resident.server_name])
+            joined = time.monotonic() - started
+            bob.joined_members(room_id, timeout=3600)
+            resynced = time.monotonic() - started
+            served = [
+                f"{m.group(3)} {m.group(1)}s+{m.group(2)}s"
+                for m in re.finditer(
+                    r"Processed request: ([\d.]+)sec/([\d.]+)sec .* "
+                    r'"GET /_matrix/federation/v1/(state(?:_ids)?)/',
+                    resident.read_log()[since:],
+                )
+            ]
+            report.append(
+                f"  via {label} resident: /join {joined:.1f}s, resync done "
+                f"{resynced:.1f}s; resident's /state(_ids) processing/sending: "
+                + (", ".join(served) or "none")
+            )
+        print("\n" + "\n".join(report))
+
+    def timed(
+        self,
+        peer: FakePeer,
+        asker: str,
+        destination: str,
+        room_id: str,
+        timings: list[str],
+        endpoint: str,
+        event_id: str,
+        what: str,
+    ) -> None:
+        answer = peer.federation_request(
+            asker, destination, "GET", state_path(room_id, event_id, endpoint)
+        )
+        self.assertEqual(answer["status"], 200, answer)
+        body = answer["body"]
+        count = len(body["pdus"] if "pdus" in body else body["pdu_ids"])
+        timings.append(
+            f"{what} {answer['seconds']:.2f}s "
+            f"({count} events, {answer['bytes'] / 2**20:.1f} MiB)"
+        )
+
+
+# ---------------------------------------------------------------------------
+# Unit tests
+
+
+class ByteBudgetLRUTests(unittest.TestCase):
+    def test_evicts_least_recently_used_beyond_the_budget(self) -> None:
+        lru: ByteBudgetLRU[str, str] = ByteBudgetLRU(100)
+        self.assertTrue(lru.put("a", "A", 40))
+        self.assertTrue(lru.put("b", "B", 40))
+        self.assertEqual(lru.get("a"), "A")  # a is now the most recent
+        self.assertTrue(lru.put("c", "C", 40))  # 120 > 100: b goes
+        self.assertNotIn("b", lru)
+        self.assertEqual((lru.get("a"), lru.get("c")), ("A", "C"))
+        self.assertEqual((lru.bytes, lru.evictions, len(lru)), (80, 1, 2))
+
+    def test_replacing_resizes_and_oversized_is_not_stored(self) -> None:
+        lru: ByteBudgetLRU[str, str] = ByteBudgetLRU(100)
+        lru.put("a", "A", 30)
+        lru.put("a", "A2", 60)
+        self.assertEqual((lru.get("a"), lru.bytes), ("A2", 60))
+        self.assertFalse(lru.put("big", "X", 101))
+        self.assertNotIn("big", lru)
+        self.assertEqual(lru.bytes, 60)
+        # Replacing with an oversized value drops the old one.
+        self.assertFalse(lru.put("a", "A3", 500))
+        self.assertEqual((len(lru), lru.bytes), (0, 0))
+
+    def test_zero_budget_keeps_nothing(self) -> None:
+        lru: ByteBudgetLRU[str, str] = ByteBudgetLRU(0)
+        self.assertFalse(lru.put("a", "A", 1))
+        self.assertIsNone(lru.get("a"))
+
+    def test_discard(self) -> None:
+        lru: ByteBudgetLRU[str, int] = ByteBudgetLRU(1000)
+        for i in range(10):
+            lru.put(f"k{i}", i, 10)
+        self.assertTrue(lru.discard("k0"))
+        self.assertFalse(lru.discard("k0"))
+        self.assertEqual(lru.discard_where(lambda k, v: v % 2 == 1), 5)
+        self.assertEqual(len(lru), 4)
+        self.assertEqual(lru.bytes, 40)
+
+
+class AnswerAssemblyTests(unittest.TestCase):
+    def test_state_body_is_the_json_of_its_parts(self) -> None:
+        pdus = [b'{"a":1}', b"", b'{"b":2}']  # b"": loaded, never sent
+        auth = [b'{"c":3}']
+        length, parts = state_body_parts(pdus, auth, members_only=False)
+        body = b"".join(parts)
+        self.assertEqual(len(body), length)
+        self.assertEqual(
+            json.loads(body), {"pdus": [{"a": 1}, {"b": 2}], "auth_chain": [{"c": 3}]}
+        )
+        length, parts = state_body_parts([], [], members_only=True)
+        self.assertEqual(
+            json.loads(b"".join(parts)),
+            {"pdus": [], "auth_chain": [], MEMBERS_ONLY_FIELD: True},
+        )
+
+    def test_blocks_join_small_pieces(self) -> None:
+        pieces = [b"x" * 10] * 25
+        out = list(blocks(pieces, size=100))
+        self.assertEqual([len(b) for b in out], [100, 100, 50])
+        self.assertEqual(b"".join(out), b"".join(pieces))
+        self.assertEqual(list(blocks([], size=100)), [])
+
+    def test_state_before_an_event(self) -> None:
+        group = {("m.room.create", ""): "$c", (MEMBER, "@a:x"): "$a2"}
+        # A non-state event: its group is the state before it.
+        self.assertEqual(state_before(group, None, "$msg"), group)
+        # A state event that replaced another: that one instead.
+        self.assertEqual(
+            state_before(group, ((MEMBER, "@a:x"), "$a1"), "$a2"),
+            {("m.room.create", ""): "$c", (MEMBER, "@a:x"): "$a1"},
+        )
+        # A state event at a new key: not there.
+        self.assertEqual(
+            state_before(group, ((MEMBER, "@a:x"), None), "$a2"),
+            {("m.room.create", ""): "$c"},
+        )
+        with self.assertRaises(AssertionError):
+            state_before(group, ((MEMBER, "@b:x"), None), "$b")
+        self.assertEqual(split_state(group), (("$c", "$a2"), ("$a2",)))
+
+
+class _FakeApi:
+    server_name = "unit.test"
+
+
+class _FakeAccess:
+    """Synchronous stand-in for the Synapse calls of the state server."""
+
+    def __init__(self, events: dict[str, bytes], state: dict[Any, str]) -> None:
+        self.events = events
+        self.state = state
+        self.loads: list[list[str]] = []
+        self.groups = 0
+
+    async def state_group_before(self, room_id: str, event_id: str) -> Any:
+        return 7, None
+
+    async def state_ids_of_group(self, state_group: int) -> Any:
+        self.groups += 1
+        return self.state
+
+    async def auth_chain_ids(self, room_id: str, event_ids: Any) -> set[str]:
+        return {"$create"} if "$create" not in event_ids else set()
+
+    async def encoded_pdus(self, event_ids: list[str]) -> dict[str, bytes]:
+        self.loads.append(list(event_ids))
+        return {e: self.events[e] for e in event_ids if e in self.events}
+
+
+class StateServerCacheTests(unittest.TestCase):
+    def make(self, budget: int) -> tuple[StateServer, _FakeAccess]:
+        events = {f"$m{i}": b'{"m":%d}' % i for i in range(10)}
+        events["$create"] = b'{"c":0}'
+        state: dict[Any, str] = {(MEMBER, f"@u{i}:x"): f"$m{i}" for i in range(10)}
+        access = _FakeAccess(events, state)
+        server = StateServer(_FakeApi(), StateCacheConfig(), access)  # type: ignore[arg-type]
+        server._cache.max_bytes = budget
+        return server, access
+
+    def answer(self, server: StateServer) -> Any:
+        async def run() -> Any:
+            key, entry, hit = await server._entry("!r:x", "$x")
+            return hit, await server._full_events(entry)
+
+        return self.successResultOf(defer.ensureDeferred(run()))
+
+    def successResultOf(self, d: defer.Deferred[Any]) -> Any:
+        results: list[Any] = []
+        d.addBoth(results.append)
+        self.assertEqual(len(results), 1, "did not complete synchronously")
+        if isinstance(results[0], Exception):
+            raise results[0]
+        return results[0]
+
+    def test_second_answer_comes_from_the_cache(self) -> None:
+        server, access = self.make(10_000_000)
+        hit, first = self.answer(server)
+        self.assertFalse(hit)
+        self.assertEqual(first.loaded, 11)
+        hit, second = self.answer(server)
+        self.assertTrue(hit)
+        self.assertEqual(second.loaded, 0)
+        self.assertEqual(first.pdus, second.pdus)
+        self.assertEqual(access.groups, 1)
+        self.assertEqual(server.stats()["entry_hits"], 1)
+
+    def test_small_budget_evicts_and_reloads(self) -> None:
+        # Room for the state entry and a few events only.
+        server, access = self.make(3000)
+        _, first = self.answer(server)
+        self.assertLessEqual(server.stats()["cache_bytes"], 3000)
+        self.assertGreater(server.stats()["cache_evictions"], 0)
+        _, second = self.answer(server)
+        self.assertGreater(second.loaded, 0)  # evicted events were loaded again
+        self.assertEqual(first.pdus, second.pdus)
+
+    def test_forgotten_events_are_loaded_again(self) -> None:
+        server, access = self.make(10_000_000)
+        self.answer(server)
+        server.forget_event("$m3")
+        _, answer = self.answer(server)
+        self.assertEqual(answer.loaded, 1)
+        self.assertEqual(access.loads[-1], ["$m3"])
+        server.forget_room("!r:x")
+        self.assertEqual(server.stats()["cache_entries"], 0)
+
+
+class SingleFlightTests(unittest.TestCase):
+    def test_concurrent_callers_share_one_computation(self) -> None:
+        flight: SingleFlight[str, int] = SingleFlight()
+        gate: defer.Deferred[int] = defer.Deferred()
+        calls = []
+
+        async def compute() -> int:
+            calls.append(1)
+            return await gate
+
+        first = defer.ensureDeferred(_await(flight.run("k", compute)))
+        second = defer.ensureDeferred(_await(flight.run("k", compute)))
+        self.assertIn("k", flight)
+        gate.callback(5)
+        results: list[int] = []
+        first.addCallback(results.append)
+        second.addCallback(results.append)
+        self.assertEqual((results, len(calls)), ([5, 5], 1))
+        self.assertNotIn("k", flight)
+
+
+def _has_id(event_id: str, event: dict[str, Any]) -> bool:
+    return event.get("event_id") == event_id
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
