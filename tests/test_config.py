@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import unittest
-from typing import Any
-
 import attr
-from synapse.module_api.errors import ConfigError
 
 from synapse_partial_state import PartialStateModule
 from synapse_partial_state.config import PartialStateConfig, ResidentConfig
+from tests.config_asserts import ConfigAssertions
 
 
-class ParseConfigTests(unittest.TestCase):
-    def assert_rejected(self, raw: Any, *fragments: str) -> None:
-        with self.assertRaises(ConfigError) as cm:
-            PartialStateModule.parse_config(raw)
-        message = str(cm.exception)
-        for fragment in fragments:
-            self.assertIn(fragment, message)
-
+class ParseConfigTests(ConfigAssertions):
     def test_empty_gives_defaults(self) -> None:
         self.assertEqual(PartialStateModule.parse_config({}), PartialStateConfig())
         self.assertEqual(PartialStateModule.parse_config(None), PartialStateConfig())

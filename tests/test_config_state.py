@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import unittest
 from typing import Any
-
-from synapse.module_api.errors import ConfigError
 
 from synapse_partial_state import PartialStateModule
 from synapse_partial_state.config import PartialStateConfig, StateCacheConfig
+from tests.config_asserts import ConfigAssertions
 
 
 def _with(state_cache: Any) -> dict[str, Any]:
     return {"resident": {"state_cache": state_cache}}
 
 
-class StateCacheConfigTests(unittest.TestCase):
-    def assert_rejected(self, raw: Any, *fragments: str) -> None:
-        with self.assertRaises(ConfigError) as cm:
-            PartialStateModule.parse_config(raw)
-        message = str(cm.exception)
-        for fragment in fragments:
-            self.assertIn(fragment, message)
-
+class StateCacheConfigTests(ConfigAssertions):
     def test_defaults(self) -> None:
         config = PartialStateModule.parse_config({})
         self.assertEqual(config.resident.state_cache, StateCacheConfig())
