@@ -162,12 +162,25 @@ class ResyncOps:
         return await self._store.is_partial_state_room(room_id)
 
     async def resync_info(self, room_id: str) -> tuple[str | None, frozenset[str]]:
-        """(joined_via, servers_in_room) from ``partial_state_rooms(_servers)``."""
-        info = await self._store.get_partial_state_room_resync_info()
-        entry = info.get(room_id)
-        if entry is None:
-            return None, frozenset()
-        return entry.joined_via, frozenset(entry.servers_in_room)
+        """(joined_via, servers_in_room) from ``partial_state_rooms(_servers)``,
+        for this room only (Synapse's ``get_partial_state_room_resync_info`` reads
+        every partial room)."""
+
+        def txn(t: Any) -> tuple[str | None, frozenset[str]]:
+            t.execute(
+                "SELECT joined_via FROM partial_state_rooms WHERE room_id = ?",
+                (room_id,),
+            )
+            row = t.fetchone()
+            if row is None:
+                return None, frozenset()
+            t.execute(
+                "SELECT server_name FROM partial_state_rooms_servers WHERE room_id = ?",
+                (room_id,),
+            )
+            return row[0], frozenset(r[0] for r in t.fetchall())
+
+        return await self._store.db_pool.runInteraction("sps_resync_info", txn)
 
     async def join_event_id(self, room_id: str) -> str | None:
         def txn(t: Any) -> str | None:
