@@ -7,6 +7,7 @@ as it went over the wire. Each test runs on SQLite and on PostgreSQL.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
 from synapse.events import make_event_from_dict
@@ -261,3 +262,163 @@ class UnknownRoom(_ResidentRoom):
         self.assertIsNone(result["send_join"])
         status, _ = self.users["alice"].get(f"/_matrix/client/v3/rooms/{bogus}/state")
         self.assertIn(status, (403, 404))
+
+
+@on_both_databases
+class PartialAnswerKnockRoom(_ResidentRoom):
+    """A knock-rule room (the default room version supports knocking) with a
+    pending knock: the knock is an essential, like a pending invite."""
+
+    def build_knock_room(self) -> None:
+        self.peer = self.make_fake_peer()
+        (self.hs1,) = self.make_homeservers(["hs1"])
+        alice = self.register(self.hs1, "alice")
+        kate = self.register(self.hs1, "kate")
+        self.users = {"alice": alice, "kate": kate}
+        self.room_id = alice.create_room(
+            preset="private_chat",
+            initial_state=[
+                {
+                    "type": "m.room.join_rules",
+                    "state_key": "",
+                    "content": {"join_rule": "knock"},
+                }
+            ],
+        )
+        self.room_version = self._room_version(alice)
+        status, body = kate.post(
+            f"/_matrix/client/v3/knock/{quote(self.room_id, safe='')}",
+            {"reason": "let me in, please"},
+        )
+        self.assertEqual(status, 200, body)
+        # The joiner needs an invite to get in a knock room.
+        (self.server,) = self.peer.create_servers(1)
+        alice.invite(self.room_id, f"@joiner:{self.server}")
+
+    def test_pending_knock_is_an_essential(self) -> None:
+        self.build_knock_room()
+        alice, kate = self.users["alice"], self.users["kate"]
+        self.assertTrue(KNOWN_ROOM_VERSIONS[self.room_version].knock_join_rule)
+        self.assertEqual(
+            alice.state_event(self.room_id, "m.room.join_rules")["join_rule"], "knock"
+        )
+        knock = alice._call(
+            "GET",
+            f"/_matrix/client/v3/rooms/{quote(self.room_id, safe='')}/state/"
+            f"{MEMBER}/{quote(kate.user_id, safe='')}",
+            params={"format": "event"},
+        )
+        self.assertEqual(knock["content"]["membership"], "knock")
+
+        body = self.partial_join(server=self.server)["send_join"]["body"]
+        self.assertIs(body["members_omitted"], True)
+        by_key = {p["state_key"]: p for p in body["state"] if p["type"] == MEMBER}
+        self.assertIn(kate.user_id, by_key)
+        sent = by_key[kate.user_id]
+        # The very event of the room's state, field by field.
+        self.assertEqual(event_ids([sent], self.room_version), [knock["event_id"]])
+        self.assertEqual(sent["type"], MEMBER)
+        self.assertEqual(sent["sender"], kate.user_id)
+        self.assertEqual(sent["state_key"], kate.user_id)
+        self.assertEqual(sent["room_id"], self.room_id)
+        self.assertEqual(sent["content"]["membership"], "knock")
+        self.assertEqual(sent["content"]["reason"], "let me in, please")
+        self.assertEqual(sent["content"], knock["content"])
+        self.assertEqual(sent["origin_server_ts"], knock["origin_server_ts"])
+        # The joiner's own invite is its previous membership: native keeps it.
+        self.assertEqual(
+            by_key[f"@joiner:{self.server}"]["content"]["membership"], "invite"
+        )
+        self.assert_auth_chain_minimal_and_complete(body)
+        summary = body[SUMMARY]
+        self.assertEqual(summary["m.joined_member_count"], 2)  # alice + the joiner
+        self.assertEqual(summary["m.invited_member_count"], 0)
+
+
+def state_map(client: Client, room_id: str) -> dict[tuple[str, str], str]:
+    """(type, state_key) -> event ID of the room's current state, as ``client`` sees it."""
+    return {
+        (e["type"], e["state_key"]): e["event_id"] for e in client.room_state(room_id)
+    }
+
+
+@on_both_databases
+class JoinFailingAuth(FederationTestCase):
+    """Partial joins that fail the auth rules at ``/send_join`` (``make_join``
+    would have refused them; the fake peer signs a doctored template): the error
+    is stock Synapse's, and the room is untouched."""
+
+    def test_refused_as_stock_and_nothing_changes(self) -> None:
+        peer = self.make_fake_peer()
+        (hs1,) = self.make_homeservers(["hs1"])
+        alice = self.register(hs1, "alice")
+        public = alice.create_room(preset="public_chat")
+        self.register(hs1, "bob").join(public)
+        private = alice.create_room(preset="private_chat")
+        (server,) = peer.create_servers(1)
+        mallory = f"@mallory:{server}"
+        alice.ban(public, mallory)
+        # make_join needs an invited user in the invite-only room.
+        alice.invite(private, f"@guest:{server}")
+        private_state = state_map(alice, private)
+        version = KNOWN_ROOM_VERSIONS[
+            str(alice.state_event(private, "m.room.create").get("room_version", "1"))
+        ]
+        # What a join without an invite is authorised by (no member event).
+        plain_auth = [
+            private_state[("m.room.power_levels", "")],
+            private_state[("m.room.join_rules", "")],
+        ]
+        if not version.msc4291_room_ids_as_hashes:
+            plain_auth.append(private_state[("m.room.create", "")])
+        cases: dict[str, dict[str, Any]] = {
+            "banned": {
+                "room_id": public,
+                "user_localpart": "joiner",
+                "event_overrides": {"sender": mallory, "state_key": mallory},
+            },
+            "not invited": {
+                "room_id": private,
+                "user_localpart": "guest",
+                "event_overrides": {
+                    "sender": mallory,
+                    "state_key": mallory,
+                    "auth_events": plain_auth,
+                },
+            },
+        }
+        before = {room: state_map(alice, room) for room in (public, private)}
+        answers: dict[str, dict[str, Any]] = {}
+        for variant in ("module", "stock"):
+            if variant == "stock":
+                hs1.with_module = False
+                hs1.write_config()
+                hs1.restart()
+            for name, case in cases.items():
+                result = peer.join(
+                    remote=hs1.server_name, server=server, omit_members=True, **case
+                )
+                self.assertEqual(result["make_join"]["status"], 200, (name, result))
+                self.assertEqual(result["user_id"], mallory)
+                send_join = result["send_join"]
+                answers[f"{name}, {variant}"] = send_join
+                room_id = str(case["room_id"])
+                # Nothing changed: same state, the event was not stored.
+                self.assertEqual(state_map(alice, room_id), before[room_id], name)
+                status, _ = alice.get(
+                    f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/event/"
+                    f"{quote(result['event_id'], safe='')}"
+                )
+                self.assertEqual(status, 404, f"{name}, {variant}: event stored")
+        for name in cases:
+            module, stock = answers[f"{name}, module"], answers[f"{name}, stock"]
+            self.assertEqual(
+                (module["status"], module["body"]),
+                (stock["status"], stock["body"]),
+                name,
+            )
+            self.assertEqual(module["status"], 403, (name, module))
+            self.assertEqual(module["body"]["errcode"], "M_FORBIDDEN", name)
+        self.assertEqual(
+            alice.state_event(public, MEMBER, mallory)["membership"], "ban"
+        )

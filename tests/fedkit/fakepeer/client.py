@@ -280,11 +280,14 @@ class FakePeer:
         omit_members: Any = True,
         send_join_version: int = 2,
         include_body: bool = True,
+        event_overrides: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """``POST /control/join``: make_join + send_join against ``remote``.
 
         ``omit_members``: True/False, None (parameter left out) or a raw string
-        sent verbatim.
+        sent verbatim. ``event_overrides``: top-level fields set on the make_join
+        template before it is signed (e.g. another ``sender`` and ``state_key``,
+        to send a join ``make_join`` would have refused).
         """
         body: dict[str, Any] = {
             "room_id": room_id,
@@ -294,6 +297,8 @@ class FakePeer:
             "send_join_version": send_join_version,
             "include_body": include_body,
         }
+        if event_overrides:
+            body["event_overrides"] = event_overrides
         if server is not None:
             body["server"] = server
         return self._call("POST", "/control/join", body)

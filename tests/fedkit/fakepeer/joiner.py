@@ -50,6 +50,14 @@ async def join_remote(peer: Peer, body: dict[str, Any]) -> dict[str, Any]:
     event = dict(mj_body["event"])
     for k in ("signatures", "hashes", "unsigned", "event_id"):
         event.pop(k, None)
+    # Test hook: change the template before signing (e.g. another sender and
+    # state_key, to send a join the resident would have refused at make_join).
+    overrides = body.get("event_overrides") or {}
+    if not isinstance(overrides, dict):
+        raise ControlError(400, "event_overrides must be an object")
+    event.update(overrides)
+    if isinstance(event.get("state_key"), str):
+        result["user_id"] = event["state_key"]
     event["origin_server_ts"] = int(time.time() * 1000)
     event_id = finalize_event(rv, event, srv.name, key.signing_key)
     result["join_event"] = event
