@@ -403,6 +403,112 @@ StateSelector = Callable[
     ["EventBase", "StateMap[str]", "Mapping[str, MemberSummary]", tuple[str, ...]],
     Collection[str],
 ]
+#: (room ID, the ``prev_events`` of a join we answered with partial state).
+PartialJoinObserver = Callable[[str, list[str]], None]
+
+
+@attr.s(auto_attribs=True, slots=True)
+class _SendJoinHooks:
+    """What the one ``on_send_join_request`` wrapper calls (None: not installed)."""
+
+    extras_provider: ExtrasProvider | None = None
+    decorate_response: ResponseDecorator | None = None
+    observer: PartialJoinObserver | None = None
+
+
+_SEND_JOIN_HOOKS = _SendJoinHooks()
+
+_ON_SEND_JOIN_TARGET = (
+    "synapse.federation.federation_server.FederationServer.on_send_join_request"
+)
+
+
+def _wrap_on_send_join_request() -> None:
+    """Wrap ``FederationServer.on_send_join_request`` once, calling the hooks
+    registered in :data:`_SEND_JOIN_HOOKS`, and (re)record what the wrapper does.
+
+    ``on_send_join_request`` is a class method of 123 lines in 1.163.2; the
+    servlets look it up on the instance at call time. For a partial answer the
+    wrapper:
+
+    1. asks ``extras_provider`` which member events to add (async, from the
+       database) and keeps them in a context variable for the state selector;
+    2. calls the native method;
+    3. when the answer has ``members_omitted``: adds ``decorate_response``'s
+       fields, then tells ``observer(room_id, join["prev_events"])`` (which must
+       not block; its errors are logged and swallowed).
+
+    Full answers go through the native method untouched.
+    """
+    from synapse.federation import federation_server as fs
+
+    hooks = _SEND_JOIN_HOOKS
+    native_on_send_join = fs.FederationServer.on_send_join_request
+    if not getattr(native_on_send_join, "_sps_wrapped", False):
+
+        async def on_send_join_request(
+            self: FederationServer,
+            origin: str,
+            content: dict[str, Any],
+            room_id: str,
+            caller_supports_partial_state: bool = False,
+        ) -> dict[str, Any]:
+            joiner = content.get("state_key")
+            extras_provider = hooks.extras_provider
+            if (
+                not caller_supports_partial_state
+                or extras_provider is None
+                # Malformed join: native code produces its usual error.
+                or not isinstance(joiner, str)
+            ):
+                resp = await native_on_send_join(
+                    self, origin, content, room_id, caller_supports_partial_state
+                )
+            else:
+                token = _SEND_JOIN_EXTRAS.set(await extras_provider(room_id, joiner))
+                try:
+                    resp = await native_on_send_join(
+                        self, origin, content, room_id, True
+                    )
+                finally:
+                    _SEND_JOIN_EXTRAS.reset(token)
+            if not resp.get("members_omitted"):
+                return resp
+            if hooks.decorate_response is not None and isinstance(joiner, str):
+                resp.update(await hooks.decorate_response(room_id, joiner))
+            if hooks.observer is not None:
+                try:
+                    prev_events = content.get("prev_events") or []
+                    hooks.observer(
+                        room_id, [e for e in prev_events if isinstance(e, str)]
+                    )
+                except Exception:
+                    logger.exception("partial join observer failed for %s", room_id)
+            return resp
+
+        on_send_join_request._sps_wrapped = True  # type: ignore[attr-defined]
+        fs.FederationServer.on_send_join_request = on_send_join_request  # type: ignore[method-assign]
+
+    duties = []
+    if hooks.extras_provider is not None:
+        duties.append(
+            "choose MSC2775 essentials before, add the summary after the native answer"
+        )
+    if hooks.observer is not None:
+        duties.append(
+            "after a partial answer, prepare the /state the joiner's resync asks for "
+            "next, in the background"
+        )
+    _record_replacing(PatchRecord(_ON_SEND_JOIN_TARGET, "wrap", "; ".join(duties)))
+
+
+def _record_replacing(record: PatchRecord) -> None:
+    """Record ``record``, in place of an earlier record of the same target."""
+    for index, old in enumerate(INSTALLED_PATCHES):
+        if old.target == record.target:
+            INSTALLED_PATCHES[index] = record
+            return
+    INSTALLED_PATCHES.append(record)
 
 
 def install_send_join_hooks(
@@ -414,21 +520,20 @@ def install_send_join_hooks(
 
     Two patches, working together:
 
-    * ``FederationServer.on_send_join_request`` (class method, 123 lines in 1.163.2)
-      is wrapped: for partial answers it first asks ``extras_provider`` which member
-      events to add (async, from the database) and keeps them in a context variable,
-      then calls the native method, then adds ``decorate_response``'s fields.
+    * the ``FederationServer.on_send_join_request`` wrapper (see
+      :func:`_wrap_on_send_join_request`, shared with
+      :func:`install_partial_join_observer`) asks ``extras_provider`` which member
+      events to add before the native method runs, and adds ``decorate_response``'s
+      fields to partial answers;
     * the module-level ``_get_event_ids_for_partial_state_join`` (46 lines,
       unchanged since 1.100), which native looks up by global name at call time, is
       replaced by ``selector``. It sees the exact state before the join, so only
       member events really in that state are ever returned; the native auth-chain
       computation and deduplication then apply to them unchanged.
+
+    Installing again replaces the hooks.
     """
     from synapse.federation import federation_server as fs
-
-    native_on_send_join = fs.FederationServer.on_send_join_request
-    if getattr(native_on_send_join, "_sps_wrapped", False):
-        return
 
     def select(
         join_event: EventBase,
@@ -438,38 +543,10 @@ def install_send_join_hooks(
         extras = _SEND_JOIN_EXTRAS.get()
         return selector(join_event, prev_state_ids, summary, extras or ())
 
-    async def on_send_join_request(
-        self: FederationServer,
-        origin: str,
-        content: dict[str, Any],
-        room_id: str,
-        caller_supports_partial_state: bool = False,
-    ) -> dict[str, Any]:
-        if not caller_supports_partial_state:
-            return await native_on_send_join(self, origin, content, room_id, False)
-        joiner = content.get("state_key")
-        if not isinstance(joiner, str):
-            # Let native code produce its usual error for a malformed join.
-            return await native_on_send_join(self, origin, content, room_id, True)
-        token = _SEND_JOIN_EXTRAS.set(await extras_provider(room_id, joiner))
-        try:
-            resp = await native_on_send_join(self, origin, content, room_id, True)
-        finally:
-            _SEND_JOIN_EXTRAS.reset(token)
-        if resp.get("members_omitted"):
-            resp.update(await decorate_response(room_id, joiner))
-        return resp
-
-    on_send_join_request._sps_wrapped = True  # type: ignore[attr-defined]
-    fs.FederationServer.on_send_join_request = on_send_join_request  # type: ignore[method-assign]
+    _SEND_JOIN_HOOKS.extras_provider = extras_provider
+    _SEND_JOIN_HOOKS.decorate_response = decorate_response
+    _wrap_on_send_join_request()
     fs._get_event_ids_for_partial_state_join = select
-    _record(
-        PatchRecord(
-            "synapse.federation.federation_server.FederationServer.on_send_join_request",
-            "wrap",
-            "choose MSC2775 essentials before, add the summary after the native answer",
-        )
-    )
     _record(
         PatchRecord(
             "synapse.federation.federation_server._get_event_ids_for_partial_state_join",
@@ -477,6 +554,19 @@ def install_send_join_hooks(
             "partial state = native choice + MSC2775 essential members",
         )
     )
+
+
+def install_partial_join_observer(observer: PartialJoinObserver) -> None:
+    """Tell ``observer`` when a server got a partial ``/send_join`` answer from us.
+
+    Registers ``observer`` with the one ``FederationServer.on_send_join_request``
+    wrapper (:func:`_wrap_on_send_join_request`), which calls it with the room ID
+    and the join's ``prev_events`` after every answer with ``members_omitted``.
+    Such a joiner resyncs next: it asks for ``/state_ids`` and ``/state`` at those
+    events once it has processed the answer. Installing again replaces it.
+    """
+    _SEND_JOIN_HOOKS.observer = observer
+    _wrap_on_send_join_request()
 
 
 async def get_room_summary(api: ModuleApi, room_id: str) -> Mapping[str, MemberSummary]:
@@ -593,52 +683,44 @@ def install_state_servlets(
 
         return with_request
 
-    class FederationStateV1Servlet(native_state):  # type: ignore[valid-type,misc]
-        _sps_state_servlet = True
+    def module_servlet(
+        native: type[Any], serve: StateHandler, members_only_variant: bool
+    ) -> type[Any]:
+        """A subclass of ``native`` of the same name, served by ``serve``."""
 
-        def _wrap(self, func: Callable[..., Awaitable[tuple[int, Any]]]) -> Any:
-            return wrap_with_request(super()._wrap(func))
+        class Servlet(native):  # type: ignore[valid-type,misc]
+            _sps_state_servlet = True
 
-        async def on_GET(
-            self,
-            origin: str,
-            content: None,
-            query: dict[bytes, list[bytes]],
-            room_id: str,
-        ) -> tuple[int, Any] | None:
-            request = _FEDERATION_REQUEST.get()
-            event_id = parse_string_from_args(query, "event_id", None, required=True)
-            members_only = parse_boolean_from_args(query, MEMBERS_ONLY_PARAM, False)
-            if request is not None and await serve_state(
-                request, StateQuery(origin, room_id, event_id, members_only)
-            ):
-                return None
-            return await super().on_GET(origin, content, query, room_id)
+            def _wrap(self, func: Callable[..., Awaitable[tuple[int, Any]]]) -> Any:
+                return wrap_with_request(super()._wrap(func))
 
-    class FederationStateIdsServlet(native_state_ids):  # type: ignore[valid-type,misc]
-        _sps_state_servlet = True
+            async def on_GET(
+                self,
+                origin: str,
+                content: None,
+                query: dict[bytes, list[bytes]],
+                room_id: str,
+            ) -> tuple[int, Any] | None:
+                request = _FEDERATION_REQUEST.get()
+                event_id = parse_string_from_args(
+                    query, "event_id", None, required=True
+                )
+                members_only = members_only_variant and parse_boolean_from_args(
+                    query, MEMBERS_ONLY_PARAM, False
+                )
+                if request is not None and await serve(
+                    request, StateQuery(origin, room_id, event_id, members_only)
+                ):
+                    return None
+                return await super().on_GET(origin, content, query, room_id)
 
-        def _wrap(self, func: Callable[..., Awaitable[tuple[int, Any]]]) -> Any:
-            return wrap_with_request(super()._wrap(func))
-
-        async def on_GET(
-            self,
-            origin: str,
-            content: None,
-            query: dict[bytes, list[bytes]],
-            room_id: str,
-        ) -> tuple[int, Any] | None:
-            request = _FEDERATION_REQUEST.get()
-            event_id = parse_string_from_args(query, "event_id", None, required=True)
-            if request is not None and await serve_state_ids(
-                request, StateQuery(origin, room_id, event_id)
-            ):
-                return None
-            return await super().on_GET(origin, content, query, room_id)
+        # Synapse labels its request metrics and traces with the class name.
+        Servlet.__name__ = Servlet.__qualname__ = native.__name__
+        return Servlet
 
     replacements: dict[type[Any], type[Any]] = {
-        native_state: FederationStateV1Servlet,
-        native_state_ids: FederationStateIdsServlet,
+        native_state: module_servlet(native_state, serve_state, True),
+        native_state_ids: module_servlet(native_state_ids, serve_state_ids, False),
     }
     transport_server.SERVLET_GROUPS["federation"] = tuple(
         replacements.get(cls, cls) for cls in group
@@ -939,56 +1021,3 @@ def write_json_response(
         request.setHeader(b"Cache-Control", b"no-cache, no-store, must-revalidate")
     set_cors_headers(request)
     _ByteProducer(request, chunks)
-
-
-#: (room ID, the ``prev_events`` of a join we answered with partial state).
-PartialJoinObserver = Callable[[str, list[str]], None]
-
-
-def install_partial_join_observer(observer: PartialJoinObserver) -> None:
-    """Tell ``observer`` when a server got a partial ``/send_join`` answer from us.
-
-    Wraps ``FederationServer.on_send_join_request`` (class method, 123 lines in
-    1.163.2; the servlets look it up on the instance at call time) *as installed
-    when this runs*: the module installs it after the send_join hooks of the
-    "partial /send_join answers" section, so it wraps that wrapper, which it calls
-    unchanged. When the answer has ``members_omitted``, ``observer(room_id,
-    join["prev_events"])`` is called (it must not block; errors are logged and
-    swallowed). Such a joiner resyncs next: it asks for ``/state_ids`` and
-    ``/state`` at those events once it has processed the answer.
-    """
-    from synapse.federation import federation_server as fs
-
-    current = fs.FederationServer.on_send_join_request
-    if getattr(current, "_sps_partial_join_observed", False):
-        return
-
-    async def on_send_join_request(
-        self: FederationServer,
-        origin: str,
-        content: dict[str, Any],
-        room_id: str,
-        caller_supports_partial_state: bool = False,
-    ) -> dict[str, Any]:
-        resp = await current(
-            self, origin, content, room_id, caller_supports_partial_state
-        )
-        if resp.get("members_omitted"):
-            try:
-                prev_events = content.get("prev_events") or []
-                observer(room_id, [e for e in prev_events if isinstance(e, str)])
-            except Exception:
-                logger.exception("partial join observer failed for %s", room_id)
-        return resp
-
-    on_send_join_request._sps_partial_join_observed = True  # type: ignore[attr-defined]
-    fs.FederationServer.on_send_join_request = on_send_join_request  # type: ignore[method-assign]
-    _record(
-        PatchRecord(
-            "synapse.federation.federation_server.FederationServer"
-            ".on_send_join_request (observer)",
-            "wrap",
-            "after a partial /send_join answer, prepare the /state the joiner's "
-            "resync asks for next, in the background",
-        )
-    )
