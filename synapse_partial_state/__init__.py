@@ -18,7 +18,9 @@ from synapse_partial_state import _synapse
 from synapse_partial_state.admin import ADMIN_PATH, AdminResource
 from synapse_partial_state.config import PartialStateConfig, parse_config
 from synapse_partial_state.joining.engine import ResyncEngine
+from synapse_partial_state.joining.fetch import StateFetcher
 from synapse_partial_state.joining.metrics import ResyncMetrics
+from synapse_partial_state.joining.verify import VerifierPool, default_workers
 from synapse_partial_state.resident.send_join import SendJoinEnricher
 from synapse_partial_state.resident.state import StateServer
 from synapse_partial_state.status import STATUS_PATH, StatusResource
@@ -48,11 +50,19 @@ class PartialStateModule:
         is_main = api.worker_app is None
         self.engine: ResyncEngine | None = None
         if config.resync.enabled and is_main:
+            fetcher = None
+            if config.resync.fast_state_fetch:
+                fetch_ops = _synapse.StateFetchOps(api)
+                _synapse.install_state_ids_reuse(fetch_ops)
+                workers = config.resync.verify_workers
+                pool = VerifierPool(default_workers() if workers < 0 else workers)
+                fetcher = StateFetcher(fetch_ops, pool)
             self.engine = ResyncEngine(
                 api,
                 config.resync,
                 _synapse.ResyncOps(api),
                 ResyncMetrics(api.server_name),
+                fetcher,
             )
             _synapse.install_resync_hook(self.engine.sync_room)
         api.register_web_resource(ADMIN_PATH, AdminResource(api, self.engine))

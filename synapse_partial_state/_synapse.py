@@ -367,6 +367,211 @@ class ResyncOps:
         return self._clock.call_later(Duration(milliseconds=delay_s * 1000), callback)
 
 
+@attr.s(slots=True, auto_attribs=True)
+class StatePdus:
+    """A ``/state`` answer as federation JSON (not yet events)."""
+
+    pdus: list[dict[str, Any]] = attr.Factory(list)
+    auth_chain: list[dict[str, Any]] = attr.Factory(list)
+    #: The resident answered the members-only variant (MSC2775, unstable).
+    members_only: bool = False
+
+
+class _StatePdusParser:
+    """Stream-parses a ``/state`` body with ijson (one pass, top-level keys), like
+    Synapse's ``_StateParser`` but keeping the JSON for the bulk checks instead of
+    building events one by one on the reactor thread."""
+
+    CONTENT_TYPE = "application/json"
+    MAX_RESPONSE_SIZE = 500 * 1024 * 1024  # as Synapse's /state parser
+
+    def __init__(self) -> None:
+        import ijson
+
+        self._result = StatePdus()
+        self._coro = ijson.kvitems_coro(self._sink(), "", use_float=True)
+
+    def _sink(self) -> Any:
+        import ijson
+
+        @ijson.coroutine  # type: ignore[misc]
+        def sink() -> Any:
+            while True:
+                key, value = yield
+                if key == "pdus" and isinstance(value, list):
+                    self._result.pdus = [v for v in value if isinstance(v, dict)]
+                elif key == "auth_chain" and isinstance(value, list):
+                    self._result.auth_chain = [v for v in value if isinstance(v, dict)]
+                elif key == MEMBERS_ONLY_PARAM:
+                    self._result.members_only = value is True
+
+        return sink()
+
+    def write(self, data: bytes) -> int:
+        self._coro.send(data)
+        return len(data)
+
+    def finish(self) -> StatePdus:
+        self._coro.close()
+        return self._result
+
+
+class StateFetchOps:
+    """The native operations the engine's own state fetch is made of
+    (``joining/fetch.py``): federation requests, key lookups, Synapse's per-event
+    checks for the events the bulk check leaves to it, and outlier persistence."""
+
+    def __init__(self, api: ModuleApi) -> None:
+        hs = homeserver(api)
+        self._hs = hs
+        self._store: Any = hs.get_datastores().main
+        self._federation_client: Any = hs.get_federation_client()
+        self._remembered_state_ids: dict[
+            tuple[str, str, str], tuple[list[str], list[str]]
+        ] = {}
+
+    async def room_version(self, room_id: str) -> Any:
+        return await self._store.get_room_version(room_id)
+
+    async def have_seen(self, room_id: str, event_ids: Collection[str]) -> set[str]:
+        """IDs of ``event_ids`` stored (rejected ones included)."""
+        if not event_ids:
+            return set()
+        return set(await self._store.have_seen_events(room_id, event_ids))
+
+    async def state_ids(
+        self, destination: str, room_id: str, event_id: str
+    ) -> tuple[list[str], list[str]]:
+        """``FederationClient.get_room_state_ids`` (validates the answer's types).
+        The answer is remembered for Synapse's own request for the same state that
+        follows (see :func:`install_state_ids_reuse`)."""
+        result = await self._federation_client.get_room_state_ids(
+            destination, room_id, event_id=event_id
+        )
+        self._remembered_state_ids[(destination, room_id, event_id)] = result
+        return result
+
+    def take_remembered_state_ids(
+        self, destination: str, room_id: str, event_id: str
+    ) -> tuple[list[str], list[str]] | None:
+        return self._remembered_state_ids.pop((destination, room_id, event_id), None)
+
+    def forget_state_ids(self, room_id: str) -> None:
+        for key in [k for k in self._remembered_state_ids if k[1] == room_id]:
+            del self._remembered_state_ids[key]
+
+    async def state_pdus(
+        self, destination: str, room_id: str, event_id: str, members_only: bool
+    ) -> StatePdus:
+        """``GET /_matrix/federation/v1/state/{room}?event_id=`` through Synapse's
+        federation HTTP client (signed request, back-off, 500 MiB cap, 10 minute
+        timeout as native), asking for the members-only variant if told to (a
+        stock resident ignores the parameter)."""
+        from synapse.federation.transport.client import _create_v1_path
+
+        args = {"event_id": event_id}
+        if members_only:
+            args[MEMBERS_ONLY_PARAM] = "true"
+        transport: Any = self._hs.get_federation_transport_client()
+        return await transport.client.get_json(
+            destination,
+            path=_create_v1_path("/state/%s", room_id),
+            args=args,
+            timeout=600_000,
+            parser=_StatePdusParser(),
+        )
+
+    async def signing_keys(
+        self, wanted: Collection[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[bytes, int]]:
+        """The verify keys Synapse holds for ``wanted`` (server, key id) pairs:
+        ``KeyStore.get_server_keys_json`` (what the keyring's store fetcher
+        reads), as raw key bytes and valid-until ms."""
+        if not wanted:
+            return {}
+        found = await self._store.get_server_keys_json(list(wanted))
+        keys: dict[tuple[str, str], tuple[bytes, int]] = {}
+        for pair, result in found.items():
+            if result is not None:
+                keys[pair] = (bytes(result.verify_key), int(result.valid_until_ts))
+        return keys
+
+    def event_from_pdu(self, pdu: dict[str, Any], room_version: Any) -> EventBase:
+        """``event_from_pdu_json`` (as native for pulled events); raises on a pdu
+        that is not an event."""
+        from synapse.federation.federation_base import event_from_pdu_json
+
+        return event_from_pdu_json(pdu, room_version)
+
+    async def needs_per_event_checks(self, room_id: str) -> bool:
+        """Whether Synapse's per-event check does more than signatures and hashes
+        here: a policy server in the room, or a spam-checker module."""
+        callbacks = self._hs.get_module_api_callbacks().spam_checker
+        if getattr(callbacks, "_check_event_for_spam_callbacks", None):
+            return True
+        policy = self._hs.get_room_policy_handler()
+        return await policy._get_policy_server(room_id) is not None
+
+    async def check_event(
+        self, event: EventBase, origin: str, room_version: Any
+    ) -> EventBase | None:
+        """Native per-event check of a pulled event
+        (``FederationClient._check_sigs_and_hash_and_fetch_one``): signatures
+        (fetching keys as needed), hash (redacting on mismatch), policy server and
+        spam checker; on a bad signature it asks the sender's server for a genuine
+        copy. None if no good copy was found."""
+        return await self._federation_client._check_sigs_and_hash_and_fetch_one(
+            pdu=event, origin=origin, room_version=room_version
+        )
+
+    async def fetch_event(
+        self, destinations: Collection[str], event_id: str, room_version: Any
+    ) -> EventBase | None:
+        """``FederationClient.get_pdu``: each destination in turn, checked."""
+        pulled = await self._federation_client.get_pdu(
+            destinations, event_id, room_version, timeout=30_000
+        )
+        return None if pulled is None else pulled.pdu
+
+    async def persist_outliers(self, room_id: str, events: list[EventBase]) -> None:
+        """``FederationEventHandler._auth_and_persist_outliers``: auth each event
+        against its own auth events (rejecting those that fail) and persist them
+        as outliers, as native does with a fetched state."""
+        handler = self._hs.get_federation_event_handler()
+        await handler._auth_and_persist_outliers(room_id, events)
+
+
+def install_state_ids_reuse(ops: StateFetchOps) -> None:
+    """Let Synapse's per-event path reuse the ``/state_ids`` answer the engine just
+    fetched for the same (server, room, event), instead of asking again (at 100,000
+    members that answer is several megabytes).
+
+    Wraps ``FederationClient.get_room_state_ids`` on this homeserver's instance
+    (unchanged in 1.163)."""
+    client: Any = ops._federation_client
+    if getattr(client.get_room_state_ids, "_sps_wrapped", False):
+        return
+    native = client.get_room_state_ids
+
+    async def get_room_state_ids(
+        destination: str, room_id: str, event_id: str
+    ) -> tuple[list[str], list[str]]:
+        remembered = ops.take_remembered_state_ids(destination, room_id, event_id)
+        if remembered is not None:
+            return remembered
+        return await native(destination, room_id, event_id=event_id)
+
+    get_room_state_ids._sps_wrapped = True  # type: ignore[attr-defined]
+    client.get_room_state_ids = get_room_state_ids
+    _record(
+        PatchRecord(
+            "synapse.federation.federation_client.FederationClient.get_room_state_ids",
+            "wrap (instance)",
+            "reuse the /state_ids answer the resync engine has just fetched",
+        )
+    )
+
+
 def is_pull_backoff(error: BaseException) -> int | None:
     """``retry_after_ms`` if ``error`` is Synapse's pull-attempt back-off."""
     from synapse.api.errors import FederationPullAttemptBackoffError

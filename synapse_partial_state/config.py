@@ -63,6 +63,12 @@ class ResyncConfig:
     initial_backoff_seconds: float = 5.0
     #: Ceiling of the exponential back-off, in seconds.
     max_backoff_seconds: float = 600.0
+    #: Fetch, check and store the state at the join with the engine's own bulk
+    #: path (off: Synapse's per-event fetch, as stock).
+    fast_state_fetch: bool = True
+    #: Processes checking signatures in bulk: -1 one per core (at most 4, none on
+    #: a single core), 0 a thread of this process.
+    verify_workers: int = -1
 
 
 @attr.s(frozen=True, auto_attribs=True, slots=True)
@@ -193,6 +199,8 @@ def _parse_resync(r: _Reader) -> ResyncConfig:
         max_backoff_seconds=r.seconds(
             "max_backoff_seconds", d.max_backoff_seconds, 1, 86400
         ),
+        fast_state_fetch=r.boolean("fast_state_fetch", d.fast_state_fetch),
+        verify_workers=r.integer("verify_workers", d.verify_workers, -1, 64),
     )
     r.finish()
     if parsed.max_backoff_seconds < parsed.initial_backoff_seconds:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import time
-import unittest
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
@@ -342,7 +341,6 @@ class LyingResident(_ResyncCase):
     # and the resync completes with incomplete state (162 of 202 members) instead
     # of failing over. Un-skip once the engine checks the state against
     # /state_ids before letting Synapse un-partial the join event.
-    @unittest.skip("known gap: incomplete state after a lying resident (issue #4)")
     def test_forged_signatures_in_state_are_rejected_room_still_completes(self) -> None:
         """The resident serves the state with forged signatures: nothing forged is
         stored, the genuine events are fetched from their own servers, and the

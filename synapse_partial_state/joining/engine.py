@@ -26,6 +26,7 @@ from twisted.internet import defer
 from synapse_partial_state import _synapse
 from synapse_partial_state.config import ResyncConfig
 from synapse_partial_state.joining import jobs
+from synapse_partial_state.joining.fetch import StateFetcher, StateIncomplete
 from synapse_partial_state.joining.jobs import Job, Phase
 from synapse_partial_state.joining.metrics import ResyncMetrics
 from synapse_partial_state.storage import (
@@ -43,6 +44,60 @@ CHECK_INTERVAL_MS = 5_000
 KEY_PREFETCH_CONCURRENCY = 50
 
 
+#: Longest wait for the key prefetch before checking the state's signatures.
+KEY_PREFETCH_WAIT_S = 20
+
+
+class _FetchFailed(Exception):
+    """The engine's own state fetch failed against one destination."""
+
+
+def _looks_remote(error: BaseException) -> bool:
+    """Errors a remote server causes (as opposed to a bug here)."""
+    from synapse.api.errors import (
+        HttpResponseException,
+        RequestSendFailed,
+        SynapseError,
+    )
+    from synapse.federation.federation_client import InvalidResponseError
+    from synapse.util.retryutils import NotRetryingDestination
+
+    return isinstance(
+        error,
+        (
+            HttpResponseException,
+            InvalidResponseError,
+            RequestSendFailed,
+            SynapseError,
+            NotRetryingDestination,
+            ValueError,
+        ),
+    )
+
+
+async def _wait_at_most(
+    d: defer.Deferred[None], seconds: float, ops: _synapse.ResyncOps
+) -> None:
+    """Wait for ``d`` (without consuming its result), or ``seconds``."""
+    waiter: defer.Deferred[None] = defer.Deferred()
+
+    def done() -> None:
+        if not waiter.called:
+            waiter.callback(None)
+
+    def passthrough(result: object) -> object:
+        done()
+        return result
+
+    d.addBoth(passthrough)
+    call = ops.call_later(seconds, done)
+    try:
+        await make_deferred_yieldable(waiter)
+    finally:
+        if call.active():
+            call.cancel()
+
+
 class _Aborted(Exception):
     """The room was left by its last local user (or an admin aborted the job)."""
 
@@ -54,8 +109,12 @@ class ResyncEngine:
         config: ResyncConfig,
         ops: _synapse.ResyncOps,
         metrics: ResyncMetrics,
+        fetcher: StateFetcher | None = None,
     ) -> None:
         self._api = api
+        self._fetcher = fetcher
+        #: per room: fires once the signing-key prefetch is over
+        self._keys_ready: dict[str, defer.Deferred[None]] = {}
         self._config = config
         self._ops = ops
         self._metrics = metrics
@@ -100,9 +159,16 @@ class ResyncEngine:
         if job.events_persisted == 0:
             # The state at the join will carry members of every server in the
             # room: get their signing keys now, while the state itself downloads.
-            self._api.run_as_background_process(
-                "sps_prefetch_keys", self._prefetch_keys, room_id, job.destinations
-            )
+            ready: defer.Deferred[None] = defer.Deferred()
+            self._keys_ready[room_id] = ready
+
+            async def prefetch() -> None:
+                try:
+                    await self._prefetch_keys(room_id, job.destinations)
+                finally:
+                    ready.callback(None)
+
+            self._api.run_as_background_process("sps_prefetch_keys", prefetch)
         while True:
             try:
                 await self._run(job)
@@ -291,6 +357,8 @@ class ResyncEngine:
                 continue
             started = self._ops.now_ms()
             try:
+                if fetching and self._fetcher is not None:
+                    job = await self._fetch_state(job, destination, event)
                 await self._ops.update_state_for_partial_state_event(destination, event)
             except Exception as e:
                 retry_after = _synapse.is_pull_backoff(e)
@@ -301,7 +369,10 @@ class ResyncEngine:
                     await self._sleep(room_id, retry_after)
                     await self._check_still_wanted(job)
                     continue
-                if not _synapse.is_federation_failure(e):
+                if not (
+                    _synapse.is_federation_failure(e)
+                    or isinstance(e, (StateIncomplete, _FetchFailed))
+                ):
                     raise
                 job = await self._destination_failed(job, destination, e)
                 continue
@@ -316,6 +387,54 @@ class ResyncEngine:
                 events_persisted=job.events_persisted + 1,
                 events_remaining=remaining,
             )
+
+    async def _fetch_state(self, job: Job, destination: str, event: EventBase) -> Job:
+        """The engine's own bulk fetch of the state before ``event`` (see
+        ``fetch.py``), so that Synapse's per-event path finds it all stored."""
+        assert self._fetcher is not None
+        room_id = job.room_id
+        ready = self._keys_ready.get(room_id)
+        if ready is not None and not ready.called:
+            # The bulk check reads keys from the store: give the prefetch a moment.
+            await _wait_at_most(ready, KEY_PREFETCH_WAIT_S, self._ops)
+        counters = {"job": job}
+
+        async def progress(fetched: int, verified: int, persisted: int) -> None:
+            counters["job"] = await self._save(
+                counters["job"].evolve(
+                    self._ops.now_ms(),
+                    events_fetched=fetched,
+                    events_verified=verified,
+                )
+            )
+
+        try:
+            report = await self._fetcher.fetch_state_before(
+                destination,
+                event,
+                [d for d in job.destinations if d != destination],
+                progress,
+            )
+        except StateIncomplete:
+            raise
+        except Exception as e:
+            if not _synapse.is_federation_failure(e):
+                logger.warning(
+                    "Resync of %s: fetching the state from %s failed",
+                    room_id,
+                    destination,
+                    exc_info=not _looks_remote(e),
+                )
+            raise _FetchFailed(f"{type(e).__name__}: {e}") from e
+        job = counters["job"]
+        if report is not None:
+            logger.info(
+                "Resync of %s: state from %s: %s",
+                room_id,
+                destination,
+                report.describe(),
+            )
+        return job
 
     async def _destination_failed(
         self, job: Job, destination: str, error: Exception

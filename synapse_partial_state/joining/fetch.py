@@ -1,0 +1,396 @@
+"""The engine's own fetch of the state at a partial join.
+
+Stock Synapse de-partial-states the join event by asking for ``/state_ids`` and
+``/state`` before the join's prev event, checking each event's signatures on the
+reactor thread one by one, and persisting what passed. What failed the check is
+silently left out: a resident that serves forged copies of its own users' events
+leaves the room "complete" with members missing (stock's "missing state at that
+event is a warning, not a blocker").
+
+:class:`StateFetcher` runs first, for the same destination and the same prev
+events, and leaves Synapse nothing to fetch:
+
+1. ``/state_ids`` (remembered, so Synapse's own request reuses it);
+2. ``/state`` for what is not stored yet, members only when the resident offers
+   it (MSC2775, unstable; a stock resident answers in full);
+3. signatures and hashes of the whole answer in bulk, in worker processes
+   (:mod:`.verify`); events the bulk check cannot vouch for go through Synapse's
+   own per-event check, which asks the sender's server for a genuine copy;
+4. what is still missing, one by one from the other servers in the room;
+5. Synapse's own auth-and-persist of outliers, in large batches;
+6. a completeness check: every event of ``/state_ids`` must now be stored, or this
+   destination failed (:class:`StateIncomplete`) and the engine tries the next.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import TYPE_CHECKING, Any
+
+import attr
+from synapse.logging.context import make_deferred_yieldable
+from synapse.util.async_helpers import concurrently_execute
+
+from synapse_partial_state.joining import verify
+
+if TYPE_CHECKING:
+    from synapse.events import EventBase
+
+    from synapse_partial_state._synapse import StateFetchOps
+
+logger = logging.getLogger(__name__)
+
+#: Up to this many missing events are fetched one by one instead of by /state.
+FEW = 50
+#: Concurrent single-event fetches.
+FETCH_CONCURRENCY = 10
+#: Other servers asked for an event the destination could not vouch for.
+OTHER_SERVERS_PER_EVENT = 5
+#: Events per outlier persistence call (progress is reported between calls).
+PERSIST_BATCH = 2000
+
+
+class StateIncomplete(Exception):
+    """The destination's state could not be completed: the engine fails it over."""
+
+    def __init__(self, destination: str, missing: int, total: int) -> None:
+        super().__init__(
+            f"{missing} of {total} state event(s) from {destination} could not be "
+            "fetched with valid signatures"
+        )
+        self.destination = destination
+        self.missing = missing
+
+
+@attr.s(slots=True, auto_attribs=True)
+class FetchReport:
+    """What one fetch did, for the engine's log line and job counters."""
+
+    state_events: int = 0
+    fetched: int = 0
+    verified: int = 0
+    rechecked: int = 0
+    repaired: int = 0
+    persisted: int = 0
+    members_only: bool = False
+    stages: dict[str, float] = attr.Factory(dict)
+
+    def describe(self) -> str:
+        stages = ", ".join(f"{k} {v:.2f} s" for k, v in self.stages.items())
+        return (
+            f"{self.state_events} state events, {self.fetched} fetched"
+            f"{' (members only)' if self.members_only else ''}, {self.verified} "
+            f"verified in bulk, {self.rechecked} checked one by one, "
+            f"{self.repaired} from other servers, {self.persisted} stored ({stages})"
+        )
+
+
+#: (fetched, verified, persisted) so far.
+Progress = Callable[[int, int, int], Awaitable[None]]
+
+
+class StateFetcher:
+    def __init__(self, ops: StateFetchOps, pool: verify.VerifierPool) -> None:
+        self._ops = ops
+        self._pool = pool
+
+    async def fetch_state_before(
+        self,
+        destination: str,
+        event: EventBase,
+        other_servers: Sequence[str],
+        progress: Progress | None = None,
+    ) -> FetchReport | None:
+        """Store, as outliers, the full state before ``event`` (at each of its prev
+        events that is not stored), from ``destination``. None when every prev
+        event is local (Synapse computes the state itself). Raises
+        :class:`StateIncomplete`, or Synapse's federation errors, when the
+        destination fails."""
+        ops = self._ops
+        room_id = event.room_id
+        prevs = list(event.prev_event_ids())
+        seen = await ops.have_seen(room_id, prevs)
+        missing_prevs = [p for p in prevs if p not in seen]
+        if not missing_prevs:
+            return None
+        report = FetchReport()
+        clock = _Stages(report)
+        room_version = await ops.room_version(room_id)
+
+        wanted_state: set[str] = set()
+        wanted_auth: set[str] = set()
+        for prev in missing_prevs:
+            state_ids, auth_ids = await ops.state_ids(destination, room_id, prev)
+            wanted_state.update(state_ids)
+            wanted_auth.update(auth_ids)
+        clock.lap("state_ids")
+        report.state_events = len(wanted_state)
+        required = wanted_state | set(missing_prevs)
+        wanted = required | wanted_auth
+        missing = wanted - await ops.have_seen(room_id, wanted)
+        if not missing:
+            return report
+
+        writer = _Writer(ops, room_id, missing, report, progress)
+        if len(missing) > FEW:
+            for prev in missing_prevs:
+                await self._fetch_bulk(
+                    destination, room_id, prev, room_version, writer, report, clock
+                )
+                if len(writer.outstanding()) > FEW and report.members_only:
+                    # The members-only answer left more than a few gaps: the rest
+                    # of the state in full.
+                    await self._fetch_bulk(
+                        destination,
+                        room_id,
+                        prev,
+                        room_version,
+                        writer,
+                        report,
+                        clock,
+                        members_only=False,
+                    )
+
+        still = writer.outstanding()
+        if still:
+            servers = [destination] + [s for s in other_servers if s != destination]
+            await self._fetch_one_by_one(still, servers, room_version, writer, report)
+            clock.lap("single fetches")
+        await writer.flush()
+        clock.lap("persist")
+
+        absent = required - await ops.have_seen(room_id, required)
+        if absent:
+            raise StateIncomplete(destination, len(absent), len(required))
+        return report
+
+    async def _fetch_bulk(
+        self,
+        destination: str,
+        room_id: str,
+        prev: str,
+        room_version: Any,
+        writer: _Writer,
+        report: FetchReport,
+        clock: _Stages,
+        members_only: bool = True,
+    ) -> None:
+        """``/state`` at ``prev``; checked in bulk chunk by chunk, each chunk
+        stored while the workers check the next ones."""
+        ops = self._ops
+        self._pool.warm()  # workers start while the answer downloads
+        answer = await ops.state_pdus(destination, room_id, prev, members_only)
+        report.members_only = report.members_only or answer.members_only
+        # Auth chain first: it holds the earlier memberships the state's
+        # memberships are authorised by, so fewer events wait for theirs.
+        pdus = answer.auth_chain + answer.pdus
+        del answer
+        report.fetched += len(pdus)
+        clock.lap("fetch /state")
+
+        keys = await ops.signing_keys(
+            verify.key_ids_needed(
+                pdus,
+                v1_event_ids=_v1_event_ids(room_version),
+                restricted=room_version.restricted_join_rule,
+            )
+        )
+        per_event = await ops.needs_per_event_checks(room_id)
+        chunks = self._pool.verify_chunks(room_version.identifier, pdus, keys)
+        try:
+            for start, pending in chunks:
+                verdicts = await make_deferred_yieldable(pending)
+                chunk = pdus[start : start + len(verdicts)]
+                accepted, recheck = self._sort_out(
+                    destination,
+                    room_id,
+                    room_version,
+                    chunk,
+                    verdicts,
+                    writer,
+                    per_event,
+                )
+                report.verified += len(accepted)
+                clock.lap("verify")
+                if recheck:
+                    accepted.extend(
+                        await self._check_one_by_one(
+                            recheck, destination, room_version, writer, report
+                        )
+                    )
+                    clock.lap("per-event checks")
+                await writer.add(accepted)
+                clock.lap("persist")
+        finally:
+            for _, pending in chunks:
+                if not pending.called:
+                    pending.addErrback(lambda _: None)
+                    pending.cancel()
+
+    def _sort_out(
+        self,
+        destination: str,
+        room_id: str,
+        room_version: Any,
+        pdus: Sequence[dict[str, Any]],
+        verdicts: Sequence[tuple[int, str | None]],
+        writer: _Writer,
+        per_event: bool,
+    ) -> tuple[list[EventBase], list[EventBase]]:
+        """(events verified in bulk, events for Synapse's per-event check)."""
+        accepted: list[EventBase] = []
+        recheck: list[EventBase] = []
+        for pdu, (verdict, event_id) in zip(pdus, verdicts, strict=True):
+            if event_id is None or verdict == verify.INVALID:
+                continue
+            if not writer.wants(event_id):
+                continue  # not wanted, or a duplicate
+            try:
+                event = self._ops.event_from_pdu(pdu, room_version)
+            except Exception as e:
+                logger.info("Ignoring a bad pdu from %s: %s", destination, e)
+                continue
+            if event.room_id != room_id or event.event_id != event_id:
+                continue
+            if verdict == verify.OK and not per_event:
+                accepted.append(event)
+            else:
+                recheck.append(event)
+        return accepted, recheck
+
+    async def _check_one_by_one(
+        self,
+        events: list[EventBase],
+        destination: str,
+        room_version: Any,
+        writer: _Writer,
+        report: FetchReport,
+    ) -> list[EventBase]:
+        logger.info(
+            "Checking %d event(s) from %s one by one (signature, hash or key the "
+            "bulk check could not settle)",
+            len(events),
+            destination,
+        )
+        good: list[EventBase] = []
+
+        async def check(event: EventBase) -> None:
+            checked = await self._ops.check_event(event, destination, room_version)
+            if checked is not None and writer.wants(checked.event_id):
+                good.append(checked)
+                report.rechecked += 1
+
+        await concurrently_execute(check, events, FETCH_CONCURRENCY)
+        return good
+
+    async def _fetch_one_by_one(
+        self,
+        event_ids: Collection[str],
+        servers: Sequence[str],
+        room_version: Any,
+        writer: _Writer,
+        report: FetchReport,
+    ) -> None:
+        """Each of ``event_ids`` from the first of ``servers`` that has a good copy
+        (the destination first, then a few others)."""
+        candidates = list(servers[: OTHER_SERVERS_PER_EVENT + 1])
+        fetched: list[EventBase] = []
+
+        async def one(event_id: str) -> None:
+            event = await self._ops.fetch_event(candidates, event_id, room_version)
+            if event is not None and writer.wants(event.event_id):
+                fetched.append(event)
+                report.repaired += 1
+
+        await concurrently_execute(one, list(event_ids), FETCH_CONCURRENCY)
+        await writer.add(fetched)
+
+
+class _Writer:
+    """Stores fetched events as outliers as they come, each once its auth events
+    are stored (Synapse drops an outlier whose auth events it cannot find)."""
+
+    def __init__(
+        self,
+        ops: StateFetchOps,
+        room_id: str,
+        missing: set[str],
+        report: FetchReport,
+        progress: Progress | None,
+    ) -> None:
+        self._ops = ops
+        self._room_id = room_id
+        #: wanted and not stored yet
+        self._pending = set(missing)
+        #: fetched and checked, waiting for their auth events
+        self._held: dict[str, EventBase] = {}
+        self._report = report
+        self._progress = progress
+
+    def wants(self, event_id: str) -> bool:
+        return event_id in self._pending and event_id not in self._held
+
+    def outstanding(self) -> set[str]:
+        """Wanted events not fetched yet."""
+        return self._pending - self._held.keys()
+
+    async def add(self, events: list[EventBase]) -> None:
+        for event in events:
+            if self.wants(event.event_id):
+                self._held[event.event_id] = event
+        await self._store(self._ready())
+
+    async def flush(self) -> None:
+        """Store everything held, ready or not (Synapse drops those whose auth
+        events are missing; the completeness check then fails the fetch)."""
+        await self._store(self._ready(everything=True))
+
+    def _ready(self, everything: bool = False) -> list[EventBase]:
+        """Held events whose auth events are stored or ready, auth events first."""
+        from synapse.util.iterutils import sorted_topologically
+
+        held = self._held
+        deps = {
+            event_id: [a for a in event.auth_event_ids() if a in self._pending]
+            for event_id, event in held.items()
+        }
+        ready: list[EventBase] = []
+        ok: set[str] = set()
+        graph = {k: [d for d in v if d in held] for k, v in deps.items()}
+        for event_id in sorted_topologically(held, graph):
+            if everything or all(d in ok for d in deps[event_id]):
+                ok.add(event_id)
+                ready.append(held[event_id])
+        return ready
+
+    async def _store(self, events: list[EventBase]) -> None:
+        for start in range(0, len(events), PERSIST_BATCH):
+            batch = events[start : start + PERSIST_BATCH]
+            await self._ops.persist_outliers(self._room_id, batch)
+            for event in batch:
+                self._pending.discard(event.event_id)
+                self._held.pop(event.event_id, None)
+            self._report.persisted += len(batch)
+            if self._progress is not None:
+                report = self._report
+                await self._progress(report.fetched, report.verified, report.persisted)
+
+
+def _v1_event_ids(room_version: Any) -> bool:
+    from synapse.api.room_versions import EventFormatVersions
+
+    return bool(room_version.event_format == EventFormatVersions.ROOM_V1_V2)
+
+
+class _Stages:
+    def __init__(self, report: FetchReport) -> None:
+        self._report = report
+        self._last = time.monotonic()
+
+    def lap(self, stage: str) -> None:
+        now = time.monotonic()
+        stages = self._report.stages
+        stages[stage] = stages.get(stage, 0.0) + now - self._last
+        self._last = now

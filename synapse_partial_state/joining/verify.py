@@ -1,0 +1,295 @@
+"""Checking the signatures and hashes of a room's state in bulk, on every core.
+
+Synapse checks each pulled event on its own: a ``VerifyJsonRequest``, a trip
+through the keyring's batching queue and a few Deferreds per signature, all on the
+reactor thread. For the 10,000 events of a big room's state that is seconds of the
+main thread. Here the same checks run over whole chunks in worker processes, with
+the keys looked up once for the chunk:
+
+* the signature of every server Synapse requires (``_check_sigs_on_pdu``: the
+  sender's server; the event ID's server in v1/v2 rooms; the authorising server of
+  a restricted join), over the redacted event, with every key we hold that is valid
+  at the event's ``origin_server_ts`` (when the room version enforces key validity);
+* the content hash.
+
+The verdicts are deliberately conservative: only :data:`OK` is taken as verified.
+Anything Synapse might judge differently (a key we do not hold, a banned key, a
+third-party invite, a content hash mismatch that Synapse would answer by
+redacting) is :data:`UNCERTAIN` and goes through Synapse's own per-event check;
+:data:`BAD_SIGNATURE` and :data:`INVALID` events are not accepted from this server
+at all.
+
+The worker functions use Synapse's own event classes and redaction, imported in the
+worker, so the bytes signed are the bytes Synapse would check.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import multiprocessing
+import os
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any
+
+from twisted.internet import defer
+
+logger = logging.getLogger(__name__)
+
+OK = 0
+BAD_SIGNATURE = 1
+UNCERTAIN = 2
+INVALID = 3
+
+#: (server name, key id) -> (raw ed25519 verify key, valid until ms).
+Keys = Mapping[tuple[str, str], tuple[bytes, int]]
+
+#: Events per task sent to a worker: big enough to amortise pickling, small enough
+#: to keep both workers busy to the end.
+CHUNK = 500
+
+
+def _domain(user_or_event_id: Any) -> str | None:
+    if not isinstance(user_or_event_id, str) or ":" not in user_or_event_id:
+        return None
+    return user_or_event_id.split(":", 1)[1]
+
+
+def required_servers(
+    pdu: Mapping[str, Any], v1_event_ids: bool, restricted: bool
+) -> list[str] | None:
+    """The servers whose signatures Synapse requires on ``pdu``
+    (``synapse.federation.federation_base._check_sigs_on_pdu``), or None when
+    Synapse's own check must decide (third-party invites, malformed senders)."""
+    content = pdu.get("content")
+    if not isinstance(content, Mapping):
+        return None
+    membership = content.get("membership")
+    if (
+        pdu.get("type") == "m.room.member"
+        and membership == "invite"
+        and "third_party_invite" in content
+    ):
+        return None
+    sender = _domain(pdu.get("sender"))
+    if sender is None:
+        return None
+    servers = [sender]
+    if v1_event_ids:
+        event_domain = _domain(pdu.get("event_id"))
+        if event_domain is None:
+            return None
+        if event_domain != sender:
+            servers.append(event_domain)
+    if (
+        restricted
+        and pdu.get("type") == "m.room.member"
+        and membership == "join"
+        and "join_authorised_via_users_server" in content
+    ):
+        authorising = _domain(content["join_authorised_via_users_server"])
+        if authorising is None:
+            return None
+        if authorising not in servers:
+            servers.append(authorising)
+    return servers
+
+
+def key_ids_needed(
+    pdus: Iterable[Mapping[str, Any]], v1_event_ids: bool, restricted: bool
+) -> set[tuple[str, str]]:
+    """Every (server, key id) that checking ``pdus`` may use."""
+    wanted: set[tuple[str, str]] = set()
+    for pdu in pdus:
+        servers = required_servers(pdu, v1_event_ids, restricted)
+        signatures = pdu.get("signatures")
+        if not servers or not isinstance(signatures, Mapping):
+            continue
+        for server in servers:
+            by_key = signatures.get(server)
+            if isinstance(by_key, Mapping):
+                wanted.update((server, key_id) for key_id in by_key)
+    return wanted
+
+
+def verify_chunk(
+    room_version_id: str, pdus: Sequence[dict[str, Any]], keys: Keys
+) -> list[tuple[int, str | None]]:
+    """Check ``pdus`` (federation JSON); one (verdict, event ID) per pdu.
+
+    Runs in a worker process (or a thread when there are no workers). The event ID
+    is the one Synapse computes (the reference hash in v3+ rooms), None when the
+    pdu does not even make an event."""
+    from signedjson.key import decode_verify_key_bytes
+    from signedjson.sign import SignatureVerifyException, verify_signed_json
+    from synapse.api.room_versions import KNOWN_ROOM_VERSIONS, EventFormatVersions
+    from synapse.crypto.event_signing import check_event_content_hash
+    from synapse.crypto.keyring import BANNED_SERVER_SIGNING_KEYS
+    from synapse.events import make_event_from_dict
+    from synapse.events.utils import prune_event
+
+    room_version = KNOWN_ROOM_VERSIONS[room_version_id]
+    v1_ids = room_version.event_format == EventFormatVersions.ROOM_V1_V2
+    restricted = room_version.restricted_join_rule
+    enforce_validity = room_version.enforce_key_validity
+    decoded: dict[tuple[str, str], Any] = {}
+    banned = set(BANNED_SERVER_SIGNING_KEYS)
+
+    def verify_key(server: str, key_id: str) -> Any:
+        if (server, key_id) not in decoded:
+            raw, _ = keys[(server, key_id)]
+            decoded[(server, key_id)] = decode_verify_key_bytes(key_id, raw)
+        return decoded[(server, key_id)]
+
+    out: list[tuple[int, str | None]] = []
+    for pdu in pdus:
+        try:
+            event = make_event_from_dict(pdu, room_version)
+            event_id = event.event_id
+        except Exception:
+            out.append((INVALID, None))
+            continue
+        servers = required_servers(pdu, v1_ids, restricted)
+        if servers is None:
+            out.append((UNCERTAIN, event_id))
+            continue
+        min_valid = event.origin_server_ts if enforce_validity else 0
+        verdict = OK
+        redacted: dict[str, Any] | None = None
+        for server in servers:
+            key_ids = (
+                list(event.signatures[server]) if server in event.signatures else []
+            )
+            if not key_ids:
+                verdict = BAD_SIGNATURE  # Synapse: "Not signed by <server>"
+                break
+            verified = False
+            for key_id in key_ids:
+                held = keys.get((server, key_id))
+                if held is None or held[1] < min_valid:
+                    continue
+                if _b64(held[0]) in banned:
+                    verdict = UNCERTAIN
+                    break
+                if redacted is None:
+                    redacted = prune_event(event).get_pdu_json()
+                try:
+                    verify_signed_json(redacted, server, verify_key(server, key_id))
+                except SignatureVerifyException:
+                    verdict = BAD_SIGNATURE
+                    break
+                verified = True
+            if verdict != OK:
+                break
+            if not verified:
+                verdict = UNCERTAIN  # no key held: Synapse fetches it
+                break
+        if verdict == OK and not check_event_content_hash(event):
+            verdict = UNCERTAIN  # Synapse redacts; let it decide
+        out.append((verdict, event_id))
+    return out
+
+
+def _b64(raw: bytes) -> str:
+    from unpaddedbase64 import encode_base64
+
+    return encode_base64(raw)
+
+
+def _warm_up() -> None:
+    """Worker initialiser: import what :func:`verify_chunk` needs, once."""
+    import synapse.crypto.event_signing  # noqa: F401
+    import synapse.crypto.keyring  # noqa: F401
+    import synapse.events.utils  # noqa: F401
+
+
+class VerifierPool:
+    """Worker processes for :func:`verify_chunk`; none means a thread.
+
+    The processes are started on first use ("spawn": a fresh interpreter, never a
+    fork of the reactor) and stopped by :meth:`close`."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._executor: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def _pool(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ProcessPoolExecutor(
+                    max_workers=self.workers,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_warm_up,
+                )
+                logger.info("Started %d signature-checking worker(s)", self.workers)
+            return self._executor
+
+    def warm(self) -> None:
+        """Start the workers now (they import Synapse, ~1 s), e.g. while the state
+        downloads, so the first chunk does not wait for them."""
+        if self.workers > 0:
+            pool = self._pool()
+            for _ in range(self.workers):
+                pool.submit(_warm_up)
+
+    def verify_chunks(
+        self, room_version_id: str, pdus: Sequence[dict[str, Any]], keys: Keys
+    ) -> list[tuple[int, defer.Deferred[list[tuple[int, str | None]]]]]:
+        """Submit ``pdus`` in chunks: (start index, Deferred verdicts) per chunk,
+        in order. The chunks are checked in parallel; await them in order to
+        overlap what follows with the checking of the rest."""
+        from twisted.internet import reactor
+
+        keys = dict(keys)
+        out = []
+        for start in range(0, len(pdus), CHUNK):
+            chunk = list(pdus[start : start + CHUNK])
+            if self.workers <= 0:
+                from twisted.internet.threads import deferToThread
+
+                d = deferToThread(verify_chunk, room_version_id, chunk, keys)
+            else:
+                d = defer.Deferred()
+                future = self._pool().submit(verify_chunk, room_version_id, chunk, keys)
+                future.add_done_callback(functools.partial(_from_pool, reactor, d))
+            out.append((start, d))
+        return out
+
+    async def verify(
+        self, room_version_id: str, pdus: Sequence[dict[str, Any]], keys: Keys
+    ) -> list[tuple[int, str | None]]:
+        """Verdicts for ``pdus``, in order."""
+        from synapse.logging.context import make_deferred_yieldable
+
+        verdicts: list[tuple[int, str | None]] = []
+        for _, d in self.verify_chunks(room_version_id, pdus, keys):
+            chunk: list[tuple[int, str | None]] = await make_deferred_yieldable(d)
+            verdicts.extend(chunk)
+        return verdicts
+
+    def close(self) -> None:
+        with self._lock:
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = None
+
+
+def _from_pool(reactor: Any, d: defer.Deferred[Any], future: Future[Any]) -> None:
+    reactor.callFromThread(_settle, d, future)
+
+
+def _settle(d: defer.Deferred[Any], future: Future[Any]) -> None:
+    error = future.exception()
+    if error is not None:
+        d.errback(error)
+    else:
+        d.callback(future.result())
+
+
+def default_workers() -> int:
+    """One worker per core, at most 4; none on a single core."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    return 0 if cores <= 1 else min(cores, 4)
