@@ -126,6 +126,7 @@ class StateFetcher:
             wanted_state.update(state_ids)
             wanted_auth.update(auth_ids)
         clock.lap("state_ids")
+        _milestone(room_id, "state_ids", f"{len(wanted_state)} state events")
         report.state_events = len(wanted_state)
         required = wanted_state | set(missing_prevs)
         wanted = required | wanted_auth
@@ -153,6 +154,7 @@ class StateFetcher:
                         members_only=False,
                     )
 
+            _milestone(room_id, "bulk_stored", f"{report.persisted} events stored")
         still = writer.outstanding()
         if still:
             servers = [destination] + [s for s in other_servers if s != destination]
@@ -160,6 +162,7 @@ class StateFetcher:
             clock.lap("single fetches")
         await writer.flush()
         clock.lap("persist")
+        _milestone(room_id, "state_stored", f"{report.persisted} events stored")
 
         absent = required - await ops.have_seen(room_id, required)
         if absent:
@@ -189,6 +192,7 @@ class StateFetcher:
         del answer
         report.fetched += len(pdus)
         clock.lap("fetch /state")
+        _milestone(room_id, "state_fetched", f"{len(pdus)} events")
 
         keys = await ops.signing_keys(
             verify.key_ids_needed(
@@ -376,6 +380,11 @@ class _Writer:
             if self._progress is not None:
                 report = self._report
                 await self._progress(report.fetched, report.verified, report.persisted)
+
+
+def _milestone(room_id: str, stage: str, detail: str) -> None:
+    """A log line the benchmark reads as a stage of the resync."""
+    logger.info("Resync of %s: stage=%s (%s)", room_id, stage, detail)
 
 
 def _v1_event_ids(room_version: Any) -> bool:
