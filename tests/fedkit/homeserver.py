@@ -604,6 +604,8 @@ class Homeserver:
         self.samples: list[tuple[float, int, float]] = []  # (time, rss, cpu seconds)
         self._last_rss_peak = 0
         self._last_cpu = 0.0
+        self._child_cpu: dict[int, float] = {}
+        self._child_peak: dict[int, int] = {}
 
         self._allocate_ports()
         if not os.path.exists(self.signing_key_path):
@@ -827,6 +829,8 @@ class Homeserver:
             self._pgid = self._proc.pid
             self._last_rss_peak = 0
             self._last_cpu = 0.0
+            self._child_cpu.clear()
+            self._child_peak.clear()
 
     def _check_tls(self) -> bool:
         ctx = ssl.create_default_context(cafile=self.ca.cert_path)
@@ -1025,15 +1029,32 @@ class Homeserver:
                 cpu = times.user + times.system
                 rss = p.memory_info().rss
             peak = _vm_hwm(p.pid) or rss
+            children = p.children(recursive=True)
         except psutil.Error:
             return
+        # Helper processes (e.g. the module's signature-checking workers) count
+        # towards the homeserver: CPU summed, peak RSS summed (an upper bound).
+        for child in children:
+            try:
+                ctimes = child.cpu_times()
+                self._child_cpu[child.pid] = ctimes.user + ctimes.system
+                child_rss = child.memory_info().rss
+                self._child_peak[child.pid] = max(
+                    self._child_peak.get(child.pid, 0), _vm_hwm(child.pid) or child_rss
+                )
+                rss += child_rss
+            except psutil.Error:
+                continue
+        cpu += sum(self._child_cpu.values())
+        peak += sum(self._child_peak.values())
         self._last_cpu = cpu
         self._last_rss_peak = max(self._last_rss_peak, peak)
         if self._sampler is not None:
             self.samples.append((time.time(), rss, cpu))
 
     def rss_peak_bytes(self) -> int:
-        """Peak resident set size of the process (kernel's VmHWM), bytes.
+        """Peak resident set size of the process (kernel VmHWM), plus its helper
+        processes' peaks, bytes.
 
         Still available after the process stopped (last value seen)."""
         self._sample_once()
@@ -1045,6 +1066,11 @@ class Homeserver:
             with contextlib.suppress(OSError):
                 with open(f"/proc/{self.pid}/clear_refs", "w") as f:
                     f.write("5")
+            for pid in list(self._child_peak):
+                with contextlib.suppress(OSError):
+                    with open(f"/proc/{pid}/clear_refs", "w") as f:
+                        f.write("5")
+        self._child_peak.clear()
         self._last_rss_peak = 0
 
     def cpu_seconds(self) -> float:
