@@ -55,7 +55,10 @@ class PartialStateModule:
                 fetch_ops = _synapse.StateFetchOps(api)
                 _synapse.install_state_ids_reuse(fetch_ops)
                 workers = config.resync.verify_workers
-                pool = VerifierPool(default_workers() if workers < 0 else workers)
+                pool = VerifierPool(
+                    default_workers() if workers < 0 else workers,
+                    _synapse.banned_signing_keys(),
+                )
                 fetcher = StateFetcher(fetch_ops, pool)
             self.engine = ResyncEngine(
                 api,

@@ -541,6 +541,13 @@ class StateFetchOps:
         await handler._auth_and_persist_outliers(room_id, events)
 
 
+def banned_signing_keys() -> frozenset[str]:
+    """The verify keys Synapse refuses (``keyring.BANNED_SERVER_SIGNING_KEYS``)."""
+    from synapse.crypto.keyring import BANNED_SERVER_SIGNING_KEYS
+
+    return frozenset(BANNED_SERVER_SIGNING_KEYS)
+
+
 def install_state_ids_reuse(ops: StateFetchOps) -> None:
     """Let Synapse's per-event path reuse the ``/state_ids`` answer the engine just
     fetched for the same (server, room, event), instead of asking again (at 100,000

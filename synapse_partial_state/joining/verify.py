@@ -26,6 +26,7 @@ worker, so the bytes signed are the bytes Synapse would check.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -115,7 +116,10 @@ def key_ids_needed(
 
 
 def verify_chunk(
-    room_version_id: str, pdus: Sequence[dict[str, Any]], keys: Keys
+    room_version_id: str,
+    pdus: Sequence[dict[str, Any]],
+    keys: Keys,
+    banned: frozenset[str] = frozenset(),
 ) -> list[tuple[int, str | None]]:
     """Check ``pdus`` (federation JSON); one (verdict, event ID) per pdu.
 
@@ -125,17 +129,14 @@ def verify_chunk(
     from signedjson.key import decode_verify_key_bytes
     from signedjson.sign import SignatureVerifyException, verify_signed_json
     from synapse.api.room_versions import KNOWN_ROOM_VERSIONS, EventFormatVersions
-    from synapse.crypto.event_signing import check_event_content_hash
-    from synapse.crypto.keyring import BANNED_SERVER_SIGNING_KEYS
     from synapse.events import make_event_from_dict
-    from synapse.events.utils import prune_event
+    from synapse.synapse_rust.events import redact_event
 
     room_version = KNOWN_ROOM_VERSIONS[room_version_id]
     v1_ids = room_version.event_format == EventFormatVersions.ROOM_V1_V2
     restricted = room_version.restricted_join_rule
     enforce_validity = room_version.enforce_key_validity
     decoded: dict[tuple[str, str], Any] = {}
-    banned = set(BANNED_SERVER_SIGNING_KEYS)
 
     def verify_key(server: str, key_id: str) -> Any:
         if (server, key_id) not in decoded:
@@ -174,7 +175,7 @@ def verify_chunk(
                     verdict = UNCERTAIN
                     break
                 if redacted is None:
-                    redacted = prune_event(event).get_pdu_json()
+                    redacted = redact_event(event).get_pdu_json()
                 try:
                     verify_signed_json(redacted, server, verify_key(server, key_id))
                 except SignatureVerifyException:
@@ -186,10 +187,32 @@ def verify_chunk(
             if not verified:
                 verdict = UNCERTAIN  # no key held: Synapse fetches it
                 break
-        if verdict == OK and not check_event_content_hash(event):
+        if verdict == OK and not content_hash_matches(event.get_pdu_json()):
             verdict = UNCERTAIN  # Synapse redacts; let it decide
         out.append((verdict, event_id))
     return out
+
+
+#: Fields outside the content hash: the spec's three, and Synapse's internal ones
+#: (which never come over federation, but never count either).
+_UNHASHED = ("unsigned", "signatures", "hashes", "age_ts", "outlier", "destinations")
+
+
+def content_hash_matches(pdu: Mapping[str, Any]) -> bool:
+    """The spec's content hash check (sha256 of the canonical JSON of the event
+    without its unhashed fields, against ``hashes.sha256``)."""
+    from canonicaljson import encode_canonical_json
+    from unpaddedbase64 import decode_base64
+
+    hashes = pdu.get("hashes")
+    if not isinstance(hashes, Mapping) or not isinstance(hashes.get("sha256"), str):
+        return False
+    try:
+        expected = decode_base64(hashes["sha256"])
+    except Exception:
+        return False
+    hashed = {k: v for k, v in pdu.items() if k not in _UNHASHED}
+    return hashlib.sha256(encode_canonical_json(hashed)).digest() == expected
 
 
 def _b64(raw: bytes) -> str:
@@ -199,10 +222,11 @@ def _b64(raw: bytes) -> str:
 
 
 def _warm_up() -> None:
-    """Worker initialiser: import what :func:`verify_chunk` needs, once."""
-    import synapse.crypto.event_signing  # noqa: F401
-    import synapse.crypto.keyring  # noqa: F401
-    import synapse.events.utils  # noqa: F401
+    """Worker initialiser: import what :func:`verify_chunk` needs, once (Synapse's
+    event classes, ~50 MiB; not its keyring, which would double that)."""
+    import signedjson.sign  # noqa: F401
+    import synapse.events  # noqa: F401
+    import synapse.synapse_rust.events  # noqa: F401
 
 
 class VerifierPool:
@@ -211,8 +235,10 @@ class VerifierPool:
     The processes are started on first use ("spawn": a fresh interpreter, never a
     fork of the reactor) and stopped by :meth:`close`."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, banned_keys: frozenset[str] = frozenset()) -> None:
         self.workers = workers
+        #: base64 verify keys Synapse refuses (``BANNED_SERVER_SIGNING_KEYS``)
+        self._banned = banned_keys
         self._executor: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
 
@@ -250,10 +276,14 @@ class VerifierPool:
             if self.workers <= 0:
                 from twisted.internet.threads import deferToThread
 
-                d = deferToThread(verify_chunk, room_version_id, chunk, keys)
+                d = deferToThread(
+                    verify_chunk, room_version_id, chunk, keys, self._banned
+                )
             else:
                 d = defer.Deferred()
-                future = self._pool().submit(verify_chunk, room_version_id, chunk, keys)
+                future = self._pool().submit(
+                    verify_chunk, room_version_id, chunk, keys, self._banned
+                )
                 future.add_done_callback(functools.partial(_from_pool, reactor, d))
             out.append((start, d))
         return out
