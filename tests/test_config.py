@@ -112,6 +112,31 @@ class ParseConfigTests(ConfigAssertions):
         self.assertEqual(config.resync.max_backoff_seconds, 30.0)
         self.assertTrue(config.resync.enabled)
 
+    def test_state_fetch_options(self) -> None:
+        config = PartialStateModule.parse_config({})
+        self.assertTrue(config.resync.fast_state_fetch)
+        self.assertEqual(config.resync.verify_workers, -1)
+        config = PartialStateModule.parse_config(
+            {"resync": {"fast_state_fetch": False, "verify_workers": 0}}
+        )
+        self.assertFalse(config.resync.fast_state_fetch)
+        self.assertEqual(config.resync.verify_workers, 0)
+
+    def test_fast_state_fetch_given_string(self) -> None:
+        self.assert_rejected(
+            {"resync": {"fast_state_fetch": "yes"}},
+            "'resync.fast_state_fetch'",
+            "'yes' (str)",
+        )
+
+    def test_verify_workers_out_of_range(self) -> None:
+        self.assert_rejected(
+            {"resync": {"verify_workers": -2}},
+            "'resync.verify_workers'",
+            "-2 (int)",
+            "from -1 to 64",
+        )
+
     def test_seconds_given_string(self) -> None:
         self.assert_rejected(
             {"resync": {"initial_backoff_seconds": "5s"}},
