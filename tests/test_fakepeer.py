@@ -10,6 +10,7 @@ Note: ``requests`` lets ``REQUESTS_CA_BUNDLE`` override ``Session.verify``, so
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -37,7 +38,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from unpaddedbase64 import decode_base64
 
-from tests.fedkit.fakepeer.client import FakePeer
+from tests.fedkit.fakepeer.client import FakePeer, FakePeerError
 
 JsonDict = dict[str, Any]
 
@@ -632,6 +633,57 @@ class BehaviourTests(PeerTestCase):
         with self.assertRaises(SignatureVerifyException):
             self.check_event_crypto(rv, bad["pdus"][0], None)
         self.check_event_crypto(rv, good["pdus"][0], None)
+
+    def test_omit_members_from_state(self) -> None:
+        room_id = self.info["room_id"]
+        last = self.peer.room(room_id)["last_event_id"]
+        path = f"/_matrix/federation/v1/state/{q(room_id)}"
+        ids_path = f"/_matrix/federation/v1/state_ids/{q(room_id)}"
+        full = self.fed(self.server, "GET", path, {"event_id": last}).json()
+        rule = self.peer.add_behaviour(r"/state/", "omit", omit=5)
+        short = self.fed(self.server, "GET", path, {"event_id": last}).json()
+        # /state_ids (not matched) still lists everything
+        ids = self.fed(self.server, "GET", ids_path, {"event_id": last}).json()
+        self.assertEqual(len(ids["pdu_ids"]), len(full["pdus"]))
+
+        def key(e: JsonDict) -> str:
+            return json.dumps(e, sort_keys=True)
+
+        left_out = {key(e) for e in full["pdus"]} - {key(e) for e in short["pdus"]}
+        self.assertEqual(len(short["pdus"]), len(full["pdus"]) - 5)
+        self.assertEqual(len(left_out), 5)
+        gone = [e for e in full["pdus"] if key(e) in left_out]
+        self.assertEqual({e["type"] for e in gone}, {"m.room.member"})
+        # the first five not also in the auth chain, and the chain is intact
+        chain = {key(e) for e in full["auth_chain"]}
+        expected = [
+            e
+            for e in full["pdus"]
+            if e["type"] == "m.room.member" and key(e) not in chain
+        ][:5]
+        self.assertEqual(gone, expected)
+        self.assertEqual(short["auth_chain"], full["auth_chain"])
+        log = self.peer.requests(path_regex="/state/")
+        self.assertEqual([x.get("omitted") for x in log], [None, 5])
+        self.assertEqual(self.peer.behaviours()[0]["omit"], 5)
+        # more than there are: every member event not in the chain goes
+        self.peer.remove_behaviour(rule)
+        self.peer.add_behaviour(r"/state/", "omit", omit=10_000)
+        bare = self.fed(self.server, "GET", path, {"event_id": last}).json()
+        self.assertTrue(
+            all(e["type"] != "m.room.member" or key(e) in chain for e in bare["pdus"])
+        )
+        # errors pass through untouched
+        missing = self.fed(self.server, "GET", path, {"event_id": "$nope"})
+        self.assertEqual(missing.status_code, 404)
+        self.assertEqual(missing.json()["errcode"], "M_NOT_FOUND")
+
+    def test_omit_needs_a_count(self) -> None:
+        for omit in (None, 0, -1, "3", True):
+            with self.assertRaises(FakePeerError, msg=repr(omit)):
+                self.peer.add_behaviour("/state/", "omit", omit=omit)  # type: ignore[arg-type]
+        with self.assertRaises(FakePeerError):
+            self.peer.add_behaviour("/state/", "error", omit=-2)
 
     def test_stop_start_server(self) -> None:
         self.peer.stop_server(self.server)

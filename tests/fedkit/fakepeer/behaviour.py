@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-ACTIONS = ("delay", "error", "hang", "drop", "bad_signature")
+ACTIONS = ("delay", "error", "hang", "drop", "bad_signature", "omit")
 
 
 class BehaviourError(ValueError):
@@ -25,6 +25,8 @@ class Behaviour:
     seconds: float = 0.0
     status: int = 500
     count: int | None = None
+    #: ``omit``: member events to leave out of the answer's ``pdus``
+    omit: int = 0
     hits: int = 0
     _rx: re.Pattern[str] = field(default=re.compile(""), repr=False)
 
@@ -38,6 +40,7 @@ class Behaviour:
             "seconds": self.seconds,
             "status": self.status,
             "count": self.count,
+            "omit": self.omit,
             "hits": self.hits,
         }
 
@@ -62,6 +65,11 @@ class BehaviourTable:
         count = body.get("count")
         if count is not None and (not isinstance(count, int) or count < 0):
             raise BehaviourError("count must be null or a non-negative integer")
+        omit = body.get("omit") or 0
+        if not isinstance(omit, int) or isinstance(omit, bool) or omit < 0:
+            raise BehaviourError("omit must be a non-negative integer")
+        if action == "omit" and omit == 0:
+            raise BehaviourError("action omit needs omit >= 1")
         rule = Behaviour(
             id=str(next(self._ids)),
             server=str(body.get("server") or "*"),
@@ -70,6 +78,7 @@ class BehaviourTable:
             seconds=float(body.get("seconds") or 0.0),
             status=int(body.get("status") or 500),
             count=count,
+            omit=omit,
             _rx=rx,
         )
         self._rules.append(rule)

@@ -331,6 +331,7 @@ class FakePeer:
         seconds: float | None = None,
         status: int | None = None,
         count: int | None = None,
+        omit: int | None = None,
     ) -> str:
         """``POST /control/behaviour``; returns the rule id."""
         body = {
@@ -340,6 +341,7 @@ class FakePeer:
             "seconds": seconds,
             "status": status,
             "count": count,
+            "omit": omit,
         }
         return str(self._call("POST", "/control/behaviour", body)["id"])
 

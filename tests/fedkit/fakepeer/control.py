@@ -38,8 +38,12 @@ Acting as a joining server / making requests
 
 Misbehaviour
   ``POST /control/behaviour`` {server="*", path_regex, action: delay|error|hang|drop|
-  bad_signature, seconds, status=500, count=null} -> {id}. The regex is searched in
-  the decoded and in the raw request path (no query string).
+  bad_signature|omit, seconds, status=500, count=null, omit=0} -> {id}. The regex is
+  searched in the decoded and in the raw request path (no query string). ``count``
+  is the rule's budget of requests (null: unlimited). ``omit`` (action omit): leave
+  that many member events out of the answer's ``pdus`` (the first ones the
+  ``auth_chain`` does not carry too), e.g. a ``/state`` that lies by omission; the
+  request log entry says how many (``omitted``).
   ``GET /control/behaviour`` -> {behaviours}; ``DELETE /control/behaviour`` -> {cleared};
   ``DELETE /control/behaviour/{id}``.
 
@@ -47,7 +51,7 @@ Logs
   ``GET /control/transactions?origin=&destination=`` -> {transactions: [{txn_id, origin,
   destination, time, body}]}; ``DELETE /control/transactions``.
   ``GET /control/requests?server=&origin=&path_regex=&since=`` -> {requests: [{time,
-  method, path, origin, server, status, bytes, req_bytes, ms, behaviour}]};
+  method, path, origin, server, status, bytes, req_bytes, ms, behaviour, omitted?}]};
   ``DELETE /control/requests``.
   ``GET /control/invites`` -> {invites: [{origin, server, event}]}
 """

@@ -109,6 +109,36 @@ def corrupt_response(body: bytes) -> bytes:
     return dumps(obj)
 
 
+def omit_members(body: bytes, n: int) -> tuple[bytes, int]:
+    """Leave the first ``n`` member events out of a response's ``pdus`` (a
+    ``/state`` answer that lies by omission). Member events the answer's
+    ``auth_chain`` also carries are kept, so exactly the omitted ones are missing
+    from the whole answer. Returns the new body and how many were left out."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return body, 0
+    pdus = obj.get("pdus") if isinstance(obj, dict) else None
+    if not isinstance(pdus, list):
+        return body, 0
+    chain = obj.get("auth_chain")
+    in_chain = {dumps(e) for e in chain} if isinstance(chain, list) else set()
+    kept: list[Any] = []
+    omitted = 0
+    for pdu in pdus:
+        if (
+            omitted < n
+            and isinstance(pdu, dict)
+            and pdu.get("type") == MEMBER
+            and dumps(pdu) not in in_chain
+        ):
+            omitted += 1
+            continue
+        kept.append(pdu)
+    obj["pdus"] = kept
+    return dumps(obj), omitted
+
+
 class FederationAPI:
     """Dispatch and handlers for the federation endpoints."""
 

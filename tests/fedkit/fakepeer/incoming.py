@@ -20,7 +20,7 @@ from twisted.internet.task import deferLater
 from twisted.web.server import Request
 from unpaddedbase64 import decode_base64
 
-from .fedapi import Ctx, corrupt_response, err
+from .fedapi import Ctx, corrupt_response, err, omit_members
 from .server import FakeServer
 from .signing import parse_x_matrix
 
@@ -106,6 +106,8 @@ class IncomingHandler:
             status, body = err(500, "M_UNKNOWN", "internal error in fake peer")
         if rule is not None and rule.action == "bad_signature":
             body = corrupt_response(body)
+        if rule is not None and rule.action == "omit" and status == 200:
+            body, entry["omitted"] = omit_members(body, rule.omit)
         self._respond(request, gone, entry, started, status, body)
 
     def _respond(
