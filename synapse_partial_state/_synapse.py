@@ -442,12 +442,30 @@ class StateFetchOps:
     async def state_ids(
         self, destination: str, room_id: str, event_id: str
     ) -> tuple[list[str], list[str]]:
-        """``FederationClient.get_room_state_ids`` (validates the answer's types).
-        The answer is remembered for Synapse's own request for the same state that
-        follows (see :func:`install_state_ids_reuse`)."""
-        result = await self._federation_client.get_room_state_ids(
-            destination, room_id, event_id=event_id
+        """``GET /_matrix/federation/v1/state_ids/{room}?event_id=``, as
+        ``FederationClient.get_room_state_ids`` does (same path, same checks on
+        the answer) but ignoring Synapse's per-destination back-off: the engine
+        has its own, and a resident that was down a minute ago is worth asking.
+        The answer is remembered for Synapse's own request for the same state
+        that follows (see :func:`install_state_ids_reuse`)."""
+        from synapse.federation.federation_client import InvalidResponseError
+        from synapse.federation.transport.client import _create_v1_path
+
+        transport: Any = self._hs.get_federation_transport_client()
+        body = await transport.client.get_json(
+            destination,
+            path=_create_v1_path("/state_ids/%s", room_id),
+            args={"event_id": event_id},
+            try_trailing_slash_on_400=True,
+            ignore_backoff=True,
         )
+        state_ids = body.get("pdu_ids") if isinstance(body, dict) else None
+        auth_ids = body.get("auth_chain_ids", []) if isinstance(body, dict) else None
+        for name, ids in (("pdu_ids", state_ids), ("auth_chain_ids", auth_ids)):
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise InvalidResponseError(f"invalid {name!r} in /state_ids answer")
+        assert state_ids is not None and auth_ids is not None
+        result = (state_ids, auth_ids)
         self._remembered_state_ids[(destination, room_id, event_id)] = result
         return result
 
@@ -461,12 +479,18 @@ class StateFetchOps:
             del self._remembered_state_ids[key]
 
     async def state_pdus(
-        self, destination: str, room_id: str, event_id: str, members_only: bool
+        self,
+        destination: str,
+        room_id: str,
+        event_id: str,
+        members_only: bool,
+        timeout_ms: int = 600_000,
     ) -> StatePdus:
         """``GET /_matrix/federation/v1/state/{room}?event_id=`` through Synapse's
-        federation HTTP client (signed request, back-off, 500 MiB cap, 10 minute
-        timeout as native), asking for the members-only variant if told to (a
-        stock resident ignores the parameter)."""
+        federation HTTP client (signed request, 500 MiB cap as native; native's
+        timeout is 10 minutes whatever the size), asking for the members-only
+        variant if told to (a stock resident ignores the parameter). Ignores
+        the per-destination back-off, as :meth:`state_ids`."""
         from synapse.federation.transport.client import _create_v1_path
 
         args = {"event_id": event_id}
@@ -477,7 +501,8 @@ class StateFetchOps:
             destination,
             path=_create_v1_path("/state/%s", room_id),
             args=args,
-            timeout=600_000,
+            timeout=timeout_ms,
+            ignore_backoff=True,
             parser=_StatePdusParser(),
         )
 

@@ -48,6 +48,12 @@ FEW = 50
 FETCH_CONCURRENCY = 10
 #: Other servers asked for an event the destination could not vouch for.
 OTHER_SERVERS_PER_EVENT = 5
+#: Time allowed for a /state answer: a floor, plus this much per state event
+#: (a generous 10x what a stock resident needs), at most native's 10 minutes. A
+#: resident that hangs is failed over in minutes, not always ten.
+STATE_TIMEOUT_FLOOR_MS = 60_000
+STATE_TIMEOUT_PER_EVENT_MS = 5
+STATE_TIMEOUT_MAX_MS = 600_000
 #: Events per outlier persistence call (progress is reported between calls).
 PERSIST_BATCH = 2000
 
@@ -184,7 +190,13 @@ class StateFetcher:
         stored while the workers check the next ones."""
         ops = self._ops
         self._pool.warm()  # workers start while the answer downloads
-        answer = await ops.state_pdus(destination, room_id, prev, members_only)
+        timeout_ms = min(
+            STATE_TIMEOUT_MAX_MS,
+            STATE_TIMEOUT_FLOOR_MS + STATE_TIMEOUT_PER_EVENT_MS * writer.size,
+        )
+        answer = await ops.state_pdus(
+            destination, room_id, prev, members_only, timeout_ms
+        )
         report.members_only = report.members_only or answer.members_only
         # Auth chain first: it holds the earlier memberships the state's
         # memberships are authorised by, so fewer events wait for theirs.
@@ -328,6 +340,7 @@ class _Writer:
         self._room_id = room_id
         #: wanted and not stored yet
         self._pending = set(missing)
+        self.size = len(missing)
         #: fetched and checked, waiting for their auth events
         self._held: dict[str, EventBase] = {}
         self._report = report
