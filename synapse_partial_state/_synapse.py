@@ -251,6 +251,23 @@ class ResyncOps:
         handler = self._hs.get_federation_event_handler()
         await handler.update_state_for_partial_state_event(destination, event)
 
+    async def clear_pull_backoff(
+        self, room_id: str, event_ids: Collection[str]
+    ) -> None:
+        """Forget Synapse's failed attempts to pull ``event_ids``
+        (``event_failed_pull_attempts``, the rows Synapse itself deletes once an
+        event is persisted), so its next computation of a context pulls them
+        again instead of raising ``FederationPullAttemptBackoffError`` for hours."""
+        if not event_ids:
+            return
+        await self._store.db_pool.simple_delete_many(
+            table="event_failed_pull_attempts",
+            column="event_id",
+            iterable=list(event_ids),
+            keyvalues={"room_id": room_id},
+            desc="sps_clear_pull_backoff",
+        )
+
     async def complete(self, room_id: str) -> bool:
         """The native end of a resync: recompute current state, replay device
         lists, clear the partial flag under Synapse's linearizer, wake waiters and
@@ -552,7 +569,14 @@ class StateFetchOps:
     async def fetch_event(
         self, destinations: Collection[str], event_id: str, room_version: Any
     ) -> EventBase | None:
-        """``FederationClient.get_pdu``: each destination in turn, checked."""
+        """``FederationClient.get_pdu``: each destination in turn, checked.
+
+        Native skips, for a minute, every destination that failed to give this
+        event (``pdu_destination_tried``, a plain dict in 1.163); the engine has
+        its own back-off between attempts, so that memory is dropped first and a
+        retry really asks again (otherwise a resync whose servers came back stays
+        failed for that minute without asking anyone)."""
+        self._federation_client.pdu_destination_tried.pop(event_id, None)
         pulled = await self._federation_client.get_pdu(
             destinations, event_id, room_version, timeout=30_000
         )
@@ -602,6 +626,16 @@ def install_state_ids_reuse(ops: StateFetchOps) -> None:
             "reuse the /state_ids answer the resync engine has just fetched",
         )
     )
+
+
+def fire(d: Any, value: object = None) -> None:
+    """Fire a Deferred others wait on through ``make_deferred_yieldable`` without
+    handing them this log context (Synapse's ``PreserveLoggingContext`` idiom)."""
+    from synapse.logging.context import PreserveLoggingContext
+
+    if not d.called:
+        with PreserveLoggingContext():
+            d.callback(value)
 
 
 def is_pull_backoff(error: BaseException) -> int | None:

@@ -82,8 +82,7 @@ async def _wait_at_most(
     waiter: defer.Deferred[None] = defer.Deferred()
 
     def done() -> None:
-        if not waiter.called:
-            waiter.callback(None)
+        _synapse.fire(waiter)
 
     def passthrough(result: object) -> object:
         done()
@@ -166,7 +165,7 @@ class ResyncEngine:
                 try:
                     await self._prefetch_keys(room_id, job.destinations)
                 finally:
-                    ready.callback(None)
+                    _synapse.fire(ready)
 
             self._api.run_as_background_process("sps_prefetch_keys", prefetch)
         while True:
@@ -184,8 +183,8 @@ class ResyncEngine:
         'retry now'): end its back-off sleep so the engine looks again."""
         self._poked.add(room_id)
         waiter = self._wakeups.pop(room_id, None)
-        if waiter is not None and not waiter.called:
-            waiter.callback(None)
+        if waiter is not None:
+            _synapse.fire(waiter)
 
     def request_abort(self, room_id: str) -> None:
         self._abort_requested.add(room_id)
@@ -350,6 +349,8 @@ class ResyncEngine:
         phase = Phase.FETCHING if fetching else Phase.APPLYING
         if job.phase != phase:
             job = await self._save(job.evolve(self._ops.now_ms(), phase=phase))
+        #: (event, server) pairs for which Synapse's pull back-off was cleared
+        cleared: set[tuple[str, str]] = set()
         while True:
             destination = job.current_destination
             if destination is None:
@@ -363,11 +364,25 @@ class ResyncEngine:
             except Exception as e:
                 retry_after = _synapse.is_pull_backoff(e)
                 if retry_after is not None:
-                    logger.info(
-                        "Resync of %s: %s; waiting %d ms", room_id, e, retry_after
-                    )
-                    await self._sleep(room_id, retry_after)
-                    await self._check_still_wanted(job)
+                    # Synapse failed to pull this event's prev events recently
+                    # (often from one server that could not help) and would wait
+                    # hours before trying again (native waits it out). Forget
+                    # those failures once per server and let this server try; if
+                    # it cannot help either, it fails over like any other error.
+                    if (event.event_id, destination) not in cleared:
+                        cleared.add((event.event_id, destination))
+                        await self._ops.clear_pull_backoff(
+                            room_id, event.prev_event_ids()
+                        )
+                        logger.info(
+                            "Resync of %s: %s; asking %s instead of waiting %d s",
+                            room_id,
+                            e,
+                            destination,
+                            retry_after // 1000,
+                        )
+                        continue
+                    job = await self._destination_failed(job, destination, e)
                     continue
                 if not (
                     _synapse.is_federation_failure(e)
@@ -533,8 +548,7 @@ class ResyncEngine:
         self._wakeups[room_id] = waiter
 
         def wake() -> None:
-            if not waiter.called:
-                waiter.callback(None)
+            _synapse.fire(waiter)
 
         call = self._ops.call_later(delay_ms / 1000, wake)
         try:

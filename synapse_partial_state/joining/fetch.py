@@ -189,7 +189,9 @@ class StateFetcher:
         """``/state`` at ``prev``; checked in bulk chunk by chunk, each chunk
         stored while the workers check the next ones."""
         ops = self._ops
-        self._pool.warm()  # workers start while the answer downloads
+        use_workers = self._pool.worth_it(writer.size)
+        if use_workers:
+            self._pool.warm()  # workers start while the answer downloads
         timeout_ms = min(
             STATE_TIMEOUT_MAX_MS,
             STATE_TIMEOUT_FLOOR_MS + STATE_TIMEOUT_PER_EVENT_MS * writer.size,
@@ -214,7 +216,9 @@ class StateFetcher:
             )
         )
         per_event = await ops.needs_per_event_checks(room_id)
-        chunks = self._pool.verify_chunks(room_version.identifier, pdus, keys)
+        chunks = self._pool.verify_chunks(
+            room_version.identifier, pdus, keys, use_workers
+        )
         try:
             for start, pending in chunks:
                 verdicts = await make_deferred_yieldable(pending)

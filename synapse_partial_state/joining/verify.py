@@ -47,6 +47,9 @@ INVALID = 3
 #: (server name, key id) -> (raw ed25519 verify key, valid until ms).
 Keys = Mapping[tuple[str, str], tuple[bytes, int]]
 
+#: Fewer events than this are checked in a thread: starting workers costs more.
+WORKERS_MIN_EVENTS = 3000
+
 #: Events per task sent to a worker: big enough to amortise pickling, small enough
 #: to keep both workers busy to the end.
 CHUNK = 500
@@ -261,19 +264,29 @@ class VerifierPool:
             for _ in range(self.workers):
                 pool.submit(_warm_up)
 
+    def worth_it(self, events: int) -> bool:
+        """Whether checking ``events`` events is worth starting the workers for
+        (they take about a second to start; a thread checks ~5,000 events/s)."""
+        return self.workers > 0 and events >= WORKERS_MIN_EVENTS
+
     def verify_chunks(
-        self, room_version_id: str, pdus: Sequence[dict[str, Any]], keys: Keys
+        self,
+        room_version_id: str,
+        pdus: Sequence[dict[str, Any]],
+        keys: Keys,
+        use_workers: bool = True,
     ) -> list[tuple[int, defer.Deferred[list[tuple[int, str | None]]]]]:
         """Submit ``pdus`` in chunks: (start index, Deferred verdicts) per chunk,
-        in order. The chunks are checked in parallel; await them in order to
-        overlap what follows with the checking of the rest."""
+        in order. The chunks are checked in parallel (in a thread when there are
+        no workers or ``use_workers`` is false); await them in order to overlap
+        what follows with the checking of the rest."""
         from twisted.internet import reactor
 
         keys = dict(keys)
         out = []
         for start in range(0, len(pdus), CHUNK):
             chunk = list(pdus[start : start + CHUNK])
-            if self.workers <= 0:
+            if self.workers <= 0 or not use_workers:
                 from twisted.internet.threads import deferToThread
 
                 d = deferToThread(
