@@ -362,3 +362,111 @@ class LyingResident(_ResyncCase):
         }
         self.assertEqual(got, expected)
         self.assertRegex(self.hs2.read_log()[since:], r"[Ss]ignature")
+
+
+STATE_PATH = r"^/_matrix/federation/v1/state/"
+EVENT_PATH = r"^/_matrix/federation/v1/event/"
+
+
+class _OmissionCase(_ResyncCase):
+    OMIT = 30
+
+    def assert_resident_state(self) -> None:
+        """hs2's state of the room is exactly the resident's."""
+        self.assert_full_members()
+        expected = resident_state(
+            self.peer.room_events(self.room_id, limit=100000)["events"]
+        )
+        got = {
+            (e["type"], e["state_key"]): e["event_id"]
+            for e in self.bob.room_state(self.room_id)
+        }
+        self.assertEqual(got, expected)
+
+
+@on_both_databases
+class ResidentOmitsMembers(_OmissionCase):
+    def test_members_left_out_of_state_are_fetched_from_other_servers(self) -> None:
+        """The resident's /state leaves out member events its /state_ids lists
+        (and it will not serve them alone either): they are fetched from the other
+        servers in the room, and the room completes with the exact state."""
+        self.setup_room()
+        self.peer.add_behaviour(
+            STATE_PATH, "omit", server=self.resident, omit=self.OMIT
+        )
+        self.peer.add_behaviour(EVENT_PATH, "error", server=self.resident, status=404)
+        since = self.hs2.log_offset()
+        self.bob.join(self.room_id, via=[self.resident])
+        self.wait_complete(since)
+        self.assert_resident_state()
+
+        state = self.peer.requests(path_regex=STATE_PATH)
+        self.assertEqual([r.get("omitted") for r in state], [self.OMIT])
+        # The omitted events, and the join's prev event (never part of a /state
+        # answer, which is the state before it), each came from a server other
+        # than the resident.
+        served = {
+            r["path"].rsplit("/", 1)[1]
+            for r in self.peer.requests(path_regex=EVENT_PATH)
+            if r["status"] == 200 and r["server"] != self.resident
+        }
+        self.assertEqual(len(served), self.OMIT + 1)
+        types = {
+            e["event_id"]: e["type"]
+            for e in self.peer.room_events(self.room_id, limit=100000)["events"]
+        }
+        members = [e for e in served if types[e] == "m.room.member"]
+        self.assertGreaterEqual(len(members), self.OMIT)
+        log = self.hs2.read_log()[since:]
+        self.assertRegex(
+            log,
+            rf"state from {re.escape(self.resident)}: .*\b{self.OMIT + 1} from "
+            "other servers",
+        )
+        job = self.job()
+        self.assertEqual(job["phase"], "done")
+        self.assertEqual(job["tried"], [])  # the resident did not fail
+
+
+@on_both_databases
+class NobodyHasTheOmittedMembers(_OmissionCase):
+    def test_incomplete_state_fails_the_server_until_it_can_be_completed(self) -> None:
+        """Every server's /state leaves out the same member events and none serves
+        them one by one: the join must not complete with members missing. Each
+        server fails (the error names the missing events), the job backs off and
+        retries, and completes once the servers answer again."""
+        self.setup_room()
+        omit = self.peer.add_behaviour(STATE_PATH, "omit", omit=self.OMIT)
+        gone = self.peer.add_behaviour(EVENT_PATH, "error", status=404)
+        since = self.hs2.log_offset()
+        self.bob.join(self.room_id, via=[self.resident])
+        job = wait_until(
+            lambda: (j := self.job_if_any()) is not None and j["attempts"] >= 2 and j,
+            60,
+            "two failed rounds",
+        )
+        self.assertNotEqual(job["phase"], "done")
+        self.assertRegex(
+            job["last_error"],
+            # the omitted members, and the join's prev event (fetched alone)
+            rf"{self.OMIT + 1} of \d+ state event\(s\) from \S+ could not be "
+            "fetched",
+        )
+        self.hs2.wait_for_log(r"could not be fetched", timeout=10, since=since)
+        self.hs2.wait_for_log(r"all \d+ server\(s\) failed", timeout=10, since=since)
+        self.assertNotRegex(
+            self.hs2.read_log()[since:],
+            rf"Resync of {re.escape(self.room_id)} complete",
+        )
+        # every server was asked, the resident first
+        self.assertEqual(self.job()["destinations"][0], self.resident)
+        asked = {r["server"] for r in self.peer.requests(path_regex="/state_ids/")}
+        self.assertEqual(asked, set(self.room["servers"]))
+
+        self.peer.remove_behaviour(omit)
+        self.peer.remove_behaviour(gone)
+        # within a back-off or two (at most 2 s here), not after Synapse's
+        # one-minute memory of the servers that failed to give each event
+        self.wait_complete(since, timeout=30)
+        self.assert_resident_state()
+        self.assertEqual(self.job()["phase"], "done")
