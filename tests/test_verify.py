@@ -614,6 +614,23 @@ class VerifierPoolTests(unittest.TestCase):
 
         return defer.ensureDeferred(go())
 
+    def test_small_work_stays_in_a_thread(self) -> defer.Deferred[None]:
+        pool = self._pool(2)
+        self.assertFalse(pool.worth_it(verify.WORKERS_MIN_EVENTS - 1))
+        self.assertTrue(pool.worth_it(verify.WORKERS_MIN_EVENTS))
+        self.assertFalse(self._pool(0).worth_it(10**6))
+        pdus = _mixed_pdus("10")
+        keys = held("a.test", "b.test")
+
+        async def go() -> None:
+            got = []
+            for _, d in pool.verify_chunks("10", pdus, keys, use_workers=False):
+                got.extend(await d)
+            self.assertEqual(got, verify_chunk("10", pdus, keys))
+            self.assertIsNone(pool._executor)  # no worker was started
+
+        return defer.ensureDeferred(go())
+
     def test_worker_errors_reach_the_caller(self) -> defer.Deferred[None]:
         pool = self._pool(1)
 
