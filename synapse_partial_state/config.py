@@ -66,8 +66,8 @@ class ResyncConfig:
     #: Fetch, check and store the state at the join with the engine's own bulk
     #: path (off: Synapse's per-event fetch, as stock).
     fast_state_fetch: bool = True
-    #: Processes checking signatures in bulk: -1 one per core (at most 4, none on
-    #: a single core), 0 a thread of this process.
+    #: Processes checking signatures in bulk; 0 a thread of this process; -1 a
+    #: thread below 4 cores, else one process per core beyond two (at most 4).
     verify_workers: int = -1
 
 
