@@ -196,8 +196,18 @@ class StateFetcher:
             STATE_TIMEOUT_MAX_MS,
             STATE_TIMEOUT_FLOOR_MS + STATE_TIMEOUT_PER_EVENT_MS * writer.size,
         )
+        wanted_keys: set[tuple[str, str]] = set()
+        v1_ids = _v1_event_ids(room_version)
+        restricted = room_version.restricted_join_rule
+
+        def on_pdu(pdu: dict[str, Any]) -> None:
+            for server in verify.required_servers(pdu, v1_ids, restricted) or ():
+                by_key = pdu.get("signatures", {}).get(server)
+                if isinstance(by_key, dict):
+                    wanted_keys.update((server, key_id) for key_id in by_key)
+
         answer = await ops.state_pdus(
-            destination, room_id, prev, members_only, timeout_ms
+            destination, room_id, prev, members_only, timeout_ms, on_pdu
         )
         report.members_only = report.members_only or answer.members_only
         # Auth chain first: it holds the earlier memberships the state's
@@ -208,13 +218,7 @@ class StateFetcher:
         clock.lap("fetch /state")
         _milestone(room_id, "state_fetched", f"{len(pdus)} events")
 
-        keys = await ops.signing_keys(
-            verify.key_ids_needed(
-                pdus,
-                v1_event_ids=_v1_event_ids(room_version),
-                restricted=room_version.restricted_join_rule,
-            )
-        )
+        keys = await ops.signing_keys(wanted_keys)
         per_event = await ops.needs_per_event_checks(room_id)
         chunks = self._pool.verify_chunks(
             room_version.identifier, pdus, keys, use_workers
@@ -254,7 +258,7 @@ class StateFetcher:
         destination: str,
         room_id: str,
         room_version: Any,
-        pdus: Sequence[dict[str, Any]],
+        pdus: Sequence[bytes],
         verdicts: Sequence[tuple[int, str | None]],
         writer: _Writer,
         per_event: bool,

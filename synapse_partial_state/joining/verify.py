@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import multiprocessing
 import os
@@ -122,7 +123,7 @@ def key_ids_needed(
 
 def verify_chunk(
     room_version_id: str,
-    pdus: Sequence[dict[str, Any]],
+    pdus: Sequence[bytes | dict[str, Any]],
     keys: Keys,
     banned: frozenset[str] = frozenset(),
 ) -> list[tuple[int, str | None]]:
@@ -134,7 +135,7 @@ def verify_chunk(
     from signedjson.key import decode_verify_key_bytes
     from signedjson.sign import SignatureVerifyException, verify_signed_json
     from synapse.api.room_versions import KNOWN_ROOM_VERSIONS, EventFormatVersions
-    from synapse.events import make_event_from_dict
+    from synapse.events import make_event_from_dict, make_event_from_json
     from synapse.synapse_rust.events import redact_event
 
     room_version = KNOWN_ROOM_VERSIONS[room_version_id]
@@ -150,9 +151,15 @@ def verify_chunk(
         return decoded[(server, key_id)]
 
     out: list[tuple[int, str | None]] = []
-    for pdu in pdus:
+    for raw in pdus:
         try:
-            event = make_event_from_dict(pdu, room_version)
+            if isinstance(raw, bytes):
+                # canonical JSON already: what make_event_from_dict would build
+                event = make_event_from_json(raw.decode("utf-8"), room_version)
+                pdu = json.loads(raw)
+            else:
+                event = make_event_from_dict(raw, room_version)
+                pdu = raw
             event_id = event.event_id
         except Exception:
             out.append((INVALID, None))
@@ -285,7 +292,7 @@ class VerifierPool:
     def verify_chunks(
         self,
         room_version_id: str,
-        pdus: Sequence[dict[str, Any]],
+        pdus: Sequence[bytes | dict[str, Any]],
         keys: Keys,
         use_workers: bool = True,
     ) -> list[tuple[int, defer.Deferred[list[tuple[int, str | None]]]]]:
@@ -321,7 +328,7 @@ class VerifierPool:
         return out
 
     async def verify(
-        self, room_version_id: str, pdus: Sequence[dict[str, Any]], keys: Keys
+        self, room_version_id: str, pdus: Sequence[bytes | dict[str, Any]], keys: Keys
     ) -> list[tuple[int, str | None]]:
         """Verdicts for ``pdus``, in order."""
         from synapse.logging.context import make_deferred_yieldable
