@@ -605,8 +605,9 @@ class StateFetchOps:
 
     async def fetch_event(
         self, destinations: Collection[str], event_id: str, room_version: Any
-    ) -> EventBase | None:
-        """``FederationClient.get_pdu``: each destination in turn, checked.
+    ) -> tuple[EventBase, str] | None:
+        """``FederationClient.get_pdu``: each destination in turn, checked; the
+        event and the server that gave it.
 
         Native skips, for a minute, every destination that failed to give this
         event (``pdu_destination_tried``, a plain dict in 1.163); the engine has
@@ -617,7 +618,7 @@ class StateFetchOps:
         pulled = await self._federation_client.get_pdu(
             destinations, event_id, room_version, timeout=30_000
         )
-        return None if pulled is None else pulled.pdu
+        return None if pulled is None else (pulled.pdu, pulled.pull_origin)
 
     async def persist_outliers(self, room_id: str, events: list[EventBase]) -> None:
         """``FederationEventHandler._auth_and_persist_outliers``: auth each event

@@ -78,6 +78,7 @@ class FetchReport:
     fetched: int = 0
     verified: int = 0
     rechecked: int = 0
+    one_by_one: int = 0
     repaired: int = 0
     persisted: int = 0
     members_only: bool = False
@@ -89,7 +90,8 @@ class FetchReport:
             f"{self.state_events} state events, {self.fetched} fetched"
             f"{' (members only)' if self.members_only else ''}, {self.verified} "
             f"verified in bulk, {self.rechecked} checked one by one, "
-            f"{self.repaired} from other servers, {self.persisted} stored ({stages})"
+            f"{self.one_by_one} fetched one by one ({self.repaired} from other "
+            f"servers), {self.persisted} stored ({stages})"
         )
 
 
@@ -323,10 +325,15 @@ class StateFetcher:
         fetched: list[EventBase] = []
 
         async def one(event_id: str) -> None:
-            event = await self._ops.fetch_event(candidates, event_id, room_version)
-            if event is not None and writer.wants(event.event_id):
+            pulled = await self._ops.fetch_event(candidates, event_id, room_version)
+            if pulled is None:
+                return
+            event, origin = pulled
+            if writer.wants(event.event_id):
                 fetched.append(event)
-                report.repaired += 1
+                report.one_by_one += 1
+                if origin != candidates[0]:
+                    report.repaired += 1
 
         await concurrently_execute(one, list(event_ids), FETCH_CONCURRENCY)
         await writer.add(fetched)
