@@ -7,7 +7,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-ACTIONS = ("delay", "error", "hang", "drop", "bad_signature", "omit")
+from twisted.internet import defer
+
+ACTIONS = ("delay", "error", "hang", "drop", "bad_signature", "omit", "hold")
 
 
 class BehaviourError(ValueError):
@@ -29,6 +31,21 @@ class Behaviour:
     omit: int = 0
     hits: int = 0
     _rx: re.Pattern[str] = field(default=re.compile(""), repr=False)
+    #: ``hold``: requests waiting for the rule's removal
+    _held: list[defer.Deferred[None]] = field(default_factory=list, repr=False)
+
+    def held(self) -> defer.Deferred[None]:
+        """``hold``: fires when the rule is removed (see :meth:`release`)."""
+        d: defer.Deferred[None] = defer.Deferred()
+        self._held.append(d)
+        return d
+
+    def release(self) -> None:
+        """Let every request this rule holds go on."""
+        held, self._held = self._held, []
+        for d in held:
+            if not d.called:
+                d.callback(None)
 
     def to_json(self) -> dict[str, Any]:
         """Control API representation."""
@@ -87,14 +104,18 @@ class BehaviourTable:
     def clear(self) -> int:
         """Remove all rules; returns how many there were."""
         n = len(self._rules)
-        self._rules.clear()
+        rules, self._rules = self._rules, []
+        for rule in rules:
+            rule.release()
         return n
 
     def remove(self, rule_id: str) -> bool:
         """Remove one rule by id."""
-        before = len(self._rules)
+        gone = [r for r in self._rules if r.id == rule_id]
         self._rules = [r for r in self._rules if r.id != rule_id]
-        return len(self._rules) != before
+        for rule in gone:
+            rule.release()
+        return bool(gone)
 
     def list(self) -> list[dict[str, Any]]:
         """All rules, as JSON."""

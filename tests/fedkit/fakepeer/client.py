@@ -251,8 +251,15 @@ class FakePeer:
         sender: str | None = None,
         state_key: str | None = None,
         destinations: list[str] | None = None,
+        auth_events: list[str] | None = None,
+        apply_state: bool = True,
     ) -> dict[str, Any]:
-        """``POST /control/rooms/{roomId}/send``."""
+        """``POST /control/rooms/{roomId}/send``.
+
+        ``auth_events``: used as given instead of those chosen against the
+        peer's current state (e.g. a membership the sender no longer has).
+        ``apply_state=False``: the event is logged and served but does not change
+        the peer's current state (the resident treats it as rejected)."""
         body: dict[str, Any] = {"type": type, "content": content}
         if sender is not None:
             body["sender"] = sender
@@ -260,6 +267,10 @@ class FakePeer:
             body["state_key"] = state_key
         if destinations is not None:
             body["destinations"] = destinations
+        if auth_events is not None:
+            body["auth_events"] = auth_events
+        if not apply_state:
+            body["apply_state"] = False
         return self._call("POST", f"/control/rooms/{_q(room_id)}/send", body)
 
     def join_users(

@@ -22,7 +22,10 @@ Rooms hosted by fake servers
   create_event_id, last_event_id}.
   ``GET /control/rooms/{roomId}/events?since=0&limit=100`` -> {events (with event_id), total}
   ``POST /control/rooms/{roomId}/send`` {type, content, state_key?, sender? (default
-  creator; must be on a fake server), destinations? (default: real servers joined)}
+  creator; must be on a fake server), destinations? (default: real servers joined),
+  auth_events? (event ids used as given instead of those chosen against current
+  state), apply_state=true (false: logged and served, current state unchanged, as
+  for an event the resident rejected)}
   -> {event_id, delivered: {dest: status (0 = connection failure)}, responses}
   ``POST /control/rooms/{roomId}/join_users`` {count, servers?, destinations?}
   -> {event_ids, user_ids, build_seconds, delivered, responses}
@@ -38,7 +41,9 @@ Acting as a joining server / making requests
 
 Misbehaviour
   ``POST /control/behaviour`` {server="*", path_regex, action: delay|error|hang|drop|
-  bad_signature|omit, seconds, status=500, count=null, omit=0} -> {id}. The regex is
+  bad_signature|omit|hold, seconds, status=500, count=null, omit=0} -> {id}. ``hold``
+  keeps matching requests waiting until the rule is removed (or cleared), then
+  answers them normally; ``seconds`` > 0 caps the wait. The regex is
   searched in the decoded and in the raw request path (no query string). ``count``
   is the rule's budget of requests (null: unlimited). ``omit`` (action omit): leave
   that many member events out of the answer's ``pdus`` (the first ones the

@@ -81,6 +81,13 @@ class IncomingHandler:
                 return
             if rule.action == "delay":
                 await deferLater(self.peer.reactor, rule.seconds, lambda: None)
+            if rule.action == "hold":
+                held = rule.held()
+                if rule.seconds > 0:
+                    held.addTimeout(
+                        rule.seconds, self.peer.reactor, onTimeoutCancel=lambda *_: None
+                    )
+                await held
             if rule.action == "error":
                 status, body = err(rule.status, "M_UNKNOWN", "injected error")
                 self._respond(request, gone, entry, started, status, body)

@@ -170,8 +170,22 @@ class Peer:
             raise ControlError(400, f"sender {sender!r} is not on a fake server")
         if "type" not in body:
             raise ControlError(400, "missing 'type'")
+        auth_events = body.get("auth_events")
+        if auth_events is not None:
+            if not isinstance(auth_events, list) or not all(
+                isinstance(a, str) for a in auth_events
+            ):
+                raise ControlError(400, "auth_events must be a list of event ids")
+            unknown = [a for a in auth_events if a not in room.by_id]
+            if unknown:
+                raise ControlError(400, f"unknown auth_events {unknown}")
         ev = room.create_event(
-            sender, body["type"], body.get("content") or {}, body.get("state_key")
+            sender,
+            body["type"],
+            body.get("content") or {},
+            body.get("state_key"),
+            auth_events=auth_events,
+            apply_state=bool(body.get("apply_state", True)),
         )
         destinations = body.get("destinations")
         if destinations is None:

@@ -149,9 +149,16 @@ class Room:
     # Appending
 
     def append(
-        self, event_id: str, pdu: JsonDict, json_bytes: bytes | None = None
+        self,
+        event_id: str,
+        pdu: JsonDict,
+        json_bytes: bytes | None = None,
+        apply_state: bool = True,
     ) -> StoredEvent:
-        """Accept a finished (hashed, signed) PDU into the log and state."""
+        """Accept a finished (hashed, signed) PDU into the log and state.
+
+        ``apply_state=False`` logs (and serves) the event without changing the
+        current state, as a resident that rejected it would."""
         if event_id in self.by_id:
             return self.by_id[event_id]
         auth_ids = tuple(pdu.get("auth_events") or ())
@@ -167,7 +174,7 @@ class Room:
         self.events.append(ev)
         self.by_id[event_id] = ev
         key = ev.state_tuple
-        if key is None:
+        if key is None or not apply_state:
             self._replaced.append(_NOT_STATE)
         else:
             self._replaced.append(self.current.get(key))
@@ -218,8 +225,12 @@ class Room:
         state_key: str | None = None,
         origin_server_ts: int | None = None,
         prev_events: list[str] | None = None,
+        auth_events: list[str] | None = None,
     ) -> JsonDict:
-        """An unsigned event dict on top of the current forward extremities."""
+        """An unsigned event dict on top of the current forward extremities.
+
+        ``auth_events`` replaces the auth events chosen against current state
+        (e.g. to cite a membership the sender no longer has)."""
         prevs = prev_events if prev_events is not None else list(self.extremities)[-10:]
         depth = 1 + max(
             (self.by_id[p].depth for p in prevs if p in self.by_id), default=0
@@ -230,7 +241,11 @@ class Room:
             "content": content,
             "depth": depth,
             "prev_events": prevs,
-            "auth_events": self.auth_ids_for(type, sender, state_key, content),
+            "auth_events": (
+                list(auth_events)
+                if auth_events is not None
+                else self.auth_ids_for(type, sender, state_key, content)
+            ),
             "origin_server_ts": origin_server_ts or int(time.time() * 1000),
         }
         is_v12_create = (
@@ -251,14 +266,20 @@ class Room:
         content: JsonDict,
         state_key: str | None = None,
         origin_server_ts: int | None = None,
+        auth_events: list[str] | None = None,
+        apply_state: bool = True,
     ) -> StoredEvent:
-        """Build, sign (by the sender's server) and append a new event."""
-        d = self.new_event_dict(sender, type, content, state_key, origin_server_ts)
+        """Build, sign (by the sender's server) and append a new event
+        (``auth_events``: see :meth:`new_event_dict`; ``apply_state``: see
+        :meth:`append`)."""
+        d = self.new_event_dict(
+            sender, type, content, state_key, origin_server_ts, auth_events=auth_events
+        )
         key = self._key_for(server_of(sender))
         event_id = finalize_event(
             self.room_version, d, key.server_name, key.signing_key
         )
-        return self.append(event_id, d)
+        return self.append(event_id, d, apply_state=apply_state)
 
     def accept_pdu(self, pdu: JsonDict) -> str:
         """Append a PDU received from elsewhere; returns its event id."""
