@@ -39,6 +39,18 @@ class MetricsTests(unittest.TestCase):
             self.value("synapse_partial_state_resync_rooms", phase="done")
         )
 
+    def test_state_fetch_stages(self) -> None:
+        m = self.metrics
+        m.state_fetch(100, 98, 99, {"verify": 0.5, "persist": 2.0})
+        m.state_fetch(10, 10, 10, {"persist": 1.0})
+        ev = "synapse_partial_state_resync_events_total"
+        secs = "synapse_partial_state_resync_event_seconds_total"
+        self.assertEqual(self.value(ev, stage="state_fetched"), 110)
+        self.assertEqual(self.value(ev, stage="state_verified"), 108)
+        self.assertEqual(self.value(ev, stage="state_stored"), 109)
+        self.assertEqual(self.value(secs, stage="state:persist"), 3.0)
+        self.assertEqual(self.value(secs, stage="state:verify"), 0.5)
+
     def test_events_failures_and_outcomes(self) -> None:
         m = self.metrics
         m.event_done(Phase.FETCHING, 2.5)

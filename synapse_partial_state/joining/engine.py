@@ -443,6 +443,9 @@ class ResyncEngine:
             raise _FetchFailed(f"{type(e).__name__}: {e}") from e
         job = counters["job"]
         if report is not None:
+            self._metrics.state_fetch(
+                report.fetched, report.verified, report.persisted, report.stages
+            )
             logger.info(
                 "Resync of %s: state from %s: %s",
                 room_id,

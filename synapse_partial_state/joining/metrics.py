@@ -68,6 +68,21 @@ class ResyncMetrics:
         self.events.labels(self._server, phase.value).inc()
         self.event_seconds.labels(self._server, phase.value).inc(seconds)
 
+    def state_fetch(
+        self, fetched: int, verified: int, stored: int, stages: dict[str, float]
+    ) -> None:
+        """One fetch of the state at a join (``fetch.py``): events per stage
+        (``state_fetched``, ``state_verified`` in bulk, ``state_stored``) and
+        seconds per stage (``state:<stage>``, e.g. ``state:persist``)."""
+        for stage, count in (
+            ("state_fetched", fetched),
+            ("state_verified", verified),
+            ("state_stored", stored),
+        ):
+            self.events.labels(self._server, stage).inc(count)
+        for stage, seconds in stages.items():
+            self.event_seconds.labels(self._server, f"state:{stage}").inc(seconds)
+
     def failure(self, reason: str) -> None:
         self.failures.labels(self._server, reason).inc()
 
