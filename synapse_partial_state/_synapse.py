@@ -476,12 +476,22 @@ class StateFetchOps:
         self._hs = hs
         self._store: Any = hs.get_datastores().main
         self._federation_client: Any = hs.get_federation_client()
+        #: (room, event) -> the /state_ids answer the engine fetched and checked
         self._remembered_state_ids: dict[
-            tuple[str, str, str], tuple[list[str], list[str]]
+            tuple[str, str], tuple[list[str], list[str]]
         ] = {}
+        #: (room, event) the engine is fetching the state at -> who waits for it
+        self._in_flight: dict[tuple[str, str], list[Any]] = {}
 
     async def room_version(self, room_id: str) -> Any:
         return await self._store.get_room_version(room_id)
+
+    async def in_timeline(self, event_ids: Collection[str]) -> set[str]:
+        """IDs of ``event_ids`` stored as part of the room's timeline (not
+        outliers): Synapse's test for "prev event missing"."""
+        if not event_ids:
+            return set()
+        return set(await self._store.have_events_in_timeline(event_ids))
 
     async def have_seen(self, room_id: str, event_ids: Collection[str]) -> set[str]:
         """IDs of ``event_ids`` stored (rejected ones included)."""
@@ -516,17 +526,41 @@ class StateFetchOps:
                 raise InvalidResponseError(f"invalid {name!r} in /state_ids answer")
         assert state_ids is not None and auth_ids is not None
         result = (state_ids, auth_ids)
-        self._remembered_state_ids[(destination, room_id, event_id)] = result
+        self._remembered_state_ids[(room_id, event_id)] = result
         return result
 
-    def take_remembered_state_ids(
-        self, destination: str, room_id: str, event_id: str
+    def remembered_state_ids(
+        self, room_id: str, event_id: str
     ) -> tuple[list[str], list[str]] | None:
-        return self._remembered_state_ids.pop((destination, room_id, event_id), None)
+        return self._remembered_state_ids.get((room_id, event_id))
 
     def forget_state_ids(self, room_id: str) -> None:
-        for key in [k for k in self._remembered_state_ids if k[1] == room_id]:
+        """Drop what :meth:`state_ids` remembered for ``room_id`` (its resync is
+        over)."""
+        for key in [k for k in self._remembered_state_ids if k[0] == room_id]:
             del self._remembered_state_ids[key]
+
+    def begin_fetch(self, room_id: str, event_ids: Collection[str]) -> None:
+        """The engine starts fetching the state at ``event_ids``: Synapse's own
+        requests for the same state wait for it (:func:`install_state_ids_reuse`)."""
+        for event_id in event_ids:
+            self._in_flight.setdefault((room_id, event_id), [])
+
+    def end_fetch(self, room_id: str, event_ids: Collection[str]) -> None:
+        for event_id in event_ids:
+            for waiter in self._in_flight.pop((room_id, event_id), []):
+                fire(waiter)
+
+    async def wait_for_fetch(self, room_id: str, event_id: str) -> None:
+        from synapse.logging.context import make_deferred_yieldable
+        from twisted.internet import defer
+
+        waiters = self._in_flight.get((room_id, event_id))
+        if waiters is None:
+            return
+        waiter: defer.Deferred[None] = defer.Deferred()
+        waiters.append(waiter)
+        await make_deferred_yieldable(waiter)
 
     async def state_pdus(
         self,
@@ -636,9 +670,16 @@ def banned_signing_keys() -> frozenset[str]:
 
 
 def install_state_ids_reuse(ops: StateFetchOps) -> None:
-    """Let Synapse's per-event path reuse the ``/state_ids`` answer the engine just
-    fetched for the same (server, room, event), instead of asking again (at 100,000
-    members that answer is several megabytes).
+    """Let Synapse reuse the engine's fetch of the state at an event.
+
+    Two of Synapse's paths ask for the state before a partial join's prev event:
+    its per-event de-partial-stating (which the engine calls right after its own
+    fetch), and, racing with the engine, the handling of events that arrived
+    during the join (whose prev events are not stored either): stock then
+    downloads and stores the room's whole state a second time. With this, a
+    request for the state at an event the engine is fetching waits for the engine
+    and gets its checked ``/state_ids`` answer; every event listed is then
+    stored, so Synapse asks for nothing more.
 
     Wraps ``FederationClient.get_room_state_ids`` on this homeserver's instance
     (unchanged in 1.163)."""
@@ -650,7 +691,8 @@ def install_state_ids_reuse(ops: StateFetchOps) -> None:
     async def get_room_state_ids(
         destination: str, room_id: str, event_id: str
     ) -> tuple[list[str], list[str]]:
-        remembered = ops.take_remembered_state_ids(destination, room_id, event_id)
+        await ops.wait_for_fetch(room_id, event_id)
+        remembered = ops.remembered_state_ids(room_id, event_id)
         if remembered is not None:
             return remembered
         return await native(destination, room_id, event_id=event_id)

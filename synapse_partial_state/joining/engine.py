@@ -409,9 +409,12 @@ class ResyncEngine:
         assert self._fetcher is not None
         room_id = job.room_id
         ready = self._keys_ready.get(room_id)
-        if ready is not None and not ready.called:
+
+        async def keys_ready() -> None:
             # The bulk check reads keys from the store: give the prefetch a moment.
-            await _wait_at_most(ready, KEY_PREFETCH_WAIT_S, self._ops)
+            if ready is not None and not ready.called:
+                await _wait_at_most(ready, KEY_PREFETCH_WAIT_S, self._ops)
+
         counters = {"job": job}
 
         async def progress(fetched: int, verified: int, persisted: int) -> None:
@@ -429,6 +432,7 @@ class ResyncEngine:
                 event,
                 [d for d in job.destinations if d != destination],
                 progress,
+                keys_ready,
             )
         except StateIncomplete:
             raise
@@ -575,6 +579,8 @@ class ResyncEngine:
             )
         )
         self._metrics.completed((now - job.created_ts) / 1000)
+        if self._fetcher is not None:
+            self._fetcher.forget(job.room_id)
         logger.info(
             "Resync of %s complete in %.1f s (%d events, %d failed round(s))",
             job.room_id,
@@ -611,6 +617,8 @@ class ResyncEngine:
             )
         )
         self._metrics.aborted()
+        if self._fetcher is not None:
+            self._fetcher.forget(job.room_id)
         logger.info("Resync of %s aborted: %s", job.room_id, why)
 
     async def _save(self, job: Job) -> Job:

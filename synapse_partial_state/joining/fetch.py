@@ -97,6 +97,8 @@ class FetchReport:
 
 #: (fetched, verified, persisted) so far.
 Progress = Callable[[int, int, int], Awaitable[None]]
+#: Waits (a bounded time) until the signing keys of the room's servers are stored.
+KeysReady = Callable[[], Awaitable[None]]
 
 
 class StateFetcher:
@@ -110,6 +112,7 @@ class StateFetcher:
         event: EventBase,
         other_servers: Sequence[str],
         progress: Progress | None = None,
+        keys_ready: KeysReady | None = None,
     ) -> FetchReport | None:
         """Store, as outliers, the full state before ``event`` (at each of its prev
         events that is not stored), from ``destination``. None when every prev
@@ -119,10 +122,35 @@ class StateFetcher:
         ops = self._ops
         room_id = event.room_id
         prevs = list(event.prev_event_ids())
-        seen = await ops.have_seen(room_id, prevs)
+        # As Synapse decides: a prev event stored only as an outlier (e.g. by an
+        # earlier attempt of ours) still has no state here.
+        seen = await ops.in_timeline(prevs)
         missing_prevs = [p for p in prevs if p not in seen]
         if not missing_prevs:
             return None
+        ops.begin_fetch(room_id, missing_prevs)
+        try:
+            return await self._fetch_state_at(
+                destination, event, missing_prevs, other_servers, progress, keys_ready
+            )
+        finally:
+            ops.end_fetch(room_id, missing_prevs)
+
+    def forget(self, room_id: str) -> None:
+        """The room's resync is over: drop what was kept for Synapse to reuse."""
+        self._ops.forget_state_ids(room_id)
+
+    async def _fetch_state_at(
+        self,
+        destination: str,
+        event: EventBase,
+        missing_prevs: list[str],
+        other_servers: Sequence[str],
+        progress: Progress | None,
+        keys_ready: KeysReady | None,
+    ) -> FetchReport:
+        ops = self._ops
+        room_id = event.room_id
         report = FetchReport()
         clock = _Stages(report)
         room_version = await ops.room_version(room_id)
@@ -146,7 +174,14 @@ class StateFetcher:
         if len(missing) > FEW:
             for prev in missing_prevs:
                 await self._fetch_bulk(
-                    destination, room_id, prev, room_version, writer, report, clock
+                    destination,
+                    room_id,
+                    prev,
+                    room_version,
+                    writer,
+                    report,
+                    clock,
+                    keys_ready=keys_ready,
                 )
                 if len(writer.outstanding()) > FEW and report.members_only:
                     # The members-only answer left more than a few gaps: the rest
@@ -160,6 +195,7 @@ class StateFetcher:
                         report,
                         clock,
                         members_only=False,
+                        keys_ready=keys_ready,
                     )
 
             _milestone(room_id, "bulk_stored", f"{report.persisted} events stored")
@@ -187,6 +223,7 @@ class StateFetcher:
         report: FetchReport,
         clock: _Stages,
         members_only: bool = True,
+        keys_ready: KeysReady | None = None,
     ) -> None:
         """``/state`` at ``prev``; checked in bulk chunk by chunk, each chunk
         stored while the workers check the next ones."""
@@ -220,6 +257,9 @@ class StateFetcher:
         clock.lap("fetch /state")
         _milestone(room_id, "state_fetched", f"{len(pdus)} events")
 
+        if keys_ready is not None:
+            await keys_ready()  # the prefetch ran while the state downloaded
+            clock.lap("key prefetch wait")
         keys = await ops.signing_keys(wanted_keys)
         per_event = await ops.needs_per_event_checks(room_id)
         chunks = self._pool.verify_chunks(
