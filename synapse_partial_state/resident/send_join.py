@@ -10,10 +10,11 @@ priority order and under a total cap:
 4. pending invites and knocks (so nobody is invited twice);
 5. ``members_per_server`` joined members of every server, longest-standing first.
 
-Candidates come from the room's current state; the selector then keeps only the
-member events that are in the state *before the join*, so the answer is always a
-true subset of that state. An ``org.matrix.msc2775.summary`` block gives the joiner
-the heroes and member counts at once.
+Candidates come from the room's current state (the heroes from the room summary
+native code computes for its own choice, once the join is persisted); the selector
+then keeps only the member events that are in the state *before the join*, so the
+answer is always a true subset of that state. An ``org.matrix.msc2775.summary``
+block gives the joiner the heroes and member counts at once.
 """
 
 from __future__ import annotations
@@ -167,23 +168,30 @@ class SendJoinEnricher:
         summary: Mapping[str, MemberSummary],
         extras: tuple[str, ...],
     ) -> Collection[str]:
+        """The partial state: the heroes (from the room summary native code hands
+        over, computed after the join is persisted: the joiner is not among its
+        heroes), then ``extras``."""
+        cfg = self._config
+        cap = cfg.max_extra_members if cfg.enabled else 0
+        heroes: list[str] = []
+        if cap and cfg.heroes:
+            heroes = _synapse.heroes_from_summary(summary, join_event.state_key)
         return select_partial_state(
             join_event,
             prev_state_ids,
             summary,
-            extras,
-            self._config.max_extra_members if self._config.enabled else 0,
+            order_candidates(heroes, extras, (), (), ()),
+            cap,
         )
 
     async def extras_for(self, room_id: str, joiner: str) -> tuple[str, ...]:
-        """Essential member user IDs for a partial join of ``joiner``, in order."""
+        """Essential member user IDs for a partial join of ``joiner``, in order,
+        except the heroes: :meth:`select` puts them first, from the summary native
+        code computes anyway (asking for it here, before the join is persisted,
+        would compute it twice: the join invalidates it)."""
         cfg = self._config
         if not cfg.enabled or cfg.max_extra_members == 0:
             return ()
-        heroes: list[str] = []
-        if cfg.heroes:
-            summary = await _synapse.get_room_summary(self._api, room_id)
-            heroes = _synapse.heroes_from_summary(summary, joiner)
         power_users: list[str] = []
         if cfg.power_level_users:
             content = await _synapse.get_current_state_event_content(
@@ -197,7 +205,7 @@ class SendJoinEnricher:
             cfg.members_per_server > 0,
         )
         return order_candidates(
-            heroes,
+            (),
             power_users,
             power if cfg.bans_and_kicks else (),
             pending if cfg.invites_and_knocks else (),
