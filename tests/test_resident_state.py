@@ -19,6 +19,7 @@ import time
 import unittest
 from functools import partial
 from typing import Any
+from unittest import mock
 from urllib.parse import quote
 
 from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
@@ -796,6 +797,88 @@ class StateServerCacheTests(unittest.TestCase):
         self.assertEqual(access.loads[-1], ["$m3"])
         server.forget_room("!r:x")
         self.assertEqual(server.stats()["cache_entries"], 0)
+
+
+class _DagAccess:
+    """Auth chains computed from a small auth DAG, counting the events asked about."""
+
+    def __init__(self, parents: dict[str, tuple[str, ...]]) -> None:
+        self.parents = parents
+        self.asked: list[int] = []
+
+    def chain(self, event_ids: Any) -> set[str]:
+        seen: set[str] = set()
+        todo = [p for e in event_ids for p in self.parents[e]]
+        while todo:
+            event_id = todo.pop()
+            if event_id not in seen:
+                seen.add(event_id)
+                todo.extend(self.parents[event_id])
+        return seen
+
+    async def auth_chain_ids(self, room_id: str, event_ids: Any) -> set[str]:
+        self.asked.append(len(event_ids))
+        return self.chain(event_ids)
+
+
+class AuthChainByDifferenceTests(unittest.TestCase):
+    PARENTS: dict[str, tuple[str, ...]] = {
+        "$create": (),
+        "$pl": ("$create",),
+        "$pl2": ("$create", "$pl"),
+        "$jr": ("$create", "$pl"),
+        "$a": ("$create", "$pl", "$jr"),
+        "$b": ("$create", "$pl", "$jr"),
+        "$b_leave": ("$create", "$pl", "$b"),  # cites the membership it replaces
+        "$c_stray": ("$create", "$pl"),  # replaces $a without citing it
+    }
+    BASE = ("$create", "$pl", "$jr", "$a")
+
+    def by_difference(self, state: tuple[str, ...], base: Any = BASE) -> Any:
+        from synapse_partial_state.resident.state import auth_chain_by_difference
+
+        access = _DagAccess(self.PARENTS)
+        result = _run(
+            auth_chain_by_difference(
+                access,  # type: ignore[arg-type]
+                "!r:x",
+                base,
+                access.chain(base),
+                state,
+            )
+        )
+        return result, access
+
+    def test_equals_the_full_chain_when_applicable(self) -> None:
+        for state in (
+            self.BASE,  # same state: no query at all
+            self.BASE + ("$b",),  # a new member
+            ("$create", "$pl2", "$jr", "$a"),  # power levels replaced, citing the old
+            self.BASE + ("$b_leave",),  # $b came, then left
+        ):
+            base = self.BASE + ("$b",) if "$b_leave" in state else self.BASE
+            got, access = self.by_difference(state, base)
+            self.assertEqual(got, access.chain(state), state)
+            self.assertLessEqual(sum(access.asked), 1, "only the added events")
+
+    def test_declines_when_a_removed_event_is_not_cited(self) -> None:
+        got, _ = self.by_difference(("$create", "$pl", "$jr", "$c_stray"))
+        self.assertIsNone(got)
+
+    def test_declines_when_too_much_changed(self) -> None:
+        from synapse_partial_state.resident import state as state_module
+
+        with mock.patch.object(state_module, "INCREMENTAL_AUTH_MAX_CHANGES", 1):
+            got, _ = self.by_difference(self.BASE + ("$b", "$b_leave"))
+        self.assertIsNone(got)
+
+
+def _run(coroutine: Any) -> Any:
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    raise AssertionError("suspended")
 
 
 class SingleFlightTests(unittest.TestCase):

@@ -25,11 +25,14 @@ purges) through the hook that clears its own event cache; we drop our copy then.
 
 Events not cached yet are built straight from their stored JSON, skipping the
 parse-and-re-encode round trip of stock's loader (anything unusual goes through
-stock's loader: see ``_synapse.ResidentStateAccess.encoded_pdus``). Answers are
-prepared ahead, in the background, when a joiner is known to need them soon: after
-a partial ``/send_join`` answer (the joiner's resync asks for the state before its
-join's ``prev_events``), and after a ``/state_ids`` for a big state (the matching
-``/state`` comes next). Prometheus metrics:
+stock's loader: see ``_synapse.ResidentStateAccess.encoded_pdus``). The auth chain
+of a new state group is computed from that of the room's previous entry when they
+differ by a few events (:func:`auth_chain_by_difference`), not from scratch.
+
+Answers are prepared ahead, in the background, when a joiner is known to need them
+soon: after a partial ``/send_join`` answer (the joiner's resync asks for the state
+before its join's ``prev_events``), and after a ``/state_ids`` for a big state (the
+matching ``/state`` comes next). Prometheus metrics:
 ``synapse_partial_state_state_*``; :meth:`StateServer.stats` has the counters.
 
 Access checks, errors and answers are stock's: ``assert_host_in_room`` (403, and 403
@@ -51,6 +54,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -85,6 +89,10 @@ SLOW_BUILD_SECONDS = 1.0
 #: A ``/state_ids`` answer for a state at least this big starts encoding the
 #: events of the matching ``/state`` in the background (joiners ask for both).
 PREWARM_MIN_STATE = 1000
+#: A new state entry whose state differs from the last one built for its room by
+#: at most this many events gets its auth chain from that one's (see
+#: :func:`auth_chain_by_difference`).
+INCREMENTAL_AUTH_MAX_CHANGES = 1000
 
 REQUESTS = Counter(
     "synapse_partial_state_state_requests_total",
@@ -351,6 +359,10 @@ class StateServer:
         self._flights: SingleFlight[tuple[Any, ...], Any] = SingleFlight()
         #: Rooms with a partial-join prewarm under way.
         self._warming_rooms: set[str] = set()
+        #: The last state entry built for each room, while something holds it.
+        self._latest: weakref.WeakValueDictionary[str, StateEntry] = (
+            weakref.WeakValueDictionary()
+        )
         self._reported_evictions = 0
         self.counts: dict[str, int] = {
             "entry_hits": 0,
@@ -360,6 +372,7 @@ class StateServer:
             "events_unavailable": 0,
             "requests": 0,
             "prewarms": 0,
+            "auth_chains_by_difference": 0,
         }
 
     @classmethod
@@ -388,6 +401,7 @@ class StateServer:
 
     def forget_room(self, room_id: str) -> None:
         """Synapse dropped its cached copies of a room's events (a purge)."""
+        self._latest.pop(room_id, None)
         dropped = self._cache.discard_where(
             lambda key, value: getattr(value, "room_id", None) == room_id
         )
@@ -589,7 +603,18 @@ class StateServer:
         del group_state
         all_ids, member_ids = split_state(state)
         del state
-        auth_ids = await self._access.auth_chain_ids(room_id, all_ids)
+        auth_ids = None
+        base = self._latest.get(room_id)
+        if base is not None:
+            auth_ids = await auth_chain_by_difference(
+                self._access, room_id, base.state_ids, base.auth_ids, all_ids
+            )
+        if auth_ids is None:
+            how = "full"
+            auth_ids = await self._access.auth_chain_ids(room_id, all_ids)
+        else:
+            how = "by difference"
+            self.counts["auth_chains_by_difference"] += 1
         entry = StateEntry(
             room_id=room_id,
             state_group=state_group,
@@ -598,15 +623,17 @@ class StateServer:
             auth_ids=tuple(auth_ids),
         )
         self._remember_entry(key, entry)
+        self._latest[room_id] = entry
         took = time.monotonic() - started
         logger.log(
             logging.INFO if took >= SLOW_BUILD_SECONDS else logging.DEBUG,
-            "state cache: built state of %s at group %d (%d state, %d auth chain) "
-            "in %.3fs",
+            "state cache: built state of %s at group %d (%d state, %d auth chain "
+            "%s) in %.3fs",
             room_id,
             state_group,
             len(all_ids),
             len(auth_ids),
+            how,
             took,
         )
         return entry
@@ -694,6 +721,37 @@ class StateServer:
         EVENTS_LOADED.labels(self._server_name).inc(loaded_count)
         out.extend(p for p in pieces if p is not None)
         return missing
+
+
+async def auth_chain_by_difference(
+    access: _synapse.ResidentStateAccess,
+    room_id: str,
+    base_state: Sequence[str],
+    base_auth: Iterable[str],
+    state: Sequence[str],
+) -> set[str] | None:
+    """The auth chain of ``state`` from that of a close state, or None.
+
+    The auth chain of a set of events is the union of their auth chains, so for
+    ``state = base - removed + added``: ``chain(state) = chain(base - removed) |
+    chain(added)``. When every removed event is in ``chain(added)`` (a new member
+    event cites the membership it replaces, a new power-levels event the old one),
+    the chains of the removed events are in ``chain(added)`` too, and so
+    ``chain(state) = chain(base) | chain(added)`` exactly: one small query instead
+    of the chain of the whole state. None when the states differ by more than
+    :data:`INCREMENTAL_AUTH_MAX_CHANGES` events or the condition does not hold.
+    """
+    before = set(base_state)
+    after = set(state)
+    added = after - before
+    removed = before - after
+    if len(added) + len(removed) > INCREMENTAL_AUTH_MAX_CHANGES:
+        return None
+    chain = await access.auth_chain_ids(room_id, added) if added else set()
+    if not removed <= chain:
+        return None
+    chain.update(base_auth)
+    return chain
 
 
 def _slices(data: bytes, size: int) -> Iterator[bytes]:
