@@ -173,19 +173,11 @@ class StateFetcher:
         writer = _Writer(ops, room_id, missing, report, progress)
         if len(missing) > FEW:
             for prev in missing_prevs:
-                await self._fetch_bulk(
-                    destination,
-                    room_id,
-                    prev,
-                    room_version,
-                    writer,
-                    report,
-                    clock,
-                    keys_ready=keys_ready,
-                )
-                if len(writer.outstanding()) > FEW and report.members_only:
-                    # The members-only answer left more than a few gaps: the rest
-                    # of the state in full.
+                for members_only in (True, False):
+                    if not members_only and not (
+                        report.members_only and len(writer.outstanding()) > FEW
+                    ):
+                        break  # only when a members-only answer left real gaps
                     await self._fetch_bulk(
                         destination,
                         room_id,
@@ -194,7 +186,7 @@ class StateFetcher:
                         writer,
                         report,
                         clock,
-                        members_only=False,
+                        members_only=members_only,
                         keys_ready=keys_ready,
                     )
 
