@@ -735,6 +735,84 @@ def is_federation_failure(error: BaseException) -> bool:
 
 
 # ---------------------------------------------------------------------------
+# Resident side: federation servlets that know their request
+# ---------------------------------------------------------------------------
+
+if TYPE_CHECKING:
+    from synapse.http.site import SynapseRequest
+
+#: The request a patched federation servlet is serving in this task: set by the
+#: servlet's ``_wrap`` before Synapse authenticates the request, read by the
+#: handlers below it (which Synapse calls with the parsed request, never the
+#: request itself).
+_FEDERATION_REQUEST: contextvars.ContextVar[SynapseRequest | None] = (
+    contextvars.ContextVar("sps_federation_request", default=None)
+)
+
+
+def _request_aware_servlet(native: type[Any]) -> type[Any]:
+    """A subclass of the federation servlet class ``native``, of the same name (Synapse
+    labels its request metrics and traces with it), whose handlers run with the
+    request in :data:`_FEDERATION_REQUEST`.
+
+    It overrides only ``BaseFederationServlet._wrap`` (checked in 1.163.2), and keeps
+    everything it does (signature check, origin, per-origin rate limit, tracing)."""
+    import functools
+
+    def with_request(inner: Callable[..., Awaitable[Any]]) -> Any:
+        @functools.wraps(inner)
+        async def wrapped(request: SynapseRequest, *args: Any, **kwargs: Any) -> Any:
+            token = _FEDERATION_REQUEST.set(request)
+            try:
+                return await inner(request, *args, **kwargs)
+            finally:
+                _FEDERATION_REQUEST.reset(token)
+
+        return wrapped
+
+    class Servlet(native):  # type: ignore[valid-type,misc]
+        def _wrap(self, func: Callable[..., Awaitable[tuple[int, Any]]]) -> Any:
+            return with_request(super()._wrap(func))
+
+    Servlet.__name__ = Servlet.__qualname__ = native.__name__
+    return Servlet
+
+
+def _replace_federation_servlets(replacements: Mapping[type[Any], type[Any]]) -> None:
+    """Put ``replacements`` in ``SERVLET_GROUPS["federation"]`` in place of their
+    keys. ``register_servlets`` reads that dict when a federation listener (main
+    process or worker) builds its ``TransportLayerServer``, in
+    ``hs.start_listening()``, which runs after modules are created: every listener
+    gets the replacements."""
+    from synapse.federation.transport import server as transport_server
+
+    group = tuple(transport_server.SERVLET_GROUPS["federation"])
+    transport_server.SERVLET_GROUPS["federation"] = tuple(
+        replacements.get(cls, cls) for cls in group
+    )
+
+
+def _after_response(callback: Callable[[], None], what: str) -> None:
+    """Call ``callback`` once the response to the federation request being served
+    in this task has been written (at once if that request is unknown); its errors
+    are logged and swallowed."""
+
+    def call(_: object = None) -> None:
+        try:
+            callback()
+        except Exception:
+            logger.exception("%s failed", what)
+
+    request = _FEDERATION_REQUEST.get()
+    if request is None:
+        call()
+    else:
+        # Fires on finish() (the whole body handed to the connection) or when
+        # the connection is lost.
+        request.notifyFinish().addBoth(call)
+
+
+# ---------------------------------------------------------------------------
 # Resident side: partial /send_join answers
 # ---------------------------------------------------------------------------
 
@@ -786,8 +864,10 @@ def _wrap_on_send_join_request() -> None:
        database) and keeps them in a context variable for the state selector;
     2. calls the native method;
     3. when the answer has ``members_omitted``: adds ``decorate_response``'s
-       fields, then tells ``observer(room_id, join["prev_events"])`` (which must
-       not block; its errors are logged and swallowed).
+       fields, and once the answer has been sent (see
+       :func:`install_partial_join_observer`) tells ``observer(room_id,
+       join["prev_events"])`` (which must not block; its errors are logged and
+       swallowed).
 
     Full answers go through the native method untouched.
     """
@@ -827,14 +907,18 @@ def _wrap_on_send_join_request() -> None:
                 return resp
             if hooks.decorate_response is not None and isinstance(joiner, str):
                 resp.update(await hooks.decorate_response(room_id, joiner))
-            if hooks.observer is not None:
-                try:
-                    prev_events = content.get("prev_events") or []
-                    hooks.observer(
-                        room_id, [e for e in prev_events if isinstance(e, str)]
-                    )
-                except Exception:
-                    logger.exception("partial join observer failed for %s", room_id)
+            observer = hooks.observer
+            if observer is not None:
+                prev_events = content.get("prev_events")
+                prev = (
+                    [e for e in prev_events if isinstance(e, str)]
+                    if isinstance(prev_events, list)
+                    else []
+                )
+                _after_response(
+                    lambda: observer(room_id, prev),
+                    f"partial join observer for {room_id}",
+                )
             return resp
 
         on_send_join_request._sps_wrapped = True  # type: ignore[attr-defined]
@@ -847,8 +931,8 @@ def _wrap_on_send_join_request() -> None:
         )
     if hooks.observer is not None:
         duties.append(
-            "after a partial answer, prepare the /state the joiner's resync asks for "
-            "next, in the background"
+            "once a partial answer has been sent, prepare the /state the joiner's "
+            "resync asks for next, in the background"
         )
     _record_replacing(PatchRecord(_ON_SEND_JOIN_TARGET, "wrap", "; ".join(duties)))
 
@@ -912,12 +996,36 @@ def install_partial_join_observer(observer: PartialJoinObserver) -> None:
 
     Registers ``observer`` with the one ``FederationServer.on_send_join_request``
     wrapper (:func:`_wrap_on_send_join_request`), which calls it with the room ID
-    and the join's ``prev_events`` after every answer with ``members_omitted``.
-    Such a joiner resyncs next: it asks for ``/state_ids`` and ``/state`` at those
-    events once it has processed the answer. Installing again replaces it.
+    and the join's ``prev_events`` for every answer with ``members_omitted``, once
+    the answer has been written (so that what it starts does not compete with
+    sending it). Such a joiner resyncs next: it asks for ``/state_ids`` and
+    ``/state`` at those events once it has processed the answer. Installing again
+    replaces it.
+
+    To know when the answer has been written, ``FederationV2SendJoinServlet`` (the
+    only ``/send_join`` with partial answers; unchanged since 1.100 but for type
+    hints, checked in 1.163.2) is replaced by a subclass of the same name that
+    only puts the request in a context variable (:func:`_request_aware_servlet`).
     """
+    from synapse.federation.transport import server as transport_server
+    from synapse.federation.transport.server import federation as fed_servlets
+
     _SEND_JOIN_HOOKS.observer = observer
     _wrap_on_send_join_request()
+    group = transport_server.SERVLET_GROUPS["federation"]
+    if not any(getattr(cls, "_sps_send_join_servlet", False) for cls in group):
+        native = fed_servlets.FederationV2SendJoinServlet
+        servlet = _request_aware_servlet(native)
+        servlet._sps_send_join_servlet = True  # type: ignore[attr-defined]
+        _replace_federation_servlets({native: servlet})
+        _record(
+            PatchRecord(
+                "synapse.federation.transport.server.SERVLET_GROUPS[federation]"
+                ".FederationV2SendJoinServlet",
+                "replace",
+                "know when a partial /send_join answer has been sent",
+            )
+        )
 
 
 async def get_room_summary(api: ModuleApi, room_id: str) -> Mapping[str, MemberSummary]:
@@ -952,17 +1060,8 @@ async def get_current_state_event_content(
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from synapse.http.site import SynapseRequest
-
 #: Unstable (MSC2775) query parameter of ``GET /state``: member events only.
 MEMBERS_ONLY_PARAM = "org.matrix.msc2775.members_only"
-
-#: The request a patched federation servlet is serving in this task: set by the
-#: servlet's ``_wrap`` before Synapse authenticates the request, read by ``on_GET``
-#: (which Synapse calls with the query only, never the request).
-_FEDERATION_REQUEST: contextvars.ContextVar[SynapseRequest | None] = (
-    contextvars.ContextVar("sps_federation_request", default=None)
-)
 
 #: How the state *before* an event differs from the state group stored for it:
 #: None for a non-state event, else the event's ``(type, state_key)`` and the
@@ -995,22 +1094,16 @@ def install_state_servlets(
     Replaces ``FederationStateV1Servlet`` and ``FederationStateIdsServlet`` (only
     type-hint changes since 1.100; checked in 1.163.2) in
     ``synapse.federation.transport.server.SERVLET_GROUPS["federation"]`` with
-    subclasses of the same names (so Synapse's request metrics keep their labels).
-    ``register_servlets`` reads that dict when a federation listener (main process
-    or worker) builds its ``TransportLayerServer``, in ``hs.start_listening()``,
-    which runs after modules are created: every listener gets the subclasses.
+    subclasses of the same names (see :func:`_replace_federation_servlets`).
 
-    The subclasses keep everything Synapse's ``BaseFederationServlet._wrap`` does
-    (signature check, origin, per-origin rate limit, tracing) and only override
-    ``_wrap`` to put the request in a context variable, because ``on_GET`` is called
-    with the query, not the request. ``on_GET`` parses ``event_id`` exactly as
+    The subclasses are request-aware (:func:`_request_aware_servlet`), because
+    ``on_GET`` is called with the query, not the request. ``on_GET`` parses
+    ``event_id`` exactly as
     Synapse does (400 ``M_MISSING_PARAM`` when absent) and hands over to the
     module, which writes the response itself and returns None (the documented
     "already handled" return of ``BaseFederationServlet`` callbacks), or declines:
     then the stock ``on_GET`` answers, as if the module were not there.
     """
-    import functools
-
     from synapse.federation.transport import server as transport_server
     from synapse.federation.transport.server import federation as fed_servlets
     from synapse.http.servlet import parse_boolean_from_args, parse_string_from_args
@@ -1021,29 +1114,13 @@ def install_state_servlets(
     native_state = fed_servlets.FederationStateV1Servlet
     native_state_ids = fed_servlets.FederationStateIdsServlet
 
-    def wrap_with_request(inner: Callable[..., Awaitable[Any]]) -> Any:
-        @functools.wraps(inner)
-        async def with_request(
-            request: SynapseRequest, *args: Any, **kwargs: Any
-        ) -> Any:
-            token = _FEDERATION_REQUEST.set(request)
-            try:
-                return await inner(request, *args, **kwargs)
-            finally:
-                _FEDERATION_REQUEST.reset(token)
-
-        return with_request
-
     def module_servlet(
         native: type[Any], serve: StateHandler, members_only_variant: bool
     ) -> type[Any]:
         """A subclass of ``native`` of the same name, served by ``serve``."""
 
-        class Servlet(native):  # type: ignore[valid-type,misc]
+        class Servlet(_request_aware_servlet(native)):  # type: ignore[misc]
             _sps_state_servlet = True
-
-            def _wrap(self, func: Callable[..., Awaitable[tuple[int, Any]]]) -> Any:
-                return wrap_with_request(super()._wrap(func))
 
             async def on_GET(
                 self,
@@ -1065,16 +1142,14 @@ def install_state_servlets(
                     return None
                 return await super().on_GET(origin, content, query, room_id)
 
-        # Synapse labels its request metrics and traces with the class name.
         Servlet.__name__ = Servlet.__qualname__ = native.__name__
         return Servlet
 
-    replacements: dict[type[Any], type[Any]] = {
-        native_state: module_servlet(native_state, serve_state, True),
-        native_state_ids: module_servlet(native_state_ids, serve_state_ids, False),
-    }
-    transport_server.SERVLET_GROUPS["federation"] = tuple(
-        replacements.get(cls, cls) for cls in group
+    _replace_federation_servlets(
+        {
+            native_state: module_servlet(native_state, serve_state, True),
+            native_state_ids: module_servlet(native_state_ids, serve_state_ids, False),
+        }
     )
     _record(
         PatchRecord(

@@ -741,7 +741,7 @@ class _FakeAccess:
         return {e: self.events[e] for e in event_ids if e in self.events}
 
 
-class StateServerCacheTests(unittest.TestCase):
+class _StateServerUnit(unittest.TestCase):
     def make(self, budget: int) -> tuple[StateServer, _FakeAccess]:
         events = {f"$m{i}": b'{"m":%d}' % i for i in range(10)}
         events["$create"] = b'{"c":0}'
@@ -766,6 +766,8 @@ class StateServerCacheTests(unittest.TestCase):
             raise results[0]
         return results[0]
 
+
+class StateServerCacheTests(_StateServerUnit):
     def test_second_answer_comes_from_the_cache(self) -> None:
         server, access = self.make(10_000_000)
         hit, first = self.answer(server)
@@ -881,7 +883,44 @@ def _run(coroutine: Any) -> Any:
     raise AssertionError("suspended")
 
 
+class PacedLoadingTests(_StateServerUnit):
+    def test_pause_between_steps_only(self) -> None:
+        from synapse_partial_state.resident import state as state_module
+
+        server, access = self.make(10_000_000)
+        pauses: list[float] = []
+
+        async def pause(took: float) -> None:
+            pauses.append(took)
+
+        async def run() -> Any:
+            _, entry, _ = await server._entry("!r:x", "$x")
+            return await server._full_events(entry, pause)
+
+        with mock.patch.object(state_module, "LOAD_STEP", 3):
+            answer = self.successResultOf(defer.ensureDeferred(run()))
+        # 10 state events in steps of 3 (3 pauses), then 1 auth event (none).
+        self.assertEqual(len(pauses), 3)
+        self.assertEqual([len(batch) for batch in access.loads], [3, 3, 3, 1, 1])
+        self.assertEqual(answer.loaded, 11)
+
+
 class SingleFlightTests(unittest.TestCase):
+    def test_background_work_is_foreground_once_a_request_waits(self) -> None:
+        flight: SingleFlight[str, int] = SingleFlight()
+        gate: defer.Deferred[int] = defer.Deferred()
+
+        async def compute() -> int:
+            return await gate
+
+        flight.run("k", compute, background=True)
+        self.assertFalse(flight.has_foreground("k"))
+        flight.run("k", compute)
+        self.assertTrue(flight.has_foreground("k"))
+        gate.callback(1)
+        self.assertFalse(flight.has_foreground("k"))
+        self.assertNotIn("k", flight)
+
     def test_concurrent_callers_share_one_computation(self) -> None:
         flight: SingleFlight[str, int] = SingleFlight()
         gate: defer.Deferred[int] = defer.Deferred()

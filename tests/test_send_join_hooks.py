@@ -12,6 +12,8 @@ from collections.abc import Coroutine
 from typing import Any
 
 from synapse.federation import federation_server as fs
+from synapse.federation.transport import server as transport_server
+from twisted.internet import defer
 
 from synapse_partial_state import _synapse
 
@@ -29,6 +31,8 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
 
 class SendJoinWrapperTests(unittest.TestCase):
     def setUp(self) -> None:
+        groups = transport_server.SERVLET_GROUPS
+        self.addCleanup(groups.__setitem__, "federation", groups["federation"])
         hooks = _synapse._SEND_JOIN_HOOKS
         saved = (
             fs.FederationServer.on_send_join_request,
@@ -130,6 +134,35 @@ class SendJoinWrapperTests(unittest.TestCase):
         # No usable state_key: native answers (and errs) alone; observed if partial.
         self.call(True, {"prev_events": []})
         self.assertEqual(self.calls, [("native", True, None), ("observer", "!r:a", [])])
+
+    def test_observer_waits_until_the_answer_is_sent(self) -> None:
+        self.install_all()
+        finished: defer.Deferred[None] = defer.Deferred()
+
+        class Request:
+            def notifyFinish(self) -> defer.Deferred[None]:
+                return finished
+
+        token = _synapse._FEDERATION_REQUEST.set(Request())  # type: ignore[arg-type]
+        try:
+            self.call(True)
+        finally:
+            _synapse._FEDERATION_REQUEST.reset(token)
+        self.assertEqual([c[0] for c in self.calls], ["extras", "native", "decorate"])
+        finished.callback(None)
+        self.assertEqual(self.calls[-1], ("observer", "!r:a", ["$p"]))
+
+    def test_send_join_servlet_is_request_aware_once(self) -> None:
+        from synapse.federation.transport.server import federation as fed_servlets
+
+        self.install_all()
+        self.install_all()
+        group = transport_server.SERVLET_GROUPS["federation"]
+        native = fed_servlets.FederationV2SendJoinServlet
+        self.assertNotIn(native, group)
+        (servlet,) = [c for c in group if c.__name__ == native.__name__]
+        self.assertTrue(issubclass(servlet, native))
+        self.assertIn(fed_servlets.FederationV1SendJoinServlet, group)
 
     def test_observer_failure_does_not_fail_the_join(self) -> None:
         def broken(room_id: str, prev_events: list[str]) -> None:

@@ -30,10 +30,13 @@ of a new state group is computed from that of the room's previous entry when the
 differ by a few events (:func:`auth_chain_by_difference`), not from scratch.
 
 Answers are prepared ahead, in the background, when a joiner is known to need them
-soon: after a partial ``/send_join`` answer (the joiner's resync asks for the state
-before its join's ``prev_events``), and after a ``/state_ids`` for a big state (the
-matching ``/state`` comes next). Prometheus metrics:
-``synapse_partial_state_state_*``; :meth:`StateServer.stats` has the counters.
+soon: once a partial ``/send_join`` answer has been sent (the joiner's resync asks
+for the state before its join's ``prev_events``), and after a ``/state_ids`` for a
+big state (the matching ``/state`` comes next). Such preparation pauses between
+steps (:data:`PREWARM_PAUSE_RATIO`) until a request waits for it, so that it does
+not slow down the requests being served meanwhile (a wave of joiners). Prometheus
+metrics: ``synapse_partial_state_state_*``; :meth:`StateServer.stats` has the
+counters.
 
 Access checks, errors and answers are stock's: ``assert_host_in_room`` (403, and 403
 ``M_UNABLE_DUE_TO_PARTIAL_STATE`` while the room is partial here), the server ACL
@@ -93,6 +96,13 @@ PREWARM_MIN_STATE = 1000
 #: at most this many events gets its auth chain from that one's (see
 #: :func:`auth_chain_by_difference`).
 INCREMENTAL_AUTH_MAX_CHANGES = 1000
+#: Events loaded and encoded per step of building a ``/state`` answer.
+LOAD_STEP = 1000
+#: A prewarm nobody waits for yet pauses this many times as long as each step
+#: took: it then takes at most about half of the process's time, and leaves the
+#: rest to the requests being served (such as the ``/send_join`` answers of a wave
+#: of joiners). Once a ``/state`` request waits for it, it goes at full speed.
+PREWARM_PAUSE_RATIO = 1.0
 
 REQUESTS = Counter(
     "synapse_partial_state_state_requests_total",
@@ -128,6 +138,9 @@ CACHE_EVICTIONS = Counter(
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+
+#: Awaited between the steps of a computation, with the seconds the step took.
+Pause = Callable[[float], Awaitable[None]]
 
 
 class ByteBudgetLRU(Generic[K, V]):
@@ -200,13 +213,23 @@ class SingleFlight(Generic[K, V]):
 
     def __init__(self) -> None:
         self._waiting: dict[K, list[defer.Deferred[V]]] = {}
+        #: Keys with callers that are not background work.
+        self._foreground: set[K] = set()
 
     def __contains__(self, key: object) -> bool:
         return key in self._waiting
 
-    def run(self, key: K, compute: Callable[[], Awaitable[V]]) -> Awaitable[V]:
+    def has_foreground(self, key: K) -> bool:
+        """Whether a caller other than background work waits for ``key``."""
+        return key in self._foreground
+
+    def run(
+        self, key: K, compute: Callable[[], Awaitable[V]], background: bool = False
+    ) -> Awaitable[V]:
         waiter: defer.Deferred[V] = defer.Deferred()
         waiters = self._waiting.get(key)
+        if not background:
+            self._foreground.add(key)
         if waiters is not None:
             waiters.append(waiter)
         else:
@@ -216,6 +239,7 @@ class SingleFlight(Generic[K, V]):
         return make_deferred_yieldable(waiter)
 
     def _finish(self, result: Any, key: K) -> None:
+        self._foreground.discard(key)
         for waiter in self._waiting.pop(key, []):
             if isinstance(result, Failure):
                 waiter.errback(result)
@@ -524,8 +548,14 @@ class StateServer:
         )
 
     async def _prewarm(self, key: tuple[Any, ...], entry: StateEntry) -> None:
+        flight = ("body", "full") + key
+
+        async def pause(took: float) -> None:
+            if not self._flights.has_foreground(flight):
+                await self._api.sleep(took * PREWARM_PAUSE_RATIO)
+
         answer = await self._flights.run(
-            ("body", "full") + key, lambda: self._full_events(entry)
+            flight, lambda: self._full_events(entry, pause), background=True
         )
         logger.debug(
             "state cache: prewarmed /state of %s at group %d: %d events loaded",
@@ -644,11 +674,13 @@ class StateServer:
 
     # -- events ------------------------------------------------------------------
 
-    async def _full_events(self, entry: StateEntry) -> StateAnswer:
+    async def _full_events(
+        self, entry: StateEntry, pause: Pause | None = None
+    ) -> StateAnswer:
         """Stock ``/state``: the state events that load, then the auth chain of those."""
         answer = StateAnswer()
         missing = await self._encoded(
-            entry.room_id, entry.state_ids, answer.pdus, answer
+            entry.room_id, entry.state_ids, answer.pdus, answer, pause
         )
         auth_ids: Iterable[str] = entry.auth_ids
         if missing:
@@ -656,7 +688,7 @@ class StateServer:
             gone = set(missing)
             loaded = [e for e in entry.state_ids if e not in gone]
             auth_ids = await self._access.auth_chain_ids(entry.room_id, loaded)
-        await self._encoded(entry.room_id, auth_ids, answer.auth, answer)
+        await self._encoded(entry.room_id, auth_ids, answer.auth, answer, pause)
         return answer
 
     async def _members_only_events(
@@ -680,13 +712,15 @@ class StateServer:
         event_ids: Iterable[str],
         out: list[bytes],
         answer: StateAnswer,
+        pause: Pause | None = None,
     ) -> list[str]:
         """Append the encoded events to ``out``, in order; return the IDs of those
         that did not load.
 
-        Cached ones come from the cache; the others are loaded in batches, encoded
-        and cached. Events that do not load (unknown, rejected) are left out, as
-        stock leaves them out."""
+        Cached ones come from the cache; the others are loaded in steps of
+        :data:`LOAD_STEP`, encoded and cached (``pause(seconds the step took)`` is
+        awaited between steps). Events that do not load (unknown, rejected) are
+        left out, as stock leaves them out."""
         pieces: list[bytes | None] = []
         wanted: list[tuple[int, str]] = []
         cache = self._cache
@@ -700,9 +734,14 @@ class StateServer:
         self.counts["events_cached"] += len(pieces) - len(wanted)
         EVENTS_CACHED.labels(self._server_name).inc(len(pieces) - len(wanted))
         missing: list[str] = []
-        if wanted:
-            loaded = await self._access.encoded_pdus([e for _, e in wanted])
-            for index, event_id in wanted:
+        took = 0.0
+        for start in range(0, len(wanted), LOAD_STEP):
+            if start and pause is not None:
+                await pause(took)
+            step = wanted[start : start + LOAD_STEP]
+            began = time.monotonic()
+            loaded = await self._access.encoded_pdus([e for _, e in step])
+            for index, event_id in step:
                 data = loaded.get(event_id)
                 if data is None:
                     missing.append(event_id)
@@ -714,6 +753,7 @@ class StateServer:
                     len(data) + EVENT_OVERHEAD,
                 )
             del loaded
+            took = time.monotonic() - began
         loaded_count = len(wanted) - len(missing)
         answer.loaded += loaded_count
         self.counts["events_loaded"] += loaded_count
