@@ -481,7 +481,8 @@ class StateFetchOps:
             tuple[str, str], tuple[list[str], list[str]]
         ] = {}
         #: (room, event) the engine is fetching the state at -> who waits for it
-        self._in_flight: dict[tuple[str, str], list[Any]] = {}
+        #: (room, None): the join's state, expected but not yet begun
+        self._in_flight: dict[tuple[str, str | None], list[Any]] = {}
 
     async def room_version(self, room_id: str) -> Any:
         return await self._store.get_room_version(room_id)
@@ -540,6 +541,20 @@ class StateFetchOps:
         for key in [k for k in self._remembered_state_ids if k[0] == room_id]:
             del self._remembered_state_ids[key]
 
+    def expect_fetch(self, room_id: str) -> None:
+        """The engine is about to fetch the state at ``room_id``'s join: until
+        :meth:`settle` (or that fetch ends), Synapse's own requests for the
+        state at *any* event of the room wait, then find the room's state stored
+        and fetch only the few events that differ (instead of downloading and
+        storing the whole state a second time, alongside the engine)."""
+        self._in_flight.setdefault((room_id, None), [])
+
+    def settle(self, room_id: str) -> None:
+        """The join's state is stored (or will not be fetched by the engine now):
+        release whoever waits for it."""
+        for waiter in self._in_flight.pop((room_id, None), []):
+            fire(waiter)
+
     def begin_fetch(self, room_id: str, event_ids: Collection[str]) -> None:
         """The engine starts fetching the state at ``event_ids``: Synapse's own
         requests for the same state wait for it (:func:`install_state_ids_reuse`)."""
@@ -550,17 +565,23 @@ class StateFetchOps:
         for event_id in event_ids:
             for waiter in self._in_flight.pop((room_id, event_id), []):
                 fire(waiter)
+        self.settle(room_id)
 
     async def wait_for_fetch(self, room_id: str, event_id: str) -> None:
+        """Wait while the engine fetches the state at ``event_id``, or the state
+        at the room's join (:meth:`expect_fetch`)."""
         from synapse.logging.context import make_deferred_yieldable
         from twisted.internet import defer
 
-        waiters = self._in_flight.get((room_id, event_id))
-        if waiters is None:
-            return
-        waiter: defer.Deferred[None] = defer.Deferred()
-        waiters.append(waiter)
-        await make_deferred_yieldable(waiter)
+        while True:
+            waiters = self._in_flight.get((room_id, event_id))
+            if waiters is None:
+                waiters = self._in_flight.get((room_id, None))
+            if waiters is None:
+                return
+            waiter: defer.Deferred[None] = defer.Deferred()
+            waiters.append(waiter)
+            await make_deferred_yieldable(waiter)
 
     async def state_pdus(
         self,
@@ -679,7 +700,12 @@ def install_state_ids_reuse(ops: StateFetchOps) -> None:
     downloads and stores the room's whole state a second time. With this, a
     request for the state at an event the engine is fetching waits for the engine
     and gets its checked ``/state_ids`` answer; every event listed is then
-    stored, so Synapse asks for nothing more.
+    stored, so Synapse asks for nothing more. A request for the state at another
+    event of the room (an event that arrived during the resync on a fork older
+    than the join) waits until the engine has stored the state at the join
+    (:meth:`StateFetchOps.expect_fetch`), then asks natively: all but the few
+    events that differ are stored by then, so the whole state is not downloaded
+    a second time.
 
     Wraps ``FederationClient.get_room_state_ids`` on this homeserver's instance
     (unchanged in 1.163)."""

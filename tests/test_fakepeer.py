@@ -414,6 +414,43 @@ class SendJoinTests(PeerTestCase):
         self.assertEqual(len(back), 7)
         self.assertEqual(back[0]["sender"], user)
 
+    def test_send_event_with_given_prev_events_forks_the_dag(self) -> None:
+        before = self.peer.room(self.room_id)
+        fork_point = before["last_event_id"]
+        first = self.peer.send_event(
+            self.room_id, "m.room.message", {"msgtype": "m.text", "body": "a"}
+        )["event_id"]
+        forked = self.peer.send_event(
+            self.room_id,
+            "m.room.message",
+            {"msgtype": "m.text", "body": "b"},
+            prev_events=[fork_point],
+        )["event_id"]
+        got = self.fed(
+            self.resident, "GET", f"/_matrix/federation/v1/event/{q(forked)}"
+        ).json()["pdus"][0]
+        self.assertEqual(got["prev_events"], [fork_point])
+        self.assertEqual(
+            sorted(self.peer.room(self.room_id)["forward_extremities"]),
+            sorted([first, forked]),
+        )
+        # the request log keeps the query string
+        log = self.peer.requests(path_regex="/event/")
+        self.assertEqual(log[-1]["query"], {})
+        self.fed(
+            self.resident,
+            "GET",
+            f"/_matrix/federation/v1/state_ids/{q(self.room_id)}",
+            {"event_id": forked},
+        )
+        log = self.peer.requests(path_regex="/state_ids/")
+        self.assertEqual(log[-1]["query"], {"event_id": [forked]})
+        with self.assertRaises(Exception) as cm:
+            self.peer.send_event(
+                self.room_id, "m.room.message", {}, prev_events=["$nope"]
+            )
+        self.assertIn("unknown prev_events", str(cm.exception))
+
     def test_incoming_transaction_and_leave(self) -> None:
         user = "@guest:127.0.0.1:1"
         event_id, ev = self._join_event(user)

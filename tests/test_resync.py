@@ -325,6 +325,51 @@ class EventsDuringResync(_ResyncCase):
         self.bob.wait_for_message(self.room_id, "during")
 
 
+@on_both_databases
+class ForkDuringResync(_ResyncCase):
+    def test_synapse_waits_for_the_engines_state_instead_of_fetching_it_again(
+        self,
+    ) -> None:
+        """An event arriving during the resync whose prev event is older than the
+        join (a fork) makes Synapse ask for the state at that older event. Stock
+        downloads and stores the room's whole state for it, alongside its resync;
+        with the module it waits for the engine's fetch and then needs only the
+        few events that differ."""
+        self.setup_room()
+        fork_point = self.peer.room(self.room_id)["last_event_id"]
+        self.peer.send_event(
+            self.room_id, "m.room.message", {"msgtype": "m.text", "body": "before"}
+        )
+        rule = self.peer.add_behaviour(
+            r"^/_matrix/federation/v1/state/", "delay", seconds=4
+        )
+        since = self.hs2.log_offset()
+        started = time.time()
+        self.bob.join(self.room_id, via=[self.resident])
+        self.peer.send_event(
+            self.room_id,
+            "m.room.message",
+            {"msgtype": "m.text", "body": "forked"},
+            prev_events=[fork_point],
+        )
+        self.wait_complete(since)
+        self.peer.remove_behaviour(rule)
+        self.bob.wait_for_message(self.room_id, "forked")
+        # Synapse did ask about the fork (its own /state_ids at an older event
+        # than the engine's)...
+        state_ids = self.peer.requests(
+            path_regex=r"^/_matrix/federation/v1/state_ids/", since=started
+        )
+        asked_at = {r["query"]["event_id"][0] for r in state_ids}
+        self.assertGreaterEqual(len(asked_at), 2, state_ids)
+        # ...but the whole state was downloaded once: by the engine.
+        full = self.peer.requests(
+            path_regex=r"^/_matrix/federation/v1/state/", since=started
+        )
+        self.assertEqual(len(full), 1, full)
+        self.assert_full_members()
+
+
 def resident_state(events: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
     """Current state of a linear event log: the last event of each state key."""
     state: dict[tuple[str, str], str] = {}

@@ -152,9 +152,27 @@ class ResyncEngine:
     ) -> None:
         """Resync ``room_id`` until it is complete or aborted. Never raises for
         federation failures: it waits and tries again."""
+        if self._fetcher is not None:
+            # Before any wait: Synapse handles the events that arrived during the
+            # join right now, and would fetch the room's whole state for them.
+            self._fetcher.expect(room_id)
+        try:
+            await self._sync_room(room_id, initial_destination, other_destinations)
+        finally:
+            if self._fetcher is not None:
+                self._fetcher.settle(room_id)
+
+    async def _sync_room(
+        self,
+        room_id: str,
+        initial_destination: str | None,
+        other_destinations: Collection[str],
+    ) -> None:
         await self.ensure_schema()
         job = await self._start_job(room_id, initial_destination, other_destinations)
         self._metrics.started()
+        if job.events_persisted > 0 and self._fetcher is not None:
+            self._fetcher.settle(room_id)  # the join's state is stored already
         if job.events_persisted == 0:
             # The state at the join will carry members of every server in the
             # room: get their signing keys now, while the state itself downloads.

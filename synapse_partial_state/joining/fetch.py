@@ -127,6 +127,7 @@ class StateFetcher:
         seen = await ops.in_timeline(prevs)
         missing_prevs = [p for p in prevs if p not in seen]
         if not missing_prevs:
+            ops.settle(room_id)
             return None
         ops.begin_fetch(room_id, missing_prevs)
         try:
@@ -135,6 +136,14 @@ class StateFetcher:
             )
         finally:
             ops.end_fetch(room_id, missing_prevs)
+
+    def expect(self, room_id: str) -> None:
+        """A resync of ``room_id`` starts: Synapse's own requests for state in
+        the room wait until the join's state is fetched (or :meth:`settle`)."""
+        self._ops.expect_fetch(room_id)
+
+    def settle(self, room_id: str) -> None:
+        self._ops.settle(room_id)
 
     def forget(self, room_id: str) -> None:
         """The room's resync is over: drop what was kept for Synapse to reuse."""

@@ -253,8 +253,12 @@ class FakePeer:
         destinations: list[str] | None = None,
         auth_events: list[str] | None = None,
         apply_state: bool = True,
+        prev_events: list[str] | None = None,
     ) -> dict[str, Any]:
         """``POST /control/rooms/{roomId}/send``.
+
+        ``prev_events``: used as given instead of the current forward
+        extremities (e.g. an older event, to fork the room's DAG).
 
         ``auth_events``: used as given instead of those chosen against the
         peer's current state (e.g. a membership the sender no longer has).
@@ -271,6 +275,8 @@ class FakePeer:
             body["auth_events"] = auth_events
         if not apply_state:
             body["apply_state"] = False
+        if prev_events is not None:
+            body["prev_events"] = prev_events
         return self._call("POST", f"/control/rooms/{_q(room_id)}/send", body)
 
     def join_users(

@@ -25,7 +25,8 @@ Rooms hosted by fake servers
   creator; must be on a fake server), destinations? (default: real servers joined),
   auth_events? (event ids used as given instead of those chosen against current
   state), apply_state=true (false: logged and served, current state unchanged, as
-  for an event the resident rejected)}
+  for an event the resident rejected), prev_events? (event ids used as given
+  instead of the forward extremities: forks the DAG)}
   -> {event_id, delivered: {dest: status (0 = connection failure)}, responses}
   ``POST /control/rooms/{roomId}/join_users`` {count, servers?, destinations?}
   -> {event_ids, user_ids, build_seconds, delivered, responses}

@@ -55,6 +55,10 @@ class IncomingHandler:
             "time": time.time(),
             "method": method,
             "path": path,
+            "query": {
+                k.decode("utf-8", "replace"): [v.decode("utf-8", "replace") for v in vs]
+                for k, vs in (request.args or {}).items()
+            },
             "origin": auth.origin if auth else None,
             "server": server.name,
             "status": None,

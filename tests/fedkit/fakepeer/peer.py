@@ -179,6 +179,15 @@ class Peer:
             unknown = [a for a in auth_events if a not in room.by_id]
             if unknown:
                 raise ControlError(400, f"unknown auth_events {unknown}")
+        prev_events = body.get("prev_events")
+        if prev_events is not None:
+            if not isinstance(prev_events, list) or not all(
+                isinstance(p, str) for p in prev_events
+            ):
+                raise ControlError(400, "prev_events must be a list of event ids")
+            unknown = [p for p in prev_events if p not in room.by_id]
+            if unknown:
+                raise ControlError(400, f"unknown prev_events {unknown}")
         ev = room.create_event(
             sender,
             body["type"],
@@ -186,6 +195,7 @@ class Peer:
             body.get("state_key"),
             auth_events=auth_events,
             apply_state=bool(body.get("apply_state", True)),
+            prev_events=prev_events,
         )
         destinations = body.get("destinations")
         if destinations is None:

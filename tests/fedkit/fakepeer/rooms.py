@@ -227,7 +227,8 @@ class Room:
         prev_events: list[str] | None = None,
         auth_events: list[str] | None = None,
     ) -> JsonDict:
-        """An unsigned event dict on top of the current forward extremities.
+        """An unsigned event dict on top of the current forward extremities
+        (or of ``prev_events``: e.g. an older event, to fork the DAG).
 
         ``auth_events`` replaces the auth events chosen against current state
         (e.g. to cite a membership the sender no longer has)."""
@@ -268,12 +269,19 @@ class Room:
         origin_server_ts: int | None = None,
         auth_events: list[str] | None = None,
         apply_state: bool = True,
+        prev_events: list[str] | None = None,
     ) -> StoredEvent:
         """Build, sign (by the sender's server) and append a new event
-        (``auth_events``: see :meth:`new_event_dict`; ``apply_state``: see
-        :meth:`append`)."""
+        (``auth_events``, ``prev_events``: see :meth:`new_event_dict`;
+        ``apply_state``: see :meth:`append`)."""
         d = self.new_event_dict(
-            sender, type, content, state_key, origin_server_ts, auth_events=auth_events
+            sender,
+            type,
+            content,
+            state_key,
+            origin_server_ts,
+            prev_events=prev_events,
+            auth_events=auth_events,
         )
         key = self._key_for(server_of(sender))
         event_id = finalize_event(
