@@ -24,10 +24,16 @@ class FakeOps:
 
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
+        #: events stored when the planner's statistics were refreshed
+        self.analyzed_at: list[int] = []
 
     async def persist_outliers(self, room_id: str, events: list[EventBase]) -> None:
         assert room_id == ROOM
         self.calls.append([e.event_id for e in events])
+
+    async def refresh_planner_stats(self) -> bool:
+        self.analyzed_at.append(len(self.stored))
+        return True
 
     @property
     def stored(self) -> list[str]:
@@ -234,6 +240,28 @@ class _WriterTests(_WriterCase):
         self.assertEqual(set(self.ops.stored), set(self.ids(create, *members)))
         self.assertEqual(self.progress, [(100, 90, 3), (100, 90, 6), (100, 90, 8)])
         self.assertEqual(self.report.persisted, 8)
+
+    def test_planner_stats_refreshed_each_time_the_stored_count_doubles(
+        self,
+    ) -> None:
+        self.patch(fetch, "PERSIST_BATCH", 2)
+        self.patch(fetch, "ANALYZE_FIRST_AT", 3)
+        create = self.event("creator")
+        members = [self.event(f"m{i}", [create]) for i in range(14)]
+        writer = self.writer([create, *members])
+        self.add(writer, create, *members)
+        # batches end at 2, 4, ..., 14, 15: first at >= 3, then at twice that
+        self.assertEqual(self.ops.analyzed_at, [4, 8])
+        self.successResultOf(defer.ensureDeferred(writer.settle_stats()))
+        self.assertEqual(self.ops.analyzed_at, [4, 8, 15])
+
+    def test_no_planner_stats_refresh_for_a_small_state(self) -> None:
+        create = self.event("creator")
+        members = [self.event(f"m{i}", [create]) for i in range(5)]
+        writer = self.writer([create, *members])
+        self.add(writer, create, *members)
+        self.successResultOf(defer.ensureDeferred(writer.settle_stats()))
+        self.assertEqual(self.ops.analyzed_at, [])
 
     def test_progress_counts_increase_across_adds(self) -> None:
         self.patch(fetch, "PERSIST_BATCH", 2)

@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import quote
 
 from tests.fedkit.client import Client
-from tests.fedkit.homeserver import Homeserver
+from tests.fedkit.homeserver import Homeserver, _pg_connect
 from tests.fedkit.testcase import FederationTestCase, on_both_databases
 
 ADMIN = "/_synapse/client/partial_state/v1/admin/rooms"
@@ -368,6 +368,42 @@ class ForkDuringResync(_ResyncCase):
         )
         self.assertEqual(len(full), 1, full)
         self.assert_full_members()
+
+
+@on_both_databases
+class PlannerStats(_ResyncCase):
+    MEMBERS = 1500
+    SERVERS = 10
+
+    def test_postgres_statistics_refreshed_while_storing_a_big_state(self) -> None:
+        self.setup_room()
+        since = self.hs2.log_offset()
+        self.bob.join(self.room_id, via=[self.resident])
+        self.wait_complete(since)
+        self.assert_full_members()
+        refreshed = re.findall(
+            r"planner statistics refreshed \((\d+) events stored\)",
+            self.hs2.read_log()[since:],
+        )
+        if self.hs2.db == "sqlite":
+            self.assertEqual(refreshed, [])
+            return
+        # at 1,000 stored, and once all ~1,500 are
+        self.assertEqual(len(refreshed), 2, refreshed)
+        self.assertGreaterEqual(int(refreshed[-1]), self.MEMBERS)
+        assert self.hs2.database_name is not None
+        conn = _pg_connect(self.hs2.database_name)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(
+                    "SELECT relname, analyze_count FROM pg_stat_user_tables"
+                    " WHERE relname IN ('event_auth_chain_links', 'room_memberships')"
+                )
+                counts = dict(cur.fetchall())
+        finally:
+            conn.close()
+        self.assertGreaterEqual(counts.get("event_auth_chain_links", 0), 2, counts)
+        self.assertGreaterEqual(counts.get("room_memberships", 0), 2, counts)
 
 
 def resident_state(events: list[dict[str, Any]]) -> dict[tuple[str, str], str]:

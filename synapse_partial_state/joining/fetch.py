@@ -56,6 +56,9 @@ STATE_TIMEOUT_PER_EVENT_MS = 5
 STATE_TIMEOUT_MAX_MS = 600_000
 #: Events per outlier persistence call (progress is reported between calls).
 PERSIST_BATCH = 2000
+#: Events stored before the planner's statistics are first refreshed (then each
+#: time the count doubles; see ``StateFetchOps.refresh_planner_stats``).
+ANALYZE_FIRST_AT = 1000
 
 
 class StateIncomplete(Exception):
@@ -206,6 +209,7 @@ class StateFetcher:
             await self._fetch_one_by_one(still, servers, room_version, writer, report)
             clock.lap("single fetches")
         await writer.flush()
+        await writer.settle_stats()
         clock.lap("persist")
         _milestone(room_id, "state_stored", f"{report.persisted} events stored")
 
@@ -401,6 +405,8 @@ class _Writer:
         self._held: dict[str, EventBase] = {}
         self._report = report
         self._progress = progress
+        #: refresh the planner's statistics once this many events are stored
+        self._next_analyze = ANALYZE_FIRST_AT
 
     def wants(self, event_id: str) -> bool:
         return event_id in self._pending and event_id not in self._held
@@ -419,6 +425,20 @@ class _Writer:
         """Store everything held, ready or not (Synapse drops those whose auth
         events are missing; the completeness check then fails the fetch)."""
         await self._store(self._ready(everything=True))
+
+    async def settle_stats(self) -> None:
+        """Once everything is stored: the planner's statistics for what follows
+        (Synapse's finish replaces the room's current state with all of it)."""
+        if self._report.persisted >= ANALYZE_FIRST_AT:
+            await self._refresh_stats()
+
+    async def _refresh_stats(self) -> None:
+        if await self._ops.refresh_planner_stats():
+            logger.info(
+                "Resync of %s: planner statistics refreshed (%d events stored)",
+                self._room_id,
+                self._report.persisted,
+            )
 
     def _ready(self, everything: bool = False) -> list[EventBase]:
         """Held events whose auth events are stored or ready, auth events first."""
@@ -446,6 +466,10 @@ class _Writer:
                 self._pending.discard(event.event_id)
                 self._held.pop(event.event_id, None)
             self._report.persisted += len(batch)
+            if self._report.persisted >= self._next_analyze:
+                # The tables have doubled since the planner last looked.
+                await self._refresh_stats()
+                self._next_analyze = 2 * self._report.persisted
             if self._progress is not None:
                 report = self._report
                 await self._progress(report.fetched, report.verified, report.persisted)
