@@ -108,6 +108,18 @@ class _ResyncCase(FederationTestCase):
         members = self.bob.joined_members(self.room_id, timeout=60)
         self.assertEqual(len(members), self.room["member_count"] + extra)
 
+    def assert_resident_state(self) -> None:
+        """hs2's state of the room is exactly the resident's."""
+        self.assert_full_members()
+        expected = resident_state(
+            self.peer.room_events(self.room_id, limit=100000)["events"]
+        )
+        got = {
+            (e["type"], e["state_key"]): e["event_id"]
+            for e in self.bob.room_state(self.room_id)
+        }
+        self.assertEqual(got, expected)
+
 
 @on_both_databases
 class Failover(_ResyncCase):
@@ -433,15 +445,7 @@ class LyingResident(_ResyncCase):
         since = self.hs2.log_offset()
         self.bob.join(self.room_id, via=[self.resident])
         self.wait_complete(since)
-        self.assert_full_members()
-        expected = resident_state(
-            self.peer.room_events(self.room_id, limit=100000)["events"]
-        )
-        got = {
-            (e["type"], e["state_key"]): e["event_id"]
-            for e in self.bob.room_state(self.room_id)
-        }
-        self.assertEqual(got, expected)
+        self.assert_resident_state()
         self.assertRegex(self.hs2.read_log()[since:], r"[Ss]ignature")
 
 
@@ -451,18 +455,6 @@ EVENT_PATH = r"^/_matrix/federation/v1/event/"
 
 class _OmissionCase(_ResyncCase):
     OMIT = 30
-
-    def assert_resident_state(self) -> None:
-        """hs2's state of the room is exactly the resident's."""
-        self.assert_full_members()
-        expected = resident_state(
-            self.peer.room_events(self.room_id, limit=100000)["events"]
-        )
-        got = {
-            (e["type"], e["state_key"]): e["event_id"]
-            for e in self.bob.room_state(self.room_id)
-        }
-        self.assertEqual(got, expected)
 
 
 @on_both_databases

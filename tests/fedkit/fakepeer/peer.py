@@ -170,24 +170,8 @@ class Peer:
             raise ControlError(400, f"sender {sender!r} is not on a fake server")
         if "type" not in body:
             raise ControlError(400, "missing 'type'")
-        auth_events = body.get("auth_events")
-        if auth_events is not None:
-            if not isinstance(auth_events, list) or not all(
-                isinstance(a, str) for a in auth_events
-            ):
-                raise ControlError(400, "auth_events must be a list of event ids")
-            unknown = [a for a in auth_events if a not in room.by_id]
-            if unknown:
-                raise ControlError(400, f"unknown auth_events {unknown}")
-        prev_events = body.get("prev_events")
-        if prev_events is not None:
-            if not isinstance(prev_events, list) or not all(
-                isinstance(p, str) for p in prev_events
-            ):
-                raise ControlError(400, "prev_events must be a list of event ids")
-            unknown = [p for p in prev_events if p not in room.by_id]
-            if unknown:
-                raise ControlError(400, f"unknown prev_events {unknown}")
+        auth_events = _known_event_ids(room, body, "auth_events")
+        prev_events = _known_event_ids(room, body, "prev_events")
         ev = room.create_event(
             sender,
             body["type"],
@@ -377,3 +361,16 @@ class Peer:
     async def federation_request(self, body: dict[str, Any]) -> dict[str, Any]:
         """``POST /control/federation_request`` (see :mod:`.joiner`)."""
         return await joiner.federation_request(self, body)
+
+
+def _known_event_ids(room: Room, body: dict[str, Any], key: str) -> list[str] | None:
+    """``body[key]``, if given: a list of IDs of events of ``room``."""
+    ids = body.get(key)
+    if ids is None:
+        return None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise ControlError(400, f"{key} must be a list of event ids")
+    unknown = [i for i in ids if i not in room.by_id]
+    if unknown:
+        raise ControlError(400, f"unknown {key} {unknown}")
+    return ids
