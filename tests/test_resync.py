@@ -403,19 +403,27 @@ class PlannerStats(_ResyncCase):
         # at 1,000 stored, and once all ~1,500 are
         self.assertEqual(len(refreshed), 2, refreshed)
         self.assertGreaterEqual(int(refreshed[-1]), self.MEMBERS)
+        # and once Synapse's finish has written the whole current state
+        self.assertIn(
+            "planner statistics refreshed after the finish",
+            self.hs2.read_log()[since:],
+        )
         assert self.hs2.database_name is not None
         conn = _pg_connect(self.hs2.database_name)
         try:
             with conn.cursor() as cur:
                 cur.execute(
                     "SELECT relname, analyze_count FROM pg_stat_user_tables"
-                    " WHERE relname IN ('event_auth_chain_links', 'room_memberships')"
+                    " WHERE relname IN"
+                    " ('event_auth_chain_links', 'room_memberships',"
+                    " 'current_state_events')"
                 )
                 counts = dict(cur.fetchall())
         finally:
             conn.close()
         self.assertGreaterEqual(counts.get("event_auth_chain_links", 0), 2, counts)
         self.assertGreaterEqual(counts.get("room_memberships", 0), 2, counts)
+        self.assertGreaterEqual(counts.get("current_state_events", 0), 3, counts)
 
 
 def resident_state(events: list[dict[str, Any]]) -> dict[tuple[str, str], str]:

@@ -148,6 +148,16 @@ class StateFetcher:
     def settle(self, room_id: str) -> None:
         self._ops.settle(room_id)
 
+    async def after_finish(self, room_id: str, fetched: int) -> None:
+        """Synapse's finish has written the room's whole current state (as many
+        rows as state events): refresh the planner's statistics for what
+        follows (room summaries, member lists, our resident answers)."""
+        if fetched >= ANALYZE_FIRST_AT and await self._ops.refresh_planner_stats():
+            logger.info(
+                "Resync of %s: planner statistics refreshed after the finish",
+                room_id,
+            )
+
     def forget(self, room_id: str) -> None:
         """The room's resync is over: drop what was kept for Synapse to reuse."""
         self._ops.forget_state_ids(room_id)
