@@ -558,7 +558,7 @@ class StateFetchOps:
 
     def expect_fetch(self, room_id: str) -> None:
         """The engine is about to fetch the state at ``room_id``'s join: until
-        :meth:`settle` (or that fetch ends), Synapse's own requests for the
+        :meth:`settle` (when that fetch ends), Synapse's own requests for the
         state at *any* event of the room wait, then find the room's state stored
         and fetch only the few events that differ (instead of downloading and
         storing the whole state a second time, alongside the engine)."""
@@ -580,7 +580,6 @@ class StateFetchOps:
         for event_id in event_ids:
             for waiter in self._in_flight.pop((room_id, event_id), []):
                 fire(waiter)
-        self.settle(room_id)
 
     async def wait_for_fetch(self, room_id: str, event_id: str) -> None:
         """Wait while the engine fetches the state at ``event_id``, or the state

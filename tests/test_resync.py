@@ -17,6 +17,8 @@ from tests.fedkit.testcase import FederationTestCase, on_both_databases
 
 ADMIN = "/_synapse/client/partial_state/v1/admin/rooms"
 STATE_PATHS = r"^/_matrix/federation/v1/state(_ids)?/"
+STATE_PATH = r"^/_matrix/federation/v1/state/"
+EVENT_PATH = r"^/_matrix/federation/v1/event/"
 
 #: Fast retries so tests do not wait for production back-offs: ours and
 #: Synapse's per-destination back-off (10 minutes by default).
@@ -352,9 +354,7 @@ class ForkDuringResync(_ResyncCase):
         self.peer.send_event(
             self.room_id, "m.room.message", {"msgtype": "m.text", "body": "before"}
         )
-        rule = self.peer.add_behaviour(
-            r"^/_matrix/federation/v1/state/", "delay", seconds=4
-        )
+        rule = self.peer.add_behaviour(STATE_PATH, "delay", seconds=4)
         since = self.hs2.log_offset()
         started = time.time()
         self.bob.join(self.room_id, via=[self.resident])
@@ -375,9 +375,7 @@ class ForkDuringResync(_ResyncCase):
         asked_at = {r["query"]["event_id"][0] for r in state_ids}
         self.assertGreaterEqual(len(asked_at), 2, state_ids)
         # ...but the whole state was downloaded once: by the engine.
-        full = self.peer.requests(
-            path_regex=r"^/_matrix/federation/v1/state/", since=started
-        )
+        full = self.peer.requests(path_regex=STATE_PATH, since=started)
         self.assertEqual(len(full), 1, full)
         self.assert_full_members()
 
@@ -447,18 +445,12 @@ class LyingResident(_ResyncCase):
         stored, the genuine events are fetched from their own servers, and the
         room still ends complete and correct."""
         self.setup_room()
-        self.peer.add_behaviour(
-            r"^/_matrix/federation/v1/state/", "bad_signature", server=self.resident
-        )
+        self.peer.add_behaviour(STATE_PATH, "bad_signature", server=self.resident)
         since = self.hs2.log_offset()
         self.bob.join(self.room_id, via=[self.resident])
         self.wait_complete(since)
         self.assert_resident_state()
         self.assertRegex(self.hs2.read_log()[since:], r"[Ss]ignature")
-
-
-STATE_PATH = r"^/_matrix/federation/v1/state/"
-EVENT_PATH = r"^/_matrix/federation/v1/event/"
 
 
 class _OmissionCase(_ResyncCase):

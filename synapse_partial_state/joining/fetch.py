@@ -127,18 +127,27 @@ class StateFetcher:
         prevs = list(event.prev_event_ids())
         # As Synapse decides: a prev event stored only as an outlier (e.g. by an
         # earlier attempt of ours) still has no state here.
-        seen = await ops.in_timeline(prevs)
-        missing_prevs = [p for p in prevs if p not in seen]
-        if not missing_prevs:
-            ops.settle(room_id)
-            return None
-        ops.begin_fetch(room_id, missing_prevs)
         try:
-            return await self._fetch_state_at(
-                destination, event, missing_prevs, other_servers, progress, keys_ready
-            )
+            seen = await ops.in_timeline(prevs)
+            missing_prevs = [p for p in prevs if p not in seen]
+            if not missing_prevs:
+                return None
+            ops.begin_fetch(room_id, missing_prevs)
+            try:
+                return await self._fetch_state_at(
+                    destination,
+                    event,
+                    missing_prevs,
+                    other_servers,
+                    progress,
+                    keys_ready,
+                )
+            finally:
+                ops.end_fetch(room_id, missing_prevs)
         finally:
-            ops.end_fetch(room_id, missing_prevs)
+            # Stored, or failed: Synapse's own requests for the room's state go
+            # ahead (see ``expect``).
+            ops.settle(room_id)
 
     def expect(self, room_id: str) -> None:
         """A resync of ``room_id`` starts: Synapse's own requests for state in
