@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--out",
-        help="results JSON path (default bench-results/<timestamp>/results.json,"
+        help="results JSON path, or a directory to write results.json into (default"
+        " bench-results/<timestamp>/results.json,"
         " also copied to bench-results/latest.json); the table and plot go next to it",
     )
     p.add_argument(
@@ -282,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     json_path = os.path.abspath(
         args.out or os.path.join(RESULTS_DIR, stamp, "results.json")
     )
+    if os.path.isdir(json_path):
+        # --out names a directory: the results go into it, as results.json.
+        json_path = os.path.join(json_path, "results.json")
     run_dir = os.path.dirname(json_path)
     machine = machine_info(with_postgres="postgres" in args.dbs)
     print(f"Machine: {describe_machine(machine)}", file=sys.stderr)

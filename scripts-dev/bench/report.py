@@ -40,6 +40,9 @@ METRICS: dict[str, tuple[str, str, bool]] = {
     "state_mib": ("/state size", "MiB", True),
     "state_repeat_s": ("resident /state, again", "s", True),
     "state_cold_s": ("resident /state, new event", "s", True),
+    "resident_peak_rss_mib": ("resident peak RSS serving", "MiB", True),
+    "resident_rss_growth_mib": ("resident RSS growth serving", "MiB", True),
+    "resident_serve_cpu_s": ("resident CPU serving", "s", True),
 }
 
 #: Breakdown prefix -> (label template, unit).

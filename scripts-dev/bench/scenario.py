@@ -511,6 +511,11 @@ def _measure(
     res_rec["resident_server"] = res_hs.name
     phase(f"resident side: partial send_join to {res_hs.name}")
     off = res_hs.log_offset()
+    # Memory and CPU the resident spends serving the probe joins and the state
+    # requests below (its peak counter reset now; growth over its RSS now).
+    res_window = measure.ResourceWindow(res_hs)
+    res_window.start()
+    rss_before = res_hs.rss_bytes()
     j = peer.join(
         room_id,
         res_hs.server_name,
@@ -560,6 +565,12 @@ def _measure(
     if (j2.get("send_join") or {}).get("status") != 200:
         raise RuntimeError(f"second send_join to {res_hs.name} failed")
     state_request("state_cold", "state", j2["event_id"])
+    served_res = res_window.stop()
+    rm["resident_peak_rss_mib"] = served_res["peak_rss_mib"]
+    rm["resident_rss_growth_mib"] = round(
+        max(0.0, served_res["peak_rss_mib"] - rss_before / MIB), 1
+    )
+    rm["resident_serve_cpu_s"] = served_res["cpu_s"]
 
     time.sleep(0.5)  # log flush
     served = measure.access_requests(

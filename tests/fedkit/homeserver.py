@@ -603,6 +603,7 @@ class Homeserver:
         self._sampler_stop = threading.Event()
         self.samples: list[tuple[float, int, float]] = []  # (time, rss, cpu seconds)
         self._last_rss_peak = 0
+        self._last_rss = 0
         self._last_cpu = 0.0
         self._child_cpu: dict[int, float] = {}
         self._child_peak: dict[int, int] = {}
@@ -828,6 +829,7 @@ class Homeserver:
             )
             self._pgid = self._proc.pid
             self._last_rss_peak = 0
+            self._last_rss = 0
             self._last_cpu = 0.0
             self._child_cpu.clear()
             self._child_peak.clear()
@@ -1048,6 +1050,7 @@ class Homeserver:
         cpu += sum(self._child_cpu.values())
         peak += sum(self._child_peak.values())
         self._last_cpu = cpu
+        self._last_rss = rss
         self._last_rss_peak = max(self._last_rss_peak, peak)
         if self._sampler is not None:
             self.samples.append((time.time(), rss, cpu))
@@ -1059,6 +1062,12 @@ class Homeserver:
         Still available after the process stopped (last value seen)."""
         self._sample_once()
         return self._last_rss_peak
+
+    def rss_bytes(self) -> int:
+        """Resident set size now, plus its helper processes', bytes (last value
+        seen once the process stopped)."""
+        self._sample_once()
+        return self._last_rss
 
     def reset_rss_peak(self) -> None:
         """Reset the kernel's peak-RSS counter (VmHWM), e.g. before a measured step."""
