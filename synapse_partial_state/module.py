@@ -28,6 +28,8 @@ class PartialStateModule:
         self._api = api
         self._config = config
         _synapse.check_synapse_version(config.allow_untested_synapse)
+        # Wherever this process resolves state (resident, joiner, persister).
+        _synapse.install_identical_state_shortcut(api)
 
         if config.resident.enabled:
             SendJoinEnricher(api, config.resident).install()

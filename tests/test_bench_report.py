@@ -215,6 +215,26 @@ class Table(unittest.TestCase):
         self.assertEqual(order, sorted(order))
         self.assertLess(text.index("stage: z "), text.index("stage: c "))
 
+    def test_stage_durations_and_cores_follow_their_stage_in_time(self) -> None:
+        runs = [
+            run(
+                "stock",
+                {
+                    "stage:late": 9.0,
+                    "stage:early": 2.0,
+                    "took:late": 7.0,
+                    "took:early": 2.0,
+                    "cores:late": 0.95,
+                    "dbcores:late": 0.4,
+                },
+            )
+        ]
+        text = report.format_table(runs, breakdowns=True)
+        self.assertIn("stage took: late (s since the stage before)", text)
+        self.assertIn("joiner CPU during: late (cores)", text)
+        self.assertIn("its PostgreSQL during: late (cores)", text)
+        self.assertLess(text.index("stage took: early"), text.index("stage took: late"))
+
     def test_report_has_machine_notes_and_errors(self) -> None:
         failed = dict(run("module", {}), error="TimeoutError: too slow")
         text = report.format_report("2 cores", [*RUNS, failed], notes=["hello"])
@@ -414,6 +434,45 @@ class LogParsers(unittest.TestCase):
         self.assertEqual(got["queued:127.0.0.1:24257"], 1.25)
 
 
+class StageSpans(unittest.TestCase):
+    # Joiner: 1 CPU second per second throughout; PostgreSQL: idle for 4 s,
+    # then 0.5 core.
+    SAMPLES = [
+        (T0 + t, 10.0 + t, 3.0 + max(0.0, t - 4.0) * 0.5)
+        for t in (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)
+    ]
+
+    def test_cpu_interpolated_between_samples(self) -> None:
+        self.assertEqual(measure.cpu_at(self.SAMPLES, T0 + 2.5, 1), 12.5)
+        self.assertEqual(measure.cpu_at(self.SAMPLES, T0 + 5.5, 2), 3.75)
+        self.assertIsNone(measure.cpu_at(self.SAMPLES, T0 - 1, 1))
+        self.assertIsNone(measure.cpu_at(self.SAMPLES, T0 + 9, 1))
+        self.assertIsNone(measure.cpu_at([], T0, 1))
+
+    def test_each_stage_spans_from_the_one_before(self) -> None:
+        spans = measure.stage_spans({"stored": 8.0, "fetched": 4.0}, T0, self.SAMPLES)
+        self.assertEqual(spans["took:fetched"], 4.0)
+        self.assertEqual(spans["took:stored"], 4.0)
+        self.assertEqual(spans["cores:fetched"], 1.0)
+        self.assertEqual(spans["cores:stored"], 1.0)
+        self.assertEqual(spans["dbcores:fetched"], 0.0)
+        self.assertEqual(spans["dbcores:stored"], 0.5)
+
+    def test_no_database_cores_without_database_samples(self) -> None:
+        sqlite = [(t, cpu, 0.0) for t, cpu, _ in self.SAMPLES]
+        spans = measure.stage_spans({"stored": 8.0}, T0, sqlite)
+        self.assertEqual(spans["cores:stored"], 1.0)
+        self.assertNotIn("dbcores:stored", spans)
+
+    def test_short_or_uncovered_spans_have_no_cores(self) -> None:
+        spans = measure.stage_spans({"a": 1.0, "b": 1.1, "c": 20.0}, T0, self.SAMPLES)
+        self.assertEqual(spans["took:b"], 0.1)
+        self.assertNotIn("cores:b", spans)
+        self.assertEqual(spans["took:c"], 18.9)
+        self.assertNotIn("cores:c", spans)  # sampling ended at 8 s
+        self.assertIn("cores:a", spans)
+
+
 class CliHelpers(unittest.TestCase):
     def test_sizes(self) -> None:
         self.assertEqual(
@@ -459,6 +518,37 @@ class CliHelpers(unittest.TestCase):
         self.assertIn("run 1: joining", text)
         self.assertIn(" 25%", text)
         self.assertIn("left", text)
+
+
+class WaitUntilIdle(unittest.TestCase):
+    def run_with(self, rates: list[float], **kw: Any) -> float:
+        """Simulated clock; ``rates[i]``: cores used in the i-th half second."""
+        state = {"now": 0.0, "cpu": 0.0, "step": 0}
+
+        def sleep(seconds: float) -> None:
+            i = min(int(state["step"]), len(rates) - 1)
+            state["cpu"] += rates[i] * seconds
+            state["now"] += seconds
+            state["step"] += 1
+
+        return measure.wait_until_idle(
+            lambda: state["cpu"],
+            clock=lambda: state["now"],
+            sleep=sleep,
+            **kw,
+        )
+
+    def test_idle_at_once_waits_only_the_quiet_period(self) -> None:
+        self.assertEqual(self.run_with([0.0]), 2.0)
+
+    def test_waits_for_the_busy_part_to_pass(self) -> None:
+        # 5 s at one core, then idle: quiet 2 s after the busy part ends.
+        waited = self.run_with([1.0] * 10 + [0.0])
+        self.assertGreaterEqual(waited, 7.0)
+        self.assertLessEqual(waited, 7.5)
+
+    def test_gives_up_after_max_wait(self) -> None:
+        self.assertEqual(self.run_with([1.0], max_wait=10.0), 10.0)
 
 
 if __name__ == "__main__":

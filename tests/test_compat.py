@@ -43,3 +43,24 @@ class VersionGateTests(unittest.TestCase):
         ):
             _synapse.check_synapse_version(allow_untested=True)
         self.assertIn("outside the tested range", logs.output[0])
+
+
+class IdenticalStateSetsTests(unittest.TestCase):
+    A = {("m.room.create", ""): "$c", ("m.room.member", "@a:x"): "$a"}
+
+    def test_equal_maps(self) -> None:
+        self.assertTrue(_synapse.identical_state_sets([self.A, dict(self.A)]))
+        self.assertTrue(_synapse.identical_state_sets([self.A, self.A, self.A]))
+
+    def test_one_map_is_no_resolution(self) -> None:
+        self.assertFalse(_synapse.identical_state_sets([self.A]))
+        self.assertFalse(_synapse.identical_state_sets([]))
+
+    def test_a_different_value_or_key_is_not_identical(self) -> None:
+        other = dict(self.A)
+        other[("m.room.member", "@a:x")] = "$b"
+        self.assertFalse(_synapse.identical_state_sets([self.A, other]))
+        fewer = {("m.room.create", ""): "$c"}
+        self.assertFalse(_synapse.identical_state_sets([self.A, fewer]))
+        self.assertFalse(_synapse.identical_state_sets([fewer, self.A]))
+        self.assertFalse(_synapse.identical_state_sets([self.A, self.A, other]))

@@ -380,6 +380,64 @@ class ForkDuringResync(_ResyncCase):
         self.assert_full_members()
 
 
+#: Events hs2 misses: more than one get_missing_events request returns.
+GAP = 12
+
+
+@on_both_databases
+class IdenticalStatesAfterResync(_ResyncCase):
+    MEMBERS = 60
+
+    def test_identical_state_groups_are_not_resolved_again(self) -> None:
+        """Two forward extremities whose state groups hold the same state (one
+        from Synapse's own /state_ids for an event with a missing prev event) are
+        merged without running state resolution; the room's state stays the
+        resident's and the next local event builds on both."""
+        self.setup_room()
+        since = self.hs2.log_offset()
+        self.bob.join(self.room_id, via=[self.resident])
+        self.wait_complete(since)
+        self.peer.send_event(
+            self.room_id, "m.room.message", {"msgtype": "m.text", "body": "seen"}
+        )
+        self.bob.wait_for_message(self.room_id, "seen")
+        # More events than Synapse asks for at once (get_missing_events, limit
+        # 10) that hs2 never receives, then one on top: the oldest event it
+        # pulls has a missing prev event, so Synapse asks for the state there
+        # instead and stores it as a new state group with the same state.
+        for i in range(GAP):
+            self.peer.send_event(
+                self.room_id,
+                "m.room.message",
+                {"msgtype": "m.text", "body": f"unseen {i}"},
+                destinations=[],
+            )
+        since = self.hs2.log_offset()
+        self.peer.send_event(
+            self.room_id, "m.room.message", {"msgtype": "m.text", "body": "on top"}
+        )
+        self.bob.wait_for_message(self.room_id, "on top")
+        self.hs2.wait_for_log(
+            rf"State resolution in {re.escape(self.room_id)} skipped: 2 identical "
+            r"state sets",
+            timeout=30,
+            since=since,
+        )
+        self.assert_resident_state()
+        self.peer.clear_transactions()
+        self.bob.send_message(self.room_id, "after both")
+
+        def sent() -> dict[str, Any] | None:
+            for txn in self.peer.transactions(destination=self.resident):
+                for pdu in txn.get("body", {}).get("pdus", []):
+                    if (pdu.get("content") or {}).get("body") == "after both":
+                        return pdu
+            return None
+
+        pdu = wait_until(sent, 30, "bob's message at the resident")
+        self.assertEqual(len(pdu["prev_events"]), 2, pdu)
+
+
 @on_both_databases
 class PlannerStats(_ResyncCase):
     MEMBERS = 1500

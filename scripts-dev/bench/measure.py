@@ -23,7 +23,9 @@ from __future__ import annotations
 import datetime
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -315,3 +317,142 @@ class ResourceWindow:
             "peak_rss_mib": round(self.hs.rss_peak_bytes() / MIB, 1),
             "cpu_s": round(self.hs.cpu_seconds() - self._cpu0, 2),
         }
+
+
+#: One CPU sample: (epoch seconds, joiner CPU seconds so far, its database's
+#: PostgreSQL backends' CPU seconds so far).
+CpuSample = tuple[float, float, float]
+
+
+def cpu_at(samples: Sequence[CpuSample], when: float, column: int) -> float | None:
+    """CPU seconds of ``column`` (1 joiner, 2 PostgreSQL) at ``when``, linearly
+    interpolated between the samples around it; None outside the samples."""
+    if not samples or when < samples[0][0] or when > samples[-1][0]:
+        return None
+    for before, after in zip(samples, samples[1:], strict=False):
+        if before[0] <= when <= after[0]:
+            span = after[0] - before[0]
+            if span <= 0:
+                return before[column]
+            frac = (when - before[0]) / span
+            return before[column] + frac * (after[column] - before[column])
+    return samples[-1][column]
+
+
+def stage_spans(
+    stages: Mapping[str, float], t0: float, samples: Sequence[CpuSample]
+) -> dict[str, float]:
+    """Per stage: how long it took and what ran meanwhile.
+
+    ``stages``: {stage: seconds after ``t0``}. Each stage's span runs from the
+    stage before it (in time; the first from ``t0``) to it. Returns, per stage,
+    ``took:<stage>`` (seconds), and where the samples cover the span
+    ``cores:<stage>`` (the joiner's CPU seconds per second: at most about 1 for
+    one Python process) and, when a database CPU was sampled, ``dbcores:<stage>``
+    (its database backends' CPU per second). Spans under 0.2 s get no cores
+    (too short to sample)."""
+    out: dict[str, float] = {}
+    has_db = any(sample[2] > 0 for sample in samples)  # SQLite: all zero
+    previous = 0.0
+    for stage, at in sorted(stages.items(), key=lambda kv: kv[1]):
+        took = max(0.0, at - previous)
+        out[f"took:{stage}"] = round(took, 3)
+        if took >= 0.2:
+            for column, prefix in ((1, "cores"), (2, "dbcores")):
+                a = cpu_at(samples, t0 + previous, column)
+                b = cpu_at(samples, t0 + at, column)
+                if a is not None and b is not None and (column == 1 or has_db):
+                    out[f"{prefix}:{stage}"] = round(max(0.0, b - a) / took, 2)
+        previous = max(previous, at)
+    return out
+
+
+class CpuTimeline:
+    """Samples a kit :class:`Homeserver`'s CPU (with helper processes) and, on
+    PostgreSQL, the CPU of the backends serving its database, every ``interval``
+    seconds in a thread, for :func:`stage_spans`."""
+
+    def __init__(self, hs: Any, interval: float = 0.5) -> None:
+        self.hs = hs
+        self.interval = interval
+        self.samples: list[CpuSample] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._backend_cpu: dict[int, float] = {}
+
+    def _db_cpu(self) -> float:
+        name = getattr(self.hs, "database_name", None)
+        if getattr(self.hs, "db", None) != "postgres" or not name:
+            return 0.0
+        import psutil
+
+        for proc in psutil.process_iter(["name", "cmdline"]):
+            try:
+                if not (proc.info["name"] or "").startswith("postgres"):
+                    continue
+                cmdline = " ".join(proc.info["cmdline"] or [])
+                if f" {name} " not in f" {cmdline} ":
+                    continue
+                times = proc.cpu_times()
+                # Backends that exit keep what they used.
+                self._backend_cpu[proc.pid] = times.user + times.system
+            except psutil.Error:
+                continue
+        return sum(self._backend_cpu.values())
+
+    def _sample(self) -> None:
+        self.samples.append((time.time(), self.hs.cpu_seconds(), self._db_cpu()))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._sample()
+            except Exception:  # a sample lost is not a reason to stop
+                continue
+
+    def start(self) -> None:
+        self._db_cpu()  # backends' CPU before the window is the baseline
+        self._sample()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> list[CpuSample]:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()
+        return self.samples
+
+
+def wait_until_idle(
+    cpu_seconds: Callable[[], float],
+    below: float = 0.15,
+    quiet_for: float = 2.0,
+    max_wait: float = 60.0,
+    interval: float = 0.5,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> float:
+    """Wait until a process has used under ``below`` cores for ``quiet_for``
+    seconds (at most ``max_wait``); returns the seconds waited.
+
+    Before measuring a resident, so that what it still does after the join (a
+    late event's state resolution, its own statistics refresh) is not charged
+    to the request being measured, for stock and module alike."""
+    started = clock()
+    window: list[tuple[float, float]] = [(started, cpu_seconds())]
+    while True:
+        now = clock()
+        if now - started >= max_wait:
+            return now - started
+        sleep(interval)
+        now = clock()
+        window.append((now, cpu_seconds()))
+        while len(window) > 2 and now - window[1][0] >= quiet_for:
+            window.pop(0)
+        t_first, cpu_first = window[0]
+        if (
+            now - t_first >= quiet_for
+            and (window[-1][1] - cpu_first) / (now - t_first) < below
+        ):
+            return now - started

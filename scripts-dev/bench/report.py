@@ -9,7 +9,11 @@ homeserver. A run record is a dict::
 Besides the figures of :data:`METRICS`, ``metrics`` may hold breakdown figures
 named ``<kind>:<name>`` (:data:`BREAKDOWNS`): ``stage:resync complete`` (seconds
 after ``/join`` started), ``bytes:state`` (MiB hs2 received from that endpoint),
-``serve:send_join`` (seconds the resident spent serving it). They get their own
+``serve:send_join`` (seconds the resident spent serving it), and per stage
+``took:<stage>`` (seconds since the stage before), ``cores:<stage>`` and
+``dbcores:<stage>`` (CPU per second of the joiner and of its PostgreSQL backends
+meanwhile: a stage near 1 joiner core is bound by Python's one thread of
+execution, one with busy backends by the database). They get their own
 table below the main one and are not plotted.
 """
 
@@ -48,6 +52,9 @@ METRICS: dict[str, tuple[str, str, bool]] = {
 #: Breakdown prefix -> (label template, unit).
 BREAKDOWNS: dict[str, tuple[str, str]] = {
     "stage": ("stage: {}", "s after /join"),
+    "took": ("stage took: {}", "s since the stage before"),
+    "cores": ("joiner CPU during: {}", "cores"),
+    "dbcores": ("its PostgreSQL during: {}", "cores"),
     "bytes": ("bytes from {}", "MiB"),
     "serve": ("resident serves {}", "s"),
 }
@@ -115,12 +122,15 @@ def _sort_key(
     stock: Mapping[str, Sequence[float]],
     module: Mapping[str, Sequence[float]],
 ) -> tuple[int, float, str]:
-    """Main metrics as listed; stages in time order (stock's, else module's);
-    then bytes and serving times by name."""
+    """Main metrics as listed; stages, and each stage's duration and CPU, in
+    time order (stock's, else module's); then bytes and serving times by name."""
     first, index, name = _metric_order(metric)
-    if metric.startswith("stage:"):
-        when = _median(stock.get(metric))
-        index = when if when is not None else _median(module.get(metric)) or 0
+    kind, _, stage = metric.partition(":")
+    if kind in ("stage", "took", "cores", "dbcores"):
+        when = _median(stock.get(f"stage:{stage}"))
+        if when is None:
+            when = _median(module.get(f"stage:{stage}"))
+        index = when if when is not None else 0
     return (first, index, name)
 
 

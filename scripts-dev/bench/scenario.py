@@ -426,6 +426,7 @@ def _measure(
         seed=hash((s.members, rec["run"])),
     )
     hs2_window = measure.ResourceWindow(hs2)
+    hs2_cpu = measure.CpuTimeline(hs2)
     hs1_window = measure.ResourceWindow(hs1, reset_rss=False) if hs1 else None
     other = OtherLoad()
     hs2_off = hs2.log_offset()
@@ -437,6 +438,7 @@ def _measure(
     other.start()
     traffic.start()
     hs2_window.start()
+    hs2_cpu.start()
     if hs1_window:
         hs1_window.start()
     t0 = time.time()
@@ -459,6 +461,7 @@ def _measure(
         t_full, count = full.result()
     finally:
         resources = hs2_window.stop()
+        cpu_samples = hs2_cpu.stop()
         hs1_res = hs1_window.stop() if hs1_window else None
         rec["traffic"] = asdict(traffic.stop())
         rec["other_load"] = other.stop([hs.pid for hs in servers.values()])
@@ -485,6 +488,8 @@ def _measure(
     rec["stages"] = measure.stage_times(lines, t0, room_id, until=t_full + 0.2)
     for stage, secs in rec["stages"].items():
         m[f"stage:{stage}"] = secs
+    # Each stage's duration, and how busy the joiner and its database were.
+    m.update(measure.stage_spans(rec["stages"], t0, cpu_samples))
     if hs1 is not None:
         served = measure.access_requests(
             measure.read_log_lines(hs1.log_path, hs1_off), origin=hs2.server_name
@@ -509,6 +514,8 @@ def _measure(
     res_rec["room"] = rec["room"]
     res_hs = hs1 or hs2
     res_rec["resident_server"] = res_hs.name
+    phase(f"resident side: waiting for {res_hs.name} to be idle")
+    res_rec["idle_wait_s"] = round(measure.wait_until_idle(res_hs.cpu_seconds), 1)
     phase(f"resident side: partial send_join to {res_hs.name}")
     off = res_hs.log_offset()
     # Memory and CPU the resident spends serving the probe joins and the state
