@@ -1417,8 +1417,20 @@ class ResidentStateAccess:
     async def auth_chain_ids(
         self, room_id: str, event_ids: Collection[str]
     ) -> set[str]:
-        """``get_auth_chain_ids(room_id, event_ids)``, the given events excluded."""
-        return await self._store.get_auth_chain_ids(room_id, event_ids)
+        """What ``get_auth_chain_ids(room_id, event_ids)`` returns: every event
+        reachable from the given ones through one or more auth edges (a given
+        event only if another one's chain holds it), stored events only.
+
+        Synapse answers from its chain cover index, which for a room's whole
+        state costs one chain per member: at 100,000 members the link walk took
+        about 11 s. The chains of a room's state collapse after a step or two
+        (every member event cites the same create, power-levels and join-rules
+        events), so walking ``event_auth`` breadth-first in large batches (what
+        Synapse itself does for rooms without a chain cover, in batches of 100)
+        reads each edge once instead."""
+        return await self._store.db_pool.runInteraction(
+            "sps_auth_chain_ids", _auth_chain_ids_txn, list(event_ids)
+        )
 
     async def encoded_pdus(self, event_ids: Collection[str]) -> dict[str, bytes]:
         """The events as stock ``/state`` serialises them, by event ID.
@@ -1497,6 +1509,47 @@ def _encode_pdu(event: EventBase) -> bytes:
     if not filter_pdus_for_valid_depth([pdu]):
         return b""
     return json_encoder.encode(pdu).encode("utf-8")
+
+
+#: Events whose auth events one query reads (PostgreSQL: one array parameter).
+AUTH_WALK_BATCH_PG = 5000
+#: The same on SQLite (one bound parameter per event).
+AUTH_WALK_BATCH_SQLITE = 500
+
+
+def _auth_chain_ids_txn(txn: Any, event_ids: list[str]) -> set[str]:
+    """Breadth-first walk of ``event_auth`` from ``event_ids`` (see
+    :meth:`ResidentStateAccess.auth_chain_ids`)."""
+    from synapse.storage.database import make_in_list_sql_clause
+    from synapse.storage.engines import PostgresEngine
+
+    batch_size = (
+        AUTH_WALK_BATCH_PG
+        if isinstance(txn.database_engine, PostgresEngine)
+        else AUTH_WALK_BATCH_SQLITE
+    )
+    results: set[str] = set()
+    front = set(event_ids)
+    while front:
+        found: set[str] = set()
+        ordered = sorted(front)
+        for start in range(0, len(ordered), batch_size):
+            clause, args = make_in_list_sql_clause(
+                txn.database_engine,
+                "a.event_id",
+                ordered[start : start + batch_size],
+            )
+            # As Synapse's own walk: auth events it has not stored are left out.
+            txn.execute(
+                "SELECT DISTINCT a.auth_id FROM event_auth AS a"
+                " INNER JOIN events AS e ON (e.event_id = a.auth_id)"
+                f" WHERE {clause}",
+                args,
+            )
+            found.update(auth_id for (auth_id,) in txn)
+        front = found - results
+        results |= front
+    return results
 
 
 def _state_event_rows_txn(
