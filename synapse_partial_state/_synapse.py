@@ -11,6 +11,7 @@ Checked against: matrix-synapse 1.163.2 (source read in the installed wheel).
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 import re
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
@@ -1440,21 +1441,24 @@ class ResidentStateAccess:
         ``filter_pdus_for_valid_depth``, Synapse's federation JSON encoder. Events
         the depth filter drops map to ``b""`` (loaded, not sent).
 
-        Stock's loader parses each event's stored JSON in Python, re-encodes it
-        canonically and builds the (Rust) event from that; for a big room that is
-        most of a ``/state``. Here the plain events (not rejected, no redaction
-        recorded against them, not a redaction, no MSC4293 redact-on-ban for their
-        sender, a known room version of the right event format) are built straight
-        from their stored JSON (``make_event_from_json``, the constructor stock's
-        ``make_event_from_dict`` ends in) and serialised the same way. Everything
-        else, any event whose rebuilt ID does not match, and events already in
-        Synapse's in-memory event cache (``_get_event_cache``) go through
+        Stock builds an event object from each stored JSON, only to encode it
+        back: for a big room that is most of a ``/state`` (at 100,000 members a
+        third of the reactor thread went to ``make_event_from_json`` alone). For a
+        plain event (not rejected, no redaction recorded against it, not a
+        redaction, no MSC4293 redact-on-ban for its sender, a known room version
+        of the right event format) ``get_pdu_json()`` is exactly the stored JSON
+        (Synapse stores ``get_dict()`` with ``redacted_because`` removed, and
+        ``get_pdu_json`` without ``time_now`` changes nothing else), written by
+        the same encoder: so it is sent as stored, once parsed to apply the depth
+        filter (and, for room versions 1 and 2, to check the ``event_id`` it
+        carries). Unlike stock, a row whose content no longer matches its
+        hash-derived ID (database corruption, a 500 from stock) is sent as stored;
+        the joiner's hash check drops it. Everything else, and events already in
+        Synapse's in-memory event cache (``_get_event_cache``), go through
         ``get_events_as_list`` itself. Rows as in
         ``EventsWorkerStore._fetch_event_rows`` (1.163.2).
         """
-        from synapse.api.constants import EventTypes
         from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
-        from synapse.events import make_event_from_json
 
         # Events Synapse holds in memory are served by its own loader at once.
         event_cache = self._store._get_event_cache
@@ -1481,19 +1485,46 @@ class ResidentStateAccess:
                 if special or version is None or version.event_format != fmt:
                     slow.append(event_id)
                     continue
-                try:
-                    event = make_event_from_json(text, version)
-                except Exception:
+                data = stored_pdu_bytes(event_id, text, fmt)
+                if data is None:
                     slow.append(event_id)
-                    continue
-                if event.event_id != event_id or event.type == EventTypes.Redaction:
-                    slow.append(event_id)
-                    continue
-                encoded[event_id] = _encode_pdu(event)
+                else:
+                    encoded[event_id] = data
         if slow:
             for event in await self._store.get_events_as_list(slow):
                 encoded[event.event_id] = _encode_pdu(event)
         return encoded
+
+
+def stored_pdu_bytes(event_id: str, text: str, fmt: int) -> bytes | None:
+    """A plain event's stored JSON as stock ``/state`` sends it (see
+    :meth:`ResidentStateAccess.encoded_pdus`): the stored text itself; ``b""``
+    when stock's depth filter drops it; None when it needs stock's loader (not
+    JSON, not an object, a depth that is not an integer, a redaction, or a room
+    version 1/2 event whose ``event_id`` is not the row's)."""
+    from synapse.api.constants import (
+        CANONICALJSON_MAX_INT,
+        CANONICALJSON_MIN_INT,
+        EventTypes,
+    )
+    from synapse.api.room_versions import EventFormatVersions
+
+    try:
+        pdu = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(pdu, dict):
+        return None
+    depth = pdu.get("depth")
+    if (
+        type(depth) is not int
+        or pdu.get("type") == EventTypes.Redaction
+        or (fmt == EventFormatVersions.ROOM_V1_V2 and pdu.get("event_id") != event_id)
+    ):
+        return None
+    if not CANONICALJSON_MIN_INT <= depth <= CANONICALJSON_MAX_INT:
+        return b""
+    return text.encode("utf-8")
 
 
 #: Events read from the database per query when building ``/state`` answers.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import unittest
 from unittest import mock
 
@@ -64,3 +65,51 @@ class IdenticalStateSetsTests(unittest.TestCase):
         self.assertFalse(_synapse.identical_state_sets([self.A, fewer]))
         self.assertFalse(_synapse.identical_state_sets([fewer, self.A]))
         self.assertFalse(_synapse.identical_state_sets([self.A, self.A, other]))
+
+
+class StoredPduBytesTests(unittest.TestCase):
+    V1, V3, V4 = 1, 2, 3  # EventFormatVersions
+
+    def pdu(self, **fields: object) -> str:
+        base: dict[str, object] = {
+            "type": "m.room.member",
+            "state_key": "@a:x",
+            "content": {"membership": "join", "depth": "not the event's"},
+            "depth": 12,
+        }
+        base.update(fields)
+        return json.dumps(base, separators=(",", ":"))
+
+    def test_plain_event_is_sent_as_stored(self) -> None:
+        text = self.pdu()
+        self.assertEqual(
+            _synapse.stored_pdu_bytes("$e", text, self.V4), text.encode("utf-8")
+        )
+
+    def test_depth_outside_canonical_json_is_dropped_as_stock_drops_it(self) -> None:
+        for depth in (2**53, -(2**53)):
+            self.assertEqual(
+                _synapse.stored_pdu_bytes("$e", self.pdu(depth=depth), self.V4), b""
+            )
+        self.assertNotEqual(
+            _synapse.stored_pdu_bytes("$e", self.pdu(depth=2**53 - 1), self.V4), b""
+        )
+
+    def test_what_needs_stocks_loader(self) -> None:
+        cases = {
+            "not JSON": "{",
+            "not an object": "[1]",
+            "no depth": json.dumps({"type": "m.room.member"}),
+            "depth not an integer": self.pdu(depth="12"),
+            "boolean depth": self.pdu(depth=True),
+            "redaction": self.pdu(type="m.room.redaction"),
+        }
+        for what, text in cases.items():
+            self.assertIsNone(_synapse.stored_pdu_bytes("$e", text, self.V4), what)
+
+    def test_room_v1_v2_event_id_must_match_the_row(self) -> None:
+        text = self.pdu(event_id="$e:x")
+        self.assertIsNotNone(_synapse.stored_pdu_bytes("$e:x", text, self.V1))
+        self.assertIsNone(_synapse.stored_pdu_bytes("$other:x", text, self.V1))
+        # Later formats carry no event_id: nothing to compare.
+        self.assertIsNotNone(_synapse.stored_pdu_bytes("$other", self.pdu(), self.V3))
