@@ -1469,10 +1469,11 @@ class ResidentStateAccess:
                 uncached.append(event_id)
             else:
                 slow.append(event_id)
+        from synapse.util.async_helpers import concurrently_execute
+
         encoded: dict[str, bytes] = {}
-        for start in range(0, len(uncached), STATE_LOAD_BATCH):
-            # (Reading the next batch while building this one does not pay: the
-            # database thread then mostly waits for the GIL.)
+
+        async def load(start: int) -> None:
             rows = await self._store.db_pool.runInteraction(
                 "sps_state_event_rows",
                 _state_event_rows_txn,
@@ -1490,6 +1491,12 @@ class ResidentStateAccess:
                     slow.append(event_id)
                 else:
                     encoded[event_id] = data
+
+        # Reading rows is most of the work now (PostgreSQL side, and row
+        # conversion, which releases the GIL while it waits): two queries at once.
+        await concurrently_execute(
+            load, range(0, len(uncached), STATE_LOAD_BATCH), STATE_LOAD_CONCURRENCY
+        )
         if slow:
             for event in await self._store.get_events_as_list(slow):
                 encoded[event.event_id] = _encode_pdu(event)
@@ -1529,6 +1536,8 @@ def stored_pdu_bytes(event_id: str, text: str, fmt: int) -> bytes | None:
 
 #: Events read from the database per query when building ``/state`` answers.
 STATE_LOAD_BATCH = 1000
+#: Such queries run at once.
+STATE_LOAD_CONCURRENCY = 2
 
 
 def _encode_pdu(event: EventBase) -> bytes:

@@ -97,7 +97,7 @@ PREWARM_MIN_STATE = 1000
 #: :func:`auth_chain_by_difference`).
 INCREMENTAL_AUTH_MAX_CHANGES = 1000
 #: Events loaded and encoded per step of building a ``/state`` answer.
-LOAD_STEP = 1000
+LOAD_STEP = 4000
 #: A prewarm nobody waits for yet pauses this many times as long as each step
 #: took: it then takes at most about half of the process's time, and leaves the
 #: rest to the requests being served (such as the ``/send_join`` answers of a wave
