@@ -751,29 +751,43 @@ def install_state_ids_reuse(ops: StateFetchOps) -> None:
 
     Wraps ``FederationClient.get_room_state_ids`` on this homeserver's instance
     (unchanged in 1.163)."""
-    client: Any = ops._federation_client
-    if getattr(client.get_room_state_ids, "_sps_wrapped", False):
-        return
-    native = client.get_room_state_ids
 
-    async def get_room_state_ids(
-        destination: str, room_id: str, event_id: str
-    ) -> tuple[list[str], list[str]]:
-        await ops.wait_for_fetch(room_id, event_id)
-        remembered = ops.remembered_state_ids(room_id, event_id)
-        if remembered is not None:
-            return remembered
-        return await native(destination, room_id, event_id=event_id)
+    def wrap(native: Callable[..., Any]) -> Callable[..., Any]:
+        async def get_room_state_ids(
+            destination: str, room_id: str, event_id: str
+        ) -> tuple[list[str], list[str]]:
+            await ops.wait_for_fetch(room_id, event_id)
+            remembered = ops.remembered_state_ids(room_id, event_id)
+            if remembered is not None:
+                return remembered
+            return await native(destination, room_id, event_id=event_id)
 
-    get_room_state_ids._sps_wrapped = True  # type: ignore[attr-defined]
-    client.get_room_state_ids = get_room_state_ids
-    _record(
-        PatchRecord(
-            "synapse.federation.federation_client.FederationClient.get_room_state_ids",
-            "wrap (instance)",
-            "reuse the /state_ids answer the resync engine has just fetched",
-        )
+        return get_room_state_ids
+
+    _wrap_instance_method(
+        ops._federation_client,
+        "get_room_state_ids",
+        wrap,
+        "synapse.federation.federation_client.FederationClient.get_room_state_ids",
+        "reuse the /state_ids answer the resync engine has just fetched",
     )
+
+
+def _wrap_instance_method(
+    owner: Any,
+    name: str,
+    wrap: Callable[[Callable[..., Any]], Callable[..., Any]],
+    target: str,
+    why: str,
+) -> None:
+    """Replace ``owner.name`` by ``wrap(native method)`` once, and record it."""
+    native = getattr(owner, name)
+    if getattr(native, "_sps_wrapped", False):
+        return
+    wrapper = wrap(native)
+    wrapper._sps_wrapped = True  # type: ignore[attr-defined]
+    setattr(owner, name, wrapper)
+    _record(PatchRecord(target, "wrap (instance)", why))
 
 
 def identical_state_sets(state_sets: Sequence[Mapping[Any, str]]) -> bool:
@@ -799,38 +813,36 @@ def install_identical_state_shortcut(api: ModuleApi) -> None:
 
     Wraps ``StateResolutionHandler.resolve_events_with_store`` on this
     homeserver's instance (signature unchanged in 1.163)."""
-    handler: Any = homeserver(api).get_state_resolution_handler()
-    if getattr(handler.resolve_events_with_store, "_sps_wrapped", False):
-        return
-    native = handler.resolve_events_with_store
 
-    async def resolve_events_with_store(
-        room_id: str,
-        room_version: str,
-        state_sets: Sequence[StateMap[str]],
-        event_map: dict[str, EventBase] | None,
-        state_res_store: Any,
-    ) -> StateMap[str]:
-        if identical_state_sets(state_sets):
-            logger.info(
-                "State resolution in %s skipped: %d identical state sets of %d entries",
-                room_id,
-                len(state_sets),
-                len(state_sets[0]),
+    def wrap(native: Callable[..., Any]) -> Callable[..., Any]:
+        async def resolve_events_with_store(
+            room_id: str,
+            room_version: str,
+            state_sets: Sequence[StateMap[str]],
+            event_map: dict[str, EventBase] | None,
+            state_res_store: Any,
+        ) -> StateMap[str]:
+            if identical_state_sets(state_sets):
+                logger.info(
+                    "State resolution in %s skipped: %d identical state sets of %d "
+                    "entries",
+                    room_id,
+                    len(state_sets),
+                    len(state_sets[0]),
+                )
+                return dict(state_sets[0])
+            return await native(
+                room_id, room_version, state_sets, event_map, state_res_store
             )
-            return dict(state_sets[0])
-        return await native(
-            room_id, room_version, state_sets, event_map, state_res_store
-        )
 
-    resolve_events_with_store._sps_wrapped = True  # type: ignore[attr-defined]
-    handler.resolve_events_with_store = resolve_events_with_store
-    _record(
-        PatchRecord(
-            "synapse.state.StateResolutionHandler.resolve_events_with_store",
-            "wrap (instance)",
-            "identical state sets resolve to themselves without state resolution",
-        )
+        return resolve_events_with_store
+
+    _wrap_instance_method(
+        homeserver(api).get_state_resolution_handler(),
+        "resolve_events_with_store",
+        wrap,
+        "synapse.state.StateResolutionHandler.resolve_events_with_store",
+        "identical state sets resolve to themselves without state resolution",
     )
 
 
