@@ -1,12 +1,16 @@
-"""The compat layer's version gate (pure logic: the version string is patched)."""
+"""The compat layer's pure parts: the version gate, identical state sets, how stored
+events are served (Synapse faked where it would be called)."""
 
 from __future__ import annotations
 
 import json
 import unittest
+from typing import Any
 from unittest import mock
 
 from synapse.module_api.errors import ConfigError
+from twisted.internet import defer
+from twisted.trial import unittest as trial_unittest
 
 from synapse_partial_state import _synapse
 
@@ -113,3 +117,66 @@ class StoredPduBytesTests(unittest.TestCase):
         self.assertIsNone(_synapse.stored_pdu_bytes("$other:x", text, self.V1))
         # Later formats carry no event_id: nothing to compare.
         self.assertIsNotNone(_synapse.stored_pdu_bytes("$other", self.pdu(), self.V3))
+
+
+class _FakeEventCache:
+    def get_local(self, key: tuple[str], update_metrics: bool = True) -> None:
+        return None
+
+
+class _FakeStore:
+    """Rows for ``_state_event_rows_txn`` made up from the event IDs; each query
+    stays pending until the test fires it."""
+
+    def __init__(self, bad: set[str]) -> None:
+        self._get_event_cache = _FakeEventCache()
+        self.db_pool = self
+        self.bad = bad
+        self.pending: list[tuple[defer.Deferred[Any], list[str]]] = []
+        self.most_at_once = 0
+        self.slow: list[str] = []
+
+    def runInteraction(self, name: str, func: Any, ids: list[str]) -> Any:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.pending.append((d, ids))
+        self.most_at_once = max(self.most_at_once, len(self.pending))
+        return d
+
+    def fire_all(self) -> None:
+        while self.pending:
+            d, ids = self.pending.pop(0)
+            rows = [
+                (
+                    e,
+                    json.dumps({"type": "m.room.member", "depth": 5, "event_id": e})
+                    if e not in self.bad
+                    else "{",
+                    3,
+                    "10",
+                    None,
+                    False,
+                )
+                for e in ids
+            ]
+            d.callback(rows)
+
+    async def get_events_as_list(self, ids: list[str]) -> list[Any]:
+        self.slow.extend(ids)
+        return []
+
+
+class EncodedPdusTests(trial_unittest.TestCase):
+    def test_batches_two_at_a_time_and_every_event_served(self) -> None:
+        ids = [f"$e{i}" for i in range(2500)]
+        store = _FakeStore(bad={"$e1234"})
+        access = _synapse.ResidentStateAccess.__new__(_synapse.ResidentStateAccess)
+        access._store = store
+        d = defer.ensureDeferred(access.encoded_pdus(ids))
+        self.assertEqual(len(store.pending), _synapse.STATE_LOAD_CONCURRENCY)
+        while store.pending:
+            store.fire_all()
+        result = self.successResultOf(d)
+        self.assertEqual(store.most_at_once, 2)
+        self.assertEqual(set(result), set(ids) - {"$e1234"})
+        self.assertEqual(store.slow, ["$e1234"])  # not JSON: stock's loader
+        self.assertEqual(json.loads(result["$e7"])["event_id"], "$e7")
