@@ -4,16 +4,13 @@ Black-box tests run a real Synapse with the module; a fake federation peer plays
 servers asking. The answers are compared with stock Synapse's for the *same*
 database: the homeserver is restarted without the module and asked again. Each test
 runs on SQLite and on PostgreSQL. The pure parts (the byte-budget cache, the answer
-assembly, the state-before-event rule) have unit tests at the end.
-
-``SPS_BENCH=1`` enables :class:`StateServingBenchmark`, which times ``/state`` on a big
-room for the module and for stock Synapse (``SPS_BENCH_MEMBERS``, default 10,000).
+assembly, the state-before-event rule) have unit tests at the end. How fast the
+answers are is the benchmark's business (``scripts-dev/bench``), not these tests'.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 import unittest
@@ -38,7 +35,6 @@ from synapse_partial_state.resident.state import (
     state_body_parts,
 )
 from tests.fedkit.client import Client
-from tests.fedkit.fakepeer.client import FakePeer
 from tests.fedkit.testcase import FederationTestCase, on_both_databases
 
 MEMBER = "m.room.member"
@@ -489,143 +485,6 @@ def patch_targets(client: Client) -> set[str]:
     status, body = client.get("/_synapse/client/partial_state/v1/status")
     assert status == 200, body
     return {p["target"].rsplit(".", 1)[-1] for p in body["patches"]}
-
-
-# ---------------------------------------------------------------------------
-# Benchmark (opt-in)
-
-
-# The skip goes on the class itself (applied first), so that both database
-# variants, which subclass it, inherit it.
-@on_both_databases
-@unittest.skipUnless(os.environ.get("SPS_BENCH") == "1", "set SPS_BENCH=1 to run")
-class StateServingBenchmark(FederationTestCase):
-    """Times ``/state`` of a big fake-peer room on a module and a stock homeserver.
-
-    Each joins the room (partial join, then resync). Then, from a fake server of
-    the room, ``/state`` at the homeserver's join event twice: right after the
-    resync ("warm": Synapse still holds the newest events in memory), and again
-    after a restart ("cold"). Last, one more member joins and the fake server asks
-    ``/state_ids`` then ``/state`` at that join: a new state group, as in a wave of
-    joiners. Peak RSS is sampled over the cold phase."""
-
-    def test_time_state_module_versus_stock(self) -> None:
-        members = int(os.environ.get("SPS_BENCH_MEMBERS", "10000"))
-        servers = max(2, members // 50)
-        peer: FakePeer = self.make_fake_peer()
-        room = peer.create_room(members=members, servers=servers)
-        room_id = room["room_id"]
-        module_hs, stock_hs = self.make_homeservers(["module", "stock"])
-        stock_hs.with_module = False
-        stock_hs.write_config()
-        stock_hs.restart()
-        asker = [s for s in room["servers"] if s != room["resident"]][0]
-        report = [
-            f"/state benchmark: {members + 1} members, {servers} servers, "
-            f"{self.DATABASE}"
-        ]
-        for label, hs in (("module", module_hs), ("stock", stock_hs)):
-            client = self.register(hs, "alice")
-            started = time.monotonic()
-            client.join(room_id, via=[room["resident"]])
-            client.joined_members(room_id, timeout=3600)
-            joined = time.monotonic() - started
-            join_id = client._call(
-                "GET",
-                f"/_matrix/client/v3/rooms/{_q(room_id)}/state/{MEMBER}/"
-                f"{_q(client.user_id)}",
-                params={"format": "event"},
-            )["event_id"]
-            timings: list[str] = []
-            ask = (peer, asker, hs.server_name, room_id, timings)
-            self.timed(*ask, "state", join_id, "warm: /state")
-            self.timed(*ask, "state", join_id, "again")
-            hs.restart()
-            hs.reset_rss_peak()
-            rss_before = hs.rss_peak_bytes()
-            hs.start_sampling(0.1)
-            self.timed(*ask, "state", join_id, "cold: /state")
-            self.timed(*ask, "state", join_id, "again")
-            new = peer.join_users(room_id, 1, destinations=[hs.server_name])
-            new_id = new["event_ids"][0]
-            client.wait_for_event(room_id, partial(_has_id, new_id))
-            self.timed(*ask, "state_ids", new_id, "new member: /state_ids")
-            self.timed(*ask, "state", new_id, "/state")
-            hs.stop_sampling()
-            report.append(
-                f"  {label}: join+resync {joined:.1f}s; "
-                + "; ".join(timings)
-                + f"; RSS after restart {rss_before / 2**20:.0f} MiB, peak while "
-                f"serving cold {hs.rss_peak_bytes() / 2**20:.0f} MiB"
-            )
-        print("\n" + "\n".join(report))
-
-    def test_stock_joiner_resyncing_from_module_versus_stock_resident(self) -> None:
-        """A stock joiner's partial join and resync through each resident."""
-        members = int(os.environ.get("SPS_BENCH_MEMBERS", "10000"))
-        servers = max(2, members // 50)
-        peer: FakePeer = self.make_fake_peer()
-        room = peer.create_room(members=members, servers=servers)
-        room_id = room["room_id"]
-        module_hs, stock_hs = self.make_homeservers(["module", "stock"])
-        joiners = self.make_homeservers(["joiner1", "joiner2"], with_module=False)
-        stock_hs.with_module = False
-        stock_hs.write_config()
-        stock_hs.restart()
-        report = [
-            f"stock joiner resync benchmark: {members + 1} members, {servers} "
-            f"servers, {self.DATABASE}"
-        ]
-        for (label, resident), joiner in zip(
-            (("module", module_hs), ("stock", stock_hs)), joiners, strict=True
-        ):
-            local = self.register(resident, "alice")
-            local.join(room_id, via=[room["resident"]])
-            local.joined_members(room_id, timeout=3600)
-            resident.restart()  # nothing of the room in memory
-            bob = self.register(joiner, "bob")
-            since = resident.log_offset()
-            started = time.monotonic()
-            bob.join(room_id, via=[resident.server_name])
-            joined = time.monotonic() - started
-            bob.joined_members(room_id, timeout=3600)
-            resynced = time.monotonic() - started
-            served = [
-                f"{m.group(3)} {m.group(1)}s+{m.group(2)}s"
-                for m in re.finditer(
-                    r"Processed request: ([\d.]+)sec/([\d.]+)sec .* "
-                    r'"GET /_matrix/federation/v1/(state(?:_ids)?)/',
-                    resident.read_log()[since:],
-                )
-            ]
-            report.append(
-                f"  via {label} resident: /join {joined:.1f}s, resync done "
-                f"{resynced:.1f}s; resident's /state(_ids) processing/sending: "
-                + (", ".join(served) or "none")
-            )
-        print("\n" + "\n".join(report))
-
-    def timed(
-        self,
-        peer: FakePeer,
-        asker: str,
-        destination: str,
-        room_id: str,
-        timings: list[str],
-        endpoint: str,
-        event_id: str,
-        what: str,
-    ) -> None:
-        answer = peer.federation_request(
-            asker, destination, "GET", state_path(room_id, event_id, endpoint)
-        )
-        self.assertEqual(answer["status"], 200, answer)
-        body = answer["body"]
-        count = len(body["pdus"] if "pdus" in body else body["pdu_ids"])
-        timings.append(
-            f"{what} {answer['seconds']:.2f}s "
-            f"({count} events, {answer['bytes'] / 2**20:.1f} MiB)"
-        )
 
 
 # ---------------------------------------------------------------------------
