@@ -795,7 +795,7 @@ def identical_state_sets(state_sets: Sequence[Mapping[Any, str]]) -> bool:
     if len(state_sets) < 2:
         return False
     first = state_sets[0]
-    return all(len(other) == len(first) and other == first for other in state_sets[1:])
+    return all(other == first for other in state_sets[1:])
 
 
 def install_identical_state_shortcut(api: ModuleApi) -> None:
@@ -1471,6 +1471,7 @@ class ResidentStateAccess:
         ``EventsWorkerStore._fetch_event_rows`` (1.163.2).
         """
         from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
+        from synapse.util.async_helpers import concurrently_execute
 
         # Events Synapse holds in memory are served by its own loader at once.
         event_cache = self._store._get_event_cache
@@ -1481,8 +1482,6 @@ class ResidentStateAccess:
                 uncached.append(event_id)
             else:
                 slow.append(event_id)
-        from synapse.util.async_helpers import concurrently_execute
-
         encoded: dict[str, bytes] = {}
 
         async def load(start: int) -> None:
@@ -1521,12 +1520,9 @@ def stored_pdu_bytes(event_id: str, text: str, fmt: int) -> bytes | None:
     when stock's depth filter drops it; None when it needs stock's loader (not
     JSON, not an object, a depth that is not an integer, a redaction, or a room
     version 1/2 event whose ``event_id`` is not the row's)."""
-    from synapse.api.constants import (
-        CANONICALJSON_MAX_INT,
-        CANONICALJSON_MIN_INT,
-        EventTypes,
-    )
+    from synapse.api.constants import EventTypes
     from synapse.api.room_versions import EventFormatVersions
+    from synapse.federation.units import filter_pdus_for_valid_depth
 
     try:
         pdu = json.loads(text)
@@ -1541,7 +1537,7 @@ def stored_pdu_bytes(event_id: str, text: str, fmt: int) -> bytes | None:
         or (fmt == EventFormatVersions.ROOM_V1_V2 and pdu.get("event_id") != event_id)
     ):
         return None
-    if not CANONICALJSON_MIN_INT <= depth <= CANONICALJSON_MAX_INT:
+    if not filter_pdus_for_valid_depth([pdu]):
         return b""
     return text.encode("utf-8")
 
@@ -1584,12 +1580,12 @@ def _auth_chain_ids_txn(txn: Any, event_ids: list[str]) -> set[str]:
     front = set(event_ids)
     while front:
         found: set[str] = set()
-        ordered = sorted(front)
-        for start in range(0, len(ordered), batch_size):
+        pending = list(front)
+        for start in range(0, len(pending), batch_size):
             clause, args = make_in_list_sql_clause(
                 txn.database_engine,
                 "a.event_id",
-                ordered[start : start + batch_size],
+                pending[start : start + batch_size],
             )
             # As Synapse's own walk: auth events it has not stored are left out.
             txn.execute(

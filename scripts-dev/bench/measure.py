@@ -411,8 +411,7 @@ class CpuTimeline:
                 continue
 
     def start(self) -> None:
-        self._db_cpu()  # backends' CPU before the window is the baseline
-        self._sample()
+        self._sample()  # the baseline: CPU used before the window
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
@@ -442,17 +441,15 @@ def wait_until_idle(
     started = clock()
     window: list[tuple[float, float]] = [(started, cpu_seconds())]
     while True:
-        now = clock()
-        if now - started >= max_wait:
-            return now - started
         sleep(interval)
         now = clock()
         window.append((now, cpu_seconds()))
+        # Keep the samples of the last ``quiet_for`` seconds (and one before).
         while len(window) > 2 and now - window[1][0] >= quiet_for:
             window.pop(0)
         t_first, cpu_first = window[0]
         if (
             now - t_first >= quiet_for
             and (window[-1][1] - cpu_first) / (now - t_first) < below
-        ):
+        ) or now - started >= max_wait:
             return now - started
