@@ -15,7 +15,9 @@ from synapse_partial_state.joining.jobs import Job, Phase
 if TYPE_CHECKING:
     from synapse.storage.database import LoggingTransaction
 
-SCHEMA_VERSION = 1
+#: 2: ``events_applied`` added; ``events_persisted`` counts the join's state events
+#: stored (in version 1 it counted the events brought to full state).
+SCHEMA_VERSION = 2
 
 _SCHEMA = [
     """
@@ -39,6 +41,7 @@ _SCHEMA = [
         events_fetched BIGINT NOT NULL,
         events_verified BIGINT NOT NULL,
         events_persisted BIGINT NOT NULL,
+        events_applied BIGINT NOT NULL DEFAULT 0,
         events_remaining BIGINT,
         created_ts BIGINT NOT NULL,
         started_ts BIGINT,
@@ -62,6 +65,7 @@ _COLUMNS = (
     "events_fetched",
     "events_verified",
     "events_persisted",
+    "events_applied",
     "events_remaining",
     "created_ts",
     "started_ts",
@@ -81,11 +85,30 @@ def create_schema_txn(txn: LoggingTransaction) -> None:
             "INSERT INTO sps_schema_version (lock, version) VALUES ('X', ?)",
             (SCHEMA_VERSION,),
         )
-    elif row[0] > SCHEMA_VERSION:
+        return
+    version = row[0]
+    if version > SCHEMA_VERSION:
         raise RuntimeError(
-            f"synapse_partial_state: database schema version {row[0]} is newer than "
+            f"synapse_partial_state: database schema version {version} is newer than "
             f"this module's ({SCHEMA_VERSION}); upgrade the module"
         )
+    if version < 2:
+        _upgrade_to_2_txn(txn)
+    if version < SCHEMA_VERSION:
+        txn.execute("UPDATE sps_schema_version SET version = ?", (SCHEMA_VERSION,))
+
+
+def _upgrade_to_2_txn(txn: LoggingTransaction) -> None:
+    """Version 1 counted in ``events_persisted`` the events brought to full state
+    (now ``events_applied``); the join's state events it stored were last seen
+    as ``events_verified``."""
+    txn.execute(
+        "ALTER TABLE sps_resync_jobs ADD COLUMN events_applied BIGINT NOT NULL DEFAULT 0"
+    )
+    txn.execute(
+        "UPDATE sps_resync_jobs SET events_applied = events_persisted,"
+        " events_persisted = events_verified"
+    )
 
 
 def _to_row(job: Job) -> tuple[Any, ...]:
@@ -103,6 +126,7 @@ def _to_row(job: Job) -> tuple[Any, ...]:
         job.events_fetched,
         job.events_verified,
         job.events_persisted,
+        job.events_applied,
         job.events_remaining,
         job.created_ts,
         job.started_ts,

@@ -78,8 +78,8 @@ class _WriterCase(unittest.SynchronousTestCase):
         return event
 
     def writer(self, missing: Sequence[EventBase | str]) -> _Writer:
-        async def progress(fetched: int, verified: int, persisted: int) -> None:
-            self.progress.append((fetched, verified, persisted))
+        async def progress(report: FetchReport) -> None:
+            self.progress.append((report.fetched, report.verified, report.persisted))
 
         ids = {m if isinstance(m, str) else m.event_id for m in missing}
         return _Writer(self.ops, ROOM, ids, self.report, progress)  # type: ignore[arg-type]

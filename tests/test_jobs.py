@@ -61,6 +61,16 @@ class JobTests(unittest.TestCase):
         job = self.job(started_ts=0, events_persisted=100, events_remaining=50)
         self.assertAlmostEqual(eta_seconds(job, 10_000) or 0, 5.0)
 
+    def test_eta_counts_stored_and_applied_events_alike(self) -> None:
+        job = self.job(
+            started_ts=0, events_persisted=80, events_applied=20, events_remaining=10
+        )
+        self.assertAlmostEqual(eta_seconds(job, 10_000) or 0, 1.0)
+
+    def test_eta_none_once_nothing_remains(self) -> None:
+        job = self.job(started_ts=0, events_persisted=80, events_remaining=0)
+        self.assertIsNone(eta_seconds(job, 10_000))
+
     def test_eta_unknown_without_progress(self) -> None:
         self.assertIsNone(eta_seconds(self.job(started_ts=0, events_remaining=5), 1000))
         self.assertIsNone(

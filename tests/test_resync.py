@@ -193,6 +193,60 @@ class RestartMidResync(_ResyncCase):
 
 
 @on_both_databases
+class RestartMidStore(_ResyncCase):
+    OMIT = 30
+
+    def test_restart_after_part_of_the_state_is_stored_fetches_only_the_rest(
+        self,
+    ) -> None:
+        """Every server's /state leaves out the same members, and nobody serves
+        them alone: hs2 stores the rest and backs off. Restarted, it resumes from
+        its job row and asks only for the missing events: no /state again, no
+        event it stored fetched twice, and the room ends with the exact state."""
+        self.setup_room()
+        omit = self.peer.add_behaviour(STATE_PATH, "omit", omit=self.OMIT)
+        gone = self.peer.add_behaviour(EVENT_PATH, "error", status=404)
+        self.bob.join(self.room_id, via=[self.resident])
+        before = wait_until(
+            lambda: (j := self.job_if_any()) is not None and j["attempts"] >= 1 and j,
+            60,
+            "a failed round",
+        )
+        # The job row says how far it got: all but the omitted members (and
+        # the join's prev event, never in a /state answer) are stored.
+        self.assertEqual(before["events_remaining"], self.OMIT + 1)
+        self.assertGreater(before["events_persisted"], self.room["member_count"] - 40)
+        self.assertEqual(before["events_applied"], 0)
+        self.assertIsNotNone(before["eta_seconds"])
+
+        self.hs2.stop()
+        self.peer.remove_behaviour(omit)
+        self.peer.remove_behaviour(gone)
+        self.peer.clear_requests()
+        self.hs2.start()
+        self.wait_complete(0)  # the log is appended to across restarts
+        self.assert_resident_state()
+        self.assertIn(f"Resuming resync of {self.room_id}", self.hs2.read_log())
+
+        self.assertEqual(self.peer.requests(path_regex=STATE_PATH), [])
+        fetched = [
+            r["path"].rsplit("/", 1)[1]
+            for r in self.peer.requests(path_regex=EVENT_PATH)
+            if r["status"] == 200
+        ]
+        self.assertEqual(len(fetched), len(set(fetched)))
+        self.assertEqual(len(fetched), self.OMIT + 1)
+        after = self.job()
+        self.assertEqual(after["phase"], "done")
+        self.assertEqual(after["created_ts"], before["created_ts"])
+        self.assertEqual(
+            after["events_persisted"], before["events_persisted"] + self.OMIT + 1
+        )
+        self.assertGreaterEqual(after["events_applied"], 1)
+        self.assertEqual(after["events_remaining"], 0)
+
+
+@on_both_databases
 class LeaveMidResync(_ResyncCase):
     def test_last_local_leave_aborts_and_rejoin_works(self) -> None:
         self.setup_room()

@@ -26,7 +26,11 @@ from twisted.internet import defer
 from synapse_partial_state import _synapse
 from synapse_partial_state.config import ResyncConfig
 from synapse_partial_state.joining import jobs
-from synapse_partial_state.joining.fetch import StateFetcher, StateIncomplete
+from synapse_partial_state.joining.fetch import (
+    FetchReport,
+    StateFetcher,
+    StateIncomplete,
+)
 from synapse_partial_state.joining.jobs import Job, Phase
 from synapse_partial_state.joining.metrics import ResyncMetrics
 from synapse_partial_state.storage import (
@@ -175,9 +179,9 @@ class ResyncEngine:
         await self.ensure_schema()
         job = await self._start_job(room_id, initial_destination, other_destinations)
         self._metrics.started()
-        if job.events_persisted > 0 and self._fetcher is not None:
+        if job.events_applied > 0 and self._fetcher is not None:
             self._fetcher.settle(room_id)  # the join's state is stored already
-        if job.events_persisted == 0:
+        if job.events_applied == 0:
             # The state at the join will carry members of every server in the
             # room: get their signing keys now, while the state itself downloads.
             ready: defer.Deferred[None] = defer.Deferred()
@@ -305,10 +309,12 @@ class ResyncEngine:
                 next_attempt_ts=None,
             )
             logger.info(
-                "Resuming resync of %s (attempts so far: %d, %d events persisted)",
+                "Resuming resync of %s (attempts so far: %d, %d state events "
+                "stored, %d events brought to full state)",
                 room_id,
                 job.attempts,
                 job.events_persisted,
+                job.events_applied,
             )
         else:
             job = Job(
@@ -371,7 +377,7 @@ class ResyncEngine:
         """De-partial-state one event, trying servers and backing off until it
         succeeds (or the room is abandoned)."""
         room_id = job.room_id
-        fetching = job.events_persisted == 0 or event.event_id == job.join_event_id
+        fetching = job.events_applied == 0 or event.event_id == job.join_event_id
         phase = Phase.FETCHING if fetching else Phase.APPLYING
         if job.phase != phase:
             job = await self._save(job.evolve(self._ops.now_ms(), phase=phase))
@@ -388,6 +394,9 @@ class ResyncEngine:
                     job = await self._fetch_state(job, destination, event)
                 await self._ops.update_state_for_partial_state_event(destination, event)
             except Exception as e:
+                # What the failed attempt stored still counts (the fetch saved
+                # its progress as it went).
+                job = self._jobs.get(room_id, job)
                 retry_after = _synapse.is_pull_backoff(e)
                 if retry_after is not None:
                     # Synapse failed to pull this event's prev events recently
@@ -425,7 +434,7 @@ class ResyncEngine:
             )
             return job.evolve(
                 self._ops.now_ms(),
-                events_persisted=job.events_persisted + 1,
+                events_applied=job.events_applied + 1,
                 events_remaining=remaining,
             )
 
@@ -443,12 +452,14 @@ class ResyncEngine:
 
         counters = {"job": job}
 
-        async def progress(fetched: int, verified: int, persisted: int) -> None:
+        async def progress(report: FetchReport) -> None:
             counters["job"] = await self._save(
                 counters["job"].evolve(
                     self._ops.now_ms(),
-                    events_fetched=fetched,
-                    events_verified=verified,
+                    events_fetched=report.fetched,
+                    events_verified=report.verified,
+                    events_persisted=report.already_stored + report.persisted,
+                    events_remaining=max(report.to_store - report.persisted, 0),
                 )
             )
 
@@ -608,10 +619,12 @@ class ResyncEngine:
         if self._fetcher is not None:
             self._fetcher.forget(job.room_id)
         logger.info(
-            "Resync of %s complete in %.1f s (%d events, %d failed round(s))",
+            "Resync of %s complete in %.1f s (%d state events stored, %d events "
+            "brought to full state, %d failed round(s))",
             job.room_id,
             (now - job.created_ts) / 1000,
             job.events_persisted,
+            job.events_applied,
             job.attempts,
         )
 

@@ -78,6 +78,11 @@ class FetchReport:
     """What one fetch did, for the engine's log line and job counters."""
 
     state_events: int = 0
+    #: Events of the state and its auth chain already stored when this fetch
+    #: began (partial state, or stored by an attempt before a restart).
+    already_stored: int = 0
+    #: Events this fetch had to store.
+    to_store: int = 0
     fetched: int = 0
     verified: int = 0
     rechecked: int = 0
@@ -98,8 +103,9 @@ class FetchReport:
         )
 
 
-#: (fetched, verified, persisted) so far.
-Progress = Callable[[int, int, int], Awaitable[None]]
+#: Called with the report as it grows: once the events to store are known, then
+#: after each batch stored.
+Progress = Callable[[FetchReport], Awaitable[None]]
 #: Waits (a bounded time) until the signing keys of the room's servers are stored.
 KeysReady = Callable[[], Awaitable[None]]
 
@@ -198,6 +204,10 @@ class StateFetcher:
         required = wanted_state | set(missing_prevs)
         wanted = required | wanted_auth
         missing = wanted - await ops.have_seen(room_id, wanted)
+        report.already_stored = len(wanted) - len(missing)
+        report.to_store = len(missing)
+        if progress is not None:
+            await progress(report)
         if not missing:
             return report
 
@@ -490,8 +500,7 @@ class _Writer:
                 await self._refresh_stats()
                 self._next_analyze = 2 * self._report.persisted
             if self._progress is not None:
-                report = self._report
-                await self._progress(report.fetched, report.verified, report.persisted)
+                await self._progress(self._report)
 
 
 def _milestone(room_id: str, stage: str, detail: str) -> None:

@@ -44,9 +44,15 @@ class Job:
     attempts: int = 0
     next_attempt_ts: int | None = None
     last_error: str | None = None
+    #: State events at the join downloaded by the engine's fetch (this attempt).
     events_fetched: int = 0
+    #: Of those, signatures and hashes checked in bulk.
     events_verified: int = 0
+    #: State events at the join stored (before a restart too).
     events_persisted: int = 0
+    #: Events received since the join brought to full state (re-authed).
+    events_applied: int = 0
+    #: While fetching: state events still to store; then: events still partial.
     events_remaining: int | None = None
     started_ts: int | None = None
     completed_ts: int | None = None
@@ -92,9 +98,11 @@ def next_destination(
 
 
 def eta_seconds(job: Job, now: int) -> float | None:
-    """A rough time to completion from the rate of persisted events so far."""
-    if job.started_ts is None or not job.events_remaining or job.events_persisted <= 0:
+    """A rough time to completion: what remains at the rate of the work done so
+    far (state events stored and events brought to full state, all counted
+    alike; elapsed since the job started, download and waits included)."""
+    done = job.events_persisted + job.events_applied
+    if job.started_ts is None or not job.events_remaining or done <= 0:
         return None
     elapsed = max(now - job.started_ts, 1) / 1000
-    rate = job.events_persisted / elapsed
-    return job.events_remaining / rate if rate > 0 else None
+    return job.events_remaining / (done / elapsed)
