@@ -30,6 +30,8 @@ class PartialStateModule:
         _synapse.check_synapse_version(config.allow_untested_synapse)
         # Wherever this process resolves state (resident, joiner, persister).
         _synapse.install_identical_state_shortcut(api)
+        # Wherever this process persists events (current state included).
+        _synapse.install_current_state_guard(api)
 
         if config.resident.enabled:
             SendJoinEnricher(api, config.resident).install()

@@ -30,6 +30,7 @@ class TwoModuleHomeservers(FederationTestCase):
             self.assertIn("on_send_join_request", targets)
             self.assertIn("_get_event_ids_for_partial_state_join", targets)
             self.assertIn("_sync_partial_state_room", targets)
+            self.assertIn("_update_current_state", targets)
 
         alice = self.register(hs1, "alice")
         bob = self.register(hs2, "bob")
