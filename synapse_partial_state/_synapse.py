@@ -274,9 +274,7 @@ class ResyncOps:
         lists, clear the partial flag under Synapse's linearizer, wake waiters and
         replication. False if new partial-state events raced in (go round again)."""
         await self._hs.get_state_handler().update_current_state(room_id)
-        if await self._store.db_pool.runInteraction(
-            "sps_has_partial_state_events", _has_partial_state_events_txn, room_id
-        ):
+        if await has_partial_state_events(self._store, room_id):
             # Raced by new partial-state events (the current state was kept:
             # ``install_current_state_guard``); the clear would fail too.
             return False
@@ -859,6 +857,15 @@ def _has_partial_state_events_txn(txn: Any, room_id: str) -> bool:
     return txn.fetchone() is not None
 
 
+async def has_partial_state_events(store: Any, room_id: str) -> bool:
+    """Whether any event of ``room_id`` still has partial state."""
+    return bool(
+        await store.db_pool.runInteraction(
+            "sps_has_partial_state_events", _has_partial_state_events_txn, room_id
+        )
+    )
+
+
 def current_state_guard(
     native: Callable[..., Awaitable[None]],
     has_partial_state_events: Callable[[str], Awaitable[bool]],
@@ -907,19 +914,13 @@ def install_current_state_guard(api: ModuleApi) -> None:
         return  # this process does not persist events
     store = homeserver(api).get_datastores().main
 
-    async def has_partial_state_events(room_id: str) -> bool:
-        return bool(
-            await store.db_pool.runInteraction(
-                "sps_has_partial_state_events",
-                _has_partial_state_events_txn,
-                room_id,
-            )
-        )
+    async def room_has_partial_state_events(room_id: str) -> bool:
+        return await has_partial_state_events(store, room_id)
 
     _wrap_instance_method(
         controller,
         "_update_current_state",
-        lambda native: current_state_guard(native, has_partial_state_events),
+        lambda native: current_state_guard(native, room_has_partial_state_events),
         "synapse.storage.controllers.persist_events."
         "EventsPersistenceStorageController._update_current_state",
         "a room's current state is not recalculated while it has partial-state "
