@@ -38,7 +38,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from unpaddedbase64 import decode_base64
 
-from tests.fedkit.fakepeer.client import FakePeer, FakePeerError
+from tests.fedkit.fakepeer.control_client import FakePeer, FakePeerError
 
 JsonDict = dict[str, Any]
 

@@ -12,12 +12,9 @@ import time
 
 import psutil
 
-from tests.fedkit.homeserver import (
-    REPO_ROOT,
-    HomeserverStartError,
-    drop_postgres_database,
-    postgres_database_exists,
-)
+from tests.fedkit.homeserver import HomeserverStartError
+from tests.fedkit.postgres import drop_postgres_database, postgres_database_exists
+from tests.fedkit.process import REPO_ROOT
 from tests.fedkit.testcase import FederationTestCase, on_both_databases
 
 

@@ -12,8 +12,8 @@ from urllib.parse import quote
 from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
 from synapse.events import make_event_from_dict
 
-from tests.fedkit.client import Client
 from tests.fedkit.homeserver import Homeserver
+from tests.fedkit.matrix_client import Client
 from tests.fedkit.testcase import FederationTestCase, on_both_databases
 
 SUMMARY = "org.matrix.msc2775.summary"

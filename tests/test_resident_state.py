@@ -34,7 +34,7 @@ from synapse_partial_state.resident.state import (
     state_before,
     state_body_parts,
 )
-from tests.fedkit.client import Client
+from tests.fedkit.matrix_client import Client
 from tests.fedkit.testcase import FederationTestCase, on_both_databases
 
 MEMBER = "m.room.member"

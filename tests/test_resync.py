@@ -11,8 +11,9 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
-from tests.fedkit.client import Client
-from tests.fedkit.homeserver import Homeserver, _pg_connect
+from tests.fedkit.homeserver import Homeserver
+from tests.fedkit.matrix_client import Client
+from tests.fedkit.postgres import pg_connect as _pg_connect
 from tests.fedkit.testcase import FederationTestCase, on_both_databases
 
 ADMIN = "/_synapse/client/partial_state/v1/admin/rooms"

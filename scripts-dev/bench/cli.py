@@ -22,12 +22,16 @@ import signal
 import sys
 import tempfile
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from bench import report
 from bench.machine import REPO_ROOT, describe_machine, machine_info
 from bench.progress import Progress
 from bench.scenario import Settings, run_measurement, servers_for
+
+if TYPE_CHECKING:
+    from tests.fedkit.certs import KitCA
 
 DEFAULT_SIZES = "1000,10000,100000"
 RESULTS_DIR = os.path.join(REPO_ROOT, "bench-results")
@@ -241,44 +245,45 @@ def notes_for(args: argparse.Namespace, runs: list[dict[str, Any]]) -> list[str]
     return notes
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.report:
-        data = report.read_json(args.report)
-        print(
-            finish(
-                args.report,
-                data["machine"],
-                data["runs"],
-                data.get("notes") or [],
-                latest=False,
-            )
+def _reprint(json_path: str) -> int:
+    """``--report``: print the tables of an existing results file again."""
+    data = report.read_json(json_path)
+    print(
+        finish(
+            json_path,
+            data["machine"],
+            data["runs"],
+            data.get("notes") or [],
+            latest=False,
         )
-        return 0
-    try:
-        resolve(args)
-    except ValueError as e:
-        parser.error(str(e))
+    )
+    return 0
 
-    if "postgres" in args.dbs:
-        from bench.machine import postgres_version
 
-        if postgres_version() is None:
-            print(
-                "PostgreSQL is not reachable at 127.0.0.1:5432 as user postgres"
-                " (SPS_PG_* variables); start it or use --db sqlite",
-                file=sys.stderr,
-            )
-            return 2
+def _postgres_reachable() -> bool:
+    from bench.machine import postgres_version
 
-    # SIGTERM unwinds like Ctrl-C, so that the fake peer is stopped too (the kit
-    # stops the homeservers first, then calls this).
+    if postgres_version() is None:
+        print(
+            "PostgreSQL is not reachable at 127.0.0.1:5432 as user postgres"
+            " (SPS_PG_* variables); start it or use --db sqlite",
+            file=sys.stderr,
+        )
+        return False
+    return True
+
+
+def _unwind_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so that the fake peer is stopped too (the kit
+    stops the homeservers first, then calls this)."""
+
     def on_term(signum: int, frame: Any) -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_term)
 
+
+def _results_path(args: argparse.Namespace) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     json_path = os.path.abspath(
         args.out or os.path.join(RESULTS_DIR, stamp, "results.json")
@@ -286,7 +291,135 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.isdir(json_path):
         # --out names a directory: the results go into it, as results.json.
         json_path = os.path.join(json_path, "results.json")
-    run_dir = os.path.dirname(json_path)
+    return json_path
+
+
+def _settings(
+    args: argparse.Namespace, variant: str, db: str, members: int, servers: int
+) -> Settings:
+    return Settings(
+        variant=variant,
+        db=db,
+        members=members,
+        servers=servers,
+        via_hs1=members <= args.via_hs1_max,
+        resident=not args.no_resident,
+        room_version=args.room_version,
+        traffic_interval=args.traffic_interval,
+        timeout=args.timeout,
+    )
+
+
+def _print_records(
+    progress: Progress, label: str, records: list[dict[str, Any]]
+) -> None:
+    for r in records:
+        if r.get("error"):
+            progress.line(f"{label} {r['scenario']}: FAILED: {r['error']}")
+        elif r["scenario"] == "join":
+            m = r["metrics"]
+            progress.line(
+                f"{label}: /join {m['join_s']:.2f} s, message"
+                f" {m['message_remote_s']:.2f} s, members"
+                f" {m['full_members_s']:.1f} s, RSS {m['peak_rss_mib']:.0f} MiB"
+            )
+
+
+@dataclass
+class _Run:
+    """One benchmark invocation: where results go and what was measured so far."""
+
+    args: argparse.Namespace
+    json_path: str
+    machine: dict[str, Any]
+    params: dict[str, Any]
+    progress: Progress
+    base: str
+    ca: KitCA
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    def measure(
+        self, run: int, db: str, members: int, servers: int, position: int, variant: str
+    ) -> None:
+        """One measurement: run it, print it, save all runs so far."""
+        args = self.args
+        via = members <= args.via_hs1_max
+        label = f"run {run + 1}/{args.runs} {db} {members:,} members {variant}"
+        self.progress.step_started(label)
+        name = f"r{run}-{db}-{members}-{variant}"
+        records = run_measurement(
+            _settings(args, variant, db, members, servers),
+            os.path.join(self.base, name),
+            self.ca,
+            run=run,
+            order=position,
+            phase=self.progress.phase,
+            logs_dir=os.path.join(os.path.dirname(self.json_path), "logs", name),
+        )
+        self.runs.extend(records)
+        _print_records(self.progress, label, records)
+        report.write_json(
+            self.json_path, self.machine, self.runs, parameters=self.params
+        )
+        if not args.keep:
+            shutil.rmtree(os.path.join(self.base, name), ignore_errors=True)
+        self.progress.step_done(weight(members, via))
+
+
+def _run_steps(bench: _Run, steps: list[tuple[int, str, int, int, list[str]]]) -> bool:
+    """Every measurement of the plan; True if interrupted. Stops everything."""
+    from tests.fedkit.cleanup import cleanup_all
+
+    try:
+        for run, db, members, servers, order in steps:
+            for position, variant in enumerate(order):
+                bench.measure(run, db, members, servers, position, variant)
+        bench.progress.finish()
+    except (KeyboardInterrupt, SystemExit):
+        bench.progress.line("interrupted: stopping everything")
+        return True
+    finally:
+        cleanup_all()
+        if bench.args.keep:
+            print(f"work directories kept in {bench.base}", file=sys.stderr)
+        else:
+            shutil.rmtree(bench.base, ignore_errors=True)
+    return False
+
+
+def _conclude(bench: _Run, interrupted: bool) -> int:
+    """Notes, the final JSON, the table and the plot; the exit status."""
+    runs, json_path = bench.runs, bench.json_path
+    if not runs:
+        return 130 if interrupted else 1
+    notes = notes_for(bench.args, runs)
+    report.write_json(
+        json_path, bench.machine, runs, parameters=bench.params, notes=notes
+    )
+    text = finish(json_path, bench.machine, runs, notes, latest=bench.args.out is None)
+    print(text)
+    table_path, png_path = _outputs(json_path)
+    print(f"Results: {json_path}\n        {table_path}\n        {png_path}")
+    if interrupted:
+        return 130
+    return 1 if any(r.get("error") for r in runs) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.report:
+        return _reprint(args.report)
+    try:
+        resolve(args)
+    except ValueError as e:
+        parser.error(str(e))
+
+    if "postgres" in args.dbs and not _postgres_reachable():
+        return 2
+    _unwind_on_sigterm()
+
+    json_path = _results_path(args)
     machine = machine_info(with_postgres="postgres" in args.dbs)
     print(f"Machine: {describe_machine(machine)}", file=sys.stderr)
     steps = plan(args.runs, args.dbs, args.sizes_list, args.variant_list)
@@ -295,78 +428,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     progress = Progress(total)
     base = tempfile.mkdtemp(prefix="sps-bench-", dir=args.workdir)
-    from tests.fedkit import homeserver as kit
     from tests.fedkit.certs import KitCA
 
-    ca = KitCA(os.path.join(base, "ca"))
-    runs: list[dict[str, Any]] = []
     params = {
         k: v for k, v in vars(args).items() if k not in ("report",) and v is not None
     }
-    interrupted = False
-    try:
-        for run, db, members, servers, order in steps:
-            for position, variant in enumerate(order):
-                via = members <= args.via_hs1_max
-                label = f"run {run + 1}/{args.runs} {db} {members:,} members {variant}"
-                progress.step_started(label)
-                name = f"r{run}-{db}-{members}-{variant}"
-                records = run_measurement(
-                    Settings(
-                        variant=variant,
-                        db=db,
-                        members=members,
-                        servers=servers,
-                        via_hs1=via,
-                        resident=not args.no_resident,
-                        room_version=args.room_version,
-                        traffic_interval=args.traffic_interval,
-                        timeout=args.timeout,
-                    ),
-                    os.path.join(base, name),
-                    ca,
-                    run=run,
-                    order=position,
-                    phase=progress.phase,
-                    logs_dir=os.path.join(run_dir, "logs", name),
-                )
-                runs.extend(records)
-                for r in records:
-                    if r.get("error"):
-                        progress.line(f"{label} {r['scenario']}: FAILED: {r['error']}")
-                    elif r["scenario"] == "join":
-                        m = r["metrics"]
-                        progress.line(
-                            f"{label}: /join {m['join_s']:.2f} s, message"
-                            f" {m['message_remote_s']:.2f} s, members"
-                            f" {m['full_members_s']:.1f} s, RSS {m['peak_rss_mib']:.0f} MiB"
-                        )
-                report.write_json(json_path, machine, runs, parameters=params)
-                if not args.keep:
-                    shutil.rmtree(os.path.join(base, name), ignore_errors=True)
-                progress.step_done(weight(members, via))
-        progress.finish()
-    except (KeyboardInterrupt, SystemExit):
-        interrupted = True
-        progress.line("interrupted: stopping everything")
-    finally:
-        kit.cleanup_all()
-        if args.keep:
-            print(f"work directories kept in {base}", file=sys.stderr)
-        else:
-            shutil.rmtree(base, ignore_errors=True)
-
-    if not runs:
-        return 130 if interrupted else 1
-    notes = notes_for(args, runs)
-    report.write_json(json_path, machine, runs, parameters=params, notes=notes)
-    text = finish(json_path, machine, runs, notes, latest=args.out is None)
-    print(text)
-    table_path, png_path = _outputs(json_path)
-    print(f"Results: {json_path}\n        {table_path}\n        {png_path}")
-    if interrupted:
-        return 130
-    return 1 if any(r.get("error") for r in runs) else 0
+    bench = _Run(
+        args,
+        json_path,
+        machine,
+        params,
+        progress,
+        base,
+        KitCA(os.path.join(base, "ca")),
+    )
+    interrupted = _run_steps(bench, steps)
+    return _conclude(bench, interrupted)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def timing_table(rec: dict[str, Any]) -> str:
     return _render(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts-dev/demo", description=__doc__)
     p.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
     p.add_argument("--members", type=int, default=10000)
@@ -60,13 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds between fake messages during the join (default 0.5)",
     )
     p.add_argument("--keep", action="store_true", help="keep configs and logs")
-    args = p.parse_args(argv)
-    servers = args.servers or servers_for(args.members)
+    return p.parse_args(argv)
 
-    from tests.fedkit import homeserver as kit
-    from tests.fedkit.certs import KitCA
 
-    machine = machine_info(with_postgres=args.db == "postgres")
+def _print_intro(
+    args: argparse.Namespace, servers: int, machine: dict[str, Any]
+) -> None:
     print(f"Machine: {describe_machine(machine)}")
     print(
         f"Fake peer: a {args.members:,}-member room over {servers:,} fake servers"
@@ -78,6 +77,47 @@ def main(argv: list[str] | None = None) -> int:
         f" {args.db}. hs1 joins the fake room first and completes its resync;"
         " then hs2 joins via hs1.\n"
     )
+
+
+def _print_outcome(
+    rec: dict[str, Any], args: argparse.Namespace, base: str, started: float
+) -> int:
+    """The join record's table (or its error); the exit status."""
+    if rec.get("error"):
+        print(f"\nThe demo failed: {rec['error']}", file=sys.stderr)
+        if args.keep:
+            print(f"logs: {base}", file=sys.stderr)
+        else:
+            print("re-run with --keep to look at the logs", file=sys.stderr)
+        return 1
+    setup = rec["setup"]
+    print(
+        f"\nhs1 joined the fake room and completed its resync in"
+        f" {setup['hs1_full_members_s']:.1f} s (/join: {setup['hs1_join_s']:.2f} s);"
+        f" then hs2 joined via hs1:\n"
+    )
+    print(timing_table(rec))
+    load = rec.get("other_load") or {}
+    if load.get("share_of_machine", 0) > 0.05:
+        print(
+            f"\nNote: other processes used {load['share_of_machine'] * 100:.0f}% of"
+            f" this machine's CPU meanwhile (top: {load.get('top')}): timings suffer."
+        )
+    print(f"\nAll processes stopped. Total {time.monotonic() - started:.0f} s.")
+    if args.keep:
+        print(f"Configs and logs kept in {base}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    servers = args.servers or servers_for(args.members)
+
+    from tests.fedkit.certs import KitCA
+    from tests.fedkit.cleanup import cleanup_all
+
+    machine = machine_info(with_postgres=args.db == "postgres")
+    _print_intro(args, servers, machine)
     started = time.monotonic()
 
     def phase(text: str) -> None:
@@ -104,34 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted; everything stopped", file=sys.stderr)
         return 130
     finally:
-        kit.cleanup_all()
+        cleanup_all()
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
-    rec = records[0]
-    if rec.get("error"):
-        print(f"\nThe demo failed: {rec['error']}", file=sys.stderr)
-        if args.keep:
-            print(f"logs: {base}", file=sys.stderr)
-        else:
-            print("re-run with --keep to look at the logs", file=sys.stderr)
-        return 1
-    setup = rec["setup"]
-    print(
-        f"\nhs1 joined the fake room and completed its resync in"
-        f" {setup['hs1_full_members_s']:.1f} s (/join: {setup['hs1_join_s']:.2f} s);"
-        f" then hs2 joined via hs1:\n"
-    )
-    print(timing_table(rec))
-    load = rec.get("other_load") or {}
-    if load.get("share_of_machine", 0) > 0.05:
-        print(
-            f"\nNote: other processes used {load['share_of_machine'] * 100:.0f}% of"
-            f" this machine's CPU meanwhile (top: {load.get('top')}): timings suffer."
-        )
-    print(f"\nAll processes stopped. Total {time.monotonic() - started:.0f} s.")
-    if args.keep:
-        print(f"Configs and logs kept in {base}")
-    return 0
+    return _print_outcome(records[0], args, base, started)
 
 
 if __name__ == "__main__":

@@ -59,9 +59,9 @@ def git_commit() -> str | None:
 def postgres_version() -> str | None:
     """``SHOW server_version`` of the kit's PostgreSQL cluster, None if unreachable."""
     try:
-        from tests.fedkit import homeserver as kit
+        from tests.fedkit.postgres import pg_connect
 
-        conn = kit._pg_connect()
+        conn = pg_connect()
     except Exception:
         return None
     try:

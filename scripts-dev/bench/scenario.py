@@ -17,11 +17,8 @@ per endpoint (hs2's outgoing-request log lines) and the resident's serving time 
 endpoint (hs1's access log or the fake peer's request log), and the stages found in
 hs2's log (:data:`bench.measure.STAGES`).
 
-Afterwards (``resident=True``) the fake peer measures the resident side: a partial
-``send_join`` (``omit_members=true``) against the real server that holds the room
-(hs1, or hs2 when there is no hs1); ``/state_ids`` then ``/state`` at that join
-event (as a resyncing joiner asks them), ``/state`` there again, and ``/state`` at
-a second probe join's event (a state group no one asked about: cold).
+Afterwards (``resident=True``) the fake peer measures the resident side
+(:mod:`bench.resident`).
 
 Each measurement returns two run records (see :mod:`bench.report`): scenario
 ``join`` and scenario ``resident``.
@@ -30,27 +27,29 @@ Each measurement returns two run records (see :mod:`bench.report`): scenario
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import random
 import shutil
-import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
-from urllib.parse import quote
-
-import requests
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from bench import measure
 from bench.machine import OtherLoad
+from bench.resident import measure_resident
+from bench.traffic import Traffic, fake_members
+from bench.waits import (
+    in_thread,
+    lazy_filter,
+    wait_for_body,
+    wait_for_transaction,
+    wait_full_members,
+)
 from tests.fedkit.certs import KitCA
-from tests.fedkit.client import Client
-from tests.fedkit.fakepeer.client import FakePeer
+from tests.fedkit.fakepeer.control_client import FakePeer
 from tests.fedkit.homeserver import Homeserver, start_all
+from tests.fedkit.matrix_client import Client
 
 MIB = measure.MIB
 
@@ -58,7 +57,6 @@ MIB = measure.MIB
 DEFAULT_SERVERS = {1000: 50, 10000: 200, 100000: 2000}
 
 Phase = Callable[[str], None]
-T = TypeVar("T")
 
 
 def servers_for(members: int) -> int:
@@ -114,178 +112,6 @@ class Settings:
     @property
     def path(self) -> str:
         return "via hs1" if self.via_hs1 else "direct to fake peer"
-
-
-@dataclass
-class TrafficStats:
-    sent: int = 0
-    failed: int = 0
-    undelivered: int = 0  # a real server answered non-200 or not at all
-    max_seconds: float = 0.0
-    errors: list[str] = field(default_factory=list)
-
-
-class Traffic:
-    """Messages from random fake members every ``interval`` seconds, in the background.
-
-    Each send goes through the fake peer's control API, which pushes the event to
-    every real server in the room; sends run on a few threads so a slow receiver
-    does not slow the cadence."""
-
-    def __init__(
-        self,
-        control_url: str,
-        room_id: str,
-        senders: list[str],
-        interval: float,
-        seed: int = 0,
-    ) -> None:
-        self.url = f"{control_url}/control/rooms/{quote(room_id, safe='')}/send"
-        self.senders = senders
-        self.interval = interval
-        self.stats = TrafficStats()
-        self._rng = random.Random(seed)
-        self._stop = threading.Event()
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="traffic")
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="traffic", daemon=True)
-
-    def start(self) -> Traffic:
-        if self.interval > 0 and self.senders:
-            self._thread.start()
-        return self
-
-    def stop(self) -> TrafficStats:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        return self.stats
-
-    def _session(self) -> requests.Session:
-        s = getattr(self._local, "session", None)
-        if s is None:
-            s = self._local.session = requests.Session()
-            s.trust_env = False
-        return s
-
-    def _run(self) -> None:
-        n = 0
-        next_at = time.monotonic()
-        while not self._stop.wait(max(0.0, next_at - time.monotonic())):
-            n += 1
-            sender = self._rng.choice(self.senders)
-            self._pool.submit(self._send, sender, f"traffic message {n}")
-            next_at += self.interval
-            if next_at < time.monotonic():  # fell behind: skip missed ticks
-                next_at = time.monotonic() + self.interval
-
-    def _send(self, sender: str, body: str) -> None:
-        started = time.monotonic()
-        payload: dict[str, Any] = {
-            "type": "m.room.message",
-            "sender": sender,
-            "content": {"msgtype": "m.text", "body": body},
-        }
-        try:
-            r = self._session().post(self.url, json=payload, timeout=600)
-            ok = r.status_code == 200
-            delivered = r.json().get("delivered", {}) if ok else {}
-            error = None if ok else f"{r.status_code} {r.text[:200]}"
-        except Exception as e:  # noqa: BLE001 - counted, not fatal
-            ok, delivered, error = False, {}, repr(e)
-        with self._lock:
-            self.stats.sent += 1
-            self.stats.max_seconds = max(
-                self.stats.max_seconds, round(time.monotonic() - started, 3)
-            )
-            if not ok:
-                self.stats.failed += 1
-                if error and len(self.stats.errors) < 5:
-                    self.stats.errors.append(error)
-            self.stats.undelivered += sum(1 for s in delivered.values() if s != 200)
-
-
-def fake_members(room: dict[str, Any], members: int) -> list[str]:
-    """User IDs of the fake room's members (as the fake peer's synthesiser names them)."""
-    names = room["servers"]
-    return [f"@u{i}:{names[i % len(names)]}" for i in range(members)]
-
-
-def _lazy_filter(client: Client, room_id: str) -> str:
-    return json.dumps(client.lazy_loading_filter(room_id))
-
-
-def wait_for_body(
-    client: Client, room_id: str, body: str, since: str, deadline: float
-) -> float:
-    """Incremental syncs from ``since`` until a message with ``body`` shows up.
-
-    Returns the wall-clock time it was seen."""
-    filt = _lazy_filter(client, room_id)
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError(f"{client.user_id} never saw {body!r} in {room_id}")
-        resp = client.sync(
-            since=since, filter=filt, timeout_ms=int(min(remaining, 10) * 1000)
-        )
-        since = resp["next_batch"]
-        room = resp.get("rooms", {}).get("join", {}).get(room_id, {})
-        for ev in room.get("timeline", {}).get("events", []):
-            if (
-                ev.get("type") == "m.room.message"
-                and ev.get("content", {}).get("body") == body
-            ):
-                return time.time()
-
-
-def wait_for_transaction(
-    peer: FakePeer, origin: str, destination: str, body: str, deadline: float
-) -> float:
-    """Poll the fake peer until ``destination`` received a PDU with ``body`` from ``origin``.
-
-    Returns the (wall-clock) time the fake peer recorded the transaction."""
-    while True:
-        for txn in peer.transactions(origin=origin, destination=destination):
-            for pdu in txn.get("body", {}).get("pdus", []):
-                if (pdu.get("content") or {}).get("body") == body:
-                    return float(txn["time"])
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{destination} never received {body!r} from {origin}")
-        time.sleep(0.05)
-
-
-def wait_full_members(
-    client: Client, room_id: str, expected: int, deadline: float
-) -> tuple[float, int]:
-    """``/joined_members`` until it lists ``expected`` users; (wall time, count)."""
-    count = 0
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError(
-                f"{client.user_id}: {count} of {expected} members in {room_id}"
-            )
-        count = len(client.joined_members(room_id, timeout=remaining))
-        if count >= expected:
-            return time.time(), count
-        time.sleep(0.2)
-
-
-def in_thread(fn: Callable[..., T], *args: Any) -> Future[T]:
-    """Run ``fn(*args)`` on a daemon thread (abandoned, not joined, on errors)."""
-    fut: Future[T] = Future()
-
-    def run() -> None:
-        try:
-            fut.set_result(fn(*args))
-        except BaseException as e:  # noqa: BLE001 - handed to the caller
-            fut.set_exception(e)
-
-    threading.Thread(target=run, name=f"bench-{fn.__name__}", daemon=True).start()
-    return fut
 
 
 def _base_record(s: Settings, scenario: str, run: int, order: int) -> dict[str, Any]:
@@ -350,6 +176,70 @@ def run_measurement(
     return [join_rec] + ([res_rec] if res_rec else [])
 
 
+@dataclass
+class _Cast:
+    """The room and who is in the join: the homeservers and their users."""
+
+    room: dict[str, Any]
+    hs1: Homeserver | None
+    hs2: Homeserver
+    alice: Client | None  # on hs1, in the room before hs2 joins
+    bob: Client  # on hs2, the joiner
+    #: /joined_members on hs2 once its resync is complete.
+    expected: int
+
+    @property
+    def room_id(self) -> str:
+        return str(self.room["room_id"])
+
+    @property
+    def resident(self) -> str:
+        """The fake peer's server that holds the room."""
+        return str(self.room["resident"])
+
+
+@dataclass
+class _Instruments:
+    """What watches hs2's join: traffic, resource windows, log offsets."""
+
+    traffic: Traffic
+    hs2_window: measure.ResourceWindow
+    hs2_cpu: measure.CpuTimeline
+    hs1_window: measure.ResourceWindow | None
+    other: OtherLoad
+    hs2_off: int
+    hs1_off: int
+
+    def start(self) -> None:
+        self.other.start()
+        self.traffic.start()
+        self.hs2_window.start()
+        self.hs2_cpu.start()
+        if self.hs1_window:
+            self.hs1_window.start()
+
+
+@dataclass
+class _JoinTimes:
+    """Wall-clock times of hs2's join (``t0``: the /join request)."""
+
+    t0: float
+    t_join: float
+    t_sent: float
+    t_seen: float
+    t_full: float
+    count: int
+
+
+@dataclass
+class _Usage:
+    """What the instruments measured over the join."""
+
+    resources: dict[str, Any]
+    cpu_samples: list[measure.CpuSample]
+    hs1_res: dict[str, Any] | None
+
+
 def _measure(
     s: Settings,
     workdir: str,
@@ -361,13 +251,38 @@ def _measure(
     res_rec: dict[str, Any] | None,
     phase: Phase,
 ) -> None:
+    """The measurement's steps, in order (see the module docstring)."""
+    room = _build_room(s, peer, rec, phase)
+    setup: dict[str, Any] = {}
+    rec["setup"] = setup
+    _start_homeservers(s, workdir, ca, servers, stack, setup, phase)
+    cast = _hs1_joins_first(s, room, servers, stack, setup, phase)
+    since = None
+    if cast.alice is not None:
+        alice_filter = lazy_filter(cast.alice, cast.room_id)
+        since = cast.alice.sync(filter=alice_filter)["next_batch"]
+    inst = _make_instruments(s, peer, cast, rec["run"])
+    times, usage = _timed_join(s, peer, cast, since, inst, servers, rec, phase)
+    _record_join(rec, times, usage)
+    time.sleep(0.5)  # the log handler flushes every 0.2 s
+    _record_joiner_log(rec, cast, inst.hs2_off, times, usage.cpu_samples)
+    _record_resident_serving(rec, cast, peer, inst.hs1_off, times.t0)
+    if res_rec is None:
+        return
+    res_hs = cast.hs1 or cast.hs2
+    measure_resident(peer, cast.room_id, res_hs, rec, res_rec, phase)
+
+
+def _build_room(
+    s: Settings, peer: FakePeer, rec: dict[str, Any], phase: Phase
+) -> dict[str, Any]:
+    """Start the fake peer and build the fake room; records ``room``."""
     phase("starting fake peer and building the room")
     peer.start()
     t = time.monotonic()
     room = peer.create_room(**room_spec(s.members, s.servers, s.room_version))
-    room_id, resident = room["room_id"], room["resident"]
     rec["room"] = {
-        "room_id": room_id,
+        "room_id": room["room_id"],
         "room_version": room["room_version"],
         "member_count": room["member_count"],
         "state_event_count": room["state_event_count"],
@@ -375,9 +290,19 @@ def _measure(
         "fake_servers": len(room["servers"]),
         "build_s": round(time.monotonic() - t, 2),
     }
-    setup: dict[str, Any] = {}
-    rec["setup"] = setup
+    return room
 
+
+def _start_homeservers(
+    s: Settings,
+    workdir: str,
+    ca: KitCA,
+    servers: dict[str, Homeserver],
+    stack: contextlib.ExitStack,
+    setup: dict[str, Any],
+    phase: Phase,
+) -> None:
+    """Start hs2 (and hs1 when joining via it) into ``servers``; ``start_s``."""
     phase("starting homeservers")
     names = ["hs1", "hs2"] if s.via_hs1 else ["hs2"]
     for name in names:
@@ -394,9 +319,19 @@ def _measure(
     t = time.monotonic()
     start_all(servers.values())
     setup["start_s"] = round(time.monotonic() - t, 2)
+
+
+def _hs1_joins_first(
+    s: Settings,
+    room: dict[str, Any],
+    servers: dict[str, Homeserver],
+    stack: contextlib.ExitStack,
+    setup: dict[str, Any],
+    phase: Phase,
+) -> _Cast:
+    """hs1's alice joins the fake room and waits for its resync; bob registers on hs2."""
     hs2 = servers["hs2"]
     hs1 = servers.get("hs1")
-
     expected = room["member_count"] + 1  # + bob on hs2
     alice: Client | None = None
     if hs1 is not None:
@@ -404,9 +339,9 @@ def _measure(
         alice = hs1.register_user("alice")
         stack.callback(alice.close)
         t = time.monotonic()
-        alice.join(room_id, via=[resident], timeout=s.resync_timeout)
+        alice.join(room["room_id"], via=[room["resident"]], timeout=s.resync_timeout)
         setup["hs1_join_s"] = round(time.monotonic() - t, 2)
-        got = len(alice.joined_members(room_id, timeout=s.resync_timeout))
+        got = len(alice.joined_members(room["room_id"], timeout=s.resync_timeout))
         setup["hs1_full_members_s"] = round(time.monotonic() - t, 2)
         if got < room["member_count"] + 1:
             raise RuntimeError(f"hs1 sees {got} members, expected {expected}")
@@ -414,184 +349,150 @@ def _measure(
 
     bob = hs2.register_user("bob")
     stack.callback(bob.close)
-    since = None
-    if alice is not None:
-        since = alice.sync(filter=_lazy_filter(alice, room_id))["next_batch"]
+    return _Cast(room, hs1, hs2, alice, bob, expected)
 
+
+def _make_instruments(
+    s: Settings, peer: FakePeer, cast: _Cast, run: int
+) -> _Instruments:
+    """Traffic, hs2's (and hs1's) resource windows and log offsets, not started."""
     traffic = Traffic(
         peer.control_url,
-        room_id,
-        fake_members(room, s.members - 1),
+        cast.room_id,
+        fake_members(cast.room, s.members - 1),
         s.traffic_interval,
-        seed=hash((s.members, rec["run"])),
+        seed=hash((s.members, run)),
     )
-    hs2_window = measure.ResourceWindow(hs2)
-    hs2_cpu = measure.CpuTimeline(hs2)
-    hs1_window = measure.ResourceWindow(hs1, reset_rss=False) if hs1 else None
-    other = OtherLoad()
-    hs2_off = hs2.log_offset()
-    hs1_off = hs1.log_offset() if hs1 else 0
+    hs1 = cast.hs1
+    return _Instruments(
+        traffic=traffic,
+        hs2_window=measure.ResourceWindow(cast.hs2),
+        hs2_cpu=measure.CpuTimeline(cast.hs2),
+        hs1_window=measure.ResourceWindow(hs1, reset_rss=False) if hs1 else None,
+        other=OtherLoad(),
+        hs2_off=cast.hs2.log_offset(),
+        hs1_off=hs1.log_offset() if hs1 else 0,
+    )
+
+
+def _timed_join(
+    s: Settings,
+    peer: FakePeer,
+    cast: _Cast,
+    since: str | None,
+    inst: _Instruments,
+    servers: dict[str, Homeserver],
+    rec: dict[str, Any],
+    phase: Phase,
+) -> tuple[_JoinTimes, _Usage]:
+    """hs2 joins under traffic, instrumented; records ``traffic`` and ``other_load``."""
     deadline = time.monotonic() + s.resync_timeout
-    via = hs1.server_name if hs1 else resident
+    via = cast.hs1.server_name if cast.hs1 else cast.resident
 
     phase(f"hs2 joins {s.path}")
-    other.start()
-    traffic.start()
-    hs2_window.start()
-    hs2_cpu.start()
-    if hs1_window:
-        hs1_window.start()
+    inst.start()
     t0 = time.time()
     try:
-        bob.join(room_id, via=[via], timeout=s.resync_timeout)
-        t_join = time.time()
-        full = in_thread(wait_full_members, bob, room_id, expected, deadline)
-        marker = f"bench message {uuid.uuid4().hex[:8]}"
-        phase("hs2 sends a message")
-        bob.send_message(room_id, marker)
-        t_sent = time.time()
-        if alice is not None:
-            assert since is not None
-            t_seen = wait_for_body(alice, room_id, marker, since, deadline)
-        else:
-            t_seen = wait_for_transaction(
-                peer, hs2.server_name, resident, marker, deadline
-            )
-        phase("hs2 resyncs (waiting for the full member list)")
-        t_full, count = full.result()
+        times = _join_and_talk(s, peer, cast, since, via, deadline, t0, phase)
     finally:
-        resources = hs2_window.stop()
-        cpu_samples = hs2_cpu.stop()
-        hs1_res = hs1_window.stop() if hs1_window else None
-        rec["traffic"] = asdict(traffic.stop())
-        rec["other_load"] = other.stop([hs.pid for hs in servers.values()])
+        usage = _Usage(
+            resources=inst.hs2_window.stop(),
+            cpu_samples=inst.hs2_cpu.stop(),
+            hs1_res=inst.hs1_window.stop() if inst.hs1_window else None,
+        )
+        rec["traffic"] = asdict(inst.traffic.stop())
+        rec["other_load"] = inst.other.stop([hs.pid for hs in servers.values()])
+    return times, usage
 
+
+def _join_and_talk(
+    s: Settings,
+    peer: FakePeer,
+    cast: _Cast,
+    since: str | None,
+    via: str,
+    deadline: float,
+    t0: float,
+    phase: Phase,
+) -> _JoinTimes:
+    """bob joins, sends a message that the other side must see, and waits for
+    the full member list."""
+    room_id = cast.room_id
+    cast.bob.join(room_id, via=[via], timeout=s.resync_timeout)
+    t_join = time.time()
+    full = in_thread(wait_full_members, cast.bob, room_id, cast.expected, deadline)
+    marker = f"bench message {uuid.uuid4().hex[:8]}"
+    phase("hs2 sends a message")
+    cast.bob.send_message(room_id, marker)
+    t_sent = time.time()
+    if cast.alice is not None:
+        assert since is not None
+        t_seen = wait_for_body(cast.alice, room_id, marker, since, deadline)
+    else:
+        t_seen = wait_for_transaction(
+            peer, cast.hs2.server_name, cast.resident, marker, deadline
+        )
+    phase("hs2 resyncs (waiting for the full member list)")
+    t_full, count = full.result()
+    return _JoinTimes(t0, t_join, t_sent, t_seen, t_full, count)
+
+
+def _record_join(rec: dict[str, Any], times: _JoinTimes, usage: _Usage) -> None:
+    """The join's headline metrics: times from /join, hs2's peak RSS and CPU."""
     m = rec["metrics"]
-    m["join_s"] = round(t_join - t0, 3)
-    m["message_remote_s"] = round(t_seen - t0, 3)
-    m["full_members_s"] = round(t_full - t0, 3)
-    m["peak_rss_mib"] = resources["peak_rss_mib"]
-    m["cpu_s"] = resources["cpu_s"]
-    if hs1_res:
-        m["resident_cpu_s"] = hs1_res["cpu_s"]
-    rec["message_after_send_s"] = round(t_seen - t_sent, 3)
-    rec["joined_members_count"] = count
+    t0 = times.t0
+    m["join_s"] = round(times.t_join - t0, 3)
+    m["message_remote_s"] = round(times.t_seen - t0, 3)
+    m["full_members_s"] = round(times.t_full - t0, 3)
+    m["peak_rss_mib"] = usage.resources["peak_rss_mib"]
+    m["cpu_s"] = usage.resources["cpu_s"]
+    if usage.hs1_res:
+        m["resident_cpu_s"] = usage.hs1_res["cpu_s"]
+    rec["message_after_send_s"] = round(times.t_seen - times.t_sent, 3)
+    rec["joined_members_count"] = times.count
 
-    time.sleep(0.5)  # the log handler flushes every 0.2 s
-    lines = measure.read_log_lines(hs2.log_path, hs2_off)
+
+def _record_joiner_log(
+    rec: dict[str, Any],
+    cast: _Cast,
+    hs2_off: int,
+    times: _JoinTimes,
+    cpu_samples: list[measure.CpuSample],
+) -> None:
+    """From hs2's log: federation bytes per endpoint, and the stages' times."""
+    m = rec["metrics"]
+    t0, t_full = times.t0, times.t_full
+    lines = measure.read_log_lines(cast.hs2.log_path, hs2_off)
     out = measure.aggregate(measure.outgoing_requests(lines, since=t0, until=t_full))
     rec["endpoints_joiner"] = out
     m["fed_bytes_mib"] = round(sum(e["bytes"] for e in out.values()) / MIB, 3)
     for endpoint, agg in out.items():
         if agg["bytes"] >= 1024:
             m[f"bytes:{endpoint}"] = round(agg["bytes"] / MIB, 3)
-    rec["stages"] = measure.stage_times(lines, t0, room_id, until=t_full + 0.2)
+    rec["stages"] = measure.stage_times(lines, t0, cast.room_id, until=t_full + 0.2)
     for stage, secs in rec["stages"].items():
         m[f"stage:{stage}"] = secs
     # Each stage's duration, and how busy the joiner and its database were.
     m.update(measure.stage_spans(rec["stages"], t0, cpu_samples))
-    if hs1 is not None:
+
+
+def _record_resident_serving(
+    rec: dict[str, Any], cast: _Cast, peer: FakePeer, hs1_off: int, t0: float
+) -> None:
+    """What the resident served hs2 (hs1's access log, or the fake peer's log)."""
+    hs2 = cast.hs2
+    if cast.hs1 is not None:
         served = measure.access_requests(
-            measure.read_log_lines(hs1.log_path, hs1_off), origin=hs2.server_name
+            measure.read_log_lines(cast.hs1.log_path, hs1_off), origin=hs2.server_name
         )
+        rec["endpoints_resident"] = measure.aggregate(served)
     else:
-        served = []
-    rec["endpoints_resident"] = (
-        measure.aggregate(served)
-        if hs1 is not None
-        else measure.aggregate_peer_requests(
+        rec["endpoints_resident"] = measure.aggregate_peer_requests(
             peer.requests(since=t0), origin=hs2.server_name
         )
-    )
     # Where the resident's time went (summed per endpoint; the fake peer's is
     # the same for both variants, but shows what the joiner asked for).
+    m = rec["metrics"]
     for endpoint, agg in rec["endpoints_resident"].items():
         if agg["seconds"] >= 0.005:
             m[f"serve:{endpoint}"] = round(agg["seconds"], 3)
-
-    if res_rec is None:
-        return
-    res_rec["room"] = rec["room"]
-    res_hs = hs1 or hs2
-    res_rec["resident_server"] = res_hs.name
-    phase(f"resident side: waiting for {res_hs.name} to be idle")
-    res_rec["idle_wait_s"] = round(measure.wait_until_idle(res_hs.cpu_seconds), 1)
-    phase(f"resident side: partial send_join to {res_hs.name}")
-    off = res_hs.log_offset()
-    # Memory and CPU the resident spends serving the probe joins and the state
-    # requests below (its peak counter reset now; growth over its RSS now).
-    res_window = measure.ResourceWindow(res_hs)
-    res_window.start()
-    rss_before = res_hs.rss_bytes()
-    j = peer.join(
-        room_id,
-        res_hs.server_name,
-        user_localpart="benchprobe",
-        omit_members=True,
-        include_body=False,
-    )
-    sj = j.get("send_join") or {}
-    if sj.get("status") != 200:
-        raise RuntimeError(f"send_join to {res_hs.name} failed: {j.get('make_join')}")
-    rm = res_rec["metrics"]
-    rm["send_join_s"] = round(sj["seconds"], 3)
-    rm["send_join_mib"] = round(sj["bytes"] / MIB, 3)
-    res_rec["send_join_summary"] = sj.get("summary")
-    q_room = quote(room_id, safe="")
-
-    def state_request(name: str, endpoint: str, event_id: str) -> None:
-        phase(f"resident side: /{endpoint} from {res_hs.name}")
-        r = peer.federation_request(
-            j["server"],
-            res_hs.server_name,
-            "GET",
-            f"/_matrix/federation/v1/{endpoint}/{q_room}"
-            f"?event_id={quote(event_id, safe='')}",
-        )
-        if r["status"] != 200:
-            raise RuntimeError(f"/{endpoint} from {res_hs.name}: {r['status']}")
-        rm[f"{name}_s"] = round(r["seconds"], 3)
-        if name in ("state_ids", "state"):
-            rm[f"{name}_mib"] = round(r["bytes"] / MIB, 3)
-
-    # As a resyncing joiner asks: /state_ids, then /state at the same event.
-    state_request("state_ids", "state_ids", j["event_id"])
-    state_request("state", "state", j["event_id"])
-    state_request("state_repeat", "state", j["event_id"])
-    # And /state at an event no one asked about yet: a second probe join makes a
-    # new state group.
-    phase(f"resident side: a second partial send_join to {res_hs.name}")
-    j2 = peer.join(
-        room_id,
-        res_hs.server_name,
-        server=j["server"],
-        user_localpart="benchprobe2",
-        omit_members=True,
-        include_body=False,
-    )
-    if (j2.get("send_join") or {}).get("status") != 200:
-        raise RuntimeError(f"second send_join to {res_hs.name} failed")
-    state_request("state_cold", "state", j2["event_id"])
-    served_res = res_window.stop()
-    rm["resident_peak_rss_mib"] = served_res["peak_rss_mib"]
-    rm["resident_rss_growth_mib"] = round(
-        max(0.0, served_res["peak_rss_mib"] - rss_before / MIB), 1
-    )
-    rm["resident_serve_cpu_s"] = served_res["cpu_s"]
-
-    time.sleep(0.5)  # log flush
-    served = measure.access_requests(
-        measure.read_log_lines(res_hs.log_path, off), origin=j["server"]
-    )
-    res_rec["endpoints_resident"] = measure.aggregate(served)
-    # The resident's own time for each of the requests above, in order.
-    labels = {
-        "make_join": ["make_join", "make_join_2"],
-        "send_join": ["send_join", "send_join_2"],
-        "state_ids": ["state_ids"],
-        "state": ["state", "state_repeat", "state_cold"],
-    }
-    for req in served:
-        queue = labels.get(req.endpoint)
-        if queue:
-            rm[f"serve:{queue.pop(0)}"] = round(req.seconds, 3)

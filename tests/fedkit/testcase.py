@@ -32,9 +32,10 @@ from collections.abc import Iterable
 from typing import Any, ClassVar, cast
 
 from tests.fedkit.certs import KitCA
-from tests.fedkit.client import Client
-from tests.fedkit.fakepeer.client import FakePeer
-from tests.fedkit.homeserver import DatabaseKind, Homeserver, start_all
+from tests.fedkit.fakepeer.control_client import FakePeer
+from tests.fedkit.homeserver import Homeserver, start_all
+from tests.fedkit.hsconfig import DatabaseKind
+from tests.fedkit.matrix_client import Client
 
 ALL_DATABASES: tuple[DatabaseKind, ...] = ("sqlite", "postgres")
 

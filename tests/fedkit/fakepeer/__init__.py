@@ -2,7 +2,7 @@
 
 Run it with ``python -m tests.fedkit.fakepeer --workdir DIR --ca-dir CADIR`` and
 drive it over its plain-HTTP JSON control API, or use the synchronous wrapper
-:class:`tests.fedkit.fakepeer.client.FakePeer`.
+:class:`tests.fedkit.fakepeer.control_client.FakePeer`.
 
 Modules:
 
@@ -19,7 +19,7 @@ Modules:
 * ``joiner``: acting as a joining server against a real homeserver.
 * ``errors``: control API errors.
 * ``control``: the control API.
-* ``client``: the synchronous test-side wrapper.
+* ``control_client``: the synchronous test-side wrapper (process and control API).
 
 Importing this package has no side effects (in particular it does not install a
 Twisted reactor).

@@ -1,4 +1,5 @@
-"""Synchronous test-side wrapper that runs the fake peer as a subprocess."""
+"""Synchronous test-side wrapper that runs the fake peer as a subprocess and calls
+its control API (:mod:`tests.fedkit.fakepeer.control`)."""
 
 from __future__ import annotations
 

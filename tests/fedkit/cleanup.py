@@ -1,0 +1,91 @@
+"""Nothing a test run starts outlives it: the registry of live homeservers.
+
+Every :class:`~tests.fedkit.homeserver.Homeserver` is recorded here while it
+may hold a process or a database; an ``atexit`` hook and SIGTERM/SIGINT handlers
+(:func:`install_handlers`) stop the processes that are still running and drop
+their databases (:func:`cleanup_all`), so a crashing test run leaves nothing
+behind. (A SIGKILLed test process cannot clean up: its servers die with it
+through ``PR_SET_PDEATHSIG``, see :mod:`tests.fedkit.process`, and its databases
+stay until ``scripts-dev/fedkit gc``.)
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import signal
+import threading
+from typing import Any, Protocol
+
+from tests.fedkit import postgres
+
+logger = logging.getLogger(__name__)
+
+
+class Cleanable(Protocol):
+    """What the registry needs of a homeserver."""
+
+    name: str
+
+    def cleanup(self) -> None: ...
+
+
+_registry_lock = threading.RLock()
+_registry: dict[int, Cleanable] = {}
+_handlers_installed = False
+
+
+def register_server(server: Cleanable) -> None:
+    """Record a live server, to be cleaned up by :func:`cleanup_all`."""
+    with _registry_lock:
+        _registry[id(server)] = server
+
+
+def unregister_server(server: Cleanable) -> None:
+    """Forget a server that cleaned up after itself."""
+    with _registry_lock:
+        _registry.pop(id(server), None)
+
+
+def cleanup_all() -> None:
+    """Stop every homeserver this process started and drop their databases."""
+    with _registry_lock:
+        servers = list(_registry.values())
+    for hs in servers:
+        try:
+            hs.cleanup()
+        except Exception:  # pragma: no cover - best effort at exit
+            logger.exception("cleaning up %s failed", hs.name)
+    try:
+        postgres.pg_pool.close()
+    except Exception:  # pragma: no cover - best effort at exit
+        logger.exception("dropping pooled databases failed")
+    postgres.wait_for_background_drops()
+
+
+def install_handlers() -> None:
+    """Run :func:`cleanup_all` at exit and on SIGTERM/SIGINT (once per process)."""
+    global _handlers_installed
+    if _handlers_installed:
+        return
+    _handlers_installed = True
+    atexit.register(cleanup_all)
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(signum)
+        if previous == signal.SIG_IGN:
+            continue  # e.g. SIGINT in a background job: keep ignoring it
+
+        def handler(num: int, frame: Any, previous: Any = previous) -> None:
+            cleanup_all()
+            if callable(previous):
+                previous(num, frame)
+            else:
+                signal.signal(num, signal.SIG_DFL)
+                os.kill(os.getpid(), num)
+
+        with contextlib.suppress(ValueError, OSError):
+            signal.signal(signum, handler)
