@@ -1,4 +1,9 @@
-"""The Synapse module class (``synapse_partial_state.PartialStateModule``)."""
+"""The Synapse module class (``synapse_partial_state.PartialStateModule``).
+
+All wiring happens here, in one style: each part (resident, joining) is a plain
+object that knows nothing of how it is reached; this class creates the parts and
+hands their callbacks to the compat layer's ``install_*`` functions.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,29 @@ from typing import Any
 
 from synapse.module_api import ModuleApi
 
-from synapse_partial_state import __version__, _synapse
+from synapse_partial_state import __version__
 from synapse_partial_state.admin import ADMIN_PATH, AdminResource
+from synapse_partial_state.compat import patching, send_join, servlets
+from synapse_partial_state.compat.persistence import install_current_state_guard
+from synapse_partial_state.compat.resident_state import (
+    install_event_invalidation_hook,
+)
+from synapse_partial_state.compat.resync import ResyncOps, install_resync_hook
+from synapse_partial_state.compat.state_fetch import (
+    StateFetchOps,
+    banned_signing_keys,
+    install_state_ids_reuse,
+)
+from synapse_partial_state.compat.state_resolution import (
+    install_identical_state_shortcut,
+)
 from synapse_partial_state.config import PartialStateConfig, parse_config
 from synapse_partial_state.joining.engine import ResyncEngine
 from synapse_partial_state.joining.fetch import StateFetcher
+from synapse_partial_state.joining.inflight import InflightFetches
 from synapse_partial_state.joining.metrics import ResyncMetrics
 from synapse_partial_state.joining.verify import VerifierPool, default_workers
+from synapse_partial_state.resident.metrics import StateServerMetrics
 from synapse_partial_state.resident.send_join import SendJoinEnricher
 from synapse_partial_state.resident.state import StateServer
 from synapse_partial_state.status import STATUS_PATH, StatusResource
@@ -27,15 +48,13 @@ class PartialStateModule:
     def __init__(self, config: PartialStateConfig, api: ModuleApi) -> None:
         self._api = api
         self._config = config
-        _synapse.check_synapse_version(config.allow_untested_synapse)
+        patching.check_synapse_version(config.allow_untested_synapse)
         # Wherever this process resolves state (resident, joiner, persister).
-        _synapse.install_identical_state_shortcut(api)
+        install_identical_state_shortcut(api)
         # Wherever this process persists events (current state included).
-        _synapse.install_current_state_guard(api)
-
+        install_current_state_guard(api)
         if config.resident.enabled:
-            SendJoinEnricher(api, config.resident).install()
-            StateServer.install_if_enabled(api, config.resident.state_cache)
+            self._wire_resident(api, config)
         api.register_web_resource(STATUS_PATH, StatusResource(api, config, __version__))
 
         # Synapse runs remote joins and resyncs on the main process only
@@ -43,26 +62,52 @@ class PartialStateModule:
         is_main = api.worker_app is None
         self.engine: ResyncEngine | None = None
         if config.resync.enabled and is_main:
-            fetcher = None
-            if config.resync.fast_state_fetch:
-                fetch_ops = _synapse.StateFetchOps(api)
-                _synapse.install_state_ids_reuse(fetch_ops)
-                workers = config.resync.verify_workers
-                pool = VerifierPool(
-                    default_workers() if workers < 0 else workers,
-                    _synapse.banned_signing_keys(),
-                )
-                fetcher = StateFetcher(fetch_ops, pool)
-            self.engine = ResyncEngine(
-                api,
-                config.resync,
-                _synapse.ResyncOps(api),
-                ResyncMetrics(api.server_name),
-                fetcher,
-            )
-            _synapse.install_resync_hook(self.engine.sync_room)
+            self.engine = self._wire_engine(api, config)
         api.register_web_resource(ADMIN_PATH, AdminResource(api, self.engine))
+        self._log_role(is_main)
 
+    @staticmethod
+    def _wire_resident(api: ModuleApi, config: PartialStateConfig) -> None:
+        """Partial ``/send_join`` essentials, and the ``/state`` server."""
+        enricher = SendJoinEnricher(api, config.resident)
+        send_join.install_send_join_hooks(
+            enricher.extras_for, enricher.select, enricher.response_fields
+        )
+        if not config.resident.state_cache.enabled:
+            return
+        server = StateServer(
+            api,
+            config.resident.state_cache,
+            metrics=StateServerMetrics(api.server_name),
+        )
+        servlets.install_state_servlets(server.serve_state, server.serve_state_ids)
+        install_event_invalidation_hook(api, server.forget_event, server.forget_room)
+        send_join.install_partial_join_observer(server.after_partial_join)
+
+    @staticmethod
+    def _wire_engine(api: ModuleApi, config: PartialStateConfig) -> ResyncEngine:
+        """The resync engine, its own state fetch, and Synapse's hooks into both."""
+        fetcher = None
+        if config.resync.fast_state_fetch:
+            inflight = InflightFetches()
+            install_state_ids_reuse(api, inflight.answer_for)
+            workers = config.resync.verify_workers
+            pool = VerifierPool(
+                default_workers() if workers < 0 else workers, banned_signing_keys()
+            )
+            fetcher = StateFetcher(StateFetchOps(api), pool, inflight)
+        engine = ResyncEngine(
+            api,
+            config.resync,
+            ResyncOps(api),
+            ResyncMetrics(api.server_name),
+            fetcher,
+        )
+        install_resync_hook(engine.sync_room)
+        return engine
+
+    def _log_role(self, is_main: bool) -> None:
+        config, api = self._config, self._api
         if not config.resync.enabled:
             resync = "off (Synapse's own resync)"
         elif is_main:
@@ -76,7 +121,7 @@ class PartialStateModule:
             "main process" if is_main else f"worker {api.worker_name}",
             "on" if config.resident.enabled else "off (native answers)",
             resync,
-            ", ".join(p.target.rsplit(".", 1)[-1] for p in _synapse.INSTALLED_PATCHES)
+            ", ".join(p.target.rsplit(".", 1)[-1] for p in patching.INSTALLED_PATCHES)
             or "none",
         )
 

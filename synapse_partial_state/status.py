@@ -13,7 +13,7 @@ import attr
 import synapse
 from synapse.module_api import DirectServeJsonResource, ModuleApi
 
-from synapse_partial_state import _synapse
+from synapse_partial_state.compat.patching import INSTALLED_PATCHES
 from synapse_partial_state.config import PartialStateConfig
 
 if TYPE_CHECKING:
@@ -39,5 +39,5 @@ class StatusResource(DirectServeJsonResource):
             "server_name": self._api.server_name,
             "worker": self._api.worker_name,
             "config": attr.asdict(self._config),
-            "patches": [attr.asdict(p) for p in _synapse.INSTALLED_PATCHES],
+            "patches": [attr.asdict(p) for p in INSTALLED_PATCHES],
         }

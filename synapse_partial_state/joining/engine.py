@@ -4,7 +4,7 @@ Synapse calls :meth:`ResyncEngine.sync_room` (through the compat hook) when a pa
 join completes and, at start-up, for every room still in ``partial_state_rooms``.
 Each room has one durable job row (``sps_resync_jobs``) saying where it is:
 
-``queued -> fetching -> applying -> replaying -> done``, with ``retrying`` whenever
+``fetching -> applying -> replaying -> done``, with ``retrying`` whenever
 every known server failed (capped exponential back-off, forever) and ``aborted``
 when the last local user left or the room was purged.
 
@@ -19,11 +19,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection
 
-from synapse.module_api import EventBase, ModuleApi, make_deferred_yieldable
+from synapse.module_api import EventBase, ModuleApi
 from synapse.module_api.errors import SynapseError
-from twisted.internet import defer
 
-from synapse_partial_state import _synapse
+from synapse_partial_state.compat.errors import (
+    is_federation_failure,
+    is_pull_backoff,
+    looks_remote,
+)
+from synapse_partial_state.compat.resync import ResyncOps
 from synapse_partial_state.config import ResyncConfig
 from synapse_partial_state.joining import jobs
 from synapse_partial_state.joining.fetch import (
@@ -32,77 +36,19 @@ from synapse_partial_state.joining.fetch import (
     StateIncomplete,
 )
 from synapse_partial_state.joining.jobs import Job, Phase
+from synapse_partial_state.joining.keys import KeyPrefetch
 from synapse_partial_state.joining.metrics import ResyncMetrics
-from synapse_partial_state.storage import (
-    create_schema_txn,
-    get_job_txn,
-    list_jobs_txn,
-    upsert_job_txn,
-)
+from synapse_partial_state.joining.store import JobStore
+from synapse_partial_state.joining.wakeups import Wakeups
 
 logger = logging.getLogger(__name__)
 
 #: While backing off, look this often whether the room was left meanwhile.
 CHECK_INTERVAL_MS = 5_000
-#: Key servers asked at once when prefetching signing keys at the start. Enough
-#: to have the keys before the state is downloaded, few enough to leave room for
-#: the room's traffic (at 100,000 members over 2,000 servers, 50 at once delayed
-#: the joiner's first message by ~10 s; the prefetch still ends before the
-#: state's download).
-KEY_PREFETCH_CONCURRENCY = 16
-
-
-#: Longest wait for the key prefetch before checking the state's signatures.
-KEY_PREFETCH_WAIT_S = 20
 
 
 class _FetchFailed(Exception):
     """The engine's own state fetch failed against one destination."""
-
-
-def _looks_remote(error: BaseException) -> bool:
-    """Errors a remote server causes (as opposed to a bug here)."""
-    from synapse.api.errors import (
-        HttpResponseException,
-        RequestSendFailed,
-        SynapseError,
-    )
-    from synapse.federation.federation_client import InvalidResponseError
-    from synapse.util.retryutils import NotRetryingDestination
-
-    return isinstance(
-        error,
-        (
-            HttpResponseException,
-            InvalidResponseError,
-            RequestSendFailed,
-            SynapseError,
-            NotRetryingDestination,
-            ValueError,
-        ),
-    )
-
-
-async def _wait_at_most(
-    d: defer.Deferred[None], seconds: float, ops: _synapse.ResyncOps
-) -> None:
-    """Wait for ``d`` (without consuming its result), or ``seconds``."""
-    waiter: defer.Deferred[None] = defer.Deferred()
-
-    def done() -> None:
-        _synapse.fire(waiter)
-
-    def passthrough(result: object) -> object:
-        done()
-        return result
-
-    d.addBoth(passthrough)
-    call = ops.call_later(seconds, done)
-    try:
-        await make_deferred_yieldable(waiter)
-    finally:
-        if call.active():
-            call.cancel()
 
 
 class _Aborted(Exception):
@@ -114,43 +60,24 @@ class ResyncEngine:
         self,
         api: ModuleApi,
         config: ResyncConfig,
-        ops: _synapse.ResyncOps,
+        ops: ResyncOps,
         metrics: ResyncMetrics,
         fetcher: StateFetcher | None = None,
     ) -> None:
         self._api = api
         self._fetcher = fetcher
-        #: per room: fires once the signing-key prefetch is over
-        self._keys_ready: dict[str, defer.Deferred[None]] = {}
+        self._keys = KeyPrefetch(api, ops)
         self._config = config
         self._ops = ops
         self._metrics = metrics
-        #: rooms whose back-off sleep should end now (retry now, new server, leave)
-        self._wakeups: dict[str, defer.Deferred[None]] = {}
+        self._wakeups = Wakeups(ops)
         #: rooms an admin asked to abort
         self._abort_requested: set[str] = set()
-        self._schema_ready = False
-        self._schema_lock = defer.DeferredLock()
-        #: rooms poked since their back-off began
-        self._poked: set[str] = set()
+        self._store = JobStore(api)
         #: the latest copy of every job this process runs or ran
         self._jobs: dict[str, Job] = {}
 
     # -- entry points -----------------------------------------------------------
-
-    async def ensure_schema(self) -> None:
-        """Create our tables once per process (idempotent, race-free here)."""
-        if self._schema_ready:
-            return
-        await make_deferred_yieldable(self._schema_lock.acquire())
-        try:
-            if not self._schema_ready:
-                await self._api.run_db_interaction(
-                    "sps_create_schema", create_schema_txn
-                )
-                self._schema_ready = True
-        finally:
-            self._schema_lock.release()
 
     async def sync_room(
         self,
@@ -163,12 +90,12 @@ class ResyncEngine:
         if self._fetcher is not None:
             # Before any wait: Synapse handles the events that arrived during the
             # join right now, and would fetch the room's whole state for them.
-            self._fetcher.expect(room_id)
+            self._fetcher.expect_join_state(room_id)
         try:
             await self._sync_room(room_id, initial_destination, other_destinations)
         finally:
             if self._fetcher is not None:
-                self._fetcher.settle(room_id)
+                self._fetcher.release_join_state(room_id)
 
     async def _sync_room(
         self,
@@ -176,24 +103,15 @@ class ResyncEngine:
         initial_destination: str | None,
         other_destinations: Collection[str],
     ) -> None:
-        await self.ensure_schema()
         job = await self._start_job(room_id, initial_destination, other_destinations)
         self._metrics.started()
         if job.events_applied > 0 and self._fetcher is not None:
-            self._fetcher.settle(room_id)  # the join's state is stored already
+            # The join's state is stored already.
+            self._fetcher.release_join_state(room_id)
         if job.events_applied == 0:
             # The state at the join will carry members of every server in the
             # room: get their signing keys now, while the state itself downloads.
-            ready: defer.Deferred[None] = defer.Deferred()
-            self._keys_ready[room_id] = ready
-
-            async def prefetch() -> None:
-                try:
-                    await self._prefetch_keys(room_id, job.destinations)
-                finally:
-                    _synapse.fire(ready)
-
-            self._api.run_as_background_process("sps_prefetch_keys", prefetch)
+            self._keys.start(room_id, job.destinations)
         while True:
             try:
                 await self._run(job)
@@ -207,10 +125,7 @@ class ResyncEngine:
     def poke(self, room_id: str) -> None:
         """Something changed for ``room_id`` (a local leave, a new server, an admin
         'retry now'): end its back-off sleep so the engine looks again."""
-        self._poked.add(room_id)
-        waiter = self._wakeups.pop(room_id, None)
-        if waiter is not None:
-            _synapse.fire(waiter)
+        self._wakeups.poke(room_id)
 
     def request_abort(self, room_id: str) -> None:
         self._abort_requested.add(room_id)
@@ -254,31 +169,14 @@ class ResyncEngine:
         await self._abort(room_id, "aborted by an admin")
 
     async def list_jobs(self, include_finished: bool) -> list[Job]:
-        await self.ensure_schema()
-        return await self._api.run_db_interaction(
-            "sps_list_jobs", list_jobs_txn, include_finished
-        )
+        return await self._store.list(include_finished)
 
     async def get_job(self, room_id: str) -> Job | None:
-        await self.ensure_schema()
-        return await self._api.run_db_interaction("sps_get_job", get_job_txn, room_id)
+        return await self._store.get(room_id)
 
     def is_running(self, room_id: str) -> bool:
         job = self._jobs.get(room_id)
         return job is not None and not job.phase.final
-
-    async def _prefetch_keys(self, room_id: str, servers: tuple[str, ...]) -> None:
-        started = self._ops.now_ms()
-        ok, failed = await self._ops.prefetch_server_keys(
-            servers, KEY_PREFETCH_CONCURRENCY
-        )
-        logger.info(
-            "Resync of %s: prefetched signing keys of %d server(s) in %.2f s (%d failed)",
-            room_id,
-            ok,
-            (self._ops.now_ms() - started) / 1000,
-            failed,
-        )
 
     # -- the loop -------------------------------------------------------------------
 
@@ -298,16 +196,15 @@ class ResyncEngine:
             [],
             self._ops.server_name,
         )
+        job = jobs.start_or_resume(
+            existing,
+            room_id,
+            now,
+            join_event_id,
+            initial_destination or joined_via,
+            destinations,
+        )
         if existing is not None and not existing.phase.final:
-            # Resume: keep attempts, counters and timestamps; start a fresh round.
-            job = existing.evolve(
-                now,
-                destinations=destinations or existing.destinations,
-                join_event_id=join_event_id or existing.join_event_id,
-                tried=(),
-                phase=Phase.FETCHING,
-                next_attempt_ts=None,
-            )
             logger.info(
                 "Resuming resync of %s (attempts so far: %d, %d state events "
                 "stored, %d events brought to full state)",
@@ -317,25 +214,12 @@ class ResyncEngine:
                 job.events_applied,
             )
         else:
-            job = Job(
-                room_id=room_id,
-                phase=Phase.FETCHING,
-                created_ts=now,
-                updated_ts=now,
-                started_ts=now,
-                join_event_id=join_event_id,
-                joined_via=initial_destination or joined_via,
-                destinations=destinations,
-            )
             logger.info(
                 "Starting resync of %s: %d server(s) to ask, first %s",
                 room_id,
-                len(destinations),
-                destinations[0] if destinations else None,
+                len(job.destinations),
+                job.current_destination,
             )
-        job = job.evolve(
-            now, current_destination=jobs.next_destination(job.destinations, ())
-        )
         await self._save(job)
         return job
 
@@ -397,32 +281,9 @@ class ResyncEngine:
                 # What the failed attempt stored still counts (the fetch saved
                 # its progress as it went).
                 job = self._jobs.get(room_id, job)
-                retry_after = _synapse.is_pull_backoff(e)
-                if retry_after is not None:
-                    # Synapse failed to pull this event's prev events recently
-                    # (often from one server that could not help) and would wait
-                    # hours before trying again (native waits it out). Forget
-                    # those failures once per server and let this server try; if
-                    # it cannot help either, it fails over like any other error.
-                    if (event.event_id, destination) not in cleared:
-                        cleared.add((event.event_id, destination))
-                        await self._ops.clear_pull_backoff(
-                            room_id, event.prev_event_ids()
-                        )
-                        logger.info(
-                            "Resync of %s: %s; asking %s instead of waiting %d s",
-                            room_id,
-                            e,
-                            destination,
-                            retry_after // 1000,
-                        )
-                        continue
-                    job = await self._destination_failed(job, destination, e)
+                if await self._cleared_pull_backoff(event, destination, e, cleared):
                     continue
-                if not (
-                    _synapse.is_federation_failure(e)
-                    or isinstance(e, (StateIncomplete, _FetchFailed))
-                ):
+                if not _is_destination_failure(e):
                     raise
                 job = await self._destination_failed(job, destination, e)
                 continue
@@ -438,17 +299,43 @@ class ResyncEngine:
                 events_remaining=remaining,
             )
 
+    async def _cleared_pull_backoff(
+        self,
+        event: EventBase,
+        destination: str,
+        error: Exception,
+        cleared: set[tuple[str, str]],
+    ) -> bool:
+        """Whether ``error`` is Synapse's pull back-off for ``event``'s prev
+        events, now cleared for another try at ``destination``.
+
+        Synapse failed to pull them recently (often from one server that could
+        not help) and would wait hours before trying again (native waits it
+        out). Those failures are forgotten once per (event, server), and this
+        server tries; if it cannot help either, it fails over like any other
+        error."""
+        retry_after = is_pull_backoff(error)
+        if retry_after is None or (event.event_id, destination) in cleared:
+            return False
+        cleared.add((event.event_id, destination))
+        await self._ops.clear_pull_backoff(event.room_id, event.prev_event_ids())
+        logger.info(
+            "Resync of %s: %s; asking %s instead of waiting %d s",
+            event.room_id,
+            error,
+            destination,
+            retry_after // 1000,
+        )
+        return True
+
     async def _fetch_state(self, job: Job, destination: str, event: EventBase) -> Job:
         """The engine's own bulk fetch of the state before ``event`` (see
         ``fetch.py``), so that Synapse's per-event path finds it all stored."""
         assert self._fetcher is not None
         room_id = job.room_id
-        ready = self._keys_ready.get(room_id)
 
         async def keys_ready() -> None:
-            # The bulk check reads keys from the store: give the prefetch a moment.
-            if ready is not None and not ready.called:
-                await _wait_at_most(ready, KEY_PREFETCH_WAIT_S, self._ops)
+            await self._keys.wait(room_id)
 
         counters = {"job": job}
 
@@ -474,12 +361,12 @@ class ResyncEngine:
         except StateIncomplete:
             raise
         except Exception as e:
-            if not _synapse.is_federation_failure(e):
+            if not is_federation_failure(e):
                 logger.warning(
                     "Resync of %s: fetching the state from %s failed",
                     room_id,
                     destination,
-                    exc_info=not _looks_remote(e),
+                    exc_info=not looks_remote(e),
                 )
             raise _FetchFailed(f"{type(e).__name__}: {e}") from e
         job = counters["job"]
@@ -551,10 +438,10 @@ class ResyncEngine:
         while True:
             await self._check_still_wanted(job)
             left = wake_at - self._ops.now_ms()
-            if left <= 0 or job.room_id in self._poked:
+            if left <= 0 or self._wakeups.poked(job.room_id):
                 break
-            await self._sleep(job.room_id, min(left, CHECK_INTERVAL_MS))
-        self._poked.discard(job.room_id)
+            await self._wakeups.sleep(job.room_id, min(left, CHECK_INTERVAL_MS))
+        self._wakeups.clear(job.room_id)
         destinations = await self._refresh_destinations(job)
         return await self._save(
             job.evolve(
@@ -585,23 +472,6 @@ class ResyncEngine:
             raise _Aborted("aborted by an admin")
         if not await self._ops.local_users_in_room(room_id):
             raise _Aborted("no local user is in the room any more")
-
-    async def _sleep(self, room_id: str, delay_ms: int) -> None:
-        """Sleep up to ``delay_ms``; :meth:`poke` ends it early."""
-        waiter: defer.Deferred[None] = defer.Deferred()
-        self._wakeups[room_id] = waiter
-
-        def wake() -> None:
-            _synapse.fire(waiter)
-
-        call = self._ops.call_later(delay_ms / 1000, wake)
-        try:
-            await make_deferred_yieldable(waiter)
-        finally:
-            if call.active():
-                call.cancel()
-            if self._wakeups.get(room_id) is waiter:
-                del self._wakeups[room_id]
 
     async def _finish(self, job: Job) -> None:
         now = self._ops.now_ms()
@@ -664,8 +534,18 @@ class ResyncEngine:
         previous = self._jobs.get(job.room_id)
         self._jobs[job.room_id] = job
         self._metrics.set_phase(previous.phase if previous else None, job.phase)
-        await self._api.run_db_interaction("sps_save_job", upsert_job_txn, job)
+        await self._store.save(job)
         return job
+
+
+def _is_destination_failure(error: BaseException) -> bool:
+    """Whether ``error`` means "this server could not help" (fail over), as
+    opposed to a fault here."""
+    return (
+        is_pull_backoff(error) is not None
+        or is_federation_failure(error)
+        or isinstance(error, (StateIncomplete, _FetchFailed))
+    )
 
 
 def _reason(error: BaseException) -> str:

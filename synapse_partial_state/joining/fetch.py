@@ -30,20 +30,29 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attr
-from synapse.logging.context import make_deferred_yieldable
-from synapse.util.async_helpers import concurrently_execute
+from synapse.module_api import make_deferred_yieldable
 
+from synapse_partial_state.compat.runtime import concurrently_execute
+from synapse_partial_state.compat.state_fetch import uses_v1_event_ids
 from synapse_partial_state.joining import verify
+from synapse_partial_state.joining.inflight import InflightFetches
+from synapse_partial_state.joining.state_parser import StatePdusParser
+from synapse_partial_state.joining.writer import (
+    ANALYZE_FIRST_AT,
+    FetchReport,
+    OutlierWriter,
+    Progress,
+)
 
 if TYPE_CHECKING:
     from synapse.events import EventBase
 
-    from synapse_partial_state._synapse import StateFetchOps
+    from synapse_partial_state.compat.state_fetch import StateFetchOps
 
 logger = logging.getLogger(__name__)
 
 #: Up to this many missing events are fetched one by one instead of by /state.
-FEW = 50
+SINGLE_FETCH_MAX = 50
 #: Concurrent single-event fetches.
 FETCH_CONCURRENCY = 10
 #: Other servers asked for an event the destination could not vouch for.
@@ -54,11 +63,6 @@ OTHER_SERVERS_PER_EVENT = 5
 STATE_TIMEOUT_FLOOR_MS = 60_000
 STATE_TIMEOUT_PER_EVENT_MS = 5
 STATE_TIMEOUT_MAX_MS = 600_000
-#: Events per outlier persistence call (progress is reported between calls).
-PERSIST_BATCH = 2000
-#: Events stored before the planner's statistics are first refreshed (then each
-#: time the count doubles; see ``StateFetchOps.refresh_planner_stats``).
-ANALYZE_FIRST_AT = 1000
 
 
 class StateIncomplete(Exception):
@@ -73,47 +77,20 @@ class StateIncomplete(Exception):
         self.missing = missing
 
 
-@attr.s(slots=True, auto_attribs=True)
-class FetchReport:
-    """What one fetch did, for the engine's log line and job counters."""
-
-    state_events: int = 0
-    #: Events of the state and its auth chain already stored when this fetch
-    #: began (partial state, or stored by an attempt before a restart).
-    already_stored: int = 0
-    #: Events this fetch had to store.
-    to_store: int = 0
-    fetched: int = 0
-    verified: int = 0
-    rechecked: int = 0
-    one_by_one: int = 0
-    repaired: int = 0
-    persisted: int = 0
-    members_only: bool = False
-    stages: dict[str, float] = attr.Factory(dict)
-
-    def describe(self) -> str:
-        stages = ", ".join(f"{k} {v:.2f} s" for k, v in self.stages.items())
-        return (
-            f"{self.state_events} state events, {self.fetched} fetched"
-            f"{' (members only)' if self.members_only else ''}, {self.verified} "
-            f"verified in bulk, {self.rechecked} checked one by one, "
-            f"{self.one_by_one} fetched one by one ({self.repaired} from other "
-            f"servers), {self.persisted} stored ({stages})"
-        )
-
-
-#: Called with the report as it grows: once the events to store are known, then
-#: after each batch stored.
-Progress = Callable[[FetchReport], Awaitable[None]]
 #: Waits (a bounded time) until the signing keys of the room's servers are stored.
 KeysReady = Callable[[], Awaitable[None]]
 
 
 class StateFetcher:
-    def __init__(self, ops: StateFetchOps, pool: verify.VerifierPool) -> None:
+    def __init__(
+        self,
+        ops: StateFetchOps,
+        pool: verify.VerifierPool,
+        inflight: InflightFetches,
+    ) -> None:
         self._ops = ops
         self._pool = pool
+        self._inflight = inflight
 
     async def fetch_state_before(
         self,
@@ -138,7 +115,7 @@ class StateFetcher:
             missing_prevs = [p for p in prevs if p not in seen]
             if not missing_prevs:
                 return None
-            ops.begin_fetch(room_id, missing_prevs)
+            self._inflight.begin(room_id, missing_prevs)
             try:
                 return await self._fetch_state_at(
                     destination,
@@ -149,19 +126,20 @@ class StateFetcher:
                     keys_ready,
                 )
             finally:
-                ops.end_fetch(room_id, missing_prevs)
+                self._inflight.end(room_id, missing_prevs)
         finally:
             # Stored, or failed: Synapse's own requests for the room's state go
-            # ahead (see ``expect``).
-            ops.settle(room_id)
+            # ahead (see ``expect_join_state``).
+            self._inflight.release_join_state(room_id)
 
-    def expect(self, room_id: str) -> None:
+    def expect_join_state(self, room_id: str) -> None:
         """A resync of ``room_id`` starts: Synapse's own requests for state in
-        the room wait until the join's state is fetched (or :meth:`settle`)."""
-        self._ops.expect_fetch(room_id)
+        the room wait until the join's state is fetched (or
+        :meth:`release_join_state`)."""
+        self._inflight.expect_join_state(room_id)
 
-    def settle(self, room_id: str) -> None:
-        self._ops.settle(room_id)
+    def release_join_state(self, room_id: str) -> None:
+        self._inflight.release_join_state(room_id)
 
     async def after_finish(self, room_id: str, fetched: int) -> None:
         """Synapse's finish has written the room's whole current state (as many
@@ -175,7 +153,7 @@ class StateFetcher:
 
     def forget(self, room_id: str) -> None:
         """The room's resync is over: drop what was kept for Synapse to reuse."""
-        self._ops.forget_state_ids(room_id)
+        self._inflight.forget(room_id)
 
     async def _fetch_state_at(
         self,
@@ -189,20 +167,11 @@ class StateFetcher:
         ops = self._ops
         room_id = event.room_id
         report = FetchReport()
-        clock = _Stages(report)
-        room_version = await ops.room_version(room_id)
-
-        wanted_state: set[str] = set()
-        wanted_auth: set[str] = set()
-        for prev in missing_prevs:
-            state_ids, auth_ids = await ops.state_ids(destination, room_id, prev)
-            wanted_state.update(state_ids)
-            wanted_auth.update(auth_ids)
-        clock.lap("state_ids")
-        _milestone(room_id, "state_ids", f"{len(wanted_state)} state events")
-        report.state_events = len(wanted_state)
-        required = wanted_state | set(missing_prevs)
-        wanted = required | wanted_auth
+        timer = _StageTimer(report)
+        required, wanted = await self._wanted(
+            destination, room_id, missing_prevs, report
+        )
+        timer.lap("state_ids")
         missing = wanted - await ops.have_seen(room_id, wanted)
         report.already_stored = len(wanted) - len(missing)
         report.to_store = len(missing)
@@ -211,35 +180,25 @@ class StateFetcher:
         if not missing:
             return report
 
-        writer = _Writer(ops, room_id, missing, report, progress)
-        if len(missing) > FEW:
-            for prev in missing_prevs:
-                for members_only in (True, False):
-                    if not members_only and not (
-                        report.members_only and len(writer.outstanding()) > FEW
-                    ):
-                        break  # only when a members-only answer left real gaps
-                    await self._fetch_bulk(
-                        destination,
-                        room_id,
-                        prev,
-                        room_version,
-                        writer,
-                        report,
-                        clock,
-                        members_only=members_only,
-                        keys_ready=keys_ready,
-                    )
-
-            _milestone(room_id, "bulk_stored", f"{report.persisted} events stored")
-        still = writer.outstanding()
+        attempt = _Attempt(
+            destination=destination,
+            room_id=room_id,
+            room_version=await ops.room_version(room_id),
+            writer=OutlierWriter(ops, room_id, missing, report, progress),
+            report=report,
+            timer=timer,
+            keys_ready=keys_ready,
+        )
+        if len(missing) > SINGLE_FETCH_MAX:
+            await self._fetch_in_bulk(attempt, missing_prevs)
+        still = attempt.writer.outstanding()
         if still:
             servers = [destination] + [s for s in other_servers if s != destination]
-            await self._fetch_one_by_one(still, servers, room_version, writer, report)
-            clock.lap("single fetches")
-        await writer.flush()
-        await writer.settle_stats()
-        clock.lap("persist")
+            await self._fetch_one_by_one(attempt, still, servers)
+            timer.lap("single fetches")
+        await attempt.writer.flush()
+        await attempt.writer.refresh_stats_if_big()
+        timer.lap("persist")
         _milestone(room_id, "state_stored", f"{report.persisted} events stored")
 
         absent = required - await ops.have_seen(room_id, required)
@@ -247,99 +206,125 @@ class StateFetcher:
             raise StateIncomplete(destination, len(absent), len(required))
         return report
 
-    async def _fetch_bulk(
+    async def _wanted(
         self,
         destination: str,
         room_id: str,
-        prev: str,
-        room_version: Any,
-        writer: _Writer,
+        missing_prevs: list[str],
         report: FetchReport,
-        clock: _Stages,
-        members_only: bool = True,
-        keys_ready: KeysReady | None = None,
-    ) -> None:
-        """``/state`` at ``prev``; checked in bulk chunk by chunk, each chunk
-        stored while the workers check the next ones."""
-        ops = self._ops
-        use_workers = self._pool.worth_it(writer.size)
-        if use_workers:
+    ) -> tuple[set[str], set[str]]:
+        """``/state_ids`` at each missing prev event: (the state and the prev
+        events, which must all be stored in the end; those and the auth chain,
+        which should be)."""
+        wanted_state: set[str] = set()
+        wanted_auth: set[str] = set()
+        for prev in missing_prevs:
+            state_ids, auth_ids = await self._ops.state_ids(destination, room_id, prev)
+            self._inflight.remember(room_id, prev, (state_ids, auth_ids))
+            wanted_state.update(state_ids)
+            wanted_auth.update(auth_ids)
+        _milestone(room_id, "state_ids", f"{len(wanted_state)} state events")
+        report.state_events = len(wanted_state)
+        required = wanted_state | set(missing_prevs)
+        return required, required | wanted_auth
+
+    async def _fetch_in_bulk(self, attempt: _Attempt, missing_prevs: list[str]) -> None:
+        """``/state`` at each missing prev event: members only first, and in full
+        only when a members-only answer left real gaps."""
+        for prev in missing_prevs:
+            for members_only in (True, False):
+                if not members_only and not (
+                    attempt.report.members_only
+                    and len(attempt.writer.outstanding()) > SINGLE_FETCH_MAX
+                ):
+                    break
+                pdus, keys = await self._download(attempt, prev, members_only)
+                await self._check_and_store(attempt, pdus, keys)
+        _milestone(
+            attempt.room_id, "bulk_stored", f"{attempt.report.persisted} events stored"
+        )
+
+    async def _download(
+        self, attempt: _Attempt, prev: str, members_only: bool
+    ) -> tuple[list[bytes], set[tuple[str, str]]]:
+        """``/state`` at ``prev``: its pdus, auth chain first (it holds the earlier
+        memberships the state's memberships are authorised by, so fewer events
+        wait for theirs), and the signing keys checking them may use."""
+        writer, report = attempt.writer, attempt.report
+        if self._pool.worth_it(writer.size):
             self._pool.warm()  # workers start while the answer downloads
         timeout_ms = min(
             STATE_TIMEOUT_MAX_MS,
             STATE_TIMEOUT_FLOOR_MS + STATE_TIMEOUT_PER_EVENT_MS * writer.size,
         )
         wanted_keys: set[tuple[str, str]] = set()
-        v1_ids = _v1_event_ids(room_version)
-        restricted = room_version.restricted_join_rule
+        v1_ids = uses_v1_event_ids(attempt.room_version)
+        restricted = attempt.room_version.restricted_join_rule
 
         def on_pdu(pdu: dict[str, Any]) -> None:
-            for server in verify.required_servers(pdu, v1_ids, restricted) or ():
-                by_key = pdu.get("signatures", {}).get(server)
-                if isinstance(by_key, dict):
-                    wanted_keys.update((server, key_id) for key_id in by_key)
+            wanted_keys.update(verify.key_ids_needed(pdu, v1_ids, restricted))
 
-        answer = await ops.state_pdus(
-            destination, room_id, prev, members_only, timeout_ms, on_pdu
+        answer = await self._ops.state_pdus(
+            attempt.destination,
+            attempt.room_id,
+            prev,
+            members_only,
+            timeout_ms,
+            StatePdusParser(on_pdu),
         )
         report.members_only = report.members_only or answer.members_only
-        # Auth chain first: it holds the earlier memberships the state's
-        # memberships are authorised by, so fewer events wait for theirs.
         pdus = answer.auth_chain + answer.pdus
         del answer
         report.fetched += len(pdus)
-        clock.lap("fetch /state")
-        _milestone(room_id, "state_fetched", f"{len(pdus)} events")
+        attempt.timer.lap("fetch /state")
+        _milestone(attempt.room_id, "state_fetched", f"{len(pdus)} events")
+        return pdus, wanted_keys
 
-        if keys_ready is not None:
-            await keys_ready()  # the prefetch ran while the state downloaded
-            clock.lap("key prefetch wait")
+    async def _check_and_store(
+        self, attempt: _Attempt, pdus: list[bytes], wanted_keys: set[tuple[str, str]]
+    ) -> None:
+        """Check ``pdus`` in bulk chunk by chunk, each chunk stored while the
+        workers check the next ones."""
+        ops, timer = self._ops, attempt.timer
+        if attempt.keys_ready is not None:
+            await attempt.keys_ready()  # the prefetch ran while the state downloaded
+            timer.lap("key prefetch wait")
         keys = await ops.signing_keys(wanted_keys)
-        per_event = await ops.needs_per_event_checks(room_id)
+        per_event = await ops.needs_per_event_checks(attempt.room_id)
         chunks = self._pool.verify_chunks(
-            room_version.identifier, pdus, keys, use_workers
+            attempt.room_version.identifier,
+            pdus,
+            keys,
+            self._pool.worth_it(attempt.writer.size),
         )
         try:
             for start, pending in chunks:
                 verdicts = await make_deferred_yieldable(pending)
                 chunk = pdus[start : start + len(verdicts)]
-                accepted, recheck = self._sort_out(
-                    destination,
-                    room_id,
-                    room_version,
-                    chunk,
-                    verdicts,
-                    writer,
-                    per_event,
-                )
-                report.verified += len(accepted)
-                clock.lap("verify")
+                accepted, recheck = self._triage(attempt, chunk, verdicts, per_event)
+                attempt.report.verified += len(accepted)
+                timer.lap("verify")
                 if recheck:
-                    accepted.extend(
-                        await self._check_one_by_one(
-                            recheck, destination, room_version, writer, report
-                        )
-                    )
-                    clock.lap("per-event checks")
-                await writer.add(accepted)
-                clock.lap("persist")
+                    accepted.extend(await self._check_one_by_one(attempt, recheck))
+                    timer.lap("per-event checks")
+                await attempt.writer.add(accepted)
+                timer.lap("persist")
         finally:
             for _, pending in chunks:
                 if not pending.called:
                     pending.addErrback(lambda _: None)
                     pending.cancel()
 
-    def _sort_out(
+    def _triage(
         self,
-        destination: str,
-        room_id: str,
-        room_version: Any,
+        attempt: _Attempt,
         pdus: Sequence[bytes],
         verdicts: Sequence[tuple[int, str | None]],
-        writer: _Writer,
         per_event: bool,
     ) -> tuple[list[EventBase], list[EventBase]]:
         """(events verified in bulk, events for Synapse's per-event check)."""
+        destination, room_id = attempt.destination, attempt.room_id
+        room_version, writer = attempt.room_version, attempt.writer
         accepted: list[EventBase] = []
         recheck: list[EventBase] = []
         for pdu, (verdict, event_id) in zip(pdus, verdicts, strict=True):
@@ -361,13 +346,10 @@ class StateFetcher:
         return accepted, recheck
 
     async def _check_one_by_one(
-        self,
-        events: list[EventBase],
-        destination: str,
-        room_version: Any,
-        writer: _Writer,
-        report: FetchReport,
+        self, attempt: _Attempt, events: list[EventBase]
     ) -> list[EventBase]:
+        destination, room_version = attempt.destination, attempt.room_version
+        writer, report = attempt.writer, attempt.report
         logger.info(
             "Checking %d event(s) from %s one by one (signature, hash or key the "
             "bulk check could not settle)",
@@ -386,15 +368,15 @@ class StateFetcher:
         return good
 
     async def _fetch_one_by_one(
-        self,
-        event_ids: Collection[str],
-        servers: Sequence[str],
-        room_version: Any,
-        writer: _Writer,
-        report: FetchReport,
+        self, attempt: _Attempt, event_ids: Collection[str], servers: Sequence[str]
     ) -> None:
         """Each of ``event_ids`` from the first of ``servers`` that has a good copy
         (the destination first, then a few others)."""
+        room_version, writer, report = (
+            attempt.room_version,
+            attempt.writer,
+            attempt.report,
+        )
         candidates = list(servers[: OTHER_SERVERS_PER_EVENT + 1])
         fetched: list[EventBase] = []
 
@@ -413,94 +395,17 @@ class StateFetcher:
         await writer.add(fetched)
 
 
-class _Writer:
-    """Stores fetched events as outliers as they come, each once its auth events
-    are stored (Synapse drops an outlier whose auth events it cannot find)."""
+@attr.s(slots=True, auto_attribs=True, frozen=True)
+class _Attempt:
+    """One fetch of the state before an event from one destination."""
 
-    def __init__(
-        self,
-        ops: StateFetchOps,
-        room_id: str,
-        missing: set[str],
-        report: FetchReport,
-        progress: Progress | None,
-    ) -> None:
-        self._ops = ops
-        self._room_id = room_id
-        #: wanted and not stored yet
-        self._pending = set(missing)
-        self.size = len(missing)
-        #: fetched and checked, waiting for their auth events
-        self._held: dict[str, EventBase] = {}
-        self._report = report
-        self._progress = progress
-        #: refresh the planner's statistics once this many events are stored
-        self._next_analyze = ANALYZE_FIRST_AT
-
-    def wants(self, event_id: str) -> bool:
-        return event_id in self._pending and event_id not in self._held
-
-    def outstanding(self) -> set[str]:
-        """Wanted events not fetched yet."""
-        return self._pending - self._held.keys()
-
-    async def add(self, events: list[EventBase]) -> None:
-        for event in events:
-            if self.wants(event.event_id):
-                self._held[event.event_id] = event
-        await self._store(self._ready())
-
-    async def flush(self) -> None:
-        """Store everything held, ready or not (Synapse drops those whose auth
-        events are missing; the completeness check then fails the fetch)."""
-        await self._store(self._ready(everything=True))
-
-    async def settle_stats(self) -> None:
-        """Once everything is stored: the planner's statistics for what follows
-        (Synapse's finish replaces the room's current state with all of it)."""
-        if self._report.persisted >= ANALYZE_FIRST_AT:
-            await self._refresh_stats()
-
-    async def _refresh_stats(self) -> None:
-        if await self._ops.refresh_planner_stats():
-            logger.info(
-                "Resync of %s: planner statistics refreshed (%d events stored)",
-                self._room_id,
-                self._report.persisted,
-            )
-
-    def _ready(self, everything: bool = False) -> list[EventBase]:
-        """Held events whose auth events are stored or ready, auth events first."""
-        from synapse.util.iterutils import sorted_topologically
-
-        held = self._held
-        deps = {
-            event_id: [a for a in event.auth_event_ids() if a in self._pending]
-            for event_id, event in held.items()
-        }
-        ready: list[EventBase] = []
-        ok: set[str] = set()
-        graph = {k: [d for d in v if d in held] for k, v in deps.items()}
-        for event_id in sorted_topologically(held, graph):
-            if everything or all(d in ok for d in deps[event_id]):
-                ok.add(event_id)
-                ready.append(held[event_id])
-        return ready
-
-    async def _store(self, events: list[EventBase]) -> None:
-        for start in range(0, len(events), PERSIST_BATCH):
-            batch = events[start : start + PERSIST_BATCH]
-            await self._ops.persist_outliers(self._room_id, batch)
-            for event in batch:
-                self._pending.discard(event.event_id)
-                self._held.pop(event.event_id, None)
-            self._report.persisted += len(batch)
-            if self._report.persisted >= self._next_analyze:
-                # The tables have doubled since the planner last looked.
-                await self._refresh_stats()
-                self._next_analyze = 2 * self._report.persisted
-            if self._progress is not None:
-                await self._progress(self._report)
+    destination: str
+    room_id: str
+    room_version: Any
+    writer: OutlierWriter
+    report: FetchReport
+    timer: _StageTimer
+    keys_ready: KeysReady | None
 
 
 def _milestone(room_id: str, stage: str, detail: str) -> None:
@@ -508,13 +413,7 @@ def _milestone(room_id: str, stage: str, detail: str) -> None:
     logger.info("Resync of %s: stage=%s (%s)", room_id, stage, detail)
 
 
-def _v1_event_ids(room_version: Any) -> bool:
-    from synapse.api.room_versions import EventFormatVersions
-
-    return bool(room_version.event_format == EventFormatVersions.ROOM_V1_V2)
-
-
-class _Stages:
+class _StageTimer:
     def __init__(self, report: FetchReport) -> None:
         self._report = report
         self._last = time.monotonic()

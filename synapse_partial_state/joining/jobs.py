@@ -14,7 +14,6 @@ import attr
 class Phase(str, enum.Enum):
     """Where a job is. ``done`` and ``aborted`` are final."""
 
-    QUEUED = "queued"  # known, not started yet (e.g. before a restart resumes it)
     FETCHING = "fetching"  # getting the state at the join from a resident
     APPLYING = "applying"  # bringing later partial-state events up to full state
     REPLAYING = "replaying"  # current state, device-list replay, clearing the flag
@@ -106,3 +105,37 @@ def eta_seconds(job: Job, now: int) -> float | None:
         return None
     elapsed = max(now - job.started_ts, 1) / 1000
     return job.events_remaining / (done / elapsed)
+
+
+def start_or_resume(
+    existing: Job | None,
+    room_id: str,
+    now: int,
+    join_event_id: str | None,
+    joined_via: str | None,
+    destinations: tuple[str, ...],
+) -> Job:
+    """The job a resync starts with: ``existing`` resumed (attempts, counters and
+    timestamps kept, a fresh round of servers) unless it is missing or over,
+    else a new one; either way in the fetching phase, at its first server."""
+    if existing is not None and not existing.phase.final:
+        job = existing.evolve(
+            now,
+            destinations=destinations or existing.destinations,
+            join_event_id=join_event_id or existing.join_event_id,
+            tried=(),
+            phase=Phase.FETCHING,
+            next_attempt_ts=None,
+        )
+    else:
+        job = Job(
+            room_id=room_id,
+            phase=Phase.FETCHING,
+            created_ts=now,
+            updated_ts=now,
+            started_ts=now,
+            join_event_id=join_event_id,
+            joined_via=joined_via,
+            destinations=destinations,
+        )
+    return job.evolve(now, current_destination=next_destination(job.destinations, ()))

@@ -34,7 +34,7 @@ import multiprocessing
 import os
 import sys
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
@@ -105,19 +105,19 @@ def required_servers(
 
 
 def key_ids_needed(
-    pdus: Iterable[Mapping[str, Any]], v1_event_ids: bool, restricted: bool
+    pdu: Mapping[str, Any], v1_event_ids: bool, restricted: bool
 ) -> set[tuple[str, str]]:
-    """Every (server, key id) that checking ``pdus`` may use."""
+    """Every (server, key id) that checking ``pdu`` may use (none for a pdu too
+    malformed to name them: the check itself then rejects it)."""
+    servers = required_servers(pdu, v1_event_ids, restricted)
+    signatures = pdu.get("signatures")
+    if not servers or not isinstance(signatures, Mapping):
+        return set()
     wanted: set[tuple[str, str]] = set()
-    for pdu in pdus:
-        servers = required_servers(pdu, v1_event_ids, restricted)
-        signatures = pdu.get("signatures")
-        if not servers or not isinstance(signatures, Mapping):
-            continue
-        for server in servers:
-            by_key = signatures.get(server)
-            if isinstance(by_key, Mapping):
-                wanted.update((server, key_id) for key_id in by_key)
+    for server in servers:
+        by_key = signatures.get(server)
+        if isinstance(by_key, Mapping):
+            wanted.update((server, key_id) for key_id in by_key)
     return wanted
 
 
@@ -132,77 +132,88 @@ def verify_chunk(
     Runs in a worker process (or a thread when there are no workers). The event ID
     is the one Synapse computes (the reference hash in v3+ rooms), None when the
     pdu does not even make an event."""
-    from signedjson.key import decode_verify_key_bytes
-    from signedjson.sign import SignatureVerifyException, verify_signed_json
-    from synapse.api.room_versions import KNOWN_ROOM_VERSIONS, EventFormatVersions
-    from synapse.events import make_event_from_dict, make_event_from_json
-    from synapse.synapse_rust.events import redact_event
+    checker = _ChunkChecker(room_version_id, keys, banned)
+    return [checker.check(raw) for raw in pdus]
 
-    room_version = KNOWN_ROOM_VERSIONS[room_version_id]
-    v1_ids = room_version.event_format == EventFormatVersions.ROOM_V1_V2
-    restricted = room_version.restricted_join_rule
-    enforce_validity = room_version.enforce_key_validity
-    decoded: dict[tuple[str, str], Any] = {}
 
-    def verify_key(server: str, key_id: str) -> Any:
-        if (server, key_id) not in decoded:
-            raw, _ = keys[(server, key_id)]
-            decoded[(server, key_id)] = decode_verify_key_bytes(key_id, raw)
-        return decoded[(server, key_id)]
+class _ChunkChecker:
+    """One room version's checks with one set of keys (decoded once each)."""
 
-    out: list[tuple[int, str | None]] = []
-    for raw in pdus:
+    def __init__(self, room_version_id: str, keys: Keys, banned: frozenset[str]):
+        # Outside the compat layer on purpose: worker processes import only this
+        # file, and the bytes checked must be the ones Synapse's own classes make.
+        from synapse.api.room_versions import KNOWN_ROOM_VERSIONS, EventFormatVersions
+
+        self.room_version = KNOWN_ROOM_VERSIONS[room_version_id]
+        self.v1_ids = self.room_version.event_format == EventFormatVersions.ROOM_V1_V2
+        self.restricted = self.room_version.restricted_join_rule
+        self.enforce_validity = self.room_version.enforce_key_validity
+        self.keys = keys
+        self.banned = banned
+        self._decoded: dict[tuple[str, str], Any] = {}
+
+    def check(self, raw: bytes | dict[str, Any]) -> tuple[int, str | None]:
+        from synapse.events import make_event_from_dict, make_event_from_json
+
         try:
             if isinstance(raw, bytes):
                 # canonical JSON already: what make_event_from_dict would build
-                event = make_event_from_json(raw.decode("utf-8"), room_version)
+                event = make_event_from_json(raw.decode("utf-8"), self.room_version)
                 pdu = json.loads(raw)
             else:
-                event = make_event_from_dict(raw, room_version)
+                event = make_event_from_dict(raw, self.room_version)
                 pdu = raw
             event_id = event.event_id
         except Exception:
-            out.append((INVALID, None))
-            continue
-        servers = required_servers(pdu, v1_ids, restricted)
+            return INVALID, None
+        servers = required_servers(pdu, self.v1_ids, self.restricted)
         if servers is None:
-            out.append((UNCERTAIN, event_id))
-            continue
-        min_valid = event.origin_server_ts if enforce_validity else 0
-        verdict = OK
+            return UNCERTAIN, event_id
+        verdict = self._signatures(event, servers)
+        if verdict == OK and not content_hash_matches(event.get_pdu_json()):
+            verdict = UNCERTAIN  # Synapse redacts; let it decide
+        return verdict, event_id
+
+    def _signatures(self, event: Any, servers: list[str]) -> int:
+        """OK when every server in ``servers`` signed ``event`` with a key held
+        and valid at its timestamp; UNCERTAIN when a key is missing or banned
+        (Synapse decides); BAD_SIGNATURE otherwise."""
+        from signedjson.sign import SignatureVerifyException, verify_signed_json
+        from synapse.synapse_rust.events import redact_event
+
+        min_valid = event.origin_server_ts if self.enforce_validity else 0
         redacted: dict[str, Any] | None = None
         for server in servers:
             key_ids = (
                 list(event.signatures[server]) if server in event.signatures else []
             )
             if not key_ids:
-                verdict = BAD_SIGNATURE  # Synapse: "Not signed by <server>"
-                break
+                return BAD_SIGNATURE  # Synapse: "Not signed by <server>"
             verified = False
             for key_id in key_ids:
-                held = keys.get((server, key_id))
+                held = self.keys.get((server, key_id))
                 if held is None or held[1] < min_valid:
                     continue
-                if _b64(held[0]) in banned:
-                    verdict = UNCERTAIN
-                    break
+                if _b64(held[0]) in self.banned:
+                    return UNCERTAIN
                 if redacted is None:
                     redacted = redact_event(event).get_pdu_json()
                 try:
-                    verify_signed_json(redacted, server, verify_key(server, key_id))
+                    verify_signed_json(redacted, server, self._key(server, key_id))
                 except SignatureVerifyException:
-                    verdict = BAD_SIGNATURE
-                    break
+                    return BAD_SIGNATURE
                 verified = True
-            if verdict != OK:
-                break
             if not verified:
-                verdict = UNCERTAIN  # no key held: Synapse fetches it
-                break
-        if verdict == OK and not content_hash_matches(event.get_pdu_json()):
-            verdict = UNCERTAIN  # Synapse redacts; let it decide
-        out.append((verdict, event_id))
-    return out
+                return UNCERTAIN  # no key held: Synapse fetches it
+        return OK
+
+    def _key(self, server: str, key_id: str) -> Any:
+        from signedjson.key import decode_verify_key_bytes
+
+        if (server, key_id) not in self._decoded:
+            raw, _ = self.keys[(server, key_id)]
+            self._decoded[(server, key_id)] = decode_verify_key_bytes(key_id, raw)
+        return self._decoded[(server, key_id)]
 
 
 #: Fields outside the content hash: the spec's three, and Synapse's internal ones
@@ -327,18 +338,6 @@ class VerifierPool:
             out.append((start, d))
         return out
 
-    async def verify(
-        self, room_version_id: str, pdus: Sequence[bytes | dict[str, Any]], keys: Keys
-    ) -> list[tuple[int, str | None]]:
-        """Verdicts for ``pdus``, in order."""
-        from synapse.logging.context import make_deferred_yieldable
-
-        verdicts: list[tuple[int, str | None]] = []
-        for _, d in self.verify_chunks(room_version_id, pdus, keys):
-            chunk: list[tuple[int, str | None]] = await make_deferred_yieldable(d)
-            verdicts.extend(chunk)
-        return verdicts
-
     def close(self) -> None:
         with self._lock:
             if self._executor is not None:
@@ -372,10 +371,10 @@ def _without_parent_main() -> Iterator[None]:
 
 
 def _from_pool(reactor: Any, d: defer.Deferred[Any], future: Future[Any]) -> None:
-    reactor.callFromThread(_settle, d, future)
+    reactor.callFromThread(_copy_outcome, d, future)
 
 
-def _settle(d: defer.Deferred[Any], future: Future[Any]) -> None:
+def _copy_outcome(d: defer.Deferred[Any], future: Future[Any]) -> None:
     error = future.exception()
     if error is not None:
         d.errback(error)

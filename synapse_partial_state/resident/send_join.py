@@ -27,19 +27,21 @@ from synapse.api.constants import EventTypes, Membership
 from synapse.module_api import ModuleApi
 from synapse.types import get_domain_from_id
 
-from synapse_partial_state import _synapse
+from synapse_partial_state.compat.send_join import (
+    essential_memberships,
+    get_current_state_event_content,
+    get_room_summary,
+    heroes_from_summary,
+)
 from synapse_partial_state.config import ResidentConfig
+from synapse_partial_state.wire import SUMMARY_FIELD
 
 if TYPE_CHECKING:
     from synapse.events import EventBase
-    from synapse.storage.database import LoggingTransaction
     from synapse.storage.roommember import MemberSummary
     from synapse.types import StateMap
 
 logger = logging.getLogger(__name__)
-
-#: Unstable field carrying the room summary in partial ``/send_join`` answers.
-SUMMARY_FIELD = "org.matrix.msc2775.summary"
 
 
 def select_partial_state(
@@ -111,55 +113,12 @@ def _power_users(content: Mapping[str, Any] | None) -> list[str]:
     return [u for u in users if isinstance(u, str) and u.startswith("@")]
 
 
-def _memberships_txn(
-    txn: LoggingTransaction, room_id: str, want_joined: bool
-) -> tuple[list[str], list[str], list[str]]:
-    """(bans and kicks, invites and knocks, joined oldest-first) in current state."""
-    txn.execute(
-        """
-        SELECT c.state_key, c.membership, m.sender
-        FROM current_state_events AS c
-        INNER JOIN room_memberships AS m USING (event_id)
-        WHERE c.room_id = ? AND c.type = 'm.room.member'
-          AND c.membership IN ('ban', 'leave', 'invite', 'knock')
-        ORDER BY c.event_stream_ordering DESC
-        """,
-        (room_id,),
-    )
-    power: list[str] = []
-    pending: list[str] = []
-    for user_id, membership, sender in txn:
-        if membership == Membership.BAN or (
-            membership == Membership.LEAVE and sender != user_id
-        ):
-            power.append(user_id)
-        elif membership in (Membership.INVITE, Membership.KNOCK):
-            pending.append(user_id)
-    joined: list[str] = []
-    if want_joined:
-        txn.execute(
-            """
-            SELECT state_key FROM current_state_events
-            WHERE room_id = ? AND type = 'm.room.member' AND membership = 'join'
-            ORDER BY event_stream_ordering ASC
-            """,
-            (room_id,),
-        )
-        joined = [row[0] for row in txn]
-    return power, pending, joined
-
-
 class SendJoinEnricher:
     """Chooses and adds the MSC2775 essentials to partial ``/send_join`` answers."""
 
     def __init__(self, api: ModuleApi, config: ResidentConfig) -> None:
         self._api = api
         self._config = config
-
-    def install(self) -> None:
-        _synapse.install_send_join_hooks(
-            self.extras_for, self.select, self.response_fields
-        )
 
     def select(
         self,
@@ -175,7 +134,7 @@ class SendJoinEnricher:
         cap = cfg.max_extra_members if cfg.enabled else 0
         heroes: list[str] = []
         if cap and cfg.heroes:
-            heroes = _synapse.heroes_from_summary(summary, join_event.state_key)
+            heroes = heroes_from_summary(summary, join_event.state_key)
         return select_partial_state(
             join_event,
             prev_state_ids,
@@ -194,15 +153,12 @@ class SendJoinEnricher:
             return ()
         power_users: list[str] = []
         if cfg.power_level_users:
-            content = await _synapse.get_current_state_event_content(
+            content = await get_current_state_event_content(
                 self._api, room_id, EventTypes.PowerLevels, ""
             )
             power_users = _power_users(content)
-        power, pending, joined = await self._api.run_db_interaction(
-            "sps_send_join_essentials",
-            _memberships_txn,
-            room_id,
-            cfg.members_per_server > 0,
+        power, pending, joined = await essential_memberships(
+            self._api, room_id, cfg.members_per_server > 0
         )
         return order_candidates(
             (),
@@ -216,12 +172,12 @@ class SendJoinEnricher:
         """The ``org.matrix.msc2775.summary`` block, when enabled."""
         if not (self._config.enabled and self._config.summary):
             return {}
-        summary = await _synapse.get_room_summary(self._api, room_id)
+        summary = await get_room_summary(self._api, room_id)
         joined = summary.get(Membership.JOIN)
         invited = summary.get(Membership.INVITE)
         return {
             SUMMARY_FIELD: {
-                "m.heroes": _synapse.heroes_from_summary(summary, joiner),
+                "m.heroes": heroes_from_summary(summary, joiner),
                 "m.joined_member_count": joined.count if joined else 0,
                 "m.invited_member_count": invited.count if invited else 0,
             }

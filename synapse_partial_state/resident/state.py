@@ -25,7 +25,7 @@ purges) through the hook that clears its own event cache; we drop our copy then.
 
 Events not cached yet are built straight from their stored JSON, skipping the
 parse-and-re-encode round trip of stock's loader (anything unusual goes through
-stock's loader: see ``_synapse.ResidentStateAccess.encoded_pdus``). The auth chain
+stock's loader: see ``compat.resident_state.ResidentStateOps.encoded_pdus``). The auth chain
 of a new state group is computed from that of the room's previous entry when they
 differ by a few events (:func:`auth_chain_by_difference`), not from scratch.
 
@@ -58,35 +58,41 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
-import attr
-from prometheus_client import Counter, Gauge
-from synapse.api.constants import EventTypes
-from synapse.module_api import ModuleApi, make_deferred_yieldable, run_in_background
-from twisted.internet import defer
-from twisted.python.failure import Failure
+from prometheus_client import CollectorRegistry
+from synapse.module_api import ModuleApi
 
-from synapse_partial_state import _synapse
+from synapse_partial_state.compat.resident_state import (
+    ResidentStateOps,
+    StateAdjustment,
+)
+from synapse_partial_state.compat.servlets import (
+    StateQuery,
+    encode_federation_json,
+    write_json_response,
+)
 from synapse_partial_state.config import StateCacheConfig
+from synapse_partial_state.resident.answer import (
+    EVENT_OVERHEAD,
+    EncodedEvent,
+    StateAnswer,
+    StateEntry,
+    blocks,
+    slices,
+    split_state,
+    state_before,
+    state_body_parts,
+)
+from synapse_partial_state.resident.cache import ByteBudgetLRU, SingleFlight
+from synapse_partial_state.resident.metrics import StateServerMetrics
 
 if TYPE_CHECKING:
     from synapse.http.site import SynapseRequest
-    from synapse.types import StateMap
 
 logger = logging.getLogger(__name__)
 
-#: Marker field of a members-only ``/state`` answer.
-MEMBERS_ONLY_FIELD = _synapse.MEMBERS_ONLY_PARAM
-
-#: Bytes written to the connection per producer step.
-WRITE_BLOCK = 64 * 1024
-#: Approximate memory of one event ID held in a cached entry (str + slot).
-ID_COST = 110
-#: Approximate overhead of one cached encoded event besides its bytes.
-EVENT_OVERHEAD = 160
 #: Builds slower than this are logged at INFO.
 SLOW_BUILD_SECONDS = 1.0
 #: A ``/state_ids`` answer for a state at least this big starts encoding the
@@ -104,264 +110,8 @@ LOAD_STEP = 4000
 #: of joiners). Once a ``/state`` request waits for it, it goes at full speed.
 PREWARM_PAUSE_RATIO = 1.0
 
-REQUESTS = Counter(
-    "synapse_partial_state_state_requests_total",
-    "/state and /state_ids answers served by the module, by endpoint, variant and "
-    "whether the state-group entry was cached (hit) or built (miss)",
-    ["server_name", "endpoint", "variant", "entry"],
-)
-EVENTS_LOADED = Counter(
-    "synapse_partial_state_state_events_loaded_total",
-    "Events loaded and encoded because they were not in the /state cache",
-    ["server_name"],
-)
-EVENTS_CACHED = Counter(
-    "synapse_partial_state_state_events_cached_total",
-    "Events of /state answers taken already encoded from the cache",
-    ["server_name"],
-)
-BYTES_SERVED = Counter(
-    "synapse_partial_state_state_bytes_total",
-    "Bytes of /state and /state_ids answers written by the module",
-    ["server_name", "endpoint"],
-)
-CACHE_BYTES = Gauge(
-    "synapse_partial_state_state_cache_bytes",
-    "Memory accounted to the /state cache",
-    ["server_name"],
-)
-CACHE_EVICTIONS = Counter(
-    "synapse_partial_state_state_cache_evictions_total",
-    "Entries evicted from the /state cache to stay within its byte budget",
-    ["server_name"],
-)
-
-K = TypeVar("K", bound=Hashable)
-V = TypeVar("V")
-
 #: Awaited between the steps of a computation, with the seconds the step took.
 Pause = Callable[[float], Awaitable[None]]
-
-
-class ByteBudgetLRU(Generic[K, V]):
-    """A least-recently-used map whose entries have sizes, kept under a byte budget.
-
-    An entry larger than the whole budget is not stored (its caller still has it).
-    """
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[K, tuple[V, int]] = OrderedDict()
-        self.bytes = 0
-        self.evictions = 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._items
-
-    def get(self, key: K) -> V | None:
-        """The value (now most recently used), or None."""
-        item = self._items.get(key)
-        if item is None:
-            return None
-        self._items.move_to_end(key)
-        return item[0]
-
-    def put(self, key: K, value: V, size: int) -> bool:
-        """Store (or replace) ``key``; evict the oldest entries beyond the budget.
-
-        Returns whether the value was stored."""
-        old = self._items.pop(key, None)
-        if old is not None:
-            self.bytes -= old[1]
-        if size > self.max_bytes:
-            return False
-        self._items[key] = (value, size)
-        self.bytes += size
-        while self.bytes > self.max_bytes:
-            _, (_, evicted_size) = self._items.popitem(last=False)
-            self.bytes -= evicted_size
-            self.evictions += 1
-        return True
-
-    def discard(self, key: K) -> bool:
-        item = self._items.pop(key, None)
-        if item is None:
-            return False
-        self.bytes -= item[1]
-        return True
-
-    def discard_where(self, predicate: Callable[[K, V], bool]) -> int:
-        """Drop every entry for which ``predicate(key, value)`` holds."""
-        doomed = [k for k, (v, _) in self._items.items() if predicate(k, v)]
-        for key in doomed:
-            self.discard(key)
-        return len(doomed)
-
-    def clear(self) -> None:
-        self._items.clear()
-        self.bytes = 0
-
-
-class SingleFlight(Generic[K, V]):
-    """Concurrent callers asking for the same key share one computation.
-
-    Follows Synapse's log-context rules: the computation runs with
-    ``run_in_background``, callers wait with ``make_deferred_yieldable``."""
-
-    def __init__(self) -> None:
-        self._waiting: dict[K, list[defer.Deferred[V]]] = {}
-        #: Keys with callers that are not background work.
-        self._foreground: set[K] = set()
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._waiting
-
-    def has_foreground(self, key: K) -> bool:
-        """Whether a caller other than background work waits for ``key``."""
-        return key in self._foreground
-
-    def run(
-        self, key: K, compute: Callable[[], Awaitable[V]], background: bool = False
-    ) -> Awaitable[V]:
-        waiter: defer.Deferred[V] = defer.Deferred()
-        waiters = self._waiting.get(key)
-        if not background:
-            self._foreground.add(key)
-        if waiters is not None:
-            waiters.append(waiter)
-        else:
-            self._waiting[key] = [waiter]
-            done = run_in_background(compute)
-            done.addBoth(self._finish, key)
-        return make_deferred_yieldable(waiter)
-
-    def _finish(self, result: Any, key: K) -> None:
-        self._foreground.discard(key)
-        for waiter in self._waiting.pop(key, []):
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
-                waiter.callback(result)
-
-
-@attr.s(auto_attribs=True, slots=True, eq=False)
-class StateEntry:
-    """The state before one event, as event IDs (one per state group + adjustment)."""
-
-    room_id: str
-    state_group: int
-    #: All state event IDs, in the state map's order.
-    state_ids: tuple[str, ...]
-    #: The ``m.room.member`` ones (same order).
-    member_ids: tuple[str, ...]
-    #: ``get_auth_chain_ids(room, state_ids)``: stock's ``/state_ids``
-    #: ``auth_chain_ids``, and stock ``/state``'s auth chain whenever every state
-    #: event loads.
-    auth_ids: tuple[str, ...]
-    #: The encoded ``/state_ids`` answer, once asked for.
-    state_ids_body: bytes | None = None
-    #: Auth chain of the member events minus all state at X, once asked for.
-    member_auth_ids: tuple[str, ...] | None = None
-
-    def size(self) -> int:
-        ids = len(self.state_ids) + len(self.auth_ids)
-        ids += len(self.member_auth_ids or ())
-        # member_ids shares the strings of state_ids: slots only.
-        slots = 8 * len(self.member_ids)
-        return ID_COST * ids + slots + len(self.state_ids_body or b"") + 200
-
-
-@attr.s(auto_attribs=True, slots=True)
-class StateAnswer:
-    """The encoded events of one ``/state`` answer, shared by concurrent askers."""
-
-    pdus: list[bytes] = attr.Factory(list)
-    auth: list[bytes] = attr.Factory(list)
-    #: How many of them were not cached (loaded from the database).
-    loaded: int = 0
-
-
-@attr.s(auto_attribs=True, slots=True, frozen=True)
-class EncodedEvent:
-    """One event as stock ``/state`` serialises it (``b""``: loaded, never sent)."""
-
-    room_id: str
-    data: bytes
-
-
-def state_before(
-    state: StateMap[str], adjustment: _synapse.StateAdjustment, event_id: str
-) -> dict[tuple[str, str], str]:
-    """The state before an event, from the state group stored for it.
-
-    Stock's ``get_state_ids_for_pdu``: a state event is in its own group; the state
-    before it has the event it replaced (``unsigned.replaces_state``) instead, or
-    nothing at its key."""
-    result = dict(state)
-    if adjustment is None:
-        return result
-    key, replaced = adjustment
-    if result.get(key) != event_id:
-        raise AssertionError("State at event did not include event itself")
-    if replaced is not None:
-        result[key] = replaced
-    else:
-        del result[key]
-    return result
-
-
-def split_state(
-    state: dict[tuple[str, str], str],
-) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(all, ``m.room.member``) event IDs of a state map, in its order."""
-    members = tuple(
-        event_id
-        for (event_type, _), event_id in state.items()
-        if event_type == EventTypes.Member
-    )
-    return tuple(state.values()), members
-
-
-def state_body_parts(
-    pdus: Sequence[bytes], auth_chain: Sequence[bytes], members_only: bool
-) -> tuple[int, list[bytes]]:
-    """The pieces of a ``/state`` answer, in order, and their total length.
-
-    ``pdus`` and ``auth_chain`` are encoded events (empty ones are skipped)."""
-    parts: list[bytes] = [b'{"pdus":[']
-    for group_index, group in enumerate((pdus, auth_chain)):
-        if group_index:
-            parts.append(b'],"auth_chain":[')
-        first = True
-        for data in group:
-            if not data:
-                continue
-            if not first:
-                parts.append(b",")
-            parts.append(data)
-            first = False
-    parts.append(
-        b'],"' + MEMBERS_ONLY_FIELD.encode() + b'":true}' if members_only else b"]}"
-    )
-    return sum(len(p) for p in parts), parts
-
-
-def blocks(parts: Iterable[bytes], size: int = WRITE_BLOCK) -> Iterator[bytes]:
-    """Join small pieces into blocks of about ``size`` bytes, lazily."""
-    pending: list[bytes] = []
-    pending_len = 0
-    for part in parts:
-        pending.append(part)
-        pending_len += len(part)
-        if pending_len >= size:
-            yield b"".join(pending)
-            pending = []
-            pending_len = 0
-    if pending:
-        yield b"".join(pending)
 
 
 class StateServer:
@@ -371,12 +121,15 @@ class StateServer:
         self,
         api: ModuleApi,
         config: StateCacheConfig,
-        access: _synapse.ResidentStateAccess | None = None,
+        access: ResidentStateOps | None = None,
+        metrics: StateServerMetrics | None = None,
     ) -> None:
         self._api = api
         self._config = config
-        self._access = access or _synapse.ResidentStateAccess(api)
-        self._server_name = api.server_name
+        self._access = access or ResidentStateOps(api)
+        self._metrics = metrics or StateServerMetrics(
+            api.server_name, CollectorRegistry()
+        )
         self._cache: ByteBudgetLRU[tuple[Any, ...], Any] = ByteBudgetLRU(
             config.max_size_mib * 1024 * 1024
         )
@@ -398,24 +151,6 @@ class StateServer:
             "prewarms": 0,
             "auth_chains_by_difference": 0,
         }
-
-    @classmethod
-    def install_if_enabled(
-        cls, api: ModuleApi, config: StateCacheConfig
-    ) -> StateServer | None:
-        """Create and install the server, unless ``state_cache.enabled`` is off."""
-        if not config.enabled:
-            return None
-        server = cls(api, config)
-        server.install()
-        return server
-
-    def install(self) -> None:
-        _synapse.install_state_servlets(self.serve_state, self.serve_state_ids)
-        _synapse.install_event_invalidation_hook(
-            self._api, self.forget_event, self.forget_room
-        )
-        _synapse.install_partial_join_observer(self.after_partial_join)
 
     # -- invalidation ------------------------------------------------------------
 
@@ -446,17 +181,13 @@ class StateServer:
         }
 
     def _update_gauges(self) -> None:
-        CACHE_BYTES.labels(self._server_name).set(self._cache.bytes)
         new = self._cache.evictions - self._reported_evictions
-        if new:
-            CACHE_EVICTIONS.labels(self._server_name).inc(new)
-            self._reported_evictions = self._cache.evictions
+        self._metrics.cache(self._cache.bytes, new)
+        self._reported_evictions = self._cache.evictions
 
     # -- serving -----------------------------------------------------------------
 
-    async def serve_state(
-        self, request: SynapseRequest, query: _synapse.StateQuery
-    ) -> bool:
+    async def serve_state(self, request: SynapseRequest, query: StateQuery) -> bool:
         """``GET /state``: write the answer, or decline (False) to let stock answer."""
         if not query.event_id or self._access.deliveries_are_tracked():
             return False
@@ -487,12 +218,10 @@ class StateServer:
             length,
             time.monotonic() - started,
         )
-        _synapse.write_json_response(request, length, blocks(parts))
+        write_json_response(request, length, blocks(parts))
         return True
 
-    async def serve_state_ids(
-        self, request: SynapseRequest, query: _synapse.StateQuery
-    ) -> bool:
+    async def serve_state_ids(self, request: SynapseRequest, query: StateQuery) -> bool:
         """``GET /state_ids``: write the answer, or decline (False)."""
         if not query.event_id:
             return False
@@ -501,7 +230,7 @@ class StateServer:
         key, entry, hit = await self._entry(query.room_id, query.event_id)
         body = entry.state_ids_body
         if body is None:
-            body = _synapse.encode_federation_json(
+            body = encode_federation_json(
                 {
                     "pdu_ids": list(entry.state_ids),
                     "auth_chain_ids": list(entry.auth_ids),
@@ -523,7 +252,7 @@ class StateServer:
             len(body),
             time.monotonic() - started,
         )
-        _synapse.write_json_response(request, len(body), _slices(body, WRITE_BLOCK))
+        write_json_response(request, len(body), slices(body))
         return True
 
     def _maybe_prewarm(self, key: tuple[Any, ...], entry: StateEntry) -> None:
@@ -591,10 +320,7 @@ class StateServer:
 
     def _served(self, endpoint: str, variant: str, hit: bool, length: int) -> None:
         self.counts["requests"] += 1
-        REQUESTS.labels(
-            self._server_name, endpoint, variant, "hit" if hit else "miss"
-        ).inc()
-        BYTES_SERVED.labels(self._server_name, endpoint).inc(length)
+        self._metrics.served(endpoint, variant, hit, length)
         self._update_gauges()
 
     # -- entries -----------------------------------------------------------------
@@ -623,7 +349,7 @@ class StateServer:
         key: tuple[Any, ...],
         room_id: str,
         state_group: int,
-        adjustment: _synapse.StateAdjustment,
+        adjustment: StateAdjustment,
         event_id: str,
     ) -> StateEntry:
         self.counts["entry_misses"] += 1
@@ -732,7 +458,7 @@ class StateServer:
             else:
                 pieces.append(cached.data)
         self.counts["events_cached"] += len(pieces) - len(wanted)
-        EVENTS_CACHED.labels(self._server_name).inc(len(pieces) - len(wanted))
+        self._metrics.events(cached=len(pieces) - len(wanted), loaded=0)
         missing: list[str] = []
         took = 0.0
         for start in range(0, len(wanted), LOAD_STEP):
@@ -758,13 +484,13 @@ class StateServer:
         answer.loaded += loaded_count
         self.counts["events_loaded"] += loaded_count
         self.counts["events_unavailable"] += len(missing)
-        EVENTS_LOADED.labels(self._server_name).inc(loaded_count)
+        self._metrics.events(cached=0, loaded=loaded_count)
         out.extend(p for p in pieces if p is not None)
         return missing
 
 
 async def auth_chain_by_difference(
-    access: _synapse.ResidentStateAccess,
+    access: ResidentStateOps,
     room_id: str,
     base_state: Sequence[str],
     base_auth: Iterable[str],
@@ -792,8 +518,3 @@ async def auth_chain_by_difference(
         return None
     chain.update(base_auth)
     return chain
-
-
-def _slices(data: bytes, size: int) -> Iterator[bytes]:
-    for start in range(0, len(data), size):
-        yield data[start : start + size]

@@ -15,7 +15,7 @@ from synapse.federation import federation_server as fs
 from synapse.federation.transport import server as transport_server
 from twisted.internet import defer
 
-from synapse_partial_state import _synapse
+from synapse_partial_state.compat import patching, send_join, servlets
 
 TARGET = "synapse.federation.federation_server.FederationServer.on_send_join_request"
 
@@ -33,24 +33,24 @@ class SendJoinWrapperTests(unittest.TestCase):
     def setUp(self) -> None:
         groups = transport_server.SERVLET_GROUPS
         self.addCleanup(groups.__setitem__, "federation", groups["federation"])
-        hooks = _synapse._SEND_JOIN_HOOKS
+        hooks = send_join._SEND_JOIN_HOOKS
         saved = (
             fs.FederationServer.on_send_join_request,
             fs._get_event_ids_for_partial_state_join,
-            list(_synapse.INSTALLED_PATCHES),
+            list(patching.INSTALLED_PATCHES),
             (hooks.extras_provider, hooks.decorate_response, hooks.observer),
         )
 
         def restore() -> None:
             fs.FederationServer.on_send_join_request = saved[0]  # type: ignore[method-assign]
             fs._get_event_ids_for_partial_state_join = saved[1]
-            _synapse.INSTALLED_PATCHES[:] = saved[2]
+            patching.INSTALLED_PATCHES[:] = saved[2]
             (hooks.extras_provider, hooks.decorate_response, hooks.observer) = saved[3]
 
         self.addCleanup(restore)
         hooks.extras_provider = hooks.decorate_response = hooks.observer = None
-        _synapse.INSTALLED_PATCHES[:] = [
-            p for p in _synapse.INSTALLED_PATCHES if p.target != TARGET
+        patching.INSTALLED_PATCHES[:] = [
+            p for p in patching.INSTALLED_PATCHES if p.target != TARGET
         ]
         self.calls: list[tuple[Any, ...]] = []
         calls = self.calls
@@ -66,7 +66,7 @@ class SendJoinWrapperTests(unittest.TestCase):
                 (
                     "native",
                     caller_supports_partial_state,
-                    _synapse._SEND_JOIN_EXTRAS.get(),
+                    send_join._SEND_JOIN_EXTRAS.get(),
                 )
             )
             return {"members_omitted": caller_supports_partial_state}
@@ -88,8 +88,8 @@ class SendJoinWrapperTests(unittest.TestCase):
         def observer(room_id: str, prev_events: list[str]) -> None:
             calls.append(("observer", room_id, prev_events))
 
-        _synapse.install_send_join_hooks(extras, lambda *a: (), decorate)
-        _synapse.install_partial_join_observer(observer)
+        send_join.install_send_join_hooks(extras, lambda *a: (), decorate)
+        send_join.install_partial_join_observer(observer)
 
     def call(self, partial: bool, content: dict[str, Any] | None = None) -> Any:
         content = content or {"state_key": "@j:b", "prev_events": ["$p", 5]}
@@ -121,7 +121,7 @@ class SendJoinWrapperTests(unittest.TestCase):
                 ("observer", "!r:a", ["$p"]),
             ],
         )
-        records = [p for p in _synapse.INSTALLED_PATCHES if p.target == TARGET]
+        records = [p for p in patching.INSTALLED_PATCHES if p.target == TARGET]
         self.assertEqual(len(records), 1)
         self.assertIn("MSC2775 essentials", records[0].why)
         self.assertIn("prepare the /state", records[0].why)
@@ -143,11 +143,11 @@ class SendJoinWrapperTests(unittest.TestCase):
             def notifyFinish(self) -> defer.Deferred[None]:
                 return finished
 
-        token = _synapse._FEDERATION_REQUEST.set(Request())  # type: ignore[arg-type]
+        token = servlets.FEDERATION_REQUEST.set(Request())  # type: ignore[arg-type]
         try:
             self.call(True)
         finally:
-            _synapse._FEDERATION_REQUEST.reset(token)
+            servlets.FEDERATION_REQUEST.reset(token)
         self.assertEqual([c[0] for c in self.calls], ["extras", "native", "decorate"])
         finished.callback(None)
         self.assertEqual(self.calls[-1], ("observer", "!r:a", ["$p"]))
@@ -168,9 +168,9 @@ class SendJoinWrapperTests(unittest.TestCase):
         def broken(room_id: str, prev_events: list[str]) -> None:
             raise RuntimeError("boom")
 
-        _synapse.install_partial_join_observer(broken)
-        with self.assertLogs(_synapse.logger, "ERROR"):
+        send_join.install_partial_join_observer(broken)
+        with self.assertLogs(servlets.logger, "ERROR"):
             self.assertEqual(self.call(True), {"members_omitted": True})
-        records = [p for p in _synapse.INSTALLED_PATCHES if p.target == TARGET]
+        records = [p for p in patching.INSTALLED_PATCHES if p.target == TARGET]
         self.assertEqual(len(records), 1)
         self.assertNotIn("MSC2775", records[0].why)

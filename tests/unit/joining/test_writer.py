@@ -1,4 +1,4 @@
-"""The state fetch's writer (``joining/fetch.py``, ``_Writer``): events stored as
+"""The state fetch's writer (``joining/writer.py``, ``OutlierWriter``): events stored as
 outliers as they arrive, each only once its auth events are stored, in batches,
 with progress (pure logic: real Synapse events, a fake store)."""
 
@@ -13,8 +13,8 @@ from synapse.events import EventBase, make_event_from_dict
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from synapse_partial_state.joining import fetch
-from synapse_partial_state.joining.fetch import FetchReport, _Writer
+from synapse_partial_state.joining import writer as writer_module
+from synapse_partial_state.joining.writer import FetchReport, OutlierWriter
 
 ROOM = "!room:a.test"
 
@@ -77,17 +77,17 @@ class _WriterCase(unittest.SynchronousTestCase):
         self.assertEqual(event.auth_event_ids(), auth_ids)
         return event
 
-    def writer(self, missing: Sequence[EventBase | str]) -> _Writer:
+    def writer(self, missing: Sequence[EventBase | str]) -> OutlierWriter:
         async def progress(report: FetchReport) -> None:
             self.progress.append((report.fetched, report.verified, report.persisted))
 
         ids = {m if isinstance(m, str) else m.event_id for m in missing}
-        return _Writer(self.ops, ROOM, ids, self.report, progress)  # type: ignore[arg-type]
+        return OutlierWriter(self.ops, ROOM, ids, self.report, progress)  # type: ignore[arg-type]
 
-    def add(self, writer: _Writer, *events: EventBase) -> None:
+    def add(self, writer: OutlierWriter, *events: EventBase) -> None:
         self.successResultOf(defer.ensureDeferred(writer.add(list(events))))
 
-    def flush(self, writer: _Writer) -> None:
+    def flush(self, writer: OutlierWriter) -> None:
         self.successResultOf(defer.ensureDeferred(writer.flush()))
 
     def ids(self, *events: EventBase) -> list[str]:
@@ -229,7 +229,7 @@ class _WriterTests(_WriterCase):
         self.assertEqual(self.progress, [])
 
     def test_batches_and_progress(self) -> None:
-        self.patch(fetch, "PERSIST_BATCH", 3)
+        self.patch(writer_module, "PERSIST_BATCH", 3)
         create = self.event("creator")
         members = [self.event(f"m{i}", [create]) for i in range(7)]
         writer = self.writer([create, *members])
@@ -244,15 +244,15 @@ class _WriterTests(_WriterCase):
     def test_planner_stats_refreshed_each_time_the_stored_count_doubles(
         self,
     ) -> None:
-        self.patch(fetch, "PERSIST_BATCH", 2)
-        self.patch(fetch, "ANALYZE_FIRST_AT", 3)
+        self.patch(writer_module, "PERSIST_BATCH", 2)
+        self.patch(writer_module, "ANALYZE_FIRST_AT", 3)
         create = self.event("creator")
         members = [self.event(f"m{i}", [create]) for i in range(14)]
         writer = self.writer([create, *members])
         self.add(writer, create, *members)
         # batches end at 2, 4, ..., 14, 15: first at >= 3, then at twice that
         self.assertEqual(self.ops.analyzed_at, [4, 8])
-        self.successResultOf(defer.ensureDeferred(writer.settle_stats()))
+        self.successResultOf(defer.ensureDeferred(writer.refresh_stats_if_big()))
         self.assertEqual(self.ops.analyzed_at, [4, 8, 15])
 
     def test_no_planner_stats_refresh_for_a_small_state(self) -> None:
@@ -260,11 +260,11 @@ class _WriterTests(_WriterCase):
         members = [self.event(f"m{i}", [create]) for i in range(5)]
         writer = self.writer([create, *members])
         self.add(writer, create, *members)
-        self.successResultOf(defer.ensureDeferred(writer.settle_stats()))
+        self.successResultOf(defer.ensureDeferred(writer.refresh_stats_if_big()))
         self.assertEqual(self.ops.analyzed_at, [])
 
     def test_progress_counts_increase_across_adds(self) -> None:
-        self.patch(fetch, "PERSIST_BATCH", 2)
+        self.patch(writer_module, "PERSIST_BATCH", 2)
         create = self.event("creator")
         members = [self.event(f"m{i}", [create]) for i in range(5)]
         writer = self.writer([create, *members])
@@ -280,7 +280,7 @@ class _WriterTests(_WriterCase):
         self.assertEqual(persisted, sorted(set(persisted)))
 
     def test_long_chain_across_batches(self) -> None:
-        self.patch(fetch, "PERSIST_BATCH", 3)
+        self.patch(writer_module, "PERSIST_BATCH", 3)
         chain = [self.event("e0")]
         for i in range(1, 8):
             chain.append(self.event(f"e{i}", [chain[-1]]))

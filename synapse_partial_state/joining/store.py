@@ -1,14 +1,18 @@
-"""The module's own tables (prefixed ``sps_``), created idempotently at start-up.
+"""The resync engine's own tables (prefixed ``sps_``) and every query on them.
 
-No foreign keys into Synapse's tables: Synapse's purge and delete paths do not know
-about us. Works on SQLite and PostgreSQL (only portable SQL). ``*_txn`` functions run
-inside :meth:`ModuleApi.run_db_interaction`.
+Created idempotently on first use. No foreign keys into Synapse's tables: Synapse's
+purge and delete paths do not know about us. Works on SQLite and PostgreSQL (only
+portable SQL). :class:`JobStore` runs the ``*_txn`` functions through
+:meth:`ModuleApi.run_db_interaction`.
 """
 
 from __future__ import annotations
 
 import json
 from typing import TYPE_CHECKING, Any
+
+from synapse.module_api import ModuleApi, make_deferred_yieldable
+from twisted.internet import defer
 
 from synapse_partial_state.joining.jobs import Job, Phase
 
@@ -168,3 +172,41 @@ def list_jobs_txn(txn: LoggingTransaction, include_finished: bool) -> list[Job]:
         sql += " WHERE phase NOT IN ('done', 'aborted')"
     txn.execute(sql + " ORDER BY created_ts")
     return [_from_row(row) for row in txn.fetchall()]
+
+
+class JobStore:
+    """The job table, through Synapse's database pool (the schema is created on
+    first use, once per process)."""
+
+    def __init__(self, api: ModuleApi) -> None:
+        self._api = api
+        self._ready = False
+        self._lock = defer.DeferredLock()
+
+    async def ensure_schema(self) -> None:
+        """Create our tables once per process (idempotent, race-free here)."""
+        if self._ready:
+            return
+        await make_deferred_yieldable(self._lock.acquire())
+        try:
+            if not self._ready:
+                await self._api.run_db_interaction(
+                    "sps_create_schema", create_schema_txn
+                )
+                self._ready = True
+        finally:
+            self._lock.release()
+
+    async def save(self, job: Job) -> None:
+        await self.ensure_schema()
+        await self._api.run_db_interaction("sps_save_job", upsert_job_txn, job)
+
+    async def get(self, room_id: str) -> Job | None:
+        await self.ensure_schema()
+        return await self._api.run_db_interaction("sps_get_job", get_job_txn, room_id)
+
+    async def list(self, include_finished: bool) -> list[Job]:
+        await self.ensure_schema()
+        return await self._api.run_db_interaction(
+            "sps_list_jobs", list_jobs_txn, include_finished
+        )

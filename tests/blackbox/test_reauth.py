@@ -50,13 +50,19 @@ from urllib.parse import quote
 import requests
 from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
 
+from tests.blackbox.resync_case import (
+    ADMIN,
+    FAST,
+    STATE_PATHS,
+    resident_state,
+    wait_until,
+)
 from tests.fedkit.fakepeer.control_client import FakePeer, FakePeerError
 from tests.fedkit.fakepeer.signing import event_id_of
 from tests.fedkit.homeserver import Homeserver
 from tests.fedkit.matrix_client import Client
+from tests.fedkit.peercase import PeerTestCase, q
 from tests.fedkit.testcase import FederationTestCase, on_both_databases
-from tests.test_fakepeer import PeerTestCase, q
-from tests.test_resync import ADMIN, FAST, STATE_PATHS, resident_state, wait_until
 
 MEMBER = "m.room.member"
 TEST_TYPE = "m.room.test"

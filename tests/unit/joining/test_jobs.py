@@ -11,6 +11,7 @@ from synapse_partial_state.joining.jobs import (
     eta_seconds,
     next_destination,
     order_destinations,
+    start_or_resume,
 )
 
 
@@ -76,3 +77,44 @@ class JobTests(unittest.TestCase):
         self.assertIsNone(
             eta_seconds(self.job(events_persisted=5, events_remaining=5), 1)
         )
+
+
+class StartOrResumeTests(unittest.TestCase):
+    SERVERS = ("a.test", "b.test")
+
+    def test_new_job_at_its_first_server(self) -> None:
+        job = start_or_resume(None, "!r:x", 7, "$join", "a.test", self.SERVERS)
+        self.assertEqual(job.phase, Phase.FETCHING)
+        self.assertEqual((job.created_ts, job.started_ts, job.updated_ts), (7, 7, 7))
+        self.assertEqual((job.join_event_id, job.joined_via), ("$join", "a.test"))
+        self.assertEqual(job.current_destination, "a.test")
+
+    def test_unfinished_job_resumes_with_its_counters_and_a_fresh_round(self) -> None:
+        existing = Job(
+            room_id="!r:x",
+            phase=Phase.RETRYING,
+            created_ts=1,
+            updated_ts=2,
+            started_ts=1,
+            join_event_id="$join",
+            attempts=4,
+            events_persisted=90,
+            tried=("a.test",),
+            destinations=("a.test",),
+            next_attempt_ts=50,
+        )
+        job = start_or_resume(existing, "!r:x", 9, None, "a.test", self.SERVERS)
+        self.assertEqual(job.phase, Phase.FETCHING)
+        self.assertEqual((job.created_ts, job.updated_ts), (1, 9))
+        self.assertEqual((job.attempts, job.events_persisted), (4, 90))
+        self.assertEqual((job.tried, job.next_attempt_ts), ((), None))
+        self.assertEqual(job.join_event_id, "$join")  # kept when not known now
+        self.assertEqual(job.destinations, self.SERVERS)
+        # No servers known now: the job's own list is kept.
+        again = start_or_resume(existing, "!r:x", 9, None, None, ())
+        self.assertEqual(again.destinations, ("a.test",))
+
+    def test_finished_job_is_replaced(self) -> None:
+        done = Job(room_id="!r:x", phase=Phase.DONE, created_ts=1, updated_ts=2)
+        job = start_or_resume(done, "!r:x", 9, "$j", None, self.SERVERS)
+        self.assertEqual((job.created_ts, job.phase), (9, Phase.FETCHING))

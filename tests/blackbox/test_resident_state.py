@@ -10,30 +10,16 @@ answers are is the benchmark's business (``scripts-dev/bench``), not these tests
 
 from __future__ import annotations
 
-import json
 import re
 import time
-import unittest
 from functools import partial
 from typing import Any
-from unittest import mock
 from urllib.parse import quote
 
 from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
 from synapse.events import make_event_from_dict
-from twisted.internet import defer
 
-from synapse_partial_state.config import StateCacheConfig
-from synapse_partial_state.resident.state import (
-    MEMBERS_ONLY_FIELD,
-    ByteBudgetLRU,
-    SingleFlight,
-    StateServer,
-    blocks,
-    split_state,
-    state_before,
-    state_body_parts,
-)
+from synapse_partial_state.wire import MEMBERS_ONLY_PARAM
 from tests.fedkit.matrix_client import Client
 from tests.fedkit.testcase import FederationTestCase, on_both_databases
 
@@ -56,7 +42,7 @@ def state_path(
     if event_id is not None:
         params.append(f"event_id={_q(event_id)}")
     if members_only is not None:
-        params.append(f"{MEMBERS_ONLY_FIELD}={members_only}")
+        params.append(f"{MEMBERS_ONLY_PARAM}={members_only}")
     return path + ("?" + "&".join(params) if params else "")
 
 
@@ -220,17 +206,17 @@ class StateAnswersMatchStock(_StateRoom):
             self.assert_same_state_ids(ids, self.get_state(event_id, "state_ids"), name)
             # A stock resident ignores members_only: a full answer, no marker.
             stock_mo = self.get_state(event_id, members_only="true")
-            self.assertNotIn(MEMBERS_ONLY_FIELD, stock_mo)
+            self.assertNotIn(MEMBERS_ONLY_PARAM, stock_mo)
             self.assert_same_state(full, stock_mo, name)
-            self.assertIs(members_only[MEMBERS_ONLY_FIELD], True)
+            self.assertIs(members_only[MEMBERS_ONLY_PARAM], True)
 
     def test_members_only_answer(self) -> None:
         self.build_room()
         for event_id in (self.power_id, self.last_id):
             full = self.get_state(event_id)
             answer = self.get_state(event_id, members_only="true")
-            self.assertEqual(set(answer), {"pdus", "auth_chain", MEMBERS_ONLY_FIELD})
-            self.assertIs(answer[MEMBERS_ONLY_FIELD], True)
+            self.assertEqual(set(answer), {"pdus", "auth_chain", MEMBERS_ONLY_PARAM})
+            self.assertIs(answer[MEMBERS_ONLY_PARAM], True)
             state = pdus_by_id(full["pdus"], self.room_version)
             members = {i for i, p in state.items() if p["type"] == MEMBER}
             others = set(state) - members
@@ -459,7 +445,7 @@ class StateServingMembersOnlyOff(_StateRoom):
         self.build_room()
         self.assertIn("FederationStateV1Servlet", patch_targets(self.users["alice"]))
         answer = self.get_state(self.last_id, members_only="true")
-        self.assertNotIn(MEMBERS_ONLY_FIELD, answer)
+        self.assertNotIn(MEMBERS_ONLY_PARAM, answer)
         self.assert_same_state(answer, self.get_state(self.last_id))
 
 
@@ -474,7 +460,7 @@ class StateServingDisabled(_StateRoom):
         self.assertNotIn("FederationStateIdsServlet", targets)
         since = self.hs1.log_offset()
         answer = self.get_state(self.last_id, members_only="true")
-        self.assertNotIn(MEMBERS_ONLY_FIELD, answer)
+        self.assertNotIn(MEMBERS_ONLY_PARAM, answer)
         self.get_state(self.last_id, "state_ids")
         time.sleep(0.5)
         self.assertEqual(self.state_log_lines(since), [])
@@ -491,318 +477,5 @@ def patch_targets(client: Client) -> set[str]:
 # Unit tests
 
 
-class ByteBudgetLRUTests(unittest.TestCase):
-    def test_evicts_least_recently_used_beyond_the_budget(self) -> None:
-        lru: ByteBudgetLRU[str, str] = ByteBudgetLRU(100)
-        self.assertTrue(lru.put("a", "A", 40))
-        self.assertTrue(lru.put("b", "B", 40))
-        self.assertEqual(lru.get("a"), "A")  # a is now the most recent
-        self.assertTrue(lru.put("c", "C", 40))  # 120 > 100: b goes
-        self.assertNotIn("b", lru)
-        self.assertEqual((lru.get("a"), lru.get("c")), ("A", "C"))
-        self.assertEqual((lru.bytes, lru.evictions, len(lru)), (80, 1, 2))
-
-    def test_replacing_resizes_and_oversized_is_not_stored(self) -> None:
-        lru: ByteBudgetLRU[str, str] = ByteBudgetLRU(100)
-        lru.put("a", "A", 30)
-        lru.put("a", "A2", 60)
-        self.assertEqual((lru.get("a"), lru.bytes), ("A2", 60))
-        self.assertFalse(lru.put("big", "X", 101))
-        self.assertNotIn("big", lru)
-        self.assertEqual(lru.bytes, 60)
-        # Replacing with an oversized value drops the old one.
-        self.assertFalse(lru.put("a", "A3", 500))
-        self.assertEqual((len(lru), lru.bytes), (0, 0))
-
-    def test_zero_budget_keeps_nothing(self) -> None:
-        lru: ByteBudgetLRU[str, str] = ByteBudgetLRU(0)
-        self.assertFalse(lru.put("a", "A", 1))
-        self.assertIsNone(lru.get("a"))
-
-    def test_discard(self) -> None:
-        lru: ByteBudgetLRU[str, int] = ByteBudgetLRU(1000)
-        for i in range(10):
-            lru.put(f"k{i}", i, 10)
-        self.assertTrue(lru.discard("k0"))
-        self.assertFalse(lru.discard("k0"))
-        self.assertEqual(lru.discard_where(lambda k, v: v % 2 == 1), 5)
-        self.assertEqual(len(lru), 4)
-        self.assertEqual(lru.bytes, 40)
-
-
-class AnswerAssemblyTests(unittest.TestCase):
-    def test_state_body_is_the_json_of_its_parts(self) -> None:
-        pdus = [b'{"a":1}', b"", b'{"b":2}']  # b"": loaded, never sent
-        auth = [b'{"c":3}']
-        length, parts = state_body_parts(pdus, auth, members_only=False)
-        body = b"".join(parts)
-        self.assertEqual(len(body), length)
-        self.assertEqual(
-            json.loads(body), {"pdus": [{"a": 1}, {"b": 2}], "auth_chain": [{"c": 3}]}
-        )
-        length, parts = state_body_parts([], [], members_only=True)
-        self.assertEqual(
-            json.loads(b"".join(parts)),
-            {"pdus": [], "auth_chain": [], MEMBERS_ONLY_FIELD: True},
-        )
-
-    def test_blocks_join_small_pieces(self) -> None:
-        pieces = [b"x" * 10] * 25
-        out = list(blocks(pieces, size=100))
-        self.assertEqual([len(b) for b in out], [100, 100, 50])
-        self.assertEqual(b"".join(out), b"".join(pieces))
-        self.assertEqual(list(blocks([], size=100)), [])
-
-    def test_state_before_an_event(self) -> None:
-        group = {("m.room.create", ""): "$c", (MEMBER, "@a:x"): "$a2"}
-        # A non-state event: its group is the state before it.
-        self.assertEqual(state_before(group, None, "$msg"), group)
-        # A state event that replaced another: that one instead.
-        self.assertEqual(
-            state_before(group, ((MEMBER, "@a:x"), "$a1"), "$a2"),
-            {("m.room.create", ""): "$c", (MEMBER, "@a:x"): "$a1"},
-        )
-        # A state event at a new key: not there.
-        self.assertEqual(
-            state_before(group, ((MEMBER, "@a:x"), None), "$a2"),
-            {("m.room.create", ""): "$c"},
-        )
-        with self.assertRaises(AssertionError):
-            state_before(group, ((MEMBER, "@b:x"), None), "$b")
-        self.assertEqual(split_state(group), (("$c", "$a2"), ("$a2",)))
-
-
-class _FakeApi:
-    server_name = "unit.test"
-
-
-class _FakeAccess:
-    """Synchronous stand-in for the Synapse calls of the state server."""
-
-    def __init__(self, events: dict[str, bytes], state: dict[Any, str]) -> None:
-        self.events = events
-        self.state = state
-        self.loads: list[list[str]] = []
-        self.groups = 0
-
-    async def state_group_before(self, room_id: str, event_id: str) -> Any:
-        return 7, None
-
-    async def state_ids_of_group(self, state_group: int) -> Any:
-        self.groups += 1
-        return self.state
-
-    async def auth_chain_ids(self, room_id: str, event_ids: Any) -> set[str]:
-        return {"$create"} if "$create" not in event_ids else set()
-
-    async def encoded_pdus(self, event_ids: list[str]) -> dict[str, bytes]:
-        self.loads.append(list(event_ids))
-        return {e: self.events[e] for e in event_ids if e in self.events}
-
-
-class _StateServerUnit(unittest.TestCase):
-    def make(self, budget: int) -> tuple[StateServer, _FakeAccess]:
-        events = {f"$m{i}": b'{"m":%d}' % i for i in range(10)}
-        events["$create"] = b'{"c":0}'
-        state: dict[Any, str] = {(MEMBER, f"@u{i}:x"): f"$m{i}" for i in range(10)}
-        access = _FakeAccess(events, state)
-        server = StateServer(_FakeApi(), StateCacheConfig(), access)  # type: ignore[arg-type]
-        server._cache.max_bytes = budget
-        return server, access
-
-    def answer(self, server: StateServer) -> Any:
-        async def run() -> Any:
-            key, entry, hit = await server._entry("!r:x", "$x")
-            return hit, await server._full_events(entry)
-
-        return self.successResultOf(defer.ensureDeferred(run()))
-
-    def successResultOf(self, d: defer.Deferred[Any]) -> Any:
-        results: list[Any] = []
-        d.addBoth(results.append)
-        self.assertEqual(len(results), 1, "did not complete synchronously")
-        if isinstance(results[0], Exception):
-            raise results[0]
-        return results[0]
-
-
-class StateServerCacheTests(_StateServerUnit):
-    def test_second_answer_comes_from_the_cache(self) -> None:
-        server, access = self.make(10_000_000)
-        hit, first = self.answer(server)
-        self.assertFalse(hit)
-        self.assertEqual(first.loaded, 11)
-        hit, second = self.answer(server)
-        self.assertTrue(hit)
-        self.assertEqual(second.loaded, 0)
-        self.assertEqual(first.pdus, second.pdus)
-        self.assertEqual(access.groups, 1)
-        self.assertEqual(server.stats()["entry_hits"], 1)
-
-    def test_small_budget_evicts_and_reloads(self) -> None:
-        # Room for the state entry and a few events only.
-        server, access = self.make(3000)
-        _, first = self.answer(server)
-        self.assertLessEqual(server.stats()["cache_bytes"], 3000)
-        self.assertGreater(server.stats()["cache_evictions"], 0)
-        _, second = self.answer(server)
-        self.assertGreater(second.loaded, 0)  # evicted events were loaded again
-        self.assertEqual(first.pdus, second.pdus)
-
-    def test_forgotten_events_are_loaded_again(self) -> None:
-        server, access = self.make(10_000_000)
-        self.answer(server)
-        server.forget_event("$m3")
-        _, answer = self.answer(server)
-        self.assertEqual(answer.loaded, 1)
-        self.assertEqual(access.loads[-1], ["$m3"])
-        server.forget_room("!r:x")
-        self.assertEqual(server.stats()["cache_entries"], 0)
-
-
-class _DagAccess:
-    """Auth chains computed from a small auth DAG, counting the events asked about."""
-
-    def __init__(self, parents: dict[str, tuple[str, ...]]) -> None:
-        self.parents = parents
-        self.asked: list[int] = []
-
-    def chain(self, event_ids: Any) -> set[str]:
-        seen: set[str] = set()
-        todo = [p for e in event_ids for p in self.parents[e]]
-        while todo:
-            event_id = todo.pop()
-            if event_id not in seen:
-                seen.add(event_id)
-                todo.extend(self.parents[event_id])
-        return seen
-
-    async def auth_chain_ids(self, room_id: str, event_ids: Any) -> set[str]:
-        self.asked.append(len(event_ids))
-        return self.chain(event_ids)
-
-
-class AuthChainByDifferenceTests(unittest.TestCase):
-    PARENTS: dict[str, tuple[str, ...]] = {
-        "$create": (),
-        "$pl": ("$create",),
-        "$pl2": ("$create", "$pl"),
-        "$jr": ("$create", "$pl"),
-        "$a": ("$create", "$pl", "$jr"),
-        "$b": ("$create", "$pl", "$jr"),
-        "$b_leave": ("$create", "$pl", "$b"),  # cites the membership it replaces
-        "$c_stray": ("$create", "$pl"),  # replaces $a without citing it
-    }
-    BASE = ("$create", "$pl", "$jr", "$a")
-
-    def by_difference(self, state: tuple[str, ...], base: Any = BASE) -> Any:
-        from synapse_partial_state.resident.state import auth_chain_by_difference
-
-        access = _DagAccess(self.PARENTS)
-        result = _run(
-            auth_chain_by_difference(
-                access,  # type: ignore[arg-type]
-                "!r:x",
-                base,
-                access.chain(base),
-                state,
-            )
-        )
-        return result, access
-
-    def test_equals_the_full_chain_when_applicable(self) -> None:
-        for state in (
-            self.BASE,  # same state: no query at all
-            self.BASE + ("$b",),  # a new member
-            ("$create", "$pl2", "$jr", "$a"),  # power levels replaced, citing the old
-            self.BASE + ("$b_leave",),  # $b came, then left
-        ):
-            base = self.BASE + ("$b",) if "$b_leave" in state else self.BASE
-            got, access = self.by_difference(state, base)
-            self.assertEqual(got, access.chain(state), state)
-            self.assertLessEqual(sum(access.asked), 1, "only the added events")
-
-    def test_declines_when_a_removed_event_is_not_cited(self) -> None:
-        got, _ = self.by_difference(("$create", "$pl", "$jr", "$c_stray"))
-        self.assertIsNone(got)
-
-    def test_declines_when_too_much_changed(self) -> None:
-        from synapse_partial_state.resident import state as state_module
-
-        with mock.patch.object(state_module, "INCREMENTAL_AUTH_MAX_CHANGES", 1):
-            got, _ = self.by_difference(self.BASE + ("$b", "$b_leave"))
-        self.assertIsNone(got)
-
-
-def _run(coroutine: Any) -> Any:
-    try:
-        coroutine.send(None)
-    except StopIteration as done:
-        return done.value
-    raise AssertionError("suspended")
-
-
-class PacedLoadingTests(_StateServerUnit):
-    def test_pause_between_steps_only(self) -> None:
-        from synapse_partial_state.resident import state as state_module
-
-        server, access = self.make(10_000_000)
-        pauses: list[float] = []
-
-        async def pause(took: float) -> None:
-            pauses.append(took)
-
-        async def run() -> Any:
-            _, entry, _ = await server._entry("!r:x", "$x")
-            return await server._full_events(entry, pause)
-
-        with mock.patch.object(state_module, "LOAD_STEP", 3):
-            answer = self.successResultOf(defer.ensureDeferred(run()))
-        # 10 state events in steps of 3 (3 pauses), then 1 auth event (none).
-        self.assertEqual(len(pauses), 3)
-        self.assertEqual([len(batch) for batch in access.loads], [3, 3, 3, 1, 1])
-        self.assertEqual(answer.loaded, 11)
-
-
-class SingleFlightTests(unittest.TestCase):
-    def test_background_work_is_foreground_once_a_request_waits(self) -> None:
-        flight: SingleFlight[str, int] = SingleFlight()
-        gate: defer.Deferred[int] = defer.Deferred()
-
-        async def compute() -> int:
-            return await gate
-
-        flight.run("k", compute, background=True)
-        self.assertFalse(flight.has_foreground("k"))
-        flight.run("k", compute)
-        self.assertTrue(flight.has_foreground("k"))
-        gate.callback(1)
-        self.assertFalse(flight.has_foreground("k"))
-        self.assertNotIn("k", flight)
-
-    def test_concurrent_callers_share_one_computation(self) -> None:
-        flight: SingleFlight[str, int] = SingleFlight()
-        gate: defer.Deferred[int] = defer.Deferred()
-        calls = []
-
-        async def compute() -> int:
-            calls.append(1)
-            return await gate
-
-        first = defer.ensureDeferred(_await(flight.run("k", compute)))
-        second = defer.ensureDeferred(_await(flight.run("k", compute)))
-        self.assertIn("k", flight)
-        gate.callback(5)
-        results: list[int] = []
-        first.addCallback(results.append)
-        second.addCallback(results.append)
-        self.assertEqual((results, len(calls)), ([5, 5], 1))
-        self.assertNotIn("k", flight)
-
-
 def _has_id(event_id: str, event: dict[str, Any]) -> bool:
     return event.get("event_id") == event_id
-
-
-async def _await(awaitable: Any) -> Any:
-    return await awaitable

@@ -24,7 +24,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 from unpaddedbase64 import encode_base64
 
-from synapse_partial_state import _synapse
+from synapse_partial_state.compat.state_fetch import banned_signing_keys
 from synapse_partial_state.joining import verify
 from synapse_partial_state.joining.verify import (
     BAD_SIGNATURE,
@@ -350,10 +350,10 @@ class VerifyChunkTests(unittest.SynchronousTestCase):
         self.assertEqual(NAMES[got], "UNCERTAIN")
         # what the module passes in is Synapse's own list
         self.assertEqual(
-            _synapse.banned_signing_keys(),
+            banned_signing_keys(),
             frozenset(keyring.BANNED_SERVER_SIGNING_KEYS),
         )
-        self.assertTrue(_synapse.banned_signing_keys())
+        self.assertTrue(banned_signing_keys())
 
     def test_content_hash_as_synapse_checks_it(self) -> None:
         """The workers' own content-hash check agrees with Synapse's
@@ -474,29 +474,38 @@ class VerifyChunkTests(unittest.SynchronousTestCase):
             {"sender": "@u:x", "content": {}, "signatures": ["x"]},
         ]
         pdus = [restricted_join, message, third_party, unsigned, *junk]
+
+        def needed(
+            pdus: Iterable[dict[str, Any]], v1_event_ids: bool, restricted: bool
+        ) -> set[tuple[str, str]]:
+            wanted: set[tuple[str, str]] = set()
+            for pdu in pdus:
+                wanted |= key_ids_needed(pdu, v1_event_ids, restricted)
+            return wanted
+
         self.assertEqual(
-            key_ids_needed(pdus, v1_event_ids=False, restricted=True),
+            needed(pdus, v1_event_ids=False, restricted=True),
             {("a.test", key_id("a.test")), ("b.test", key_id("b.test"))},
         )
         self.assertEqual(
-            key_ids_needed(pdus, v1_event_ids=False, restricted=False),
+            needed(pdus, v1_event_ids=False, restricted=False),
             {("a.test", key_id("a.test"))},
         )
         # v1 rooms: the event ID's server too
         v1 = make_pdu("1", id_server="c.test", signers=["a.test", "c.test"])
         self.assertEqual(
-            key_ids_needed([v1], v1_event_ids=True, restricted=False),
+            needed([v1], v1_event_ids=True, restricted=False),
             {("a.test", key_id("a.test")), ("c.test", key_id("c.test"))},
         )
         self.assertEqual(
-            key_ids_needed([v1], v1_event_ids=False, restricted=False),
+            needed([v1], v1_event_ids=False, restricted=False),
             {("a.test", key_id("a.test"))},
         )
         # every key ID the required server signed with
         two_keys = make_pdu("10")
         two_keys["signatures"]["a.test"]["ed25519:old"] = "sig"
         self.assertEqual(
-            key_ids_needed([two_keys], v1_event_ids=False, restricted=False),
+            needed([two_keys], v1_event_ids=False, restricted=False),
             {("a.test", key_id("a.test")), ("a.test", "ed25519:old")},
         )
 
@@ -560,7 +569,7 @@ class VerifierPoolTests(unittest.TestCase):
                     "OK",
                 ],
             )
-            self.assertEqual(await pool.verify(version, pdus, keys), expected)
+            self.assertEqual(await verify_all(pool, version, pdus, keys), expected)
             chunks = pool.verify_chunks(version, pdus, keys)
             self.assertEqual([start for start, _ in chunks], [0, 3, 6, 9])
             got = []
@@ -569,7 +578,7 @@ class VerifierPoolTests(unittest.TestCase):
                 self.assertEqual(chunk, expected[start : start + 3])
                 got.extend(chunk)
             self.assertEqual(got, expected)
-        self.assertEqual(await pool.verify("10", [], keys), [])
+        self.assertEqual(await verify_all(pool, "10", [], keys), [])
 
     def test_thread(self) -> defer.Deferred[None]:
         pool = self._pool(0)
@@ -595,7 +604,7 @@ class VerifierPoolTests(unittest.TestCase):
             # a closed pool starts afresh when used again
             pdus = _mixed_pdus("10")[:2]
             self.assertEqual(
-                [v for v, _ in await pool.verify("10", pdus, held("a.test"))],
+                [v for v, _ in await verify_all(pool, "10", pdus, held("a.test"))],
                 [OK, BAD_SIGNATURE],
             )
 
@@ -609,7 +618,7 @@ class VerifierPoolTests(unittest.TestCase):
             for workers in (0, 1):
                 pool = VerifierPool(workers, banned)
                 self.addCleanup(pool.close)
-                got = await pool.verify("10", pdus, held("a.test", "b.test"))
+                got = await verify_all(pool, "10", pdus, held("a.test", "b.test"))
                 self.assertEqual([v for v, _ in got], [OK, UNCERTAIN], workers)
 
         return defer.ensureDeferred(go())
@@ -636,9 +645,19 @@ class VerifierPoolTests(unittest.TestCase):
 
         async def go() -> None:
             with self.assertRaises(KeyError):
-                await pool.verify("no such version", [make_pdu("10")], {})
+                await verify_all(pool, "no such version", [make_pdu("10")], {})
 
         return defer.ensureDeferred(go())
+
+
+async def verify_all(
+    pool: VerifierPool, room_version_id: str, pdus: list[Any], keys: Any
+) -> list[tuple[int, str | None]]:
+    """Every verdict, chunk after chunk, as the state fetch awaits them."""
+    verdicts: list[tuple[int, str | None]] = []
+    for _, d in pool.verify_chunks(room_version_id, pdus, keys):
+        verdicts.extend(await d)
+    return verdicts
 
 
 def _wait_dead(processes: list[Any], timeout: float) -> None:

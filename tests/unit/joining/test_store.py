@@ -9,7 +9,7 @@ from typing import Any
 from twisted.trial import unittest
 
 from synapse_partial_state.joining.jobs import Job, Phase
-from synapse_partial_state.storage import (
+from synapse_partial_state.joining.store import (
     SCHEMA_VERSION,
     create_schema_txn,
     get_job_txn,

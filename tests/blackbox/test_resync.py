@@ -7,125 +7,23 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
-from tests.fedkit.homeserver import Homeserver
-from tests.fedkit.matrix_client import Client
-from tests.fedkit.postgres import pg_connect as _pg_connect
-from tests.fedkit.testcase import FederationTestCase, on_both_databases
-
-ADMIN = "/_synapse/client/partial_state/v1/admin/rooms"
-STATE_PATHS = r"^/_matrix/federation/v1/state(_ids)?/"
-STATE_PATH = r"^/_matrix/federation/v1/state/"
-EVENT_PATH = r"^/_matrix/federation/v1/event/"
-
-#: Fast retries so tests do not wait for production back-offs: ours and
-#: Synapse's per-destination back-off (10 minutes by default).
-FAST = {
-    "module_config": {
-        "resync": {"initial_backoff_seconds": 0.5, "max_backoff_seconds": 2}
-    },
-    "extra_config": {
-        "federation": {
-            "destination_min_retry_interval": 200,
-            "destination_max_retry_interval": 1000,
-        }
-    },
-}
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.2)
-
-
-class _ResyncCase(FederationTestCase):
-    MEMBERS = 200
-    SERVERS = 5
-
-    def setup_room(self, **hs_kw: Any) -> None:
-        self.peer = self.make_fake_peer()
-        self.room = self.peer.create_room(
-            members=self.MEMBERS, servers=self.SERVERS, name="Resync room"
-        )
-        self.room_id: str = self.room["room_id"]
-        self.resident: str = self.room["resident"]
-        kw = {**FAST, **hs_kw}
-        self.hs2: Homeserver = self.make_homeserver("hs2", **kw)
-        self.admin: Client = self.register(self.hs2, "admin", admin=True)
-        self.bob: Client = self.register(self.hs2, "bob")
-
-    def job(self) -> dict[str, Any]:
-        status, body = self.admin.get(f"{ADMIN}/{quote(self.room_id)}")
-        self.assertEqual(status, 200, body)
-        return body
-
-    def job_if_any(self) -> dict[str, Any] | None:
-        """The job, or None while the engine has not written it yet (it starts
-        in the background once /join has returned)."""
-        status, body = self.admin.get(f"{ADMIN}/{quote(self.room_id)}")
-        if status == 404 and body.get("errcode") == "M_NOT_FOUND":
-            return None
-        self.assertEqual(status, 200, body)
-        return body
-
-    def wait_phase(self, phase: str, timeout: float = 60) -> dict[str, Any]:
-        return wait_until(
-            lambda: (j := self.job_if_any()) is not None and j["phase"] == phase and j,
-            timeout,
-            f"phase {phase}",
-        )
-
-    def wait_complete(self, since: int, timeout: float = 120) -> None:
-        self.hs2.wait_for_log(
-            rf"Resync of {re.escape(self.room_id)} complete",
-            timeout=timeout,
-            since=since,
-        )
-
-    def join_while_state_fails(self) -> str:
-        """bob joins while every server fails state requests; returns the rule
-        once the job is backing off."""
-        rule = self.peer.add_behaviour(STATE_PATHS, "error", status=502)
-        self.bob.join(self.room_id, via=[self.resident])
-        self.wait_phase("retrying")
-        return rule
-
-    def heal_and_join_again(self, rule: str) -> None:
-        """Servers answer again; a fresh join completes with the whole room."""
-        self.peer.remove_behaviour(rule)
-        since = self.hs2.log_offset()
-        self.bob.join(self.room_id, via=[self.resident])
-        self.wait_complete(since)
-        self.assert_full_members()
-
-    def assert_full_members(self, extra: int = 1) -> None:
-        members = self.bob.joined_members(self.room_id, timeout=60)
-        self.assertEqual(len(members), self.room["member_count"] + extra)
-
-    def assert_resident_state(self) -> None:
-        """hs2's state of the room is exactly the resident's."""
-        self.assert_full_members()
-        expected = resident_state(
-            self.peer.room_events(self.room_id, limit=100000)["events"]
-        )
-        got = {
-            (e["type"], e["state_key"]): e["event_id"]
-            for e in self.bob.room_state(self.room_id)
-        }
-        self.assertEqual(got, expected)
+from tests.blackbox.resync_case import (
+    EVENT_PATH,
+    STATE_PATH,
+    STATE_PATHS,
+    ResyncCase,
+    resident_state,
+    wait_until,
+)
+from tests.fedkit.postgres import pg_connect
+from tests.fedkit.testcase import on_both_databases
 
 
 @on_both_databases
-class Failover(_ResyncCase):
+class Failover(ResyncCase):
     def test_resident_dies_mid_resync_other_server_completes(self) -> None:
         self.setup_room()
         # Hold the resident's state answers, then kill it while we wait on it.
@@ -146,7 +44,7 @@ class Failover(_ResyncCase):
 
 
 @on_both_databases
-class EveryServerDownThenBack(_ResyncCase):
+class EveryServerDownThenBack(ResyncCase):
     def test_retries_until_a_server_answers(self) -> None:
         self.setup_room()
         rule = self.peer.add_behaviour(STATE_PATHS, "error", status=502)
@@ -170,7 +68,7 @@ class EveryServerDownThenBack(_ResyncCase):
 
 
 @on_both_databases
-class RestartMidResync(_ResyncCase):
+class RestartMidResync(ResyncCase):
     def test_joiner_restart_resumes_from_its_job_row(self) -> None:
         self.setup_room()
         rule = self.peer.add_behaviour(STATE_PATHS, "error", status=502)
@@ -194,7 +92,7 @@ class RestartMidResync(_ResyncCase):
 
 
 @on_both_databases
-class RestartMidStore(_ResyncCase):
+class RestartMidStore(ResyncCase):
     OMIT = 30
 
     def test_restart_after_part_of_the_state_is_stored_fetches_only_the_rest(
@@ -248,7 +146,7 @@ class RestartMidStore(_ResyncCase):
 
 
 @on_both_databases
-class LeaveMidResync(_ResyncCase):
+class LeaveMidResync(ResyncCase):
     def test_last_local_leave_aborts_and_rejoin_works(self) -> None:
         self.setup_room()
         since = self.hs2.log_offset()
@@ -274,75 +172,7 @@ class LeaveMidResync(_ResyncCase):
 
 
 @on_both_databases
-class AdminApi(_ResyncCase):
-    def test_list_retry_abort_and_auth(self) -> None:
-        self.setup_room(module_config={"resync": {"initial_backoff_seconds": 60}})
-        rule = self.peer.add_behaviour(STATE_PATHS, "error", status=502)
-        self.bob.join(self.room_id, via=[self.resident])
-        job = self.wait_phase("retrying")
-        self.assertGreater(job["next_attempt_ts"], int(time.time() * 1000) + 30_000)
-
-        status, body = self.admin.get(ADMIN)
-        self.assertEqual(status, 200)
-        listed = {j["room_id"]: j for j in body["rooms"]}
-        self.assertEqual(listed[self.room_id]["phase"], "retrying")
-        self.assertTrue(listed[self.room_id]["running"])
-
-        # Non-admins are refused.
-        status, body = self.bob.get(ADMIN)
-        self.assertEqual((status, body.get("errcode")), (403, "M_FORBIDDEN"))
-        status, body = self.bob.post(f"{ADMIN}/{quote(self.room_id)}/retry", json={})
-        self.assertEqual(status, 403)
-
-        # "retry now" ends a 60 s back-off at once.
-        self.peer.remove_behaviour(rule)
-        since = self.hs2.log_offset()
-        status, body = self.admin.post(f"{ADMIN}/{quote(self.room_id)}/retry", json={})
-        self.assertEqual(status, 200, body)
-        self.wait_complete(since, timeout=30)
-        self.assert_full_members()
-
-        status, body = self.admin.post(f"{ADMIN}/{quote('!nope:x')}/abort", json={})
-        self.assertEqual(status, 404)
-
-
-@on_both_databases
-class AdminAbortAndPurge(_ResyncCase):
-    def test_admin_abort_refused_while_local_users_are_in_the_room(self) -> None:
-        self.setup_room()
-        self.join_while_state_fails()
-        status, body = self.admin.post(f"{ADMIN}/{quote(self.room_id)}/abort", json={})
-        self.assertEqual(status, 409, body)
-        self.assertIn("Local users are still in the room", body["error"])
-        self.assertEqual(self.job()["phase"], "retrying")
-
-    def test_room_deleted_and_purged_mid_resync(self) -> None:
-        self.setup_room()
-        rule = self.join_while_state_fails()
-        # Synapse's own delete-room admin API: kicks local users, then purges.
-        status, body = self.admin.request(
-            "DELETE",
-            f"/_synapse/admin/v2/rooms/{quote(self.room_id)}",
-            json={"purge": True},
-        )
-        self.assertEqual(status, 200, body)
-        delete_id = body["delete_id"]
-
-        def purged() -> bool:
-            st, b = self.admin.get(
-                f"/_synapse/admin/v2/rooms/delete_status/{delete_id}"
-            )
-            return st == 200 and b["status"] == "complete"
-
-        wait_until(purged, 60, "the delete-room job")
-        job = self.wait_phase("aborted", timeout=30)
-        self.assertTrue(job["last_error"])
-        # A fresh join afterwards works end to end.
-        self.heal_and_join_again(rule)
-
-
-@on_both_databases
-class EventsDuringResync(_ResyncCase):
+class EventsDuringResync(ResyncCase):
     def test_final_state_matches_the_resident(self) -> None:
         self.setup_room()
         rule = self.peer.add_behaviour(STATE_PATHS, "delay", seconds=4)
@@ -395,7 +225,7 @@ class EventsDuringResync(_ResyncCase):
 
 
 @on_both_databases
-class ForkDuringResync(_ResyncCase):
+class ForkDuringResync(ResyncCase):
     def test_synapse_waits_for_the_engines_state_instead_of_fetching_it_again(
         self,
     ) -> None:
@@ -440,7 +270,7 @@ GAP = 12
 
 
 @on_both_databases
-class IdenticalStatesAfterResync(_ResyncCase):
+class IdenticalStatesAfterResync(ResyncCase):
     MEMBERS = 60
 
     def test_identical_state_groups_are_not_resolved_again(self) -> None:
@@ -494,7 +324,7 @@ class IdenticalStatesAfterResync(_ResyncCase):
 
 
 @on_both_databases
-class PlannerStats(_ResyncCase):
+class PlannerStats(ResyncCase):
     MEMBERS = 1500
     SERVERS = 10
 
@@ -520,7 +350,7 @@ class PlannerStats(_ResyncCase):
             self.hs2.read_log()[since:],
         )
         assert self.hs2.database_name is not None
-        conn = _pg_connect(self.hs2.database_name)
+        conn = pg_connect(self.hs2.database_name)
         try:
             with conn.cursor() as cur:
                 cur.execute(
@@ -537,17 +367,8 @@ class PlannerStats(_ResyncCase):
         self.assertGreaterEqual(counts.get("current_state_events", 0), 3, counts)
 
 
-def resident_state(events: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
-    """Current state of a linear event log: the last event of each state key."""
-    state: dict[tuple[str, str], str] = {}
-    for event in events:
-        if "state_key" in event:
-            state[(event["type"], event["state_key"])] = event["event_id"]
-    return state
-
-
 @on_both_databases
-class LyingResident(_ResyncCase):
+class LyingResident(ResyncCase):
     # Known gap (issue #4), seen when this test ran: members whose only source is
     # the lying resident (its own users) are dropped by Synapse's signature check
     # and the resync completes with incomplete state (162 of 202 members) instead
@@ -566,7 +387,7 @@ class LyingResident(_ResyncCase):
         self.assertRegex(self.hs2.read_log()[since:], r"[Ss]ignature")
 
 
-class _OmissionCase(_ResyncCase):
+class _OmissionCase(ResyncCase):
     OMIT = 30
 
 

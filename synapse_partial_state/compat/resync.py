@@ -1,0 +1,302 @@
+"""The resync seam: Synapse's partial-state resync routed to the module's engine,
+and the native operations a resync is made of (:class:`ResyncOps`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Collection
+from typing import TYPE_CHECKING, Any
+
+from synapse.module_api import ModuleApi
+
+from synapse_partial_state.compat.patching import PatchRecord, homeserver, record_patch
+from synapse_partial_state.compat.persistence import has_partial_state_events
+
+if TYPE_CHECKING:
+    from synapse.events import EventBase
+
+logger = logging.getLogger(__name__)
+
+#: (initial destination, other destinations, room id) -> None; runs one resync.
+ResyncEntry = Callable[[str | None, "Collection[str]", str], Awaitable[None]]
+
+
+def install_resync_hook(entry: ResyncEntry) -> None:
+    """Route Synapse's resyncs to our engine.
+
+    Replaces ``FederationHandler._sync_partial_state_room`` (143 lines; 2 changes
+    since 1.100; identical in 1.163.2). Native keeps doing what surrounds it:
+    ``do_invite_join`` and the start-up resume both call
+    ``_start_partial_state_room_sync``, whose in-memory de-duplication and
+    "restart if still partial" logic then calls this method, now ours. The native
+    loop gives up for good when every server fails (#13000); ours never does.
+    """
+    from synapse.handlers.federation import FederationHandler
+
+    if getattr(FederationHandler._sync_partial_state_room, "_sps_wrapped", False):
+        return
+
+    async def _sync_partial_state_room(
+        self: Any,
+        initial_destination: str | None,
+        other_destinations: Collection[str],
+        room_id: str,
+    ) -> None:
+        await entry(initial_destination, other_destinations, room_id)
+
+    _sync_partial_state_room._sps_wrapped = True  # type: ignore[attr-defined]
+    FederationHandler._sync_partial_state_room = _sync_partial_state_room  # type: ignore[method-assign]
+    record_patch(
+        PatchRecord(
+            "synapse.handlers.federation.FederationHandler._sync_partial_state_room",
+            "replace",
+            "durable, never-stuck resync engine (retries, failover, abort on leave)",
+        )
+    )
+
+
+class ResyncOps:
+    """The native Synapse operations a resync is made of, typed, in one place.
+
+    Each method says which Synapse code it calls. Nothing here retries or decides:
+    that is the engine's job.
+    """
+
+    def __init__(self, api: ModuleApi) -> None:
+        hs = homeserver(api)
+        self._hs = hs
+        # Any: mypy without Synapse's own plugin mis-types @cached methods.
+        self._store: Any = hs.get_datastores().main
+        self._clock = hs.get_clock()
+        self.server_name: str = hs.hostname
+
+    # -- read ---------------------------------------------------------------
+
+    async def is_partial_state_room(self, room_id: str) -> bool:
+        return await self._store.is_partial_state_room(room_id)
+
+    async def resync_info(self, room_id: str) -> tuple[str | None, frozenset[str]]:
+        """(joined_via, servers_in_room) from ``partial_state_rooms(_servers)``,
+        for this room only (Synapse's ``get_partial_state_room_resync_info`` reads
+        every partial room)."""
+
+        def txn(t: Any) -> tuple[str | None, frozenset[str]]:
+            t.execute(
+                "SELECT joined_via FROM partial_state_rooms WHERE room_id = ?",
+                (room_id,),
+            )
+            row = t.fetchone()
+            if row is None:
+                return None, frozenset()
+            t.execute(
+                "SELECT server_name FROM partial_state_rooms_servers WHERE room_id = ?",
+                (room_id,),
+            )
+            return row[0], frozenset(r[0] for r in t.fetchall())
+
+        return await self._store.db_pool.runInteraction("sps_resync_info", txn)
+
+    async def join_event_id(self, room_id: str) -> str | None:
+        def txn(t: Any) -> str | None:
+            t.execute(
+                "SELECT join_event_id FROM partial_state_rooms WHERE room_id = ?",
+                (room_id,),
+            )
+            row = t.fetchone()
+            return row[0] if row else None
+
+        return await self._store.db_pool.runInteraction("sps_join_event_id", txn)
+
+    async def local_users_in_room(self, room_id: str) -> Collection[str]:
+        return await self._store.get_local_users_in_room(room_id)
+
+    async def count_partial_state_events(self, room_id: str) -> int:
+        def txn(t: Any) -> int:
+            t.execute(
+                "SELECT COUNT(*) FROM partial_state_events WHERE room_id = ?",
+                (room_id,),
+            )
+            return int(t.fetchone()[0])
+
+        return await self._store.db_pool.runInteraction("sps_count_partial", txn)
+
+    async def recent_sender_servers(self, room_id: str, limit: int = 500) -> list[str]:
+        """Servers of the senders of the room's latest events (servers learned
+        since the join), most recent first."""
+
+        def txn(t: Any) -> list[str]:
+            t.execute(
+                "SELECT sender FROM events WHERE room_id = ?"
+                " ORDER BY stream_ordering DESC LIMIT ?",
+                (room_id, limit),
+            )
+            return [row[0] for row in t.fetchall()]
+
+        senders = await self._store.db_pool.runInteraction("sps_recent_senders", txn)
+        seen: dict[str, None] = {}
+        for sender in senders:
+            server = sender.split(":", 1)[1] if ":" in sender else None
+            if server:
+                seen.setdefault(server, None)
+        return list(seen)
+
+    async def partial_state_events_batch(self, room_id: str) -> list[EventBase]:
+        """Up to 100 partial-state events without partial-state prev events,
+        in stream order (``get_partial_state_events_batch``)."""
+        from synapse.storage.databases.main.events_worker import EventRedactBehaviour
+
+        batch = await self._store.get_partial_state_events_batch(room_id)
+        if not batch:
+            return []
+        return await self._store.get_events_as_list(
+            batch, redact_behaviour=EventRedactBehaviour.as_is, allow_rejected=True
+        )
+
+    # -- write ----------------------------------------------------------------
+
+    async def update_state_for_partial_state_event(
+        self, destination: str, event: EventBase
+    ) -> None:
+        """Native per-event de-partial-stating: computes the full state before
+        ``event`` (fetching from ``destination`` when its prev events are not
+        local), re-checks its auth against it, repoints its state group and flips
+        its rejection if needed. Raises ``FederationError`` /
+        ``FederationPullAttemptBackoffError`` like native."""
+        handler = self._hs.get_federation_event_handler()
+        await handler.update_state_for_partial_state_event(destination, event)
+
+    async def clear_pull_backoff(
+        self, room_id: str, event_ids: Collection[str]
+    ) -> None:
+        """Forget Synapse's failed attempts to pull ``event_ids``
+        (``event_failed_pull_attempts``, the rows Synapse itself deletes once an
+        event is persisted), so its next computation of a context pulls them
+        again instead of raising ``FederationPullAttemptBackoffError`` for hours."""
+        if not event_ids:
+            return
+        await self._store.db_pool.simple_delete_many(
+            table="event_failed_pull_attempts",
+            column="event_id",
+            iterable=list(event_ids),
+            keyvalues={"room_id": room_id},
+            desc="sps_clear_pull_backoff",
+        )
+
+    async def complete(self, room_id: str) -> bool:
+        """The native end of a resync: recompute current state, replay device
+        lists, clear the partial flag under Synapse's linearizer, wake waiters and
+        replication. False if new partial-state events raced in (go round again)."""
+        await self._hs.get_state_handler().update_current_state(room_id)
+        if await has_partial_state_events(self._store, room_id):
+            # Raced by new partial-state events (the current state was kept:
+            # ``install_current_state_guard``); the clear would fail too.
+            return False
+        await self._hs.get_device_handler().handle_room_un_partial_stated(room_id)
+        return await self._clear_and_notify(room_id)
+
+    async def _clear_and_notify(self, room_id: str) -> bool:
+        fed = self._hs.get_federation_handler()
+        async with fed._is_partial_state_room_linearizer.queue(room_id):
+            stream_id = await self._store.clear_partial_state_room(room_id)
+        if stream_id is None:
+            return False
+        self._hs.get_storage_controllers().state.notify_room_un_partial_stated(room_id)
+        await self._hs.get_notifier().on_un_partial_stated_room(room_id, stream_id)
+        return True
+
+    async def abort(self, room_id: str) -> bool:
+        """Give up a partial-state room that no local user is in any more.
+
+        Its local copy was never complete, and keeping it would be harmful: a later
+        rejoin would build on its partial state as if it were whole. So the room is
+        purged through Synapse's own ``PaginationHandler.purge_room`` (which refuses
+        while a local user is joined, and deletes the partial-state tables in
+        foreign-key order), then every waiter on the room or its events is woken.
+        False if a local user is joined again (the resync must go on).
+        """
+        from synapse.api.errors import SynapseError
+
+        def txn(t: Any) -> list[str]:
+            t.execute(
+                "SELECT event_id FROM partial_state_events WHERE room_id = ?",
+                (room_id,),
+            )
+            return [row[0] for row in t.fetchall()]
+
+        event_ids = await self._store.db_pool.runInteraction("sps_partial_events", txn)
+        try:
+            await self._hs.get_pagination_handler().purge_room(room_id, force=False)
+        except SynapseError as e:
+            logger.info("Not purging %s: %s", room_id, e)
+            return False
+        state_storage = self._hs.get_storage_controllers().state
+        for event_id in event_ids:
+            self._store.is_partial_state_event.invalidate((event_id,))
+            state_storage.notify_event_un_partial_stated(event_id)
+        self._store.is_partial_state_room.invalidate((room_id,))
+        state_storage.notify_room_un_partial_stated(room_id)
+        return True
+
+    async def room_exists(self, room_id: str) -> bool:
+        return await self._store.get_room(room_id) is not None
+
+    async def prefetch_server_keys(
+        self, servers: Collection[str], concurrency: int
+    ) -> tuple[int, int]:
+        """Fetch the signing keys of ``servers`` from the servers themselves, at
+        most ``concurrency`` at once, into Synapse's key store, so that checking
+        the signatures of the room's state later finds them locally instead of
+        fetching them in waves. Uses ``ServerKeyFetcher.get_server_verify_keys_v2_direct``
+        (which stores what it gets); failures are left for the normal path.
+        Returns (servers fetched, servers failed)."""
+        from synapse.crypto.keyring import ServerKeyFetcher
+        from twisted.internet.defer import DeferredSemaphore
+
+        fetchers = self._hs.get_keyring()._key_fetchers
+        fetcher = next((f for f in fetchers if isinstance(f, ServerKeyFetcher)), None)
+        if fetcher is None:
+            return 0, 0
+        semaphore = DeferredSemaphore(concurrency)
+        outcome = {"ok": 0, "failed": 0}
+
+        async def one(server: str) -> None:
+            from synapse.logging.context import make_deferred_yieldable
+
+            await make_deferred_yieldable(semaphore.acquire())
+            try:
+                await fetcher.get_server_verify_keys_v2_direct(server)
+                outcome["ok"] += 1
+            except Exception as e:  # a dead server: verification will say so later
+                logger.debug("Key prefetch from %s failed: %s", server, e)
+                outcome["failed"] += 1
+            finally:
+                semaphore.release()
+
+        from synapse.util.async_helpers import yieldable_gather_results
+
+        await yieldable_gather_results(one, servers)
+        return outcome["ok"], outcome["failed"]
+
+    def start_resync(self, room_id: str) -> None:
+        """Start a resync the way Synapse does after a join (its de-duplication
+        included), with the servers Synapse recorded for the room."""
+        fed = self._hs.get_federation_handler()
+
+        async def start() -> None:
+            joined_via, servers = await self.resync_info(room_id)
+            fed._start_partial_state_room_sync(
+                initial_destination=joined_via,
+                other_destinations=set(servers),
+                room_id=room_id,
+            )
+
+        self._hs.run_as_background_process("sps_start_resync", start)
+
+    def now_ms(self) -> int:
+        return self._clock.time_msec()
+
+    def call_later(self, delay_s: float, callback: Callable[[], object]) -> Any:
+        """Synapse's clock ``call_later`` (takes a ``Duration`` since 1.144)."""
+        from synapse.util.duration import Duration
+
+        return self._clock.call_later(Duration(milliseconds=delay_s * 1000), callback)

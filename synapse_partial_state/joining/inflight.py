@@ -1,0 +1,91 @@
+"""Who waits for the engine's state fetch, and the answers Synapse may reuse.
+
+Synapse itself asks for the state at events of a room the engine is resyncing:
+its per-event de-partial-stating (right after the engine's own fetch, at the same
+events), and the handling of events that arrived during the join, whose prev
+events are not stored either. Stock then downloads and stores the room's whole
+state a second time, alongside its resync. :class:`InflightFetches` makes such
+requests wait for the engine (``compat.state_fetch.install_state_ids_reuse`` asks
+:meth:`InflightFetches.answer_for`):
+
+* a request for the state at an event the engine is fetching waits for that fetch
+  and gets the engine's ``/state_ids`` answer: every event listed is stored by
+  then, so Synapse asks for nothing more;
+* a request for the state at another event of the room (on a fork older than the
+  join) waits until the engine has stored the state at the join
+  (:meth:`InflightFetches.expect_join_state`), then asks natively: all but the few
+  events that differ are stored by then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from synapse.module_api import make_deferred_yieldable
+from twisted.internet import defer
+
+from synapse_partial_state.compat.runtime import wake_waiter
+
+#: A ``/state_ids`` answer: (state event IDs, auth chain event IDs).
+StateIds = tuple[list[str], list[str]]
+
+
+class InflightFetches:
+    def __init__(self) -> None:
+        #: (room, event) -> the /state_ids answer the engine fetched
+        self._answers: dict[tuple[str, str], StateIds] = {}
+        #: (room, event) the engine is fetching the state at -> who waits for it;
+        #: (room, None): the join's state, expected but not yet begun
+        self._waiters: dict[tuple[str, str | None], list[defer.Deferred[None]]] = {}
+
+    def remember(self, room_id: str, event_id: str, answer: StateIds) -> None:
+        """The engine's ``/state_ids`` answer at ``event_id``, for Synapse's own
+        request for the same state."""
+        self._answers[(room_id, event_id)] = answer
+
+    def forget(self, room_id: str) -> None:
+        """Drop what was remembered for ``room_id`` (its resync is over)."""
+        for key in [k for k in self._answers if k[0] == room_id]:
+            del self._answers[key]
+
+    def expect_join_state(self, room_id: str) -> None:
+        """The engine is about to fetch the state at ``room_id``'s join: until
+        :meth:`release_join_state`, Synapse's own requests for the state at *any*
+        event of the room wait."""
+        self._waiters.setdefault((room_id, None), [])
+
+    def release_join_state(self, room_id: str) -> None:
+        """The join's state is stored (or will not be fetched by the engine now):
+        release whoever waits for it."""
+        for waiter in self._waiters.pop((room_id, None), []):
+            wake_waiter(waiter)
+
+    def begin(self, room_id: str, event_ids: Collection[str]) -> None:
+        """The engine starts fetching the state at ``event_ids``."""
+        for event_id in event_ids:
+            self._waiters.setdefault((room_id, event_id), [])
+
+    def end(self, room_id: str, event_ids: Collection[str]) -> None:
+        """The engine's fetch of the state at ``event_ids`` is over."""
+        for event_id in event_ids:
+            for waiter in self._waiters.pop((room_id, event_id), []):
+                wake_waiter(waiter)
+
+    async def wait(self, room_id: str, event_id: str) -> None:
+        """Wait while the engine fetches the state at ``event_id``, or the state
+        at the room's join (:meth:`expect_join_state`)."""
+        while True:
+            waiters = self._waiters.get((room_id, event_id))
+            if waiters is None:
+                waiters = self._waiters.get((room_id, None))
+            if waiters is None:
+                return
+            waiter: defer.Deferred[None] = defer.Deferred()
+            waiters.append(waiter)
+            await make_deferred_yieldable(waiter)
+
+    async def answer_for(self, room_id: str, event_id: str) -> StateIds | None:
+        """For Synapse's own ``/state_ids`` request: wait (see :meth:`wait`), then
+        the engine's answer at ``event_id`` if it has one (else Synapse asks)."""
+        await self.wait(room_id, event_id)
+        return self._answers.get((room_id, event_id))

@@ -1,0 +1,63 @@
+"""Who waits for the engine's state fetch (``joining/inflight.py``)."""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from synapse_partial_state.joining.inflight import InflightFetches
+
+ROOM = "!r:x"
+ANSWER = (["$s1", "$s2"], ["$a1"])
+
+
+class InflightFetchesTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.inflight = InflightFetches()
+
+    def ask(self, event_id: str) -> defer.Deferred[object]:
+        return defer.ensureDeferred(self.inflight.answer_for(ROOM, event_id))
+
+    def test_nothing_in_flight_answers_at_once(self) -> None:
+        self.assertIsNone(self.successResultOf(self.ask("$e")))
+
+    def test_request_at_a_fetched_event_waits_and_gets_the_engines_answer(
+        self,
+    ) -> None:
+        self.inflight.begin(ROOM, ["$prev"])
+        asked = self.ask("$prev")
+        self.assertNoResult(asked)
+        self.inflight.remember(ROOM, "$prev", ANSWER)
+        self.inflight.end(ROOM, ["$prev"])
+        self.assertEqual(self.successResultOf(asked), ANSWER)
+
+    def test_request_at_another_event_waits_for_the_join_state_then_asks(
+        self,
+    ) -> None:
+        self.inflight.expect_join_state(ROOM)
+        asked = self.ask("$fork")
+        other_room = defer.ensureDeferred(self.inflight.answer_for("!s:x", "$fork"))
+        self.assertIsNone(self.successResultOf(other_room))
+        self.assertNoResult(asked)
+        self.inflight.release_join_state(ROOM)
+        self.assertIsNone(self.successResultOf(asked))  # asks natively
+
+    def test_waits_for_the_join_state_then_for_a_fetch_begun_meanwhile(
+        self,
+    ) -> None:
+        self.inflight.expect_join_state(ROOM)
+        asked = self.ask("$prev")
+        self.inflight.begin(ROOM, ["$prev"])
+        self.inflight.release_join_state(ROOM)
+        self.assertNoResult(asked)
+        self.inflight.remember(ROOM, "$prev", ANSWER)
+        self.inflight.end(ROOM, ["$prev"])
+        self.assertEqual(self.successResultOf(asked), ANSWER)
+
+    def test_forget_drops_a_rooms_answers_only(self) -> None:
+        self.inflight.remember(ROOM, "$prev", ANSWER)
+        self.inflight.remember("!s:x", "$prev", ANSWER)
+        self.inflight.forget(ROOM)
+        self.assertIsNone(self.successResultOf(self.ask("$prev")))
+        other = defer.ensureDeferred(self.inflight.answer_for("!s:x", "$prev"))
+        self.assertEqual(self.successResultOf(other), ANSWER)

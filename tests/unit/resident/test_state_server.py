@@ -1,0 +1,207 @@
+"""The ``/state`` server with Synapse faked (``resident/state.py``): the cache,
+auth chains by difference, paced loading."""
+
+from __future__ import annotations
+
+import unittest
+from typing import Any
+from unittest import mock
+
+from twisted.internet import defer
+
+from synapse_partial_state.config import StateCacheConfig
+from synapse_partial_state.resident.state import StateServer
+
+MEMBER = "m.room.member"
+
+
+class _FakeApi:
+    server_name = "unit.test"
+
+
+class _FakeAccess:
+    """Synchronous stand-in for the Synapse calls of the state server."""
+
+    def __init__(self, events: dict[str, bytes], state: dict[Any, str]) -> None:
+        self.events = events
+        self.state = state
+        self.loads: list[list[str]] = []
+        self.groups = 0
+
+    async def state_group_before(self, room_id: str, event_id: str) -> Any:
+        return 7, None
+
+    async def state_ids_of_group(self, state_group: int) -> Any:
+        self.groups += 1
+        return self.state
+
+    async def auth_chain_ids(self, room_id: str, event_ids: Any) -> set[str]:
+        return {"$create"} if "$create" not in event_ids else set()
+
+    async def encoded_pdus(self, event_ids: list[str]) -> dict[str, bytes]:
+        self.loads.append(list(event_ids))
+        return {e: self.events[e] for e in event_ids if e in self.events}
+
+
+class _StateServerUnit(unittest.TestCase):
+    def make(self, budget: int) -> tuple[StateServer, _FakeAccess]:
+        events = {f"$m{i}": b'{"m":%d}' % i for i in range(10)}
+        events["$create"] = b'{"c":0}'
+        state: dict[Any, str] = {(MEMBER, f"@u{i}:x"): f"$m{i}" for i in range(10)}
+        access = _FakeAccess(events, state)
+        server = StateServer(_FakeApi(), StateCacheConfig(), access)  # type: ignore[arg-type]
+        server._cache.max_bytes = budget
+        return server, access
+
+    def answer(self, server: StateServer) -> Any:
+        async def run() -> Any:
+            key, entry, hit = await server._entry("!r:x", "$x")
+            return hit, await server._full_events(entry)
+
+        return self.successResultOf(defer.ensureDeferred(run()))
+
+    def successResultOf(self, d: defer.Deferred[Any]) -> Any:
+        results: list[Any] = []
+        d.addBoth(results.append)
+        self.assertEqual(len(results), 1, "did not complete synchronously")
+        if isinstance(results[0], Exception):
+            raise results[0]
+        return results[0]
+
+
+class StateServerCacheTests(_StateServerUnit):
+    def test_second_answer_comes_from_the_cache(self) -> None:
+        server, access = self.make(10_000_000)
+        hit, first = self.answer(server)
+        self.assertFalse(hit)
+        self.assertEqual(first.loaded, 11)
+        hit, second = self.answer(server)
+        self.assertTrue(hit)
+        self.assertEqual(second.loaded, 0)
+        self.assertEqual(first.pdus, second.pdus)
+        self.assertEqual(access.groups, 1)
+        self.assertEqual(server.stats()["entry_hits"], 1)
+
+    def test_small_budget_evicts_and_reloads(self) -> None:
+        # Room for the state entry and a few events only.
+        server, access = self.make(3000)
+        _, first = self.answer(server)
+        self.assertLessEqual(server.stats()["cache_bytes"], 3000)
+        self.assertGreater(server.stats()["cache_evictions"], 0)
+        _, second = self.answer(server)
+        self.assertGreater(second.loaded, 0)  # evicted events were loaded again
+        self.assertEqual(first.pdus, second.pdus)
+
+    def test_forgotten_events_are_loaded_again(self) -> None:
+        server, access = self.make(10_000_000)
+        self.answer(server)
+        server.forget_event("$m3")
+        _, answer = self.answer(server)
+        self.assertEqual(answer.loaded, 1)
+        self.assertEqual(access.loads[-1], ["$m3"])
+        server.forget_room("!r:x")
+        self.assertEqual(server.stats()["cache_entries"], 0)
+
+
+class _DagAccess:
+    """Auth chains computed from a small auth DAG, counting the events asked about."""
+
+    def __init__(self, parents: dict[str, tuple[str, ...]]) -> None:
+        self.parents = parents
+        self.asked: list[int] = []
+
+    def chain(self, event_ids: Any) -> set[str]:
+        seen: set[str] = set()
+        todo = [p for e in event_ids for p in self.parents[e]]
+        while todo:
+            event_id = todo.pop()
+            if event_id not in seen:
+                seen.add(event_id)
+                todo.extend(self.parents[event_id])
+        return seen
+
+    async def auth_chain_ids(self, room_id: str, event_ids: Any) -> set[str]:
+        self.asked.append(len(event_ids))
+        return self.chain(event_ids)
+
+
+class AuthChainByDifferenceTests(unittest.TestCase):
+    PARENTS: dict[str, tuple[str, ...]] = {
+        "$create": (),
+        "$pl": ("$create",),
+        "$pl2": ("$create", "$pl"),
+        "$jr": ("$create", "$pl"),
+        "$a": ("$create", "$pl", "$jr"),
+        "$b": ("$create", "$pl", "$jr"),
+        "$b_leave": ("$create", "$pl", "$b"),  # cites the membership it replaces
+        "$c_stray": ("$create", "$pl"),  # replaces $a without citing it
+    }
+    BASE = ("$create", "$pl", "$jr", "$a")
+
+    def by_difference(self, state: tuple[str, ...], base: Any = BASE) -> Any:
+        from synapse_partial_state.resident.state import auth_chain_by_difference
+
+        access = _DagAccess(self.PARENTS)
+        result = _run(
+            auth_chain_by_difference(
+                access,  # type: ignore[arg-type]
+                "!r:x",
+                base,
+                access.chain(base),
+                state,
+            )
+        )
+        return result, access
+
+    def test_equals_the_full_chain_when_applicable(self) -> None:
+        for state in (
+            self.BASE,  # same state: no query at all
+            self.BASE + ("$b",),  # a new member
+            ("$create", "$pl2", "$jr", "$a"),  # power levels replaced, citing the old
+            self.BASE + ("$b_leave",),  # $b came, then left
+        ):
+            base = self.BASE + ("$b",) if "$b_leave" in state else self.BASE
+            got, access = self.by_difference(state, base)
+            self.assertEqual(got, access.chain(state), state)
+            self.assertLessEqual(sum(access.asked), 1, "only the added events")
+
+    def test_declines_when_a_removed_event_is_not_cited(self) -> None:
+        got, _ = self.by_difference(("$create", "$pl", "$jr", "$c_stray"))
+        self.assertIsNone(got)
+
+    def test_declines_when_too_much_changed(self) -> None:
+        from synapse_partial_state.resident import state as state_module
+
+        with mock.patch.object(state_module, "INCREMENTAL_AUTH_MAX_CHANGES", 1):
+            got, _ = self.by_difference(self.BASE + ("$b", "$b_leave"))
+        self.assertIsNone(got)
+
+
+def _run(coroutine: Any) -> Any:
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return done.value
+    raise AssertionError("suspended")
+
+
+class PacedLoadingTests(_StateServerUnit):
+    def test_pause_between_steps_only(self) -> None:
+        from synapse_partial_state.resident import state as state_module
+
+        server, access = self.make(10_000_000)
+        pauses: list[float] = []
+
+        async def pause(took: float) -> None:
+            pauses.append(took)
+
+        async def run() -> Any:
+            _, entry, _ = await server._entry("!r:x", "$x")
+            return await server._full_events(entry, pause)
+
+        with mock.patch.object(state_module, "LOAD_STEP", 3):
+            answer = self.successResultOf(defer.ensureDeferred(run()))
+        # 10 state events in steps of 3 (3 pauses), then 1 auth event (none).
+        self.assertEqual(len(pauses), 3)
+        self.assertEqual([len(batch) for batch in access.loads], [3, 3, 3, 1, 1])
+        self.assertEqual(answer.loaded, 11)
