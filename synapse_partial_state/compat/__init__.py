@@ -1,8 +1,11 @@
 """The compat layer: every private Synapse access and every patch, a file per seam.
 
 The rest of the package imports only public Synapse names (``synapse.module_api``,
-``synapse.api.*`` constants, ``synapse.types``) and the typed helpers here. A
-deliberate exception says why in one line where it stands.
+``synapse.api.constants``, ``synapse.types``), Synapse's classes for type hints
+only (under ``TYPE_CHECKING``), and the typed helpers here; SQL outside this layer
+touches only the module's own tables (``joining/store.py``). A deliberate exception
+says why in one line where it stands (``joining/verify.py``: its worker processes
+import Synapse's event classes, so that the bytes checked are Synapse's).
 
 * :mod:`.patching`: the version gate, the patch registry, installing a wrapper
 * :mod:`.runtime`: waking waiters under Synapse's log-context rules, its async helpers
