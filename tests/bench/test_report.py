@@ -15,7 +15,8 @@ import unittest
 from typing import Any
 
 _SCRIPTS_DEV = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts-dev"
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    "scripts-dev",
 )
 if _SCRIPTS_DEV not in sys.path:
     sys.path.insert(0, _SCRIPTS_DEV)

@@ -12,7 +12,7 @@ import tempfile
 
 from twisted.trial import unittest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUN = os.path.join(ROOT, "scripts-dev", "bench", "run")
 
 
