@@ -103,6 +103,30 @@ class ResyncEngine:
         initial_destination: str | None,
         other_destinations: Collection[str],
     ) -> None:
+        job: Job | None = None
+        faults = 0
+        while True:
+            try:
+                if job is None:
+                    job = await self._begin(
+                        room_id, initial_destination, other_destinations
+                    )
+                await self._run_until_over(job)
+                return
+            except Exception as e:
+                # Not a remote server's failure (those fail over inside): a
+                # database outage that outlasted Synapse's retries, an error in
+                # Synapse's own code or ours. The job stays alive, backs off and
+                # goes round again; a leave, an admin's retry or abort still act.
+                faults += 1
+                job = await self._back_off_after_fault(room_id, job, faults, e)
+
+    async def _begin(
+        self,
+        room_id: str,
+        initial_destination: str | None,
+        other_destinations: Collection[str],
+    ) -> Job:
         job = await self._start_job(room_id, initial_destination, other_destinations)
         self._metrics.started()
         if job.events_applied > 0 and self._fetcher is not None:
@@ -112,6 +136,11 @@ class ResyncEngine:
             # The state at the join will carry members of every server in the
             # room: get their signing keys now, while the state itself downloads.
             self._keys.start(room_id, job.destinations)
+        return job
+
+    async def _run_until_over(self, job: Job) -> None:
+        """Run ``job`` until the room is complete, or aborted and purged."""
+        room_id = job.room_id
         while True:
             try:
                 await self._run(job)
@@ -121,6 +150,46 @@ class ResyncEngine:
                     return
             # A local user joined again while we were aborting: carry on.
             job = self._jobs[room_id]
+
+    async def _back_off_after_fault(
+        self, room_id: str, job: Job | None, faults: int, error: Exception
+    ) -> Job | None:
+        """Log ``error`` with its traceback, record it on the job (if the
+        database takes the write), and sleep the back-off of ``faults`` faults
+        in a row, ended early by :meth:`poke`. Returns the job to go on with
+        (None: it could not even be started; start it again)."""
+        delay = jobs.backoff_ms(
+            faults,
+            self._config.initial_backoff_seconds,
+            self._config.max_backoff_seconds,
+        )
+        logger.exception(
+            "Resync of %s: unexpected error (fault %d in a row); trying again in "
+            "%.1f s",
+            room_id,
+            faults,
+            delay / 1000,
+        )
+        self._metrics.failure(f"internal:{type(error).__name__}")
+        job = self._jobs.get(room_id, job)
+        if job is not None and not job.phase.final:
+            now = self._ops.now_ms()
+            job = job.evolve(
+                now,
+                phase=Phase.RETRYING,
+                next_attempt_ts=now + delay,
+                last_error=f"internal error: {type(error).__name__}: {error}"[:1000],
+            )
+            try:
+                job = await self._save(job)
+            except Exception:
+                logger.warning(
+                    "Resync of %s: could not record the error either", room_id
+                )
+        if not self._wakeups.poked(room_id):
+            await self._wakeups.sleep(room_id, delay)
+        self._wakeups.clear(room_id)
+        return job
 
     def poke(self, room_id: str) -> None:
         """Something changed for ``room_id`` (a local leave, a new server, an admin

@@ -172,6 +172,32 @@ class LeaveMidResync(ResyncCase):
 
 
 @on_both_databases
+class UnexpectedError(ResyncCase):
+    def test_a_database_fault_mid_resync_is_survived(self) -> None:
+        """An error that is no remote server's (here: the database refuses the
+        engine's writes) does not end the resync for the life of the process:
+        once the fault is gone, the same job completes without a restart."""
+        self.setup_room()
+        rule = self.join_while_state_fails()
+        since = self.hs2.log_offset()
+        self.hs2.sql("ALTER TABLE sps_resync_jobs RENAME TO sps_resync_jobs_away")
+        # The next round's write of the job row fails.
+        self.hs2.wait_for_log(
+            r'no such table: sps_resync_jobs|relation "sps_resync_jobs" does not',
+            timeout=30,
+            since=since,
+        )
+        self.peer.remove_behaviour(rule)
+        time.sleep(1)  # a round or two against the broken table
+        self.hs2.sql("ALTER TABLE sps_resync_jobs_away RENAME TO sps_resync_jobs")
+        self.wait_complete(since)
+        self.assert_resident_state()
+        job = self.job()
+        self.assertEqual(job["phase"], "done")
+        self.assertIn("internal error", job["last_error"] or "")
+
+
+@on_both_databases
 class EventsDuringResync(ResyncCase):
     def test_final_state_matches_the_resident(self) -> None:
         self.setup_room()

@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import threading
 import time
@@ -213,6 +214,30 @@ class Homeserver:
             else:
                 postgres.drop_postgres_database(self.database_name)
         self._database_created = False
+
+    def sql(
+        self, statement: str, params: tuple[Any, ...] = ()
+    ) -> list[tuple[Any, ...]]:
+        """Run one statement on this server's database from outside (placeholders
+        ``?``, as Synapse writes them; committed at once) and return its rows.
+
+        For tests that inspect or break what a running server sees."""
+        if self.db == "postgres":
+            assert self.database_name is not None, "not started yet"
+            conn = postgres.pg_connect(self.database_name)
+            conn.autocommit = True
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(statement.replace("?", "%s"), params)
+                    return list(cur.fetchall()) if cur.description else []
+            finally:
+                conn.close()
+        lite = sqlite3.connect(self.sqlite_path, timeout=30, isolation_level=None)
+        try:
+            cur = lite.execute(statement, params)
+            return list(cur.fetchall())
+        finally:
+            lite.close()
 
     # -- process ---------------------------------------------------------------
 
