@@ -35,7 +35,7 @@ from synapse.module_api import make_deferred_yieldable
 from synapse_partial_state.compat.runtime import concurrently_execute
 from synapse_partial_state.compat.state_fetch import uses_v1_event_ids
 from synapse_partial_state.joining import verify
-from synapse_partial_state.joining.inflight import InflightFetches
+from synapse_partial_state.joining.inflight import InflightFetches, StateIds
 from synapse_partial_state.joining.state_parser import StatePdusParser
 from synapse_partial_state.joining.writer import (
     ANALYZE_FIRST_AT,
@@ -168,7 +168,7 @@ class StateFetcher:
         room_id = event.room_id
         report = FetchReport()
         timer = _StageTimer(report)
-        required, wanted = await self._wanted(
+        required, wanted, answers = await self._wanted(
             destination, room_id, missing_prevs, report
         )
         timer.lap("state_ids")
@@ -178,6 +178,7 @@ class StateFetcher:
         if progress is not None:
             await progress(report)
         if not missing:
+            self._hand_over(room_id, answers)
             return report
 
         attempt = _Attempt(
@@ -204,7 +205,15 @@ class StateFetcher:
         absent = required - await ops.have_seen(room_id, required)
         if absent:
             raise StateIncomplete(destination, len(absent), len(required))
+        self._hand_over(room_id, answers)
         return report
+
+    def _hand_over(self, room_id: str, answers: dict[str, StateIds]) -> None:
+        """``/state_ids`` answers whose every event is now stored, for Synapse's
+        own requests for the same state (see :mod:`.inflight`). Only checked
+        answers: one that failed the completeness check is never reused."""
+        for prev, answer in answers.items():
+            self._inflight.remember(room_id, prev, answer)
 
     async def _wanted(
         self,
@@ -212,21 +221,22 @@ class StateFetcher:
         room_id: str,
         missing_prevs: list[str],
         report: FetchReport,
-    ) -> tuple[set[str], set[str]]:
+    ) -> tuple[set[str], set[str], dict[str, StateIds]]:
         """``/state_ids`` at each missing prev event: (the state and the prev
         events, which must all be stored in the end; those and the auth chain,
-        which should be)."""
+        which should be; the answers by prev event)."""
         wanted_state: set[str] = set()
         wanted_auth: set[str] = set()
+        answers: dict[str, StateIds] = {}
         for prev in missing_prevs:
             state_ids, auth_ids = await self._ops.state_ids(destination, room_id, prev)
-            self._inflight.remember(room_id, prev, (state_ids, auth_ids))
+            answers[prev] = (state_ids, auth_ids)
             wanted_state.update(state_ids)
             wanted_auth.update(auth_ids)
         _milestone(room_id, "state_ids", f"{len(wanted_state)} state events")
         report.state_events = len(wanted_state)
         required = wanted_state | set(missing_prevs)
-        return required, required | wanted_auth
+        return required, required | wanted_auth, answers
 
     async def _fetch_in_bulk(self, attempt: _Attempt, missing_prevs: list[str]) -> None:
         """``/state`` at each missing prev event: members only first, and in full
