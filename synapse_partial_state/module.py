@@ -19,7 +19,11 @@ from synapse_partial_state.compat.persistence import install_current_state_guard
 from synapse_partial_state.compat.resident_state import (
     install_event_invalidation_hook,
 )
-from synapse_partial_state.compat.resync import ResyncOps, install_resync_hook
+from synapse_partial_state.compat.resync import (
+    ResyncOps,
+    install_local_membership_observer,
+    install_resync_hook,
+)
 from synapse_partial_state.compat.state_fetch import (
     StateFetchOps,
     banned_signing_keys,
@@ -104,6 +108,7 @@ class PartialStateModule:
             fetcher,
         )
         install_resync_hook(engine.sync_room)
+        install_local_membership_observer(api, engine.on_local_membership)
         return engine
 
     def _log_role(self, is_main: bool) -> None:

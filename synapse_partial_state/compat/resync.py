@@ -9,7 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 from synapse.module_api import ModuleApi
 
-from synapse_partial_state.compat.patching import PatchRecord, homeserver, record_patch
+from synapse_partial_state.compat.patching import (
+    PatchRecord,
+    homeserver,
+    record_patch,
+    wrap_instance_method,
+)
 from synapse_partial_state.compat.persistence import has_partial_state_events
 
 if TYPE_CHECKING:
@@ -52,6 +57,53 @@ def install_resync_hook(entry: ResyncEntry) -> None:
             "replace",
             "durable, never-stuck resync engine (retries, failover, abort on leave)",
         )
+    )
+
+
+#: (room ID, local user ID, new membership) -> None; must not block.
+LocalMembershipObserver = Callable[[str, str, str], None]
+
+
+def install_local_membership_observer(
+    api: ModuleApi, observer: LocalMembershipObserver
+) -> None:
+    """Tell ``observer`` whenever a local user's membership event is persisted.
+
+    Wraps ``Notifier.notify_new_room_events`` on this homeserver's instance
+    (unchanged in 1.163.2): every process calls it for every event persisted
+    (the persister directly, the others through replication), with each
+    event's room, type, state key and membership already at hand, so this
+    costs a comparison per event. (The module API's ``on_new_event`` callback
+    would load each event and its room's whole current state.) The observer
+    runs after native; its errors are logged and swallowed."""
+    from synapse.api.constants import EventTypes
+
+    is_mine = api.is_mine
+
+    def wrap(native: Callable[..., Any]) -> Callable[..., Any]:
+        async def notify_new_room_events(
+            event_entries: list[tuple[Any, str]], max_room_stream_token: Any
+        ) -> None:
+            await native(event_entries, max_room_stream_token)
+            for entry, _event_id in event_entries:
+                user_id = entry.state_key
+                if entry.type != EventTypes.Member or not user_id:
+                    continue
+                try:
+                    if is_mine(user_id):
+                        observer(entry.room_id, user_id, entry.membership or "")
+                except Exception:
+                    logger.exception("Local membership observer failed")
+
+        return notify_new_room_events
+
+    wrap_instance_method(
+        homeserver(api).get_notifier(),
+        "notify_new_room_events",
+        wrap,
+        "synapse.notifier.Notifier.notify_new_room_events",
+        "see local users' leaves, kicks and bans at once (a resync in flight for "
+        "a room its last local user left stops)",
     )
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from synapse.logging.context import make_deferred_yieldable
+from synapse.logging.context import PreserveLoggingContext, make_deferred_yieldable
 from synapse.util.async_helpers import concurrently_execute, yieldable_gather_results
 from synapse.util.iterutils import sorted_topologically
 
 __all__ = [
+    "PreserveLoggingContext",
     "concurrently_execute",
     "make_deferred_yieldable",
     "sorted_topologically",
@@ -25,8 +26,6 @@ __all__ = [
 def wake_waiter(d: Any, value: object = None) -> None:
     """Fire a Deferred others wait on through ``make_deferred_yieldable`` without
     handing them this log context (Synapse's ``PreserveLoggingContext`` idiom)."""
-    from synapse.logging.context import PreserveLoggingContext
-
     if not d.called:
         with PreserveLoggingContext():
             d.callback(value)

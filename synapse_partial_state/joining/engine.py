@@ -16,8 +16,9 @@ the policy around it: which server, when to retry, when to stop, and the record.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from synapse.module_api import EventBase, ModuleApi
 from synapse.module_api.errors import SynapseError
@@ -39,7 +40,8 @@ from synapse_partial_state.joining.jobs import Job, Phase
 from synapse_partial_state.joining.keys import KeyPrefetch
 from synapse_partial_state.joining.metrics import ResyncMetrics
 from synapse_partial_state.joining.store import JobStore
-from synapse_partial_state.joining.wakeups import Wakeups
+from synapse_partial_state.joining.wakeups import Interrupted, Wakeups
+from synapse_partial_state.joining.writer import Abandoned
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +200,27 @@ class ResyncEngine:
 
     def request_abort(self, room_id: str) -> None:
         self._abort_requested.add(room_id)
-        self.poke(room_id)
+        self._wakeups.interrupt(room_id)
+
+    def on_local_membership(self, room_id: str, user_id: str, membership: str) -> None:
+        """A local user's membership of ``room_id`` changed (any process's
+        event, seen as Synapse notifies it). A leave, kick or ban while the room
+        resyncs may have been the last local member's: look at once, instead of
+        after the request in flight (which may hang at a resident for minutes)."""
+        if membership in ("join", "invite", "knock") or not self.is_running(room_id):
+            return
+        self._api.run_as_background_process(
+            "sps_local_leave", self._after_local_leave, room_id
+        )
+
+    async def _after_local_leave(self, room_id: str) -> None:
+        if await self._ops.local_users_in_room(room_id):
+            return
+        logger.info(
+            "Resync of %s: the last local user left; stopping the attempt in flight",
+            room_id,
+        )
+        self._wakeups.interrupt(room_id)
 
     def now_ms(self) -> int:
         return self._ops.now_ms()
@@ -343,9 +365,15 @@ class ResyncEngine:
                 continue
             started = self._ops.now_ms()
             try:
-                if fetching and self._fetcher is not None:
-                    job = await self._fetch_state(job, destination, event)
-                await self._ops.update_state_for_partial_state_event(destination, event)
+                job = await self._wakeups.interruptible(
+                    room_id,
+                    functools.partial(self._attempt, job, destination, event, fetching),
+                )
+            except Interrupted:
+                # A leave or an admin's abort while the attempt was in flight.
+                job = self._jobs.get(room_id, job)
+                await self._check_still_wanted(job)
+                continue
             except Exception as e:
                 # What the failed attempt stored still counts (the fetch saved
                 # its progress as it went).
@@ -367,6 +395,23 @@ class ResyncEngine:
                 events_applied=job.events_applied + 1,
                 events_remaining=remaining,
             )
+
+    async def _attempt(
+        self,
+        job: Job,
+        destination: str,
+        event: EventBase,
+        fetching: bool,
+        abandoned: Callable[[], bool],
+    ) -> Job:
+        """One try at de-partial-stating ``event`` through ``destination``
+        (stopping before any write once ``abandoned()``)."""
+        if fetching and self._fetcher is not None:
+            job = await self._fetch_state(job, destination, event, abandoned)
+        if abandoned():
+            raise Interrupted()
+        await self._ops.update_state_for_partial_state_event(destination, event)
+        return job
 
     async def _cleared_pull_backoff(
         self,
@@ -397,7 +442,13 @@ class ResyncEngine:
         )
         return True
 
-    async def _fetch_state(self, job: Job, destination: str, event: EventBase) -> Job:
+    async def _fetch_state(
+        self,
+        job: Job,
+        destination: str,
+        event: EventBase,
+        abandoned: Callable[[], bool],
+    ) -> Job:
         """The engine's own bulk fetch of the state before ``event`` (see
         ``fetch.py``), so that Synapse's per-event path finds it all stored."""
         assert self._fetcher is not None
@@ -409,6 +460,8 @@ class ResyncEngine:
         counters = {"job": job}
 
         async def progress(report: FetchReport) -> None:
+            if abandoned():
+                raise Abandoned(room_id)  # the job row is no longer this attempt's
             counters["job"] = await self._save(
                 counters["job"].evolve(
                     self._ops.now_ms(),
@@ -426,6 +479,7 @@ class ResyncEngine:
                 [d for d in job.destinations if d != destination],
                 progress,
                 keys_ready,
+                abandoned,
             )
         except StateIncomplete:
             raise

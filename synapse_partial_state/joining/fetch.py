@@ -99,6 +99,7 @@ class StateFetcher:
         other_servers: Sequence[str],
         progress: Progress | None = None,
         keys_ready: KeysReady | None = None,
+        abandoned: Callable[[], bool] = lambda: False,
     ) -> FetchReport | None:
         """Store, as outliers, the full state before ``event`` (at each of its prev
         events that is not stored), from ``destination``. None when every prev
@@ -124,6 +125,7 @@ class StateFetcher:
                     other_servers,
                     progress,
                     keys_ready,
+                    abandoned,
                 )
             finally:
                 self._inflight.end(room_id, missing_prevs)
@@ -163,6 +165,7 @@ class StateFetcher:
         other_servers: Sequence[str],
         progress: Progress | None,
         keys_ready: KeysReady | None,
+        abandoned: Callable[[], bool],
     ) -> FetchReport:
         ops = self._ops
         room_id = event.room_id
@@ -185,7 +188,7 @@ class StateFetcher:
             destination=destination,
             room_id=room_id,
             room_version=await ops.room_version(room_id),
-            writer=OutlierWriter(ops, room_id, missing, report, progress),
+            writer=OutlierWriter(ops, room_id, missing, report, progress, abandoned),
             report=report,
             timer=timer,
             keys_ready=keys_ready,

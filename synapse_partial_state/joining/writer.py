@@ -59,6 +59,10 @@ class FetchReport:
         )
 
 
+class Abandoned(Exception):
+    """The attempt was given up (the room is being left): nothing more is stored."""
+
+
 #: Called with the report as it grows: once the events to store are known, then
 #: after each batch stored.
 Progress = Callable[[FetchReport], Awaitable[None]]
@@ -75,6 +79,7 @@ class OutlierWriter:
         missing: set[str],
         report: FetchReport,
         progress: Progress | None,
+        abandoned: Callable[[], bool] = lambda: False,
     ) -> None:
         self._ops = ops
         self._room_id = room_id
@@ -85,6 +90,8 @@ class OutlierWriter:
         self._held: dict[str, EventBase] = {}
         self._report = report
         self._progress = progress
+        #: true once the attempt this fetch is part of was given up
+        self._abandoned = abandoned
         #: refresh the planner's statistics once this many events are stored
         self._next_analyze = ANALYZE_FIRST_AT
 
@@ -138,6 +145,8 @@ class OutlierWriter:
 
     async def _store(self, events: list[EventBase]) -> None:
         for start in range(0, len(events), PERSIST_BATCH):
+            if self._abandoned():
+                raise Abandoned(self._room_id)
             batch = events[start : start + PERSIST_BATCH]
             await self._ops.persist_outliers(self._room_id, batch)
             for event in batch:

@@ -172,6 +172,40 @@ class LeaveMidResync(ResyncCase):
 
 
 @on_both_databases
+class LeaveWhileTheResidentHangs(ResyncCase):
+    def test_leave_stops_the_hung_request_and_a_rejoin_starts_afresh(self) -> None:
+        """The resident holds the state request open; the last local user
+        leaves: the resync stops at once (not after the request's timeout, a
+        minute or more), and a rejoin through another server starts a fresh
+        resync that completes while the resident still hangs."""
+        self.setup_room()
+        self.peer.add_behaviour(STATE_PATHS, "hang", server=self.resident)
+        since = self.hs2.log_offset()
+        self.bob.join(self.room_id, via=[self.resident])
+        self.wait_for_state_request(self.resident)
+        left = time.monotonic()
+        self.bob.leave(self.room_id)
+        job = self.wait_phase("aborted", timeout=30)
+        self.assertLess(time.monotonic() - left, 20)
+        self.assertIn("no local user", job["last_error"])
+        self.hs2.wait_for_log(r"Aborting resync of", timeout=10, since=since)
+
+        other = next(s for s in self.room["servers"] if s != self.resident)
+        since = self.hs2.log_offset()
+        self.bob.join(self.room_id, via=[other])
+        self.wait_complete(since, timeout=60)
+        self.assert_resident_state()
+        self.assertEqual(self.job()["joined_via"], other)
+
+    def wait_for_state_request(self, server: str) -> None:
+        wait_until(
+            lambda: self.peer.requests(server=server, path_regex=STATE_PATHS),
+            30,
+            f"a state request to {server}",
+        )
+
+
+@on_both_databases
 class UnexpectedError(ResyncCase):
     def test_a_database_fault_mid_resync_is_survived(self) -> None:
         """An error that is no remote server's (here: the database refuses the
