@@ -160,13 +160,21 @@ class SendJoinEnricher:
         power, pending, joined = await essential_memberships(
             self._api, room_id, cfg.members_per_server > 0
         )
-        return order_candidates(
+        extras = order_candidates(
             (),
             power_users,
             power if cfg.bans_and_kicks else (),
             pending if cfg.invites_and_knocks else (),
             pick_per_server(joined, cfg.members_per_server),
         )
+        # Says each time a join made us read the room's memberships, and for whom.
+        logger.debug(
+            "send_join essentials for %s in %s: %d candidates",
+            joiner,
+            room_id,
+            len(extras),
+        )
+        return extras
 
     async def response_fields(self, room_id: str, joiner: str) -> Mapping[str, Any]:
         """The ``org.matrix.msc2775.summary`` block, when enabled."""
