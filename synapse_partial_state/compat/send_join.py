@@ -1,6 +1,7 @@
-"""The ``/send_join`` seam (resident side): the one wrapper of
-``FederationServer.on_send_join_request``, the partial-state selector, and the
-room facts the essentials are chosen from (summary, power levels, memberships)."""
+"""The ``/send_join`` seam (resident side): the wrappers of
+``FederationServer.on_send_join_request`` and of its validation
+(``_on_send_membership_event``), the partial-state selector, and the room facts
+the essentials are chosen from (summary, power levels, memberships)."""
 
 from __future__ import annotations
 
@@ -28,17 +29,32 @@ from synapse_partial_state.compat.servlets import (
 
 if TYPE_CHECKING:
     from synapse.events import EventBase
+    from synapse.events.snapshot import EventContext
     from synapse.federation.federation_server import FederationServer
     from synapse.storage.roommember import MemberSummary
     from synapse.types import StateMap
 
 logger = logging.getLogger(__name__)
 
-#: Extra membership state keys (user IDs), in priority order, chosen for the
-#: ``/send_join`` being answered in this task. Set by the ``on_send_join_request``
-#: wrapper before native code runs, read by the state selector it calls.
-_SEND_JOIN_EXTRAS: contextvars.ContextVar[tuple[str, ...] | None] = (
-    contextvars.ContextVar("sps_send_join_extras", default=None)
+
+@attr.s(auto_attribs=True, slots=True)
+class _PartialJoin:
+    """The partial ``/send_join`` being answered in this task.
+
+    ``extras``: the extra membership state keys (user IDs), in priority order,
+    chosen once Synapse has accepted the join; None until then (and for good when
+    it refused it, or the essentials could not be read)."""
+
+    room_id: str
+    extras: tuple[str, ...] | None = None
+
+
+#: Set by the ``on_send_join_request`` wrapper around the native call for a
+#: partial answer; filled by the ``_on_send_membership_event`` wrapper, read by
+#: the state selector, both called from that native call. A mutable holder, so
+#: that what the one fills the other sees, even through a copied context.
+_PARTIAL_JOIN: contextvars.ContextVar[_PartialJoin | None] = contextvars.ContextVar(
+    "sps_partial_join", default=None
 )
 
 #: (room_id, joining user id) -> member user IDs to add to the partial state.
@@ -56,7 +72,7 @@ PartialJoinObserver = Callable[[str, list[str]], None]
 
 @attr.s(auto_attribs=True, slots=True)
 class _SendJoinHooks:
-    """What the one ``on_send_join_request`` wrapper calls (None: not installed)."""
+    """What the ``/send_join`` wrappers call (None: not installed)."""
 
     extras_provider: ExtrasProvider | None = None
     decorate_response: ResponseDecorator | None = None
@@ -68,6 +84,9 @@ _SEND_JOIN_HOOKS = _SendJoinHooks()
 _ON_SEND_JOIN_TARGET = (
     "synapse.federation.federation_server.FederationServer.on_send_join_request"
 )
+_ON_SEND_MEMBERSHIP_TARGET = (
+    "synapse.federation.federation_server.FederationServer._on_send_membership_event"
+)
 
 
 def _wrap_on_send_join_request() -> None:
@@ -78,14 +97,17 @@ def _wrap_on_send_join_request() -> None:
     servlets look it up on the instance at call time. For a partial answer the
     wrapper:
 
-    1. asks ``extras_provider`` which member events to add (async, from the
-       database) and keeps them in a context variable for the state selector;
+    1. when essentials are wanted, marks the task as answering a partial join
+       (:data:`_PARTIAL_JOIN`), so that the ``_on_send_membership_event``
+       wrapper chooses them once Synapse has accepted the join (see
+       :func:`_wrap_on_send_membership_event`): nothing is read for a join
+       Synapse refuses;
     2. calls the native method;
-    3. when the answer has ``members_omitted``: adds ``decorate_response``'s
-       fields, and once the answer has been sent (see
-       :func:`install_partial_join_observer`) tells ``observer(room_id,
-       join["prev_events"])`` (which must not block; its errors are logged and
-       swallowed).
+    3. when the answer has ``members_omitted`` (so Synapse accepted and stored
+       the join): adds ``decorate_response``'s fields, and once the answer has
+       been sent (see :func:`install_partial_join_observer`) tells
+       ``observer(room_id, join["prev_events"])`` (which must not block; its
+       errors are logged and swallowed).
 
     Full answers go through the native method untouched.
     """
@@ -114,7 +136,8 @@ def _wrap_on_send_join_request() -> None:
     duties = []
     if _SEND_JOIN_HOOKS.extras_provider is not None:
         duties.append(
-            "choose MSC2775 essentials before, add the summary after the native answer"
+            "mark partial joins for the MSC2775 essentials; add the MSC2775 summary "
+            "to accepted partial answers"
         )
     if _SEND_JOIN_HOOKS.observer is not None:
         duties.append(
@@ -132,24 +155,92 @@ async def _native_with_extras(
     room_id: str,
     caller_supports_partial_state: bool,
 ) -> dict[str, Any]:
-    """The native answer; for a partial one, with the extras the provider chose
-    in :data:`_SEND_JOIN_EXTRAS` while native code runs."""
-    joiner = content.get("state_key")
-    extras_provider = _SEND_JOIN_HOOKS.extras_provider
-    if (
-        not caller_supports_partial_state
-        or extras_provider is None
-        # Malformed join: native code produces its usual error.
-        or not isinstance(joiner, str)
-    ):
+    """The native answer; for a partial one, with :data:`_PARTIAL_JOIN` set while
+    native code runs (nothing is read here: the join is not validated yet)."""
+    if not caller_supports_partial_state or _SEND_JOIN_HOOKS.extras_provider is None:
         return await native(
             server, origin, content, room_id, caller_supports_partial_state
         )
-    token = _SEND_JOIN_EXTRAS.set(await extras_provider(room_id, joiner))
+    token = _PARTIAL_JOIN.set(_PartialJoin(room_id))
     try:
         return await native(server, origin, content, room_id, True)
     finally:
-        _SEND_JOIN_EXTRAS.reset(token)
+        _PARTIAL_JOIN.reset(token)
+
+
+def _wrap_on_send_membership_event() -> None:
+    """Wrap ``FederationServer._on_send_membership_event`` once, and record it.
+
+    ``_on_send_membership_event`` (a class method of 120 lines in 1.163.2, which
+    native ``on_send_join_request`` looks up on the instance) is where Synapse
+    checks a ``/send_join``, ``/send_leave`` or ``/send_knock``: the room, the
+    event's format and membership, the server ACL, the signatures and hashes, the
+    auth rules; it returns only once the event has been accepted and stored.
+    Native ``on_send_join_request`` then computes the partial state with the
+    synchronous selector, so the essentials must be ready before it returns to
+    native code: the wrapper chooses them right after the native method returns,
+    for a partial join (:data:`_PARTIAL_JOIN` set) only. A refused join raises
+    Synapse's own error before anything of ours runs; leaves, knocks and full
+    joins pass through untouched.
+    """
+    from synapse.federation import federation_server as fs
+
+    native = fs.FederationServer._on_send_membership_event
+    if not getattr(native, "_sps_wrapped", False):
+
+        async def _on_send_membership_event(
+            self: FederationServer,
+            origin: str,
+            content: dict[str, Any],
+            membership_type: str,
+            room_id: str,
+        ) -> tuple[EventBase, EventContext]:
+            event, context = await native(
+                self, origin, content, membership_type, room_id
+            )
+            pending = _PARTIAL_JOIN.get()
+            if (
+                pending is not None
+                and pending.extras is None
+                and membership_type == Membership.JOIN
+                and pending.room_id == room_id
+            ):
+                pending.extras = await _essentials_for(room_id, event)
+            return event, context
+
+        _on_send_membership_event._sps_wrapped = True  # type: ignore[attr-defined]
+        fs.FederationServer._on_send_membership_event = _on_send_membership_event  # type: ignore[method-assign]
+    record_patch(
+        PatchRecord(
+            _ON_SEND_MEMBERSHIP_TARGET,
+            "wrap",
+            "choose a partial join's MSC2775 essentials once Synapse has validated "
+            "and stored it (a refused join reads nothing)",
+        )
+    )
+
+
+async def _essentials_for(room_id: str, join: EventBase) -> tuple[str, ...]:
+    """``extras_provider``'s choice for ``join``, accepted into ``room_id``; none
+    when there is no selector to feed or choosing them failed: the join is stored
+    by then, so a failure here must not fail the answer (the joiner gets
+    Synapse's own partial state instead)."""
+    from synapse.events.py_protocol import supports_msc4242_state_dag
+
+    provider = _SEND_JOIN_HOOKS.extras_provider
+    # Native answers MSC4242 (state DAG) joins with full state: no selector.
+    if provider is None or supports_msc4242_state_dag(join):
+        return ()
+    try:
+        return await provider(room_id, join.state_key)
+    except Exception:
+        logger.exception(
+            "Could not choose the send_join essentials of %s in %s; answering "
+            "with Synapse's partial state",
+            join.state_key,
+            room_id,
+        )
+        return ()
 
 
 async def _after_partial_answer(
@@ -182,13 +273,17 @@ def install_send_join_hooks(
 ) -> None:
     """Enrich partial ``/send_join`` answers (MSC3706 + MSC2775 essentials).
 
-    Two patches, working together:
+    Three patches, working together:
 
     * the ``FederationServer.on_send_join_request`` wrapper (see
       :func:`_wrap_on_send_join_request`, shared with
-      :func:`install_partial_join_observer`) asks ``extras_provider`` which member
-      events to add before the native method runs, and adds ``decorate_response``'s
-      fields to partial answers;
+      :func:`install_partial_join_observer`) marks partial joins, and adds
+      ``decorate_response``'s fields to partial answers (which Synapse only gives
+      for joins it accepted);
+    * the ``FederationServer._on_send_membership_event`` wrapper (see
+      :func:`_wrap_on_send_membership_event`) asks ``extras_provider`` which
+      member events to add once Synapse has validated and stored the join, never
+      for a join it refuses;
     * the module-level ``_get_event_ids_for_partial_state_join`` (46 lines,
       unchanged since 1.100), which native looks up by global name at call time, is
       replaced by ``selector``. It sees the exact state before the join, so only
@@ -204,12 +299,14 @@ def install_send_join_hooks(
         prev_state_ids: StateMap[str],
         summary: Mapping[str, MemberSummary],
     ) -> Collection[str]:
-        extras = _SEND_JOIN_EXTRAS.get()
+        pending = _PARTIAL_JOIN.get()
+        extras = pending.extras if pending is not None else None
         return selector(join_event, prev_state_ids, summary, extras or ())
 
     _SEND_JOIN_HOOKS.extras_provider = extras_provider
     _SEND_JOIN_HOOKS.decorate_response = decorate_response
     _wrap_on_send_join_request()
+    _wrap_on_send_membership_event()
     fs._get_event_ids_for_partial_state_join = select
     record_patch(
         PatchRecord(

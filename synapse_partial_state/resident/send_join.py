@@ -10,8 +10,9 @@ priority order and under a total cap:
 4. pending invites and knocks (so nobody is invited twice);
 5. ``members_per_server`` joined members of every server, longest-standing first.
 
-Candidates come from the room's current state (the heroes from the room summary
-native code computes for its own choice, once the join is persisted); the selector
+Candidates come from the room's current state, read once Synapse has accepted and
+stored the join, never for a join it refuses (the heroes from the room summary
+native code computes for its own choice, also after the join); the selector
 then keeps only the member events that are in the state *before the join*, so the
 answer is always a true subset of that state. An ``org.matrix.msc2775.summary``
 block gives the joiner the heroes and member counts at once.
@@ -146,8 +147,10 @@ class SendJoinEnricher:
     async def extras_for(self, room_id: str, joiner: str) -> tuple[str, ...]:
         """Essential member user IDs for a partial join of ``joiner``, in order,
         except the heroes: :meth:`select` puts them first, from the summary native
-        code computes anyway (asking for it here, before the join is persisted,
-        would compute it twice: the join invalidates it)."""
+        code hands it. Called only once Synapse has accepted and stored the join
+        (a refused ``/send_join`` reads nothing): ``joiner`` may be among the
+        joined members then, which changes nothing, as :meth:`select` counts the
+        joiner's own membership apart."""
         cfg = self._config
         if not cfg.enabled or cfg.max_extra_members == 0:
             return ()
@@ -160,13 +163,21 @@ class SendJoinEnricher:
         power, pending, joined = await essential_memberships(
             self._api, room_id, cfg.members_per_server > 0
         )
-        return order_candidates(
+        extras = order_candidates(
             (),
             power_users,
             power if cfg.bans_and_kicks else (),
             pending if cfg.invites_and_knocks else (),
             pick_per_server(joined, cfg.members_per_server),
         )
+        # Says each time a join made us read the room's memberships, and for whom.
+        logger.debug(
+            "send_join essentials for %s in %s: %d candidates",
+            joiner,
+            room_id,
+            len(extras),
+        )
+        return extras
 
     async def response_fields(self, room_id: str, joiner: str) -> Mapping[str, Any]:
         """The ``org.matrix.msc2775.summary`` block, when enabled."""

@@ -6,6 +6,7 @@ as it went over the wire. Each test runs on SQLite and on PostgreSQL.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import quote
 
@@ -14,10 +15,14 @@ from synapse.events import make_event_from_dict
 
 from tests.fedkit.homeserver import Homeserver
 from tests.fedkit.matrix_client import Client
+from tests.fedkit.process import read_from
 from tests.fedkit.testcase import FederationTestCase, on_both_databases
 
 SUMMARY = "org.matrix.msc2775.summary"
 MEMBER = "m.room.member"
+ACL = "m.room.server_acl"
+#: The module's log line each time a join makes it read the room's memberships.
+ESSENTIALS_LINE = re.compile(r"send_join essentials for (\S+) in (\S+): \d+ candidates")
 
 
 def event_ids(pdus: list[dict[str, Any]], room_version: str) -> list[str]:
@@ -422,3 +427,100 @@ class JoinFailingAuth(FederationTestCase):
         self.assertEqual(
             alice.state_event(public, MEMBER, mallory)["membership"], "ban"
         )
+
+
+@on_both_databases
+class RefusedJoinsReadNothing(FederationTestCase):
+    """Partial joins Synapse refuses: from a server the room's ACL denies, with a
+    signature that does not verify, with a membership that is not a join. Each
+    gets stock's error, and the resident never reads the room's memberships for
+    it (the module logs a line each time it does): a junk ``/send_join`` from
+    anyone must not cost a query over every ban, leave, invite and knock."""
+
+    def test_refused_as_stock_without_reading_the_memberships(self) -> None:
+        peer = self.make_fake_peer()
+        (hs1,) = self.make_homeservers(["hs1"])
+        alice = self.register(hs1, "alice")
+        room_id = alice.create_room(preset="public_chat")
+        self.register(hs1, "bob").join(room_id)
+        self.register(hs1, "carol")
+        alice.invite(room_id, "@carol:" + hs1.server_name)
+        (server,) = peer.create_servers(1)
+        # make_join refuses a denied server: ask for the template before the ACL.
+        vers = "&".join(f"ver={v}" for v in KNOWN_ROOM_VERSIONS)
+        make_join = peer.federation_request(
+            server,
+            hs1.server_name,
+            "GET",
+            f"/_matrix/federation/v1/make_join/{quote(room_id, safe='')}/"
+            f"{quote(f'@denied:{server}', safe='')}?{vers}",
+        )
+        self.assertEqual(make_join["status"], 200, make_join)
+        # Every fake server is on 127.0.0.1.
+        deny = {"allow": ["*"], "deny": ["127.0.0.1"], "allow_ip_literals": True}
+
+        def refused() -> dict[str, dict[str, Any]]:
+            """Each refused partial join's ``send_join`` result, by case."""
+            alice.send_state(room_id, ACL, "", deny)
+            answers = {
+                "denied by the ACL": peer.join(
+                    room_id, hs1.server_name, server, template=make_join["body"]
+                ),
+            }
+            alice.send_state(room_id, ACL, "", {"allow": ["*"]})
+            answers["bad signature"] = peer.join(
+                room_id, hs1.server_name, server, "forger", bad_signature=True
+            )
+            answers["not a join"] = peer.join(
+                room_id,
+                hs1.server_name,
+                server,
+                "leaver",
+                event_overrides={"content": {"membership": "leave"}},
+            )
+            for name, result in answers.items():
+                status, _ = alice.get(
+                    f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/state/"
+                    f"{MEMBER}/{quote(result['user_id'], safe='')}"
+                )
+                self.assertEqual(status, 404, f"{name}: the event was stored")
+            return {name: result["send_join"] for name, result in answers.items()}
+
+        since = hs1.log_offset()
+        module = refused()
+        # A join Synapse accepts does read them, once: the line is logged.
+        accepted = peer.join(room_id, hs1.server_name, server)
+        self.assertEqual(accepted["send_join"]["status"], 200, accepted)
+        self.assertIs(accepted["send_join"]["body"]["members_omitted"], True)
+        joiner = accepted["user_id"]
+        hs1.wait_for_log(
+            rf"send_join essentials for {re.escape(joiner)} in {re.escape(room_id)}: ",
+            since=since,
+        )
+        read_for = [
+            m.group(1) for m in ESSENTIALS_LINE.finditer(read_from(hs1.log_path, since))
+        ]
+        self.assertEqual(read_for, [joiner])
+
+        hs1.with_module = False
+        hs1.write_config()
+        hs1.restart()
+        stock = refused()
+        expected = {
+            "denied by the ACL": (403, "M_FORBIDDEN"),
+            "bad signature": (403, "M_FORBIDDEN"),
+            "not a join": (400, "M_BAD_JSON"),
+        }
+        for name, (status, errcode) in expected.items():
+            got, want = module[name], stock[name]
+            self.assertEqual(
+                (got["status"], got["body"]["errcode"]), (status, errcode), (name, got)
+            )
+            self.assertEqual(
+                (got["status"], got["body"]["errcode"]),
+                (want["status"], want["body"]["errcode"]),
+                name,
+            )
+        # The bad signature's message names the event (a new one each time).
+        for name in ("denied by the ACL", "not a join"):
+            self.assertEqual(module[name]["body"], stock[name]["body"], name)

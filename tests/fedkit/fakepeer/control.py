@@ -34,9 +34,11 @@ Rooms hosted by fake servers
 Acting as a joining server / making requests
   ``POST /control/join`` {room_id, remote, server?, user_localpart="joiner",
   omit_members=true|false|null|"raw", send_join_version=2, include_body=true,
-  event_overrides={} (top-level fields set on the make_join template before signing)}
-  -> {server, user_id, event_id, join_event, make_join: {status, body, seconds},
-  send_join: {status, body?, bytes, seconds, uri, summary} | null}
+  event_overrides={} (top-level fields set on the make_join template before signing),
+  template=null (a make_join answer to sign instead of asking make_join),
+  bad_signature=false (corrupt the join's signatures once signed)}
+  -> {server, user_id, event_id, join_event, make_join: {status, body, seconds} | null
+  (null: template given), send_join: {status, body?, bytes, seconds, uri, summary} | null}
   ``POST /control/federation_request`` {server, destination, method, path (encoded,
   with query), content?, timeout?} -> {status, body, bytes, seconds}
 

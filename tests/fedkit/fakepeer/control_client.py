@@ -299,13 +299,19 @@ class FakePeer:
         send_join_version: int = 2,
         include_body: bool = True,
         event_overrides: dict[str, Any] | None = None,
+        template: dict[str, Any] | None = None,
+        bad_signature: bool = False,
     ) -> dict[str, Any]:
         """``POST /control/join``: make_join + send_join against ``remote``.
 
         ``omit_members``: True/False, None (parameter left out) or a raw string
         sent verbatim. ``event_overrides``: top-level fields set on the make_join
         template before it is signed (e.g. another ``sender`` and ``state_key``,
-        to send a join ``make_join`` would have refused).
+        to send a join ``make_join`` would have refused). ``template``: a
+        ``make_join`` answer obtained earlier, signed instead of asking for one
+        (the result's ``make_join`` is then None), e.g. to send a join after the
+        room's server ACL has come to deny ``server``. ``bad_signature``: corrupt
+        the join's signatures once it is signed.
         """
         body: dict[str, Any] = {
             "room_id": room_id,
@@ -317,6 +323,10 @@ class FakePeer:
         }
         if event_overrides:
             body["event_overrides"] = event_overrides
+        if template is not None:
+            body["template"] = template
+        if bad_signature:
+            body["bad_signature"] = True
         if server is not None:
             body["server"] = server
         return self._call("POST", "/control/join", body)

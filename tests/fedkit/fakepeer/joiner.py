@@ -10,7 +10,7 @@ from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
 from .errors import ControlError
 from .httpclient import q
 from .rooms import MEMBER
-from .signing import finalize_event
+from .signing import corrupt_signatures, finalize_event
 
 if TYPE_CHECKING:
     from .peer import Peer
@@ -26,24 +26,35 @@ async def join_remote(peer: Peer, body: dict[str, Any]) -> dict[str, Any]:
     key = srv.key
     assert key is not None
     user_id = f"@{body.get('user_localpart') or 'joiner'}:{srv.name}"
-    vers = "&".join(f"ver={q(v)}" for v in KNOWN_ROOM_VERSIONS)
-    mj = await peer.client.request(
-        key,
-        remote,
-        "GET",
-        f"/_matrix/federation/v1/make_join/{q(room_id)}/{q(user_id)}?{vers}",
-    )
-    mj_body = mj.json()
     result: dict[str, Any] = {
         "server": srv.name,
         "user_id": user_id,
-        "make_join": {"status": mj.status, "body": mj_body, "seconds": mj.seconds},
+        "make_join": None,
         "send_join": None,
         "join_event": None,
         "event_id": None,
     }
-    if mj.status != 200 or not isinstance(mj_body, dict):
-        return result
+    # Test hook: sign a make_join answer obtained earlier (e.g. before the room's
+    # server ACL denied this server, which make_join would now refuse).
+    mj_body = body.get("template")
+    if mj_body is None:
+        vers = "&".join(f"ver={q(v)}" for v in KNOWN_ROOM_VERSIONS)
+        mj = await peer.client.request(
+            key,
+            remote,
+            "GET",
+            f"/_matrix/federation/v1/make_join/{q(room_id)}/{q(user_id)}?{vers}",
+        )
+        mj_body = mj.json()
+        result["make_join"] = {
+            "status": mj.status,
+            "body": mj_body,
+            "seconds": mj.seconds,
+        }
+        if mj.status != 200 or not isinstance(mj_body, dict):
+            return result
+    elif not isinstance(mj_body, dict) or not isinstance(mj_body.get("event"), dict):
+        raise ControlError(400, "template must be a make_join answer")
     rv = KNOWN_ROOM_VERSIONS.get(str(mj_body.get("room_version", "1")))
     if rv is None:
         raise ControlError(502, f"unknown room version {mj_body.get('room_version')!r}")
@@ -60,6 +71,9 @@ async def join_remote(peer: Peer, body: dict[str, Any]) -> dict[str, Any]:
         result["user_id"] = event["state_key"]
     event["origin_server_ts"] = int(time.time() * 1000)
     event_id = finalize_event(rv, event, srv.name, key.signing_key)
+    if body.get("bad_signature"):
+        # Test hook: a join whose signature does not verify.
+        corrupt_signatures(event)
     result["join_event"] = event
     result["event_id"] = event_id
     version = int(body.get("send_join_version", 2))

@@ -1,16 +1,19 @@
-"""The one ``on_send_join_request`` wrapper (in-process; the native method is faked).
+"""The ``/send_join`` wrappers (in-process; the native methods are faked).
 
-The essentials (before the native answer), the summary and the partial-join
-observer (after it) all hang off a single wrapper, with one patch record that says
-what it does.
+The summary and the partial-join observer hang off a single
+``on_send_join_request`` wrapper; the essentials are chosen by the
+``_on_send_membership_event`` wrapper once Synapse has validated and accepted the
+join, never before. One patch record per target says what it does.
 """
 
 from __future__ import annotations
 
 import unittest
 from collections.abc import Coroutine
+from types import SimpleNamespace
 from typing import Any
 
+from synapse.api.errors import Codes, SynapseError
 from synapse.federation import federation_server as fs
 from synapse.federation.transport import server as transport_server
 from twisted.internet import defer
@@ -18,6 +21,20 @@ from twisted.internet import defer
 from synapse_partial_state.compat import patching, send_join, servlets
 
 TARGET = "synapse.federation.federation_server.FederationServer.on_send_join_request"
+VALIDATE = (
+    "synapse.federation.federation_server.FederationServer._on_send_membership_event"
+)
+#: The origin the faked validation refuses, as Synapse does a server the room's
+#: ACL denies.
+DENIED = "denied"
+
+
+class FakeEvent:
+    """What the faked validation returns for a valid join."""
+
+    def __init__(self, state_key: str, state_dag: bool = False) -> None:
+        self.state_key = state_key
+        self.room_version = SimpleNamespace(msc4242_state_dags=state_dag)
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -36,6 +53,7 @@ class SendJoinWrapperTests(unittest.TestCase):
         hooks = send_join._SEND_JOIN_HOOKS
         saved = (
             fs.FederationServer.on_send_join_request,
+            fs.FederationServer._on_send_membership_event,
             fs._get_event_ids_for_partial_state_join,
             list(patching.INSTALLED_PATCHES),
             (hooks.extras_provider, hooks.decorate_response, hooks.observer),
@@ -43,36 +61,60 @@ class SendJoinWrapperTests(unittest.TestCase):
 
         def restore() -> None:
             fs.FederationServer.on_send_join_request = saved[0]  # type: ignore[method-assign]
-            fs._get_event_ids_for_partial_state_join = saved[1]
-            patching.INSTALLED_PATCHES[:] = saved[2]
-            (hooks.extras_provider, hooks.decorate_response, hooks.observer) = saved[3]
+            fs.FederationServer._on_send_membership_event = saved[1]  # type: ignore[method-assign]
+            fs._get_event_ids_for_partial_state_join = saved[2]
+            patching.INSTALLED_PATCHES[:] = saved[3]
+            (hooks.extras_provider, hooks.decorate_response, hooks.observer) = saved[4]
 
         self.addCleanup(restore)
         hooks.extras_provider = hooks.decorate_response = hooks.observer = None
         patching.INSTALLED_PATCHES[:] = [
-            p for p in patching.INSTALLED_PATCHES if p.target != TARGET
+            p for p in patching.INSTALLED_PATCHES if p.target not in (TARGET, VALIDATE)
         ]
         self.calls: list[tuple[Any, ...]] = []
         calls = self.calls
 
-        async def native(
+        async def validate(
             server: Any,
+            origin: str,
+            content: dict[str, Any],
+            membership_type: str,
+            room_id: str,
+        ) -> tuple[FakeEvent, None]:
+            """Synapse's checks (ACL, format, signatures, auth) and persistence."""
+            calls.append(("validate", membership_type))
+            if origin == DENIED:
+                raise SynapseError(403, "Server is banned from room", Codes.FORBIDDEN)
+            state_key = content.get("state_key")
+            if not isinstance(state_key, str):
+                raise SynapseError(400, "Not an m.room.member event", Codes.BAD_JSON)
+            return FakeEvent(state_key, bool(content.get("state_dag"))), None
+
+        async def native(
+            server: fs.FederationServer,
             origin: str,
             content: dict[str, Any],
             room_id: str,
             caller_supports_partial_state: bool = False,
         ) -> dict[str, Any]:
-            calls.append(
-                (
-                    "native",
-                    caller_supports_partial_state,
-                    send_join._SEND_JOIN_EXTRAS.get(),
-                )
+            """Native's order: validate and persist, then (partial) select."""
+            calls.append(("native", caller_supports_partial_state))
+            event, _ = await server._on_send_membership_event(
+                origin, content, "join", room_id
             )
+            if caller_supports_partial_state:
+                selected = fs._get_event_ids_for_partial_state_join(
+                    event,  # type: ignore[arg-type]
+                    {},
+                    {},
+                )
+                calls.append(("selected", tuple(selected)))
             return {"members_omitted": caller_supports_partial_state}
 
+        fs.FederationServer._on_send_membership_event = validate  # type: ignore[method-assign,assignment]
         fs.FederationServer.on_send_join_request = native  # type: ignore[method-assign,assignment]
         self.native = native
+        self.validate = validate
 
     def install_all(self) -> None:
         calls = self.calls
@@ -88,20 +130,31 @@ class SendJoinWrapperTests(unittest.TestCase):
         def observer(room_id: str, prev_events: list[str]) -> None:
             calls.append(("observer", room_id, prev_events))
 
-        send_join.install_send_join_hooks(extras, lambda *a: (), decorate)
+        def selector(*args: Any) -> tuple[str, ...]:
+            """The partial state is the extras it is given."""
+            return tuple(args[3])
+
+        send_join.install_send_join_hooks(extras, selector, decorate)
         send_join.install_partial_join_observer(observer)
 
-    def call(self, partial: bool, content: dict[str, Any] | None = None) -> Any:
+    def call(
+        self,
+        partial: bool,
+        content: dict[str, Any] | None = None,
+        origin: str = "b",
+        membership: str | None = None,
+    ) -> Any:
+        """``on_send_join_request`` as the servlet calls it (or, with
+        ``membership``, ``_on_send_membership_event`` as ``/send_leave`` and
+        ``/send_knock`` do)."""
         content = content or {"state_key": "@j:b", "prev_events": ["$p", 5]}
-        return run(
-            fs.FederationServer.on_send_join_request(
-                object(),  # type: ignore[arg-type]
-                "b",
-                content,
-                "!r:a",
-                partial,
+        # A FederationServer whose __init__ never ran: only its methods are used.
+        server = fs.FederationServer.__new__(fs.FederationServer)
+        if membership is not None:
+            return run(
+                server._on_send_membership_event(origin, content, membership, "!r:a")
             )
-        )
+        return run(server.on_send_join_request(origin, content, "!r:a", partial))
 
     def test_one_wrapper_in_order_with_one_accurate_record(self) -> None:
         self.install_all()
@@ -115,25 +168,75 @@ class SendJoinWrapperTests(unittest.TestCase):
         self.assertEqual(
             self.calls,
             [
+                ("native", True),  # native called once, directly
+                ("validate", "join"),
+                # once Synapse accepted the join, once, for its state_key
                 ("extras", "!r:a", "@j:b"),
-                ("native", True, ("@hero:a",)),  # native called once, directly
+                ("selected", ("@hero:a",)),  # the selector sees them
                 ("decorate", "!r:a", "@j:b"),
                 ("observer", "!r:a", ["$p"]),
             ],
         )
         records = [p for p in patching.INSTALLED_PATCHES if p.target == TARGET]
         self.assertEqual(len(records), 1)
-        self.assertIn("MSC2775 essentials", records[0].why)
+        self.assertIn("MSC2775 summary", records[0].why)
         self.assertIn("prepare the /state", records[0].why)
+        (validate,) = [p for p in patching.INSTALLED_PATCHES if p.target == VALIDATE]
+        self.assertIn("MSC2775 essentials", validate.why)
+        self.assertIn("validated", validate.why)
+
+    def test_refused_join_reads_no_essentials(self) -> None:
+        """Whatever Synapse refuses (here the origin, as the room's ACL does) gets
+        Synapse's error, and the essentials are never asked for."""
+        self.install_all()
+        with self.assertRaises(SynapseError) as refused:
+            self.call(True, origin=DENIED)
+        self.assertEqual(refused.exception.code, 403)
+        self.assertEqual(refused.exception.errcode, Codes.FORBIDDEN)
+        self.assertEqual(self.calls, [("native", True), ("validate", "join")])
+        self.assertIsNone(send_join._PARTIAL_JOIN.get())
+        # The next, valid, join still gets its essentials.
+        del self.calls[:]
+        self.call(True)
+        self.assertIn(("selected", ("@hero:a",)), self.calls)
 
     def test_full_answers_and_malformed_joins_are_native(self) -> None:
         self.install_all()
         self.assertEqual(self.call(False), {"members_omitted": False})
-        self.assertEqual(self.calls, [("native", False, None)])
+        self.assertEqual(self.calls, [("native", False), ("validate", "join")])
         del self.calls[:]
-        # No usable state_key: native answers (and errs) alone; observed if partial.
-        self.call(True, {"prev_events": []})
-        self.assertEqual(self.calls, [("native", True, None), ("observer", "!r:a", [])])
+        # No usable state_key: native errs alone, nothing else runs.
+        with self.assertRaises(SynapseError) as malformed:
+            self.call(True, {"prev_events": []})
+        self.assertEqual(malformed.exception.code, 400)
+        self.assertEqual(self.calls, [("native", True), ("validate", "join")])
+
+    def test_state_dag_joins_read_no_essentials(self) -> None:
+        """Native answers MSC4242 joins with full state: no selector to feed."""
+        self.install_all()
+        self.call(True, {"state_key": "@j:b", "state_dag": True})
+        self.assertNotIn("extras", [c[0] for c in self.calls])
+
+    def test_leaves_and_knocks_are_native(self) -> None:
+        """``/send_leave`` and ``/send_knock`` share the validation: no essentials."""
+        self.install_all()
+        for membership in ("leave", "knock"):
+            event, _ = self.call(False, membership=membership)
+            self.assertEqual(event.state_key, "@j:b")
+        self.assertEqual(self.calls, [("validate", "leave"), ("validate", "knock")])
+
+    def test_failing_essentials_do_not_fail_an_accepted_join(self) -> None:
+        """The join is stored by then: without essentials, the answer is native's."""
+
+        async def broken(room_id: str, joiner: str) -> tuple[str, ...]:
+            raise RuntimeError("database gone")
+
+        self.install_all()
+        send_join._SEND_JOIN_HOOKS.extras_provider = broken
+        with self.assertLogs(send_join.logger, "ERROR"):
+            resp = self.call(True)
+        self.assertEqual(resp, {"members_omitted": True, "summary": 1})
+        self.assertIn(("selected", ()), self.calls)
 
     def test_observer_waits_until_the_answer_is_sent(self) -> None:
         self.install_all()
@@ -148,7 +251,10 @@ class SendJoinWrapperTests(unittest.TestCase):
             self.call(True)
         finally:
             servlets.FEDERATION_REQUEST.reset(token)
-        self.assertEqual([c[0] for c in self.calls], ["extras", "native", "decorate"])
+        self.assertEqual(
+            [c[0] for c in self.calls],
+            ["native", "validate", "extras", "selected", "decorate"],
+        )
         finished.callback(None)
         self.assertEqual(self.calls[-1], ("observer", "!r:a", ["$p"]))
 
@@ -174,3 +280,6 @@ class SendJoinWrapperTests(unittest.TestCase):
         records = [p for p in patching.INSTALLED_PATCHES if p.target == TARGET]
         self.assertEqual(len(records), 1)
         self.assertNotIn("MSC2775", records[0].why)
+        # No essentials hooks: Synapse's validation is not wrapped.
+        self.assertIs(fs.FederationServer._on_send_membership_event, self.validate)
+        self.assertNotIn(VALIDATE, [p.target for p in patching.INSTALLED_PATCHES])
