@@ -15,11 +15,18 @@ requests wait for the engine (``compat.state_fetch.install_state_ids_reuse`` ask
   join) waits until the engine has stored the state at the join
   (:meth:`InflightFetches.expect_join_state`), then asks natively: all but the few
   events that differ are stored by then.
+
+Either wait lasts at most :data:`STATE_REQUEST_WAIT_S`: an event that arrived
+during the resync must not wait for all of it (a slow or hanging resident would
+keep it out of the timeline). Past that, Synapse asks natively (and, for a big
+state the engine has not stored yet, downloads it a second time: the price of
+never delaying an event by more than that).
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import Any
 
 from synapse.module_api import make_deferred_yieldable
 from twisted.internet import defer
@@ -29,9 +36,16 @@ from synapse_partial_state.compat.runtime import wake_waiter
 #: A ``/state_ids`` answer: (state event IDs, auth chain event IDs).
 StateIds = tuple[list[str], list[str]]
 
+#: Longest wait of Synapse's own state request for the engine's fetch (seconds).
+STATE_REQUEST_WAIT_S = 2.0
+
 
 class InflightFetches:
-    def __init__(self) -> None:
+    def __init__(self, clock: Any = None) -> None:
+        """``clock``: Twisted's ``IReactorTime`` (default: the reactor)."""
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self._clock = clock
         #: (room, event) -> the /state_ids answer the engine fetched
         self._answers: dict[tuple[str, str], StateIds] = {}
         #: (room, event) the engine is fetching the state at -> who waits for it;
@@ -71,21 +85,37 @@ class InflightFetches:
             for waiter in self._waiters.pop((room_id, event_id), []):
                 wake_waiter(waiter)
 
-    async def wait(self, room_id: str, event_id: str) -> None:
+    async def wait(
+        self, room_id: str, event_id: str, timeout_s: float | None = None
+    ) -> bool:
         """Wait while the engine fetches the state at ``event_id``, or the state
-        at the room's join (:meth:`expect_join_state`)."""
+        at the room's join (:meth:`expect_join_state`), at most ``timeout_s``
+        seconds (None: as long as it takes). False if the time ran out."""
+        deadline = None if timeout_s is None else self._clock.seconds() + timeout_s
         while True:
             waiters = self._waiters.get((room_id, event_id))
             if waiters is None:
                 waiters = self._waiters.get((room_id, None))
             if waiters is None:
-                return
+                return True
             waiter: defer.Deferred[None] = defer.Deferred()
             waiters.append(waiter)
-            await make_deferred_yieldable(waiter)
+            if deadline is None:
+                await make_deferred_yieldable(waiter)
+                continue
+            left = deadline - self._clock.seconds()
+            if left <= 0:
+                return False
+            call = self._clock.callLater(left, wake_waiter, waiter)
+            try:
+                await make_deferred_yieldable(waiter)
+            finally:
+                if call.active():
+                    call.cancel()
 
     async def answer_for(self, room_id: str, event_id: str) -> StateIds | None:
-        """For Synapse's own ``/state_ids`` request: wait (see :meth:`wait`), then
-        the engine's answer at ``event_id`` if it has one (else Synapse asks)."""
-        await self.wait(room_id, event_id)
+        """For Synapse's own ``/state_ids`` request: wait (see :meth:`wait`, at
+        most :data:`STATE_REQUEST_WAIT_S`), then the engine's answer at
+        ``event_id`` if it has one (else Synapse asks)."""
+        await self.wait(room_id, event_id, STATE_REQUEST_WAIT_S)
         return self._answers.get((room_id, event_id))

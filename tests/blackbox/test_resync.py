@@ -299,7 +299,8 @@ class ForkDuringResync(ResyncCase):
         self.peer.send_event(
             self.room_id, "m.room.message", {"msgtype": "m.text", "body": "before"}
         )
-        rule = self.peer.add_behaviour(STATE_PATH, "delay", seconds=4)
+        # Within the bound on Synapse's wait (inflight.STATE_REQUEST_WAIT_S).
+        rule = self.peer.add_behaviour(STATE_PATH, "delay", seconds=1)
         since = self.hs2.log_offset()
         started = time.time()
         self.bob.join(self.room_id, via=[self.resident])
@@ -323,6 +324,80 @@ class ForkDuringResync(ResyncCase):
         full = self.peer.requests(path_regex=STATE_PATH, since=started)
         self.assertEqual(len(full), 1, full)
         self.assert_full_members()
+
+
+@on_both_databases
+class EventsDuringAHeldResync(ResyncCase):
+    """Ports of two of Complement's partial-state tests (tests/msc3902):
+    events that need the state at another event than the join's are shown at
+    once while the resync's own state requests are held, and the resync
+    completes afterwards."""
+
+    def hold_resync(self) -> tuple[str, str]:
+        """Hold every state request at the join's prev event (the resync's);
+        returns (the rule, that event)."""
+        anchor = self.peer.room(self.room_id)["last_event_id"]
+        rule = self.peer.add_behaviour(
+            rf"^/_matrix/federation/v1/state(_ids)?/.*[?&]event_id={re.escape(anchor)}",
+            "hold",
+        )
+        return rule, anchor
+
+    def test_event_on_a_fork_is_shown_while_the_resync_is_held(self) -> None:
+        """CanReceiveEventsWithHalfMissingGrandparentsDuringPartialStateJoin:
+        an event whose prev event hs2 lacks, on a fork older than the join,
+        makes hs2 ask for the state at that older event; the resident serves it
+        at once, so the event shows up at once."""
+        self.setup_room()
+        fork_point = self.peer.room(self.room_id)["last_event_id"]
+        self.peer.send_event(
+            self.room_id, "m.room.message", {"msgtype": "m.text", "body": "before"}
+        )
+        rule, _ = self.hold_resync()
+        since = self.hs2.log_offset()
+        self.bob.join(self.room_id, via=[self.resident])
+        self.peer.send_event(
+            self.room_id,
+            "m.room.message",
+            {"msgtype": "m.text", "body": "on a fork"},
+            prev_events=[fork_point],
+        )
+        shown = time.monotonic()
+        self.bob.wait_for_message(self.room_id, "on a fork", timeout=15)
+        self.assertLess(time.monotonic() - shown, 10)
+        self.assertTrue(self.job()["running"])  # the resync is still held
+        self.peer.remove_behaviour(rule)
+        self.wait_complete(since)
+        self.assert_resident_state()
+
+    def test_resync_completes_when_events_arrive_before_their_prev_events(
+        self,
+    ) -> None:
+        """Resync completes even when events arrive before their prev_events
+        (synapse#13001): state events hs2 is not sent, then a message on top of
+        them that it is (it pulls the latest of them, and asks for the state at
+        the rest, which the resident serves at once: the message shows while
+        the resync is held); then the resync is released and completes."""
+        self.setup_room()
+        rule, _ = self.hold_resync()
+        since = self.hs2.log_offset()
+        self.bob.join(self.room_id, via=[self.resident])
+        for i in range(GAP + 8):
+            self.peer.send_event(
+                self.room_id,
+                "org.example.outlier_state",
+                {"body": f"outlier {i}"},
+                state_key=f"state_{i}",
+                destinations=[],
+            )
+        self.peer.send_event(
+            self.room_id, "m.room.message", {"msgtype": "m.text", "body": "on top"}
+        )
+        self.bob.wait_for_message(self.room_id, "on top", timeout=15)
+        self.assertTrue(self.job()["running"])  # the resync is still held
+        self.peer.remove_behaviour(rule)
+        self.wait_complete(since)
+        self.assert_resident_state()
 
 
 #: Events hs2 misses: more than one get_missing_events request returns.

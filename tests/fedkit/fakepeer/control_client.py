@@ -361,7 +361,9 @@ class FakePeer:
         count: int | None = None,
         omit: int | None = None,
     ) -> str:
-        """``POST /control/behaviour``; returns the rule id."""
+        """``POST /control/behaviour``; returns the rule id. ``path_regex`` is
+        searched in the request's path (raw and decoded) and in its decoded
+        path with the query string."""
         body = {
             "server": server,
             "path_regex": path_regex,

@@ -71,7 +71,10 @@ class IncomingHandler:
         gone = [False]
         request.notifyFinish().addErrback(lambda _: gone.__setitem__(0, True))
 
-        rule = self.peer.behaviours.match(server.name, (path, raw_path))
+        # Rules see the path, raw and decoded, and the decoded path with its
+        # query (e.g. to hold only requests at one event_id).
+        uri = unquote((request.uri or b"/").decode("ascii", "replace"))
+        rule = self.peer.behaviours.match(server.name, (path, raw_path, uri))
         if rule is not None:
             entry["behaviour"] = rule.action
             logger.info(

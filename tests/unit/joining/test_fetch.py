@@ -8,7 +8,7 @@ from typing import Any
 
 import attr
 from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from synapse_partial_state.joining.fetch import StateFetcher, StateIncomplete
@@ -75,7 +75,7 @@ class FakeFetchOps:
 
 class HandOverTests(unittest.TestCase):
     def fetch(self, servable: Collection[str]) -> tuple[InflightFetches, Any]:
-        inflight = InflightFetches()
+        inflight = InflightFetches(task.Clock())
         fetcher = StateFetcher(
             FakeFetchOps(servable),  # type: ignore[arg-type]
             VerifierPool(0),

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.trial import unittest
 
-from synapse_partial_state.joining.inflight import InflightFetches
+from synapse_partial_state.joining.inflight import (
+    STATE_REQUEST_WAIT_S,
+    InflightFetches,
+)
 
 ROOM = "!r:x"
 ANSWER = (["$s1", "$s2"], ["$a1"])
@@ -13,7 +16,8 @@ ANSWER = (["$s1", "$s2"], ["$a1"])
 
 class InflightFetchesTests(unittest.TestCase):
     def setUp(self) -> None:
-        self.inflight = InflightFetches()
+        self.clock = task.Clock()
+        self.inflight = InflightFetches(self.clock)
 
     def ask(self, event_id: str) -> defer.Deferred[object]:
         return defer.ensureDeferred(self.inflight.answer_for(ROOM, event_id))
@@ -61,3 +65,23 @@ class InflightFetchesTests(unittest.TestCase):
         self.assertIsNone(self.successResultOf(self.ask("$prev")))
         other = defer.ensureDeferred(self.inflight.answer_for("!s:x", "$prev"))
         self.assertEqual(self.successResultOf(other), ANSWER)
+
+    def test_synapse_waits_a_bounded_time_then_asks_itself(self) -> None:
+        """An event that arrived during the resync is not kept out of the
+        timeline by a slow fetch: past the bound, Synapse asks natively."""
+        self.inflight.expect_join_state(ROOM)
+        self.inflight.begin(ROOM, ["$prev"])
+        at_fork = self.ask("$fork")
+        at_prev = self.ask("$prev")
+        self.clock.advance(STATE_REQUEST_WAIT_S - 0.1)
+        self.assertNoResult(at_fork)
+        self.assertNoResult(at_prev)
+        self.clock.advance(0.2)
+        self.assertIsNone(self.successResultOf(at_fork))
+        self.assertIsNone(self.successResultOf(at_prev))
+        # The engine's fetch goes on; its answer is handed over to later asks.
+        self.inflight.remember(ROOM, "$prev", ANSWER)
+        self.inflight.end(ROOM, ["$prev"])
+        self.inflight.release_join_state(ROOM)
+        self.assertEqual(self.successResultOf(self.ask("$prev")), ANSWER)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
