@@ -24,7 +24,18 @@ class BenchSmoke(unittest.TestCase):
             os.makedirs(out)
             os.makedirs(work)
             proc = subprocess.run(
-                [sys.executable, RUN, "--quick", "--out", out, "--workdir", work],
+                # Room version 12: Synapse 1.163's default for new rooms.
+                [
+                    sys.executable,
+                    RUN,
+                    "--quick",
+                    "--room-version",
+                    "12",
+                    "--out",
+                    out,
+                    "--workdir",
+                    work,
+                ],
                 capture_output=True,
                 text=True,
                 timeout=600,
@@ -38,6 +49,7 @@ class BenchSmoke(unittest.TestCase):
             self.assertTrue(os.path.getsize(os.path.join(out, "results.png")) > 0)
 
         runs = {(r["variant"], r["scenario"]): r for r in results["runs"]}
+        self.assertEqual({r["room"]["room_version"] for r in results["runs"]}, {"12"})
         self.assertEqual(
             set(runs),
             {(v, s) for v in ("stock", "module") for s in ("join", "resident")},

@@ -51,7 +51,10 @@ class ResyncCase(FederationTestCase):
     def setup_room(self, **hs_kw: Any) -> None:
         self.peer = self.make_fake_peer()
         self.room = self.peer.create_room(
-            members=self.MEMBERS, servers=self.SERVERS, name="Resync room"
+            members=self.MEMBERS,
+            servers=self.SERVERS,
+            name="Resync room",
+            room_version=self.ROOM_VERSION or "10",
         )
         self.room_id: str = self.room["room_id"]
         self.resident: str = self.room["resident"]

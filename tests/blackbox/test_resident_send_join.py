@@ -16,7 +16,11 @@ from synapse.events import make_event_from_dict
 from tests.fedkit.homeserver import Homeserver
 from tests.fedkit.matrix_client import Client
 from tests.fedkit.process import read_from
-from tests.fedkit.testcase import FederationTestCase, on_both_databases
+from tests.fedkit.testcase import (
+    FederationTestCase,
+    on_both_databases,
+    on_room_versions,
+)
 
 SUMMARY = "org.matrix.msc2775.summary"
 MEMBER = "m.room.member"
@@ -48,6 +52,8 @@ class _ResidentRoom(FederationTestCase):
         self.users = users
         alice = users["alice"]
         create: dict[str, Any] = {"preset": "public_chat"}
+        if self.ROOM_VERSION:
+            create["room_version"] = self.ROOM_VERSION
         if self.ROOM_NAME:
             create["name"] = self.ROOM_NAME
         self.room_id = alice.create_room(**create)
@@ -98,7 +104,7 @@ class _ResidentRoom(FederationTestCase):
                 self.assertIn(auth_id, known, f"auth event missing for {pdu['type']}")
 
 
-@on_both_databases
+@on_room_versions("10", "12")
 class PartialAnswerUnnamedRoom(_ResidentRoom):
     MODULE_CONFIG = {"resident": {"members_per_server": 1}}
 

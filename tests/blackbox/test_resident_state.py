@@ -21,7 +21,11 @@ from synapse.events import make_event_from_dict
 
 from synapse_partial_state.wire import MEMBERS_ONLY_PARAM
 from tests.fedkit.matrix_client import Client
-from tests.fedkit.testcase import FederationTestCase, on_both_databases
+from tests.fedkit.testcase import (
+    FederationTestCase,
+    on_both_databases,
+    on_room_versions,
+)
 
 MEMBER = "m.room.member"
 FED = "/_matrix/federation/v1"
@@ -69,9 +73,14 @@ class _StateRoom(FederationTestCase):
         }
         self.users = users
         alice = users["alice"]
-        self.room_id = alice.create_room(
-            preset="public_chat", name="State room", topic="Serving state"
-        )
+        create: dict[str, Any] = {
+            "preset": "public_chat",
+            "name": "State room",
+            "topic": "Serving state",
+        }
+        if self.ROOM_VERSION:
+            create["room_version"] = self.ROOM_VERSION
+        self.room_id = alice.create_room(**create)
         self.room_version = str(
             alice.state_event(self.room_id, "m.room.create").get("room_version", "1")
         )
@@ -157,7 +166,7 @@ class _StateRoom(FederationTestCase):
             self.assertEqual(set(ids), set(stock[field]), f"{what}: {field}")
 
 
-@on_both_databases
+@on_room_versions("10", "11", "12")
 class StateAnswersMatchStock(_StateRoom):
     def test_state_and_state_ids_equal_stock_also_after_a_redaction(self) -> None:
         self.build_room()

@@ -19,7 +19,7 @@ from tests.blackbox.resync_case import (
     wait_until,
 )
 from tests.fedkit.postgres import pg_connect
-from tests.fedkit.testcase import on_both_databases
+from tests.fedkit.testcase import on_both_databases, on_room_versions
 
 
 @on_both_databases
@@ -231,7 +231,7 @@ class UnexpectedError(ResyncCase):
         self.assertIn("internal error", job["last_error"] or "")
 
 
-@on_both_databases
+@on_room_versions("10", "11", "12")
 class EventsDuringResync(ResyncCase):
     def test_final_state_matches_the_resident(self) -> None:
         self.setup_room()
@@ -502,7 +502,7 @@ class PlannerStats(ResyncCase):
         self.assertGreaterEqual(counts.get("current_state_events", 0), 3, counts)
 
 
-@on_both_databases
+@on_room_versions("10", "12")
 class LyingResident(ResyncCase):
     # Known gap (issue #4), seen when this test ran: members whose only source is
     # the lying resident (its own users) are dropped by Synapse's signature check
@@ -526,7 +526,7 @@ class _OmissionCase(ResyncCase):
     OMIT = 30
 
 
-@on_both_databases
+@on_room_versions("10", "12")
 class ResidentOmitsMembers(_OmissionCase):
     def test_members_left_out_of_state_are_fetched_from_other_servers(self) -> None:
         """The resident's /state leaves out member events its /state_ids lists

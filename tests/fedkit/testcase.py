@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import unittest
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, cast
 
 from tests.fedkit.certs import KitCA
@@ -107,6 +107,9 @@ class FederationTestCase(unittest.TestCase):
 
     #: Database every homeserver of this test uses; set by :func:`on_both_databases`.
     DATABASE: ClassVar[DatabaseKind] = "sqlite"
+    #: Room version of the rooms this test creates; set by :func:`on_room_versions`
+    #: (None: the creator's default, 10 for the fake peer, 12 for Synapse 1.163).
+    ROOM_VERSION: ClassVar[str | None] = None
 
     _workdir: str | None = None
 
@@ -223,7 +226,37 @@ def on_both_databases(cls: type[FederationTestCase]) -> Any:
     """Class decorator: define ``<Name>_sqlite`` and ``<Name>_postgres`` in the caller's module.
 
     Variants not listed in ``SPS_TEST_DATABASES`` are marked skipped."""
-    caller_globals = sys._getframe(1).f_globals
+    return _database_variants(cls, sys._getframe(1).f_globals)
+
+
+def on_room_versions(*versions: str) -> Callable[[type[FederationTestCase]], Any]:
+    """Class decorator, for tests whose rooms are the fake peer's: define
+    ``<Name>_v<version>_sqlite`` and ``..._postgres`` for each room version (the
+    class reads ``ROOM_VERSION``). Use instead of :func:`on_both_databases`."""
+
+    def decorate(cls: type[FederationTestCase]) -> Any:
+        caller_globals = sys._getframe(1).f_globals
+        by_version = {}
+        for version in versions:
+            name = f"{cls.__name__}_v{version}"
+            variant = type(
+                name,
+                (cls,),
+                {
+                    "ROOM_VERSION": version,
+                    "__module__": cls.__module__,
+                    "__qualname__": name,
+                },
+            )
+            by_version[version] = _database_variants(variant, caller_globals)
+        return by_version
+
+    return decorate
+
+
+def _database_variants(
+    cls: type[FederationTestCase], caller_globals: dict[str, Any]
+) -> DatabaseVariants:
     selected = selected_databases()
     variants: dict[str, type[FederationTestCase]] = {}
     for db in ALL_DATABASES:

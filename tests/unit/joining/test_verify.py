@@ -138,7 +138,7 @@ def forge(pdu: dict[str, Any], server: str) -> None:
 
 #: Room versions with hash event IDs (v10 and v11 differ in redaction, which the
 #: signatures cover) and one with v1 event IDs (server domain in the ID).
-VERSIONS = ("10", "11", "1")
+VERSIONS = ("10", "11", "12", "1")
 
 
 class VerifyChunkTests(unittest.SynchronousTestCase):
