@@ -13,7 +13,7 @@ from typing import Any
 from synapse.module_api import ModuleApi
 
 from synapse_partial_state import __version__
-from synapse_partial_state.admin import ADMIN_PATH, AdminResource
+from synapse_partial_state.admin import AdminApi
 from synapse_partial_state.compat import patching, send_join, servlets
 from synapse_partial_state.compat.persistence import install_current_state_guard
 from synapse_partial_state.compat.resident_state import (
@@ -28,6 +28,7 @@ from synapse_partial_state.compat.state_fetch import (
 from synapse_partial_state.compat.state_resolution import (
     install_identical_state_shortcut,
 )
+from synapse_partial_state.compat.web import mount_admin_api, on_client_listeners
 from synapse_partial_state.config import PartialStateConfig, parse_config
 from synapse_partial_state.joining.engine import ResyncEngine
 from synapse_partial_state.joining.fetch import StateFetcher
@@ -55,7 +56,10 @@ class PartialStateModule:
         install_current_state_guard(api)
         if config.resident.enabled:
             self._wire_resident(api, config)
-        api.register_web_resource(STATUS_PATH, StatusResource(api, config, __version__))
+        api.register_web_resource(
+            STATUS_PATH,
+            on_client_listeners(api, StatusResource(api, config, __version__)),
+        )
 
         # Synapse runs remote joins and resyncs on the main process only
         # (do_invite_join asserts it), so that is where the engine lives.
@@ -63,7 +67,7 @@ class PartialStateModule:
         self.engine: ResyncEngine | None = None
         if config.resync.enabled and is_main:
             self.engine = self._wire_engine(api, config)
-        api.register_web_resource(ADMIN_PATH, AdminResource(api, self.engine))
+        mount_admin_api(AdminApi(api, self.engine).routes())
         self._log_role(is_main)
 
     @staticmethod

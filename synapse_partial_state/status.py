@@ -1,19 +1,25 @@
-"""``GET /_synapse/client/partial_state/v1/status``: what this process runs.
+"""``GET /_synapse/client/partial_state/v1/status``: is the module loaded, and (for a
+server admin) what this process runs.
 
-Unauthenticated and free of room data: the module's version, the Synapse version,
-this process's role and the patches it installed. Tests use it to see that the module
-is loaded; admins use it to check an upgrade.
+Anyone gets the minimal answer, enough for a health check and nothing an attacker
+could use: ``{"module", "version", "loaded": true}``. A server admin's access token
+adds the Synapse version, this process's role, the module's config and every patch
+(admins use it to check an upgrade; tests to see what is installed). An unknown
+token is refused (401), as everywhere in Synapse, rather than silently answered
+with less. It answers only on listeners that serve the client API (see
+:func:`~synapse_partial_state.compat.web.on_client_listeners`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attr
 import synapse
 from synapse.module_api import DirectServeJsonResource, ModuleApi
+from synapse.module_api.errors import Codes, InvalidClientCredentialsError
 
-from synapse_partial_state.compat.patching import INSTALLED_PATCHES
+from synapse_partial_state.compat.patching import INSTALLED_MOUNTS, INSTALLED_PATCHES
 from synapse_partial_state.config import PartialStateConfig
 
 if TYPE_CHECKING:
@@ -31,13 +37,35 @@ class StatusResource(DirectServeJsonResource):
         self._config = config
         self._version = version
 
-    async def _async_render_GET(self, request: SynapseRequest) -> tuple[int, dict]:
-        return 200, {
+    async def _is_admin(self, request: SynapseRequest) -> bool:
+        """Whether the request carries a server admin's token (no token: False)."""
+        try:
+            requester = await self._api.get_user_by_req(request)
+        except InvalidClientCredentialsError as e:
+            if e.errcode == Codes.MISSING_TOKEN:
+                return False
+            raise
+        return await self._api.is_user_admin(requester.user.to_string())
+
+    def minimal(self) -> dict[str, Any]:
+        return {
             "module": "synapse_partial_state",
             "version": self._version,
+            "loaded": True,
+        }
+
+    def full(self) -> dict[str, Any]:
+        return {
+            **self.minimal(),
             "synapse_version": synapse.__version__,
             "server_name": self._api.server_name,
             "worker": self._api.worker_name,
             "config": attr.asdict(self._config),
             "patches": [attr.asdict(p) for p in INSTALLED_PATCHES],
+            "mounts": [attr.asdict(p) for p in INSTALLED_MOUNTS],
         }
+
+    async def _async_render_GET(self, request: SynapseRequest) -> tuple[int, dict]:
+        if await self._is_admin(request):
+            return 200, self.full()
+        return 200, self.minimal()

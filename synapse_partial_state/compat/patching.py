@@ -2,7 +2,8 @@
 
 Every patch the package installs is recorded here (:data:`INSTALLED_PATCHES`) with
 what it replaces and the Synapse version it was checked against; the status
-endpoint and the start-up log line list them.
+endpoint and the start-up log line list them. The seams that only place the
+module's own endpoints (:mod:`.web`) are recorded apart (:data:`INSTALLED_MOUNTS`).
 """
 
 from __future__ import annotations
@@ -79,6 +80,20 @@ INSTALLED_PATCHES: list[PatchRecord] = []
 def record_patch(record: PatchRecord) -> None:
     if record not in INSTALLED_PATCHES:
         INSTALLED_PATCHES.append(record)
+
+
+#: Private seams that only decide where the module's own endpoints answer (they
+#: change nothing Synapse does), in order; listed apart from the patches.
+INSTALLED_MOUNTS: list[PatchRecord] = []
+
+
+def record_mount(record: PatchRecord) -> None:
+    """Record a mount (see :mod:`.web`), in place of an earlier one of its target."""
+    for index, old in enumerate(INSTALLED_MOUNTS):
+        if old.target == record.target:
+            INSTALLED_MOUNTS[index] = record
+            return
+    INSTALLED_MOUNTS.append(record)
 
 
 def homeserver(api: ModuleApi) -> HomeServer:

@@ -8,10 +8,9 @@ from __future__ import annotations
 import re
 import time
 
+from tests.blackbox.endpoints import full_status
 from tests.fedkit.homeserver import HomeserverStartError
 from tests.fedkit.testcase import FederationTestCase, on_both_databases
-
-STATUS = "/_synapse/client/partial_state/v1/status"
 
 
 @on_both_databases
@@ -21,9 +20,7 @@ class TwoModuleHomeservers(FederationTestCase):
 
         # The module is loaded in both, with its send_join patches in place.
         for hs in (hs1, hs2):
-            probe = self.register(hs, "probe")
-            status, body = probe.get(STATUS)
-            self.assertEqual(status, 200, body)
+            body = full_status(self.register(hs, "probe", admin=True))
             self.assertEqual(body["module"], "synapse_partial_state")
             self.assertEqual(body["server_name"], hs.server_name)
             targets = {p["target"].rsplit(".", 1)[-1] for p in body["patches"]}
