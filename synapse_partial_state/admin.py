@@ -5,7 +5,8 @@ Under Synapse's admin prefix, on the listeners that serve Synapse's own admin AP
 
 * ``GET  /_synapse/admin/v1/partial_state/rooms[?all=true]``: resync jobs
   (unfinished ones; ``all=true`` adds done and aborted) with phase, progress,
-  attempts, last error and an ETA.
+  attempts, last error and an ETA; and ``patches_active`` (false, with
+  ``patches_reason``, on an untested Synapse: no engine, Synapse resyncs as stock).
 * ``GET  .../partial_state/rooms/{roomId}``: one job.
 * ``POST .../partial_state/rooms/{roomId}/retry``: end the back-off now and try again.
 * ``POST .../partial_state/rooms/{roomId}/abort``: give the room up (as if its last
@@ -23,8 +24,10 @@ import attr
 from synapse.module_api import ModuleApi
 from synapse.module_api.errors import SynapseError
 
+from synapse_partial_state.compat.patching import VersionGate
 from synapse_partial_state.compat.web import SYNAPSE_ADMIN_PREFIX, AdminRoute
 from synapse_partial_state.joining.jobs import Job, eta_seconds
+from synapse_partial_state.status import patches_fields
 
 if TYPE_CHECKING:
     from synapse.http.site import SynapseRequest
@@ -52,9 +55,12 @@ def job_json(job: Job, now: int, running: bool) -> dict[str, Any]:
 class AdminApi:
     """The admin API's handlers; :meth:`routes` says where Synapse routes them."""
 
-    def __init__(self, api: ModuleApi, engine: ResyncEngine | None) -> None:
+    def __init__(
+        self, api: ModuleApi, engine: ResyncEngine | None, gate: VersionGate
+    ) -> None:
         self._api = api
         self._engine = engine
+        self._gate = gate
 
     def routes(self) -> list[AdminRoute]:
         return [
@@ -68,10 +74,19 @@ class AdminApi:
             ),
         ]
 
-    async def _authorise(self, request: SynapseRequest) -> ResyncEngine:
+    async def _require_admin(self, request: SynapseRequest) -> None:
         requester = await self._api.get_user_by_req(request)
         if not await self._api.is_user_admin(requester.user.to_string()):
             raise SynapseError(403, "You are not a server admin", "M_FORBIDDEN")
+
+    def _engine_here(self) -> ResyncEngine:
+        if not self._gate.patches_active:
+            raise SynapseError(
+                404,
+                f"The module's patches are off ({self._gate.reason}): "
+                "Synapse runs resyncs itself",
+                "M_NOT_FOUND",
+            )
         if self._engine is None:
             raise SynapseError(
                 404,
@@ -80,13 +95,22 @@ class AdminApi:
             )
         return self._engine
 
+    async def _authorise(self, request: SynapseRequest) -> ResyncEngine:
+        await self._require_admin(request)
+        return self._engine_here()
+
     async def list_rooms(self, request: SynapseRequest) -> tuple[int, dict]:
-        engine = await self._authorise(request)
+        await self._require_admin(request)
+        if not self._gate.patches_active:
+            # Say it where an admin looks: no job (Synapse resyncs as stock), and why.
+            return 200, {"rooms": [], **patches_fields(self._gate)}
+        engine = self._engine_here()
         now = engine.now_ms()
         show_all = request.args.get(b"all", [b"false"])[0] == b"true"
         jobs = await engine.list_jobs(include_finished=show_all)
         return 200, {
-            "rooms": [job_json(j, now, engine.is_running(j.room_id)) for j in jobs]
+            "rooms": [job_json(j, now, engine.is_running(j.room_id)) for j in jobs],
+            **patches_fields(self._gate),
         }
 
     async def get_room(self, request: SynapseRequest, room_id: str) -> tuple[int, dict]:

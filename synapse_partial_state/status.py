@@ -2,11 +2,14 @@
 server admin) what this process runs.
 
 Anyone gets the minimal answer, enough for a health check and nothing an attacker
-could use: ``{"module", "version", "loaded": true}``. A server admin's access token
-adds the Synapse version, this process's role, the module's config and every patch
-(admins use it to check an upgrade; tests to see what is installed). An unknown
-token is refused (401), as everywhere in Synapse, rather than silently answered
-with less. It answers only on listeners that serve the client API (see
+could use: ``{"module", "version", "loaded": true}``, and whether the module's
+patches are active (``patches_active``; false, with ``patches_reason``, when the
+version gate turned them off on an untested Synapse: a monitor can alert on it).
+A server admin's access token adds the Synapse version, the version gate's
+decision, this process's role, the module's config and every patch (admins use it
+to check an upgrade; tests to see what is installed). An unknown token is refused
+(401), as everywhere in Synapse, rather than silently answered with less. It
+answers only on listeners that serve the client API (see
 :func:`~synapse_partial_state.compat.web.on_client_listeners`).
 """
 
@@ -19,7 +22,11 @@ import synapse
 from synapse.module_api import DirectServeJsonResource, ModuleApi
 from synapse.module_api.errors import Codes, InvalidClientCredentialsError
 
-from synapse_partial_state.compat.patching import INSTALLED_MOUNTS, INSTALLED_PATCHES
+from synapse_partial_state.compat.patching import (
+    INSTALLED_MOUNTS,
+    INSTALLED_PATCHES,
+    VersionGate,
+)
 from synapse_partial_state.config import PartialStateConfig
 
 if TYPE_CHECKING:
@@ -28,14 +35,25 @@ if TYPE_CHECKING:
 STATUS_PATH = "/_synapse/client/partial_state/v1/status"
 
 
+def patches_fields(gate: VersionGate) -> dict[str, Any]:
+    """Whether the module's patches are active here, and why not (no version named):
+    in the status endpoint's answers and the admin API's room list."""
+    return {"patches_active": gate.patches_active, "patches_reason": gate.reason}
+
+
 class StatusResource(DirectServeJsonResource):
     def __init__(
-        self, api: ModuleApi, config: PartialStateConfig, version: str
+        self,
+        api: ModuleApi,
+        config: PartialStateConfig,
+        version: str,
+        gate: VersionGate,
     ) -> None:
         super().__init__()
         self._api = api
         self._config = config
         self._version = version
+        self._gate = gate
 
     async def _is_admin(self, request: SynapseRequest) -> bool:
         """Whether the request carries a server admin's token (no token: False)."""
@@ -52,12 +70,14 @@ class StatusResource(DirectServeJsonResource):
             "module": "synapse_partial_state",
             "version": self._version,
             "loaded": True,
+            **patches_fields(self._gate),
         }
 
     def full(self) -> dict[str, Any]:
         return {
             **self.minimal(),
             "synapse_version": synapse.__version__,
+            "version_gate": attr.asdict(self._gate),
             "server_name": self._api.server_name,
             "worker": self._api.worker_name,
             "config": attr.asdict(self._config),

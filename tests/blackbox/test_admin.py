@@ -16,7 +16,13 @@ from tests.fedkit.testcase import FederationTestCase, on_both_databases
 
 #: Where the admin API was before it moved under Synapse's admin prefix.
 OLD_ADMIN = "/_synapse/client/partial_state/v1/admin/rooms"
-MINIMAL_STATUS_KEYS = {"module", "version", "loaded"}
+MINIMAL_STATUS_KEYS = {
+    "module",
+    "version",
+    "loaded",
+    "patches_active",
+    "patches_reason",
+}
 
 
 @on_both_databases
@@ -36,7 +42,10 @@ class WhereTheEndpointsAnswer(FederationTestCase):
 
     def test_admin_api_under_synapse_admin_prefix_for_admins(self) -> None:
         status, body = self.admin.get(ADMIN)
-        self.assertEqual((status, body), (200, {"rooms": []}))
+        self.assertEqual(
+            (status, body),
+            (200, {"rooms": [], "patches_active": True, "patches_reason": None}),
+        )
         status, body = self.admin.get(f"{ADMIN}/{quote('!nope:x')}")
         self.assertEqual((status, body.get("errcode")), (404, "M_NOT_FOUND"))
         status, body = self.user.get(ADMIN)
@@ -55,11 +64,20 @@ class WhereTheEndpointsAnswer(FederationTestCase):
         self.assertEqual(set(r.json()), MINIMAL_STATUS_KEYS)
         self.assertEqual(r.json()["module"], "synapse_partial_state")
         self.assertIs(r.json()["loaded"], True)
+        self.assertIs(r.json()["patches_active"], True)
+        self.assertIsNone(r.json()["patches_reason"])
         status, body = self.user.get(STATUS)
         self.assertEqual((status, set(body)), (200, MINIMAL_STATUS_KEYS))
         status, body = self.admin.get(STATUS)
         self.assertEqual(status, 200, body)
-        for key in ("synapse_version", "config", "patches", "mounts", "worker"):
+        for key in (
+            "synapse_version",
+            "version_gate",
+            "config",
+            "patches",
+            "mounts",
+            "worker",
+        ):
             self.assertIn(key, body)
         # An unknown token is refused, as everywhere in Synapse.
         r = self.anonymous.get(
