@@ -25,7 +25,7 @@ from synapse.module_api import ModuleApi
 from synapse.module_api.errors import SynapseError
 
 from synapse_partial_state.compat.patching import VersionGate
-from synapse_partial_state.compat.web import SYNAPSE_ADMIN_PREFIX, AdminRoute
+from synapse_partial_state.compat.web import AdminRoute
 from synapse_partial_state.joining.jobs import Job, eta_seconds
 from synapse_partial_state.status import patches_fields
 
@@ -34,10 +34,8 @@ if TYPE_CHECKING:
 
     from synapse_partial_state.joining.engine import ResyncEngine
 
-#: The admin API's path after Synapse's admin prefix.
+#: The admin API's paths after Synapse's admin prefix (``/_synapse/admin``).
 _ROOMS = "/v1/partial_state/rooms"
-#: The full path of the room list (the other endpoints are below it).
-ADMIN_PATH = SYNAPSE_ADMIN_PREFIX + _ROOMS
 _ROOM = _ROOMS + "/(?P<room_id>[^/]+)"
 
 
