@@ -1,12 +1,16 @@
-"""Admin API for partial-state rooms (admin access token required).
+"""Admin API for partial-state rooms (a server admin's access token required).
 
-* ``GET  /_synapse/client/partial_state/v1/admin/rooms[?all=true]``: resync jobs
+Under Synapse's admin prefix, on the listeners that serve Synapse's own admin API
+(those with the ``client`` resource; see :mod:`.compat.web`):
+
+* ``GET  /_synapse/admin/v1/partial_state/rooms[?all=true]``: resync jobs
   (unfinished ones; ``all=true`` adds done and aborted) with phase, progress,
-  attempts, last error and an ETA.
-* ``GET  .../admin/rooms/{roomId}``: one job.
-* ``POST .../admin/rooms/{roomId}/retry``: end the back-off now and try again.
-* ``POST .../admin/rooms/{roomId}/abort``: give the room up (as if its last local
-  user had left): partial flags cleared through Synapse's paths, waiters woken.
+  attempts, last error and an ETA; and ``patches_active`` (false, with
+  ``patches_reason``, on an untested Synapse: no engine, Synapse resyncs as stock).
+* ``GET  .../partial_state/rooms/{roomId}``: one job.
+* ``POST .../partial_state/rooms/{roomId}/retry``: end the back-off now and try again.
+* ``POST .../partial_state/rooms/{roomId}/abort``: give the room up (as if its last
+  local user had left): partial flags cleared through Synapse's paths, waiters woken.
 
 Served by the process that runs resyncs (the main process); other processes
 answer 404 with a hint.
@@ -14,23 +18,25 @@ answer 404 with a hint.
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
 
 import attr
-from synapse.module_api import DirectServeJsonResource, ModuleApi
+from synapse.module_api import ModuleApi
 from synapse.module_api.errors import SynapseError
 
+from synapse_partial_state.compat.patching import VersionGate
+from synapse_partial_state.compat.web import AdminRoute
 from synapse_partial_state.joining.jobs import Job, eta_seconds
+from synapse_partial_state.status import patches_fields
 
 if TYPE_CHECKING:
     from synapse.http.site import SynapseRequest
 
     from synapse_partial_state.joining.engine import ResyncEngine
 
-ADMIN_PATH = "/_synapse/client/partial_state/v1/admin/rooms"
-_ROOM = re.compile(r"^/(?P<room>[^/]+)(?:/(?P<action>retry|abort))?/?$")
+#: The admin API's paths after Synapse's admin prefix (``/_synapse/admin``).
+_ROOMS = "/v1/partial_state/rooms"
+_ROOM = _ROOMS + "/(?P<room_id>[^/]+)"
 
 
 def job_json(job: Job, now: int, running: bool) -> dict[str, Any]:
@@ -44,19 +50,41 @@ def job_json(job: Job, now: int, running: bool) -> dict[str, Any]:
     return body
 
 
-class AdminResource(DirectServeJsonResource):
-    #: Sub-paths (room IDs, actions) are parsed here rather than by child resources.
-    isLeaf = True
+class AdminApi:
+    """The admin API's handlers; :meth:`routes` says where Synapse routes them."""
 
-    def __init__(self, api: ModuleApi, engine: ResyncEngine | None) -> None:
-        super().__init__()
+    def __init__(
+        self, api: ModuleApi, engine: ResyncEngine | None, gate: VersionGate
+    ) -> None:
         self._api = api
         self._engine = engine
+        self._gate = gate
 
-    async def _authorise(self, request: SynapseRequest) -> ResyncEngine:
+    def routes(self) -> list[AdminRoute]:
+        return [
+            AdminRoute("GET", _ROOMS + "/?$", self.list_rooms, "PartialStateRooms"),
+            AdminRoute("GET", _ROOM + "/?$", self.get_room, "PartialStateRoom"),
+            AdminRoute(
+                "POST", _ROOM + "/retry/?$", self.retry_room, "PartialStateRoomRetry"
+            ),
+            AdminRoute(
+                "POST", _ROOM + "/abort/?$", self.abort_room, "PartialStateRoomAbort"
+            ),
+        ]
+
+    async def _require_admin(self, request: SynapseRequest) -> None:
         requester = await self._api.get_user_by_req(request)
         if not await self._api.is_user_admin(requester.user.to_string()):
             raise SynapseError(403, "You are not a server admin", "M_FORBIDDEN")
+
+    def _engine_here(self) -> ResyncEngine:
+        if not self._gate.patches_active:
+            raise SynapseError(
+                404,
+                f"The module's patches are off ({self._gate.reason}): "
+                "Synapse runs resyncs itself",
+                "M_NOT_FOUND",
+            )
         if self._engine is None:
             raise SynapseError(
                 404,
@@ -65,38 +93,41 @@ class AdminResource(DirectServeJsonResource):
             )
         return self._engine
 
-    def _sub_path(self, request: SynapseRequest) -> str:
-        path = request.path.decode("ascii")
-        return path[len(ADMIN_PATH) :] if path.startswith(ADMIN_PATH) else path
+    async def _authorise(self, request: SynapseRequest) -> ResyncEngine:
+        await self._require_admin(request)
+        return self._engine_here()
 
-    async def _async_render_GET(self, request: SynapseRequest) -> tuple[int, dict]:
-        engine = await self._authorise(request)
+    async def list_rooms(self, request: SynapseRequest) -> tuple[int, dict]:
+        await self._require_admin(request)
+        if not self._gate.patches_active:
+            # Say it where an admin looks: no job (Synapse resyncs as stock), and why.
+            return 200, {"rooms": [], **patches_fields(self._gate)}
+        engine = self._engine_here()
         now = engine.now_ms()
-        sub = self._sub_path(request)
-        if sub in ("", "/"):
-            show_all = request.args.get(b"all", [b"false"])[0] == b"true"
-            jobs = await engine.list_jobs(include_finished=show_all)
-            return 200, {
-                "rooms": [job_json(j, now, engine.is_running(j.room_id)) for j in jobs]
-            }
-        m = _ROOM.match(sub)
-        if not m or m.group("action"):
-            raise SynapseError(404, "Unknown admin path", "M_NOT_FOUND")
-        room_id = unquote(m.group("room"))
+        show_all = request.args.get(b"all", [b"false"])[0] == b"true"
+        jobs = await engine.list_jobs(include_finished=show_all)
+        return 200, {
+            "rooms": [job_json(j, now, engine.is_running(j.room_id)) for j in jobs],
+            **patches_fields(self._gate),
+        }
+
+    async def get_room(self, request: SynapseRequest, room_id: str) -> tuple[int, dict]:
+        engine = await self._authorise(request)
         job = await engine.get_job(room_id)
         if job is None:
             raise SynapseError(404, f"No resync job for {room_id}", "M_NOT_FOUND")
-        return 200, job_json(job, now, engine.is_running(room_id))
+        return 200, job_json(job, engine.now_ms(), engine.is_running(room_id))
 
-    async def _async_render_POST(self, request: SynapseRequest) -> tuple[int, dict]:
+    async def retry_room(
+        self, request: SynapseRequest, room_id: str
+    ) -> tuple[int, dict]:
         engine = await self._authorise(request)
-        m = _ROOM.match(self._sub_path(request))
-        if not m or not m.group("action"):
-            raise SynapseError(404, "Unknown admin path", "M_NOT_FOUND")
-        room_id = unquote(m.group("room"))
-        action = m.group("action")
-        if action == "retry":
-            started = await engine.retry_now(room_id)
-            return 200, {"room_id": room_id, "retrying": True, "started": started}
+        started = await engine.retry_now(room_id)
+        return 200, {"room_id": room_id, "retrying": True, "started": started}
+
+    async def abort_room(
+        self, request: SynapseRequest, room_id: str
+    ) -> tuple[int, dict]:
+        engine = await self._authorise(request)
         await engine.abort_now(room_id)
         return 200, {"room_id": room_id, "aborted": True}

@@ -77,8 +77,11 @@ class PartialStateConfig:
 
     resident: ResidentConfig = ResidentConfig()
     resync: ResyncConfig = ResyncConfig()
-    #: Start even on a Synapse version outside the tested range.
+    #: On a Synapse outside the tested range, install the patches anyway (the
+    #: default there: none, Synapse runs as stock).
     allow_untested_synapse: bool = False
+    #: On a Synapse outside the tested range, stop Synapse at start-up instead.
+    refuse_untested_synapse: bool = False
 
 
 def _describe(value: Any) -> str:
@@ -223,6 +226,16 @@ def parse_config(raw: Any) -> PartialStateConfig:
         allow_untested_synapse=r.boolean(
             "allow_untested_synapse", d.allow_untested_synapse
         ),
+        refuse_untested_synapse=r.boolean(
+            "refuse_untested_synapse", d.refuse_untested_synapse
+        ),
     )
     r.finish()
+    if parsed.allow_untested_synapse and parsed.refuse_untested_synapse:
+        raise ConfigError(
+            "partial-state module config: 'allow_untested_synapse' and "
+            "'refuse_untested_synapse' are both true; expected at most one of them "
+            "(allow: install the patches on an untested Synapse; refuse: stop "
+            "Synapse there; neither: start with the patches off)"
+        )
     return parsed

@@ -13,7 +13,7 @@ from typing import Any
 from synapse.module_api import ModuleApi
 
 from synapse_partial_state import __version__
-from synapse_partial_state.admin import ADMIN_PATH, AdminResource
+from synapse_partial_state.admin import AdminApi
 from synapse_partial_state.compat import patching, send_join, servlets
 from synapse_partial_state.compat.persistence import install_current_state_guard
 from synapse_partial_state.compat.resident_state import (
@@ -32,6 +32,7 @@ from synapse_partial_state.compat.state_fetch import (
 from synapse_partial_state.compat.state_resolution import (
     install_identical_state_shortcut,
 )
+from synapse_partial_state.compat.web import mount_admin_api, on_client_listeners
 from synapse_partial_state.config import PartialStateConfig, parse_config
 from synapse_partial_state.joining.engine import ResyncEngine
 from synapse_partial_state.joining.fetch import StateFetcher
@@ -52,23 +53,39 @@ class PartialStateModule:
     def __init__(self, config: PartialStateConfig, api: ModuleApi) -> None:
         self._api = api
         self._config = config
-        patching.check_synapse_version(config.allow_untested_synapse)
+        # On an untested Synapse: no patch, no engine (Synapse runs as stock), only
+        # the status endpoint and the admin API, which say so.
+        self.gate = patching.check_synapse_version(
+            config.allow_untested_synapse, config.refuse_untested_synapse
+        )
+        # Synapse runs remote joins and resyncs on the main process only
+        # (do_invite_join asserts it), so that is where the engine lives.
+        is_main = api.worker_app is None
+        self.engine: ResyncEngine | None = None
+        if self.gate.patches_active:
+            self.engine = self._install_patches(api, config, is_main)
+        api.register_web_resource(
+            STATUS_PATH,
+            on_client_listeners(
+                api, StatusResource(api, config, __version__, self.gate)
+            ),
+        )
+        mount_admin_api(AdminApi(api, self.engine, self.gate).routes())
+        self._log_role(is_main)
+
+    def _install_patches(
+        self, api: ModuleApi, config: PartialStateConfig, is_main: bool
+    ) -> ResyncEngine | None:
+        """Every patch this process needs, and the engine on the main process."""
         # Wherever this process resolves state (resident, joiner, persister).
         install_identical_state_shortcut(api)
         # Wherever this process persists events (current state included).
         install_current_state_guard(api)
         if config.resident.enabled:
             self._wire_resident(api, config)
-        api.register_web_resource(STATUS_PATH, StatusResource(api, config, __version__))
-
-        # Synapse runs remote joins and resyncs on the main process only
-        # (do_invite_join asserts it), so that is where the engine lives.
-        is_main = api.worker_app is None
-        self.engine: ResyncEngine | None = None
         if config.resync.enabled and is_main:
-            self.engine = self._wire_engine(api, config)
-        api.register_web_resource(ADMIN_PATH, AdminResource(api, self.engine))
-        self._log_role(is_main)
+            return self._wire_engine(api, config)
+        return None
 
     @staticmethod
     def _wire_resident(api: ModuleApi, config: PartialStateConfig) -> None:
@@ -113,6 +130,15 @@ class PartialStateModule:
 
     def _log_role(self, is_main: bool) -> None:
         config, api = self._config, self._api
+        if not self.gate.patches_active:
+            logger.info(
+                "synapse_partial_state %s loaded on the %s with every patch off "
+                "(untested Synapse %s): Synapse runs as stock",
+                __version__,
+                "main process" if is_main else f"worker {api.worker_name}",
+                self.gate.synapse_version,
+            )
+            return
         if not config.resync.enabled:
             resync = "off (Synapse's own resync)"
         elif is_main:

@@ -17,6 +17,8 @@ import Synapse's event classes, so that the bytes checked are Synapse's).
 * :mod:`.servlets`: request-aware federation servlets, ``/state`` servlets, writing
 * :mod:`.send_join`: the ``/send_join`` wrapper and the room facts it reads
 * :mod:`.resident_state`: what the ``/state`` server reads, event-cache invalidation
+* :mod:`.web`: the admin API inside Synapse's admin resource, the listeners that
+  serve the client API
 
 Checked against: matrix-synapse 1.163.2 (source read in the installed wheel).
 """

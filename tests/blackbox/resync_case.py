@@ -9,11 +9,11 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
+from tests.blackbox.endpoints import ADMIN
 from tests.fedkit.homeserver import Homeserver
 from tests.fedkit.matrix_client import Client
 from tests.fedkit.testcase import FederationTestCase
 
-ADMIN = "/_synapse/client/partial_state/v1/admin/rooms"
 STATE_PATHS = r"^/_matrix/federation/v1/state(_ids)?/"
 STATE_PATH = r"^/_matrix/federation/v1/state/"
 EVENT_PATH = r"^/_matrix/federation/v1/event/"

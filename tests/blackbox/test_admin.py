@@ -1,14 +1,119 @@
-"""The admin API (``/_synapse/client/partial_state/v1/admin/rooms``) against a
-real joiner: listing, retry now, abort, access, and Synapse's delete-room API
-mid-resync. Each test runs on SQLite and on PostgreSQL."""
+"""The admin API (``/_synapse/admin/v1/partial_state/rooms``) against a real
+joiner: listing, retry now, abort, access, and Synapse's delete-room API
+mid-resync; and where the admin API and the status endpoint answer. Each test
+runs on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
 import time
 from urllib.parse import quote
 
-from tests.blackbox.resync_case import ADMIN, STATE_PATHS, ResyncCase, wait_until
-from tests.fedkit.testcase import on_both_databases
+import requests
+
+from tests.blackbox.endpoints import ADMIN, STATUS
+from tests.blackbox.resync_case import STATE_PATHS, ResyncCase, wait_until
+from tests.fedkit.testcase import FederationTestCase, on_both_databases
+
+#: Where the admin API was before it moved under Synapse's admin prefix.
+OLD_ADMIN = "/_synapse/client/partial_state/v1/admin/rooms"
+MINIMAL_STATUS_KEYS = {
+    "module",
+    "version",
+    "loaded",
+    "patches_active",
+    "patches_reason",
+}
+
+
+@on_both_databases
+class WhereTheEndpointsAnswer(FederationTestCase):
+    """The admin API lives under Synapse's admin prefix; the status endpoint tells
+    anyone only that the module is loaded, and a server admin everything; neither
+    answers on a listener that does not serve the client API (the kit's federation
+    listener serves only ``federation``, ``keys`` and ``openid``)."""
+
+    def setUp(self) -> None:
+        (self.hs,) = self.make_homeservers(["hs"])
+        self.admin = self.register(self.hs, "admin", admin=True)
+        self.user = self.register(self.hs, "user")
+        self.anonymous = requests.Session()
+        self.anonymous.trust_env = False
+        self.addCleanup(self.anonymous.close)
+
+    def test_admin_api_under_synapse_admin_prefix_for_admins(self) -> None:
+        status, body = self.admin.get(ADMIN)
+        self.assertEqual(
+            (status, body),
+            (200, {"rooms": [], "patches_active": True, "patches_reason": None}),
+        )
+        status, body = self.admin.get(f"{ADMIN}/{quote('!nope:x')}")
+        self.assertEqual((status, body.get("errcode")), (404, "M_NOT_FOUND"))
+        status, body = self.user.get(ADMIN)
+        self.assertEqual((status, body.get("errcode")), (403, "M_FORBIDDEN"))
+        status, body = self.user.post(f"{ADMIN}/{quote('!r:x')}/retry", json={})
+        self.assertEqual((status, body.get("errcode")), (403, "M_FORBIDDEN"))
+        r = self.anonymous.get(self.hs.client_url + ADMIN, timeout=30)
+        self.assertEqual(r.status_code, 401, r.text)
+        # No longer under /_synapse/client.
+        status, body = self.admin.get(OLD_ADMIN)
+        self.assertEqual(status, 404, body)
+
+    def test_status_is_minimal_unless_asked_by_a_server_admin(self) -> None:
+        r = self.anonymous.get(self.hs.client_url + STATUS, timeout=30)
+        self.assertEqual(r.status_code, 200, r.text)
+        self.assertEqual(set(r.json()), MINIMAL_STATUS_KEYS)
+        self.assertEqual(r.json()["module"], "synapse_partial_state")
+        self.assertIs(r.json()["loaded"], True)
+        self.assertIs(r.json()["patches_active"], True)
+        self.assertIsNone(r.json()["patches_reason"])
+        status, body = self.user.get(STATUS)
+        self.assertEqual((status, set(body)), (200, MINIMAL_STATUS_KEYS))
+        status, body = self.admin.get(STATUS)
+        self.assertEqual(status, 200, body)
+        for key in (
+            "synapse_version",
+            "version_gate",
+            "config",
+            "patches",
+            "mounts",
+            "worker",
+        ):
+            self.assertIn(key, body)
+        # An unknown token is refused, as everywhere in Synapse.
+        r = self.anonymous.get(
+            self.hs.client_url + STATUS,
+            headers={"Authorization": "Bearer not-a-token"},
+            timeout=30,
+        )
+        self.assertEqual(r.status_code, 401, r.text)
+
+    def test_nothing_on_a_federation_only_listener(self) -> None:
+        # 404 M_UNRECOGNIZED for both, even with an admin's token, as for any
+        # path the listener does not serve...
+        federation = requests.Session()
+        federation.trust_env = False
+        federation.verify = self.hs.ca.cert_path
+        federation.headers["Authorization"] = f"Bearer {self.admin.access_token}"
+        self.addCleanup(federation.close)
+        for method, path in (
+            ("GET", STATUS),
+            ("POST", STATUS),
+            ("GET", ADMIN),
+            ("GET", f"{ADMIN}/{quote('!r:x')}"),
+            ("POST", f"{ADMIN}/{quote('!r:x')}/abort"),
+            ("GET", OLD_ADMIN),
+        ):
+            r = federation.request(method, self.hs.federation_url + path, timeout=30)
+            self.assertEqual(
+                (r.status_code, r.json().get("errcode")),
+                (404, "M_UNRECOGNIZED"),
+                f"{method} {path}: {r.text}",
+            )
+        # ...while it still serves federation.
+        r = federation.get(
+            self.hs.federation_url + "/_matrix/federation/v1/version", timeout=30
+        )
+        self.assertEqual(r.status_code, 200, r.text)
 
 
 @on_both_databases

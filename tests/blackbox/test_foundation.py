@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import re
 import time
+from urllib.parse import quote
 
+import requests
+
+from synapse_partial_state.compat.patching import TESTED_RANGE_ENV
+from tests.blackbox.endpoints import ADMIN, STATUS, full_status
 from tests.fedkit.homeserver import HomeserverStartError
 from tests.fedkit.testcase import FederationTestCase, on_both_databases
-
-STATUS = "/_synapse/client/partial_state/v1/status"
 
 
 @on_both_databases
@@ -21,9 +24,7 @@ class TwoModuleHomeservers(FederationTestCase):
 
         # The module is loaded in both, with its send_join patches in place.
         for hs in (hs1, hs2):
-            probe = self.register(hs, "probe")
-            status, body = probe.get(STATUS)
-            self.assertEqual(status, 200, body)
+            body = full_status(self.register(hs, "probe", admin=True))
             self.assertEqual(body["module"], "synapse_partial_state")
             self.assertEqual(body["server_name"], hs.server_name)
             targets = {p["target"].rsplit(".", 1)[-1] for p in body["patches"]}
@@ -89,6 +90,60 @@ class JoinBigFakeRoom(FederationTestCase):
         members = bob.joined_members(room["room_id"])
         self.assertEqual(len(members), room["member_count"] + 1)
         self.assertIn(bob.user_id, members)
+
+
+@on_both_databases
+class UntestedSynapse(FederationTestCase):
+    """On a Synapse outside the tested range the server still starts, with every
+    patch off: Synapse behaves as stock, and the log, the status endpoint and the
+    admin API say so. The installed Synapse is made "untested" with the gate's
+    environment override, which only compat/patching.py reads."""
+
+    def test_starts_with_patches_off_and_joins_as_stock(self) -> None:
+        peer = self.make_fake_peer()
+        room = peer.create_room(members=200, servers=5, name="Stock room")
+        (hs2,) = self.make_homeservers(["hs2"], env={TESTED_RANGE_ENV: "1.0.0,1.1.0"})
+        admin = self.register(hs2, "admin", admin=True)
+        bob = self.register(hs2, "bob")
+
+        # Loudly in the log...
+        hs2.wait_for_log(
+            r" - ERROR - .*Synapse .+ is outside the range this module was tested "
+            r"with \(1\.0\.0 <= version < 1\.1\.0\)\. .*NONE is installed"
+        )
+        # ...in the status endpoint, to anyone and in full to an admin...
+        r = requests.get(hs2.client_url + STATUS, timeout=30)
+        minimal = r.json()
+        self.assertEqual(r.status_code, 200, minimal)
+        self.assertIs(minimal["patches_active"], False)
+        self.assertIn("every patch is off", minimal["patches_reason"])
+        full = full_status(admin)
+        self.assertIs(full["patches_active"], False)
+        self.assertEqual(full["patches"], [])
+        self.assertEqual(
+            (full["version_gate"]["tested"], full["version_gate"]["tested_range"]),
+            (False, "1.0.0 <= version < 1.1.0"),
+        )
+        # ...and in the admin API, which has no engine to ask.
+        status, body = admin.get(ADMIN)
+        self.assertEqual(status, 200, body)
+        self.assertEqual(body["rooms"], [])
+        self.assertIs(body["patches_active"], False)
+        self.assertIn("every patch is off", body["patches_reason"])
+
+        # A partial join works, as stock: Synapse's own resync completes it.
+        since = hs2.log_offset()
+        self.assertEqual(
+            bob.join(room["room_id"], via=[room["resident"]]), room["room_id"]
+        )
+        (send_join,) = peer.requests(path_regex=r"^/_matrix/federation/v2/send_join/")
+        self.assertEqual(send_join["query"].get("omit_members"), ["true"])
+        # Blocks until Synapse has the room's full state.
+        members = bob.joined_members(room["room_id"])
+        self.assertEqual(len(members), room["member_count"] + 1)
+        status, body = admin.get(f"{ADMIN}/{quote(room['room_id'])}")
+        self.assertEqual((status, body.get("errcode")), (404, "M_NOT_FOUND"))
+        self.assertNotIn("Starting resync of", hs2.read_log()[since:])
 
 
 @on_both_databases

@@ -50,8 +50,8 @@ from urllib.parse import quote
 import requests
 from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
 
+from tests.blackbox.endpoints import ADMIN
 from tests.blackbox.resync_case import (
-    ADMIN,
     FAST,
     STATE_PATHS,
     resident_state,

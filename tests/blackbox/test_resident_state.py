@@ -20,6 +20,7 @@ from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
 from synapse.events import make_event_from_dict
 
 from synapse_partial_state.wire import MEMBERS_ONLY_PARAM
+from tests.blackbox.endpoints import patch_targets
 from tests.fedkit.matrix_client import Client
 from tests.fedkit.testcase import (
     FederationTestCase,
@@ -452,7 +453,10 @@ class StateServingMembersOnlyOff(_StateRoom):
 
     def test_members_only_off_gives_full_answers(self) -> None:
         self.build_room()
-        self.assertIn("FederationStateV1Servlet", patch_targets(self.users["alice"]))
+        self.assertIn(
+            "FederationStateV1Servlet",
+            patch_targets(self.register(self.hs1, "admin", admin=True)),
+        )
         answer = self.get_state(self.last_id, members_only="true")
         self.assertNotIn(MEMBERS_ONLY_PARAM, answer)
         self.assert_same_state(answer, self.get_state(self.last_id))
@@ -464,7 +468,7 @@ class StateServingDisabled(_StateRoom):
 
     def test_disabled_leaves_stock_servlets(self) -> None:
         self.build_room()
-        targets = patch_targets(self.users["alice"])
+        targets = patch_targets(self.register(self.hs1, "admin", admin=True))
         self.assertNotIn("FederationStateV1Servlet", targets)
         self.assertNotIn("FederationStateIdsServlet", targets)
         since = self.hs1.log_offset()
@@ -473,13 +477,6 @@ class StateServingDisabled(_StateRoom):
         self.get_state(self.last_id, "state_ids")
         time.sleep(0.5)
         self.assertEqual(self.state_log_lines(since), [])
-
-
-def patch_targets(client: Client) -> set[str]:
-    """The last component of every patch the status endpoint lists."""
-    status, body = client.get("/_synapse/client/partial_state/v1/status")
-    assert status == 200, body
-    return {p["target"].rsplit(".", 1)[-1] for p in body["patches"]}
 
 
 # ---------------------------------------------------------------------------

@@ -70,6 +70,8 @@ class Homeserver:
         with_module: load ``synapse_partial_state.PartialStateModule``.
         module_config: the module's config (default ``{}``).
         extra_config: deep-merged into homeserver.yaml last.
+        env: environment variables set for the Synapse process, on top of the
+            kit's (e.g. ``SPS_TESTED_SYNAPSE_RANGE``).
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class Homeserver:
         with_module: bool = True,
         module_config: dict[str, Any] | None = None,
         extra_config: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         if db not in ("sqlite", "postgres"):
             raise ValueError(f"db must be 'sqlite' or 'postgres', not {db!r}")
@@ -93,6 +96,7 @@ class Homeserver:
         self.with_module = with_module
         self.module_config = module_config
         self.extra_config = extra_config or {}
+        self.env = dict(env or {})
 
         self.tls: TLSFiles = ca.issue(f"hs-{name}")
         self.config_path = os.path.join(self.workdir, "homeserver.yaml")
@@ -264,7 +268,7 @@ class Homeserver:
             self._log_offset_at_spawn = self.log_offset()
             self._stderr_offset_at_spawn = self._stderr_file.tell()
             self._proc = process.spawn_synapse(
-                self.config_path, self.workdir, self._stderr_file
+                self.config_path, self.workdir, self._stderr_file, self.env
             )
             self._pgid = self._proc.pid
             self.resources.forget_process()

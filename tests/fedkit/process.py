@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from typing import IO
 
 import psutil
@@ -46,9 +47,11 @@ def _child_setup() -> None:
         pass
 
 
-def synapse_env() -> dict[str, str]:
-    """The environment of a Synapse process: no proxies, the repository importable."""
+def synapse_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a Synapse process: no proxies, the repository importable,
+    and ``extra`` on top."""
     env = {k: v for k, v in os.environ.items() if k.lower() not in _PROXY_VARS}
+    env.update(extra or {})
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p
     )
@@ -57,11 +60,14 @@ def synapse_env() -> dict[str, str]:
 
 
 def spawn_synapse(
-    config_path: str, workdir: str, output: IO[bytes]
+    config_path: str,
+    workdir: str,
+    output: IO[bytes],
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start ``synapse.app.homeserver -c config_path`` in a new session.
 
-    Its stdout and stderr go to ``output``."""
+    Its stdout and stderr go to ``output``; ``env`` is added to its environment."""
     in_main = threading.current_thread() is threading.main_thread()
     return subprocess.Popen(
         [
@@ -72,7 +78,7 @@ def spawn_synapse(
             config_path,
         ],
         cwd=workdir,
-        env=synapse_env(),
+        env=synapse_env(env),
         stdin=subprocess.DEVNULL,
         stdout=output,
         stderr=output,

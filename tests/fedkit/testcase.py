@@ -171,7 +171,7 @@ class FederationTestCase(unittest.TestCase):
         """A homeserver on :attr:`DATABASE`, started unless ``start=False``.
 
         ``kw`` go to :class:`Homeserver` (``module_config``, ``extra_config``,
-        ``db``). It is stopped and its database dropped after the test."""
+        ``db``, ``env``). It is stopped and its database dropped after the test."""
         hs = self._new_homeserver(name, with_module, **kw)
         if start:
             hs.start()

@@ -48,6 +48,29 @@ class ParseConfigTests(ConfigAssertions):
         )
         self.assertTrue(config.allow_untested_synapse)
 
+    def test_untested_synapse_switches(self) -> None:
+        default = PartialStateModule.parse_config({})
+        self.assertFalse(default.allow_untested_synapse)
+        self.assertFalse(default.refuse_untested_synapse)
+        refuse = PartialStateModule.parse_config({"refuse_untested_synapse": True})
+        self.assertTrue(refuse.refuse_untested_synapse)
+        self.assertFalse(refuse.allow_untested_synapse)
+
+    def test_allow_and_refuse_untested_synapse_together(self) -> None:
+        self.assert_rejected(
+            {"allow_untested_synapse": True, "refuse_untested_synapse": True},
+            "'allow_untested_synapse' and 'refuse_untested_synapse' are both true",
+            "expected at most one of them",
+        )
+
+    def test_refuse_untested_synapse_given_string(self) -> None:
+        self.assert_rejected(
+            {"refuse_untested_synapse": "yes"},
+            "'refuse_untested_synapse'",
+            "'yes' (str)",
+            "true or false",
+        )
+
     def test_top_level_not_a_mapping(self) -> None:
         self.assert_rejected(["a"], "expected a mapping", "['a'] (list)")
 
