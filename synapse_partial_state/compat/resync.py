@@ -256,6 +256,49 @@ class ResyncOps:
         await self._hs.get_notifier().on_un_partial_stated_room(room_id, stream_id)
         return True
 
+    async def local_memberships(self, room_id: str) -> list[tuple[str, str, str]]:
+        """(user ID, membership, sender of that membership event) of every
+        local user with a membership of the room (``local_current_membership``)."""
+
+        def txn(t: Any) -> list[tuple[str, str, str]]:
+            t.execute(
+                "SELECT l.user_id, l.membership, e.sender"
+                " FROM local_current_membership AS l"
+                " INNER JOIN events AS e USING (event_id)"
+                " WHERE l.room_id = ?",
+                (room_id,),
+            )
+            return [(row[0], row[1], row[2]) for row in t.fetchall()]
+
+        return await self._store.db_pool.runInteraction("sps_local_memberships", txn)
+
+    async def federation_sender_is_past(self, room_id: str) -> bool:
+        """Whether Synapse's federation sender has handed every local membership
+        event of the room to its destinations (``federation_stream_position``
+        for events, of any sender instance, at or past their stream orderings).
+        Until then, purging the room makes it fail (its ``destination_rooms``
+        rows refer to the room) and the event is never sent."""
+
+        def txn(t: Any) -> bool:
+            t.execute(
+                "SELECT MAX(e.stream_ordering) FROM local_current_membership AS l"
+                " INNER JOIN events AS e USING (event_id) WHERE l.room_id = ?",
+                (room_id,),
+            )
+            row = t.fetchone()
+            last = row[0] if row else None
+            t.execute(
+                "SELECT MAX(stream_id) FROM federation_stream_position"
+                " WHERE type = 'events'"
+            )
+            row = t.fetchone()
+            sent = row[0] if row else None
+            return last is None or (sent is not None and sent >= last)
+
+        return await self._store.db_pool.runInteraction(
+            "sps_federation_sender_is_past", txn
+        )
+
     async def abort(self, room_id: str) -> bool:
         """Give up a partial-state room that no local user is in any more.
 

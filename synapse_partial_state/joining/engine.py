@@ -35,6 +35,9 @@ from synapse_partial_state.joining.wakeups import Wakeups
 
 logger = logging.getLogger(__name__)
 
+#: Longest wait for Synapse's federation sender before purging an aborted room.
+SENDER_WAIT_S = 30
+
 
 class ResyncEngine:
     def __init__(
@@ -54,6 +57,9 @@ class ResyncEngine:
         self._wakeups = Wakeups(ops)
         #: rooms an admin asked to abort
         self._abort_requested: set[str] = set()
+        #: aborted rooms not purged, for local members' pending invites, knocks
+        #: and kicks (see :meth:`_abort`)
+        self._kept: set[str] = set()
         self._store = JobStore(api)
         #: the latest copy of every job this process runs or ran
         self._jobs: dict[str, Job] = {}
@@ -119,6 +125,7 @@ class ResyncEngine:
         initial_destination: str | None,
         other_destinations: Collection[str],
     ) -> Job:
+        self._kept.discard(room_id)
         job = await self._start_job(room_id, initial_destination, other_destinations)
         self._metrics.started()
         if job.events_applied > 0 and self._fetcher is not None:
@@ -197,6 +204,13 @@ class ResyncEngine:
         event, seen as Synapse notifies it). A leave, kick or ban while the room
         resyncs may have been the last local member's: look at once, instead of
         after the request in flight (which may hang at a resident for minutes)."""
+        if room_id in self._kept and membership not in ("join", "invite", "knock"):
+            # A membership that kept the room went away: purge it now, if
+            # nothing else keeps it.
+            self._api.run_as_background_process(
+                "sps_kept_room", self._abort, room_id, "no local membership left"
+            )
+            return
         if membership in ("join", "invite", "knock") or not self.is_running(room_id):
             return
         self._api.run_as_background_process(
@@ -376,15 +390,43 @@ class ResyncEngine:
         joined again, in which case the resync goes on."""
         logger.info("Aborting resync of %s: %s", room_id, why)
         if await self._ops.is_partial_state_room(room_id):
-            if not await self._ops.abort(room_id):
-                logger.info(
-                    "Resync of %s goes on: a local user is in the room", room_id
+            kept = jobs.memberships_to_keep(await self._ops.local_memberships(room_id))
+            if kept:
+                # Not purged: that would take these memberships from their
+                # users. Purged once they are gone (:meth:`on_local_membership`).
+                self._kept.add(room_id)
+                why += "; the room is kept for " + ", ".join(
+                    f"{user} ({membership})" for user, membership in kept
                 )
-                return False
+            else:
+                await self._wait_for_federation_sender(room_id)
+                if not await self._ops.abort(room_id):
+                    logger.info(
+                        "Resync of %s goes on: a local user is in the room", room_id
+                    )
+                    return False
+                self._kept.discard(room_id)
         job = self._jobs.get(room_id) or await self.get_job(room_id)
         if job is not None:
             await self._mark_aborted(job, why)
         return True
+
+    async def _wait_for_federation_sender(self, room_id: str) -> None:
+        """Until Synapse's federation sender has handed the local users' last
+        membership events (the leave) to the room's servers, at most
+        :data:`SENDER_WAIT_S`: purging before makes the sender fail, and the
+        leave never reaches them."""
+        deadline = self._ops.now_ms() + SENDER_WAIT_S * 1000
+        while not await self._ops.federation_sender_is_past(room_id):
+            if self._ops.now_ms() >= deadline:
+                logger.warning(
+                    "Resync of %s: the federation sender has not sent the last "
+                    "local membership after %d s; purging anyway",
+                    room_id,
+                    SENDER_WAIT_S,
+                )
+                return
+            await self._wakeups.sleep(room_id, 100)
 
     async def _mark_aborted(self, job: Job, why: str) -> None:
         now = self._ops.now_ms()

@@ -139,3 +139,18 @@ def start_or_resume(
             destinations=destinations,
         )
     return job.evolve(now, current_destination=next_destination(job.destinations, ()))
+
+
+def memberships_to_keep(
+    memberships: Iterable[tuple[str, str, str]],
+) -> list[tuple[str, str]]:
+    """Of local users' (user, membership, sender) in a room no local user is
+    joined to, those a purge would take from them: a pending invite or knock,
+    and a kick or ban by someone else (the user's clients must see it)."""
+    kept = []
+    for user_id, membership, sender in memberships:
+        if membership in ("invite", "knock") or (
+            membership in ("leave", "ban") and sender != user_id
+        ):
+            kept.append((user_id, membership))
+    return kept

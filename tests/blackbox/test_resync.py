@@ -189,6 +189,13 @@ class LeaveWhileTheResidentHangs(ResyncCase):
         self.assertLess(time.monotonic() - left, 20)
         self.assertIn("no local user", job["last_error"])
         self.hs2.wait_for_log(r"Aborting resync of", timeout=10, since=since)
+        # The purge waited for Synapse's federation sender: the leave reached
+        # the room's servers (purged first, it never did).
+        wait_until(
+            lambda: not self.peer.room(self.room_id)["real_servers_joined"],
+            30,
+            "the resident to see bob's leave",
+        )
 
         other = next(s for s in self.room["servers"] if s != self.resident)
         since = self.hs2.log_offset()
@@ -203,6 +210,56 @@ class LeaveWhileTheResidentHangs(ResyncCase):
             30,
             f"a state request to {server}",
         )
+
+
+@on_both_databases
+class AbortKeepsWhatUsersNeed(ResyncCase):
+    """The last local member leaves or is removed mid-resync: the incomplete
+    room is purged only when that takes nothing from a local user."""
+
+    def test_a_pending_invite_of_another_local_user_keeps_the_room(self) -> None:
+        self.setup_room()
+        rule = self.join_while_state_fails()
+        carol = self.register(self.hs2, "carol")
+        self.bob.invite(self.room_id, carol.user_id)
+        wait_until(lambda: self.room_id in invites(carol), 30, "carol's invite")
+        self.bob.leave(self.room_id)
+        job = self.wait_phase("aborted", timeout=30)
+        self.assertIn(f"{carol.user_id} (invite)", job["last_error"])
+        # Not purged: the invite is still there for carol's clients...
+        self.assertIn(self.room_id, invites(carol))
+        # ...and her joining resyncs the room as usual.
+        self.peer.remove_behaviour(rule)
+        since = self.hs2.log_offset()
+        carol.join(self.room_id, via=[self.resident])
+        self.wait_complete(since)
+
+    def test_a_remote_kick_of_the_last_member_stays_visible(self) -> None:
+        self.setup_room()
+        self.join_while_state_fails()
+        kick = self.peer.send_event(
+            self.room_id,
+            "m.room.member",
+            {"membership": "leave", "reason": "spam"},
+            sender=self.room["creator"],
+            state_key=self.bob.user_id,
+            # The kick takes hs2 out of the room: the peer would not send it.
+            destinations=[self.hs2.server_name],
+        )["event_id"]
+        job = self.wait_phase("aborted", timeout=30)
+        self.assertIn(f"{self.bob.user_id} (leave)", job["last_error"])
+        # Not purged: bob's clients still learn that he was kicked.
+        lazy = {"room": {"include_leave": True, "state": {"lazy_load_members": True}}}
+        left = self.bob.sync(filter=lazy).get("rooms", {}).get("leave", {})
+        timeline = left[self.room_id]["timeline"]["events"]
+        self.assertIn(kick, [e["event_id"] for e in timeline])
+
+
+def invites(client: Any) -> dict[str, Any]:
+    """The rooms a lazy-loading ``/sync`` (as clients make it; an eager one
+    leaves partial-state rooms out) shows ``client`` invited to."""
+    lazy = {"room": {"state": {"lazy_load_members": True}}}
+    return client.sync(filter=lazy).get("rooms", {}).get("invite", {})
 
 
 @on_both_databases

@@ -9,6 +9,7 @@ from synapse_partial_state.joining.jobs import (
     Phase,
     backoff_ms,
     eta_seconds,
+    memberships_to_keep,
     next_destination,
     order_destinations,
     start_or_resume,
@@ -118,3 +119,21 @@ class StartOrResumeTests(unittest.TestCase):
         done = Job(room_id="!r:x", phase=Phase.DONE, created_ts=1, updated_ts=2)
         job = start_or_resume(done, "!r:x", 9, "$j", None, self.SERVERS)
         self.assertEqual((job.created_ts, job.phase), (9, Phase.FETCHING))
+
+
+class MembershipsToKeepTests(unittest.TestCase):
+    def test_what_a_purge_would_take_from_local_users(self) -> None:
+        got = memberships_to_keep(
+            [
+                ("@a:x", "leave", "@a:x"),  # left: nothing to keep
+                ("@b:x", "invite", "@mod:y"),
+                ("@c:x", "knock", "@c:x"),
+                ("@d:x", "leave", "@mod:y"),  # kicked
+                ("@e:x", "ban", "@mod:y"),
+            ]
+        )
+        self.assertEqual(
+            got,
+            [("@b:x", "invite"), ("@c:x", "knock"), ("@d:x", "leave"), ("@e:x", "ban")],
+        )
+        self.assertEqual(memberships_to_keep([("@a:x", "leave", "@a:x")]), [])
