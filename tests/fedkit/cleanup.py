@@ -16,7 +16,10 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
+import time
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from tests.fedkit import postgres
@@ -29,7 +32,7 @@ class Cleanable(Protocol):
 
     name: str
 
-    def cleanup(self) -> None: ...
+    def cleanup(self, background_drop: bool = False, kill: bool = False) -> None: ...
 
 
 _registry_lock = threading.RLock()
@@ -54,15 +57,36 @@ def cleanup_all() -> None:
     with _registry_lock:
         servers = list(_registry.values())
     for hs in servers:
+        # The databases are dropped next: a graceful Synapse shutdown (up to
+        # its grace period on a loaded machine) buys nothing here.
+        with _timed(f"stopping {hs.name} and dropping its database"):
+            try:
+                hs.cleanup(kill=True)
+            except Exception:  # pragma: no cover - best effort at exit
+                logger.exception("cleaning up %s failed", hs.name)
+    with _timed("dropping pooled databases"):
         try:
-            hs.cleanup()
+            postgres.pg_pool.close()
         except Exception:  # pragma: no cover - best effort at exit
-            logger.exception("cleaning up %s failed", hs.name)
+            logger.exception("dropping pooled databases failed")
+    with _timed("waiting for background drops"):
+        postgres.wait_for_background_drops()
+
+
+#: A clean-up step slower than this is reported on stderr (it names the step
+#: when a test that kills a test process times out on a loaded machine).
+SLOW_STEP_S = 2.0
+
+
+@contextlib.contextmanager
+def _timed(step: str) -> Iterator[None]:
+    started = time.monotonic()
     try:
-        postgres.pg_pool.close()
-    except Exception:  # pragma: no cover - best effort at exit
-        logger.exception("dropping pooled databases failed")
-    postgres.wait_for_background_drops()
+        yield
+    finally:
+        took = time.monotonic() - started
+        if took > SLOW_STEP_S:
+            print(f"fedkit clean-up: {step} took {took:.1f} s", file=sys.stderr)
 
 
 def install_handlers() -> None:

@@ -378,15 +378,19 @@ class Homeserver:
         self.stop()
         return self.start(timeout)
 
-    def cleanup(self, background_drop: bool = False) -> None:
+    def cleanup(self, background_drop: bool = False, kill: bool = False) -> None:
         """Stop the server and drop its PostgreSQL database. Idempotent.
 
-        With ``background_drop`` the drop is queued (see :meth:`drop_database`)."""
+        With ``background_drop`` the drop is queued (see :meth:`drop_database`);
+        with ``kill`` the server is SIGKILLed instead of stopped gracefully."""
         with self._lock:
             if self._cleaned_up:
                 return
             self.stop_sampling()
-            self.stop()
+            if kill:
+                self.kill()
+            else:
+                self.stop()
             try:
                 self.drop_database(background=background_drop)
             finally:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from typing import Any
 
 import psutil
 
@@ -107,6 +108,11 @@ class KitTests(FederationTestCase):
             assert hs.database_name is not None
             self.assertFalse(postgres_database_exists(hs.database_name))
 
+    def _stderr_file(self, how: str) -> Any:
+        f = open(os.path.join(self.workdir, f"{how}.stderr"), "w")  # noqa: SIM115
+        self.addCleanup(f.close)
+        return f
+
     def test_no_server_outlives_a_killed_test_process(self) -> None:
         """SIGTERM to the test process: handler stops servers and drops databases.
 
@@ -136,6 +142,8 @@ class KitTests(FederationTestCase):
                 cwd=REPO_ROOT,
                 env={**os.environ, "SPS_PG_POOL_SIZE": "0"},
                 stdout=subprocess.PIPE,
+                # The kit reports slow clean-up steps there (see below).
+                stderr=self._stderr_file(how),
                 text=True,
             )
             self.addCleanup(procs[how].kill)
@@ -150,8 +158,12 @@ class KitTests(FederationTestCase):
 
         procs["term"].send_signal(signal.SIGTERM)
         procs["kill"].send_signal(signal.SIGKILL)
-        for proc in procs.values():
-            proc.wait(30)
+        for how, proc in procs.items():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                with open(os.path.join(self.workdir, f"{how}.stderr")) as f:
+                    self.fail(f"{how}: the test process took over 30 s:\n{f.read()}")
         for how in ("term", "kill"):
             self.assertTrue(
                 _wait_gone(info[how]["pid"]), f"{how}: synapse still running"
