@@ -10,3 +10,37 @@ MEMBERS_ONLY_PARAM = "org.matrix.msc2775.members_only"
 
 #: Field of a partial ``/send_join`` answer: heroes and member counts.
 SUMMARY_FIELD = "org.matrix.msc2775.summary"
+
+#: Longest event ID Synapse accepts (``synapse.api.constants.MAX_..._LENGTH``: 255).
+MAX_EVENT_ID_LENGTH = 255
+
+
+class WireError(ValueError):
+    """A federation answer that is not of the shape the spec gives it."""
+
+
+def parse_state_ids(body: object) -> tuple[list[str], list[str]]:
+    """``(pdu_ids, auth_chain_ids)`` of a ``/state_ids`` answer, checked as
+    Synapse checks it (both lists of strings; ``auth_chain_ids`` may be left
+    out) and each ID a plausible event ID (a non-empty string of at most
+    :data:`MAX_EVENT_ID_LENGTH` characters starting with ``$``). Raises
+    :class:`WireError` saying what is wrong."""
+    if not isinstance(body, dict):
+        raise WireError(f"/state_ids answer is not an object but {type(body).__name__}")
+    found = []
+    for name, default in (("pdu_ids", None), ("auth_chain_ids", [])):
+        ids = body.get(name, default)
+        if not isinstance(ids, list):
+            raise WireError(f"invalid {name!r} in /state_ids answer: not a list")
+        for event_id in ids:
+            if not (
+                isinstance(event_id, str)
+                and 1 < len(event_id) <= MAX_EVENT_ID_LENGTH
+                and event_id.startswith("$")
+            ):
+                raise WireError(
+                    f"invalid {name!r} in /state_ids answer: {str(event_id)[:80]!r} "
+                    "is not an event ID"
+                )
+        found.append(ids)
+    return found[0], found[1]

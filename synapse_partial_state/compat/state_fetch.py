@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from synapse.module_api import ModuleApi
 
 from synapse_partial_state.compat.patching import homeserver, wrap_instance_method
-from synapse_partial_state.wire import MEMBERS_ONLY_PARAM
+from synapse_partial_state.wire import MEMBERS_ONLY_PARAM, WireError, parse_state_ids
 
 if TYPE_CHECKING:
     from synapse.events import EventBase
@@ -66,7 +66,9 @@ class StateFetchOps:
         """``GET /_matrix/federation/v1/state_ids/{room}?event_id=``, as
         ``FederationClient.get_room_state_ids`` does (same path, same checks on
         the answer) but ignoring Synapse's per-destination back-off: the engine
-        has its own, and a resident that was down a minute ago is worth asking."""
+        has its own, and a resident that was down a minute ago is worth asking.
+        The answer is checked by :func:`~synapse_partial_state.wire.parse_state_ids`
+        (a malformed one raises ``InvalidResponseError``: the engine fails over)."""
         from synapse.federation.federation_client import InvalidResponseError
         from synapse.federation.transport.client import _create_v1_path
 
@@ -78,13 +80,10 @@ class StateFetchOps:
             try_trailing_slash_on_400=True,
             ignore_backoff=True,
         )
-        state_ids = body.get("pdu_ids") if isinstance(body, dict) else None
-        auth_ids = body.get("auth_chain_ids", []) if isinstance(body, dict) else None
-        for name, ids in (("pdu_ids", state_ids), ("auth_chain_ids", auth_ids)):
-            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-                raise InvalidResponseError(f"invalid {name!r} in /state_ids answer")
-        assert state_ids is not None and auth_ids is not None
-        return state_ids, auth_ids
+        try:
+            return parse_state_ids(body)
+        except WireError as e:
+            raise InvalidResponseError(str(e)) from e
 
     async def state_pdus(
         self,
