@@ -270,8 +270,17 @@ class StateFetcher:
             prev,
             members_only,
             timeout_ms,
-            StatePdusParser(on_pdu),
+            StatePdusParser(on_pdu, v1_ids),
         )
+        if answer.dropped:
+            logger.warning(
+                "Resync of %s: %d item(s) of the /state answer from %s left out: "
+                "not events (fields missing or of the wrong type), bigger than "
+                "Synapse allows, or beyond the size of the answer",
+                attempt.room_id,
+                answer.dropped,
+                attempt.destination,
+            )
         report.members_only = report.members_only or answer.members_only
         pdus = answer.auth_chain + answer.pdus
         del answer

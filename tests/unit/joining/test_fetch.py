@@ -1,0 +1,197 @@
+"""The engine's own state fetch (``joining/fetch.py``, ``StateFetcher``) with
+Synapse's side faked (``StateFetchOps``): what a hostile answer costs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Sequence
+from typing import Any
+
+from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
+from synapse.events import EventBase, make_event_from_dict
+from synapse.federation.federation_base import event_from_pdu_json
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from synapse_partial_state.joining import fetch as fetch_module
+from synapse_partial_state.joining.fetch import StateFetcher
+from synapse_partial_state.joining.inflight import InflightFetches
+from synapse_partial_state.joining.verify import VerifierPool, key_ids_needed
+from synapse_partial_state.joining.writer import FetchReport
+from tests.unit.joining.test_verify import held, key_id, make_pdu
+
+ROOM = "!room:a.test"
+VERSION = KNOWN_ROOM_VERSIONS["10"]
+DESTINATION = "res.test"
+
+
+class FakeJoin:
+    """The partial-state event whose state is fetched (only its room and prev
+    events are read)."""
+
+    def __init__(self, prev: str) -> None:
+        self.room_id = ROOM
+        self._prev = prev
+
+    def prev_event_ids(self) -> list[str]:
+        return [self._prev]
+
+
+class FakeOps:
+    """A resident answering ``/state_ids`` with ``state``, ``/state`` with
+    ``answer`` and single events from ``served``; a store that keeps what is
+    persisted, rejecting (as Synapse's auth checks may) ``reject_on_store``."""
+
+    def __init__(self, state: Collection[str]) -> None:
+        self.state = list(state)
+        self.answer = b'{"pdus": []}'
+        self.served: dict[str, EventBase] = {}
+        self.stored: set[str] = set()
+        self.rejected: set[str] = set()
+        self.reject_on_store: set[str] = set()
+        #: the keys held, and those the fetch asked for
+        self.keys: dict[tuple[str, str], tuple[bytes, int]] = {}
+        self.keys_asked: set[tuple[str, str]] = set()
+        #: events asked for one by one, and checked one by one
+        self.fetched: list[str] = []
+        self.checked: list[str] = []
+
+    async def in_timeline(self, event_ids: Collection[str]) -> set[str]:
+        return set()
+
+    async def room_version(self, room_id: str) -> Any:
+        return VERSION
+
+    async def state_ids(
+        self, destination: str, room_id: str, event_id: str
+    ) -> tuple[list[str], list[str]]:
+        return list(self.state), []
+
+    async def have_seen(self, room_id: str, event_ids: Collection[str]) -> set[str]:
+        return set(event_ids) & self.stored
+
+    async def stored_not_rejected(self, event_ids: Collection[str]) -> set[str]:
+        return (set(event_ids) & self.stored) - self.rejected
+
+    async def state_pdus(
+        self,
+        destination: str,
+        room_id: str,
+        event_id: str,
+        members_only: bool,
+        timeout_ms: int,
+        parser: Any,
+    ) -> Any:
+        for start in range(0, len(self.answer), 100):
+            parser.write(self.answer[start : start + 100])
+        return parser.finish()
+
+    async def signing_keys(
+        self, wanted: Collection[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[bytes, int]]:
+        self.keys_asked |= set(wanted)
+        return {k: v for k, v in self.keys.items() if k in wanted}
+
+    async def needs_per_event_checks(self, room_id: str) -> bool:
+        return False
+
+    def event_from_pdu(self, pdu: bytes, room_version: Any) -> EventBase:
+        return event_from_pdu_json(json.loads(pdu), room_version)
+
+    async def check_event(
+        self, event: EventBase, origin: str, room_version: Any
+    ) -> EventBase | None:
+        self.checked.append(event.event_id)
+        return None
+
+    async def fetch_event(
+        self, destinations: Sequence[str], event_id: str, room_version: Any
+    ) -> tuple[EventBase, str] | None:
+        self.fetched.append(event_id)
+        event = self.served.get(event_id)
+        return None if event is None else (event, destinations[0])
+
+    async def persist_outliers(self, room_id: str, events: list[EventBase]) -> None:
+        for event in events:
+            self.stored.add(event.event_id)
+            if event.event_id in self.reject_on_store:
+                self.rejected.add(event.event_id)
+
+    async def refresh_planner_stats(self) -> bool:
+        return False
+
+
+def member(name: str) -> EventBase:
+    """A member event (unsigned: events fetched one by one come checked)."""
+    return make_event_from_dict(
+        {
+            "room_id": ROOM,
+            "type": "m.room.member",
+            "state_key": f"@{name}:a.test",
+            "sender": f"@{name}:a.test",
+            "content": {"membership": "join"},
+            "auth_events": [],
+            "prev_events": [],
+            "depth": 1,
+            "origin_server_ts": 1,
+            "hashes": {"sha256": "x"},
+            "signatures": {},
+        },
+        VERSION,
+    )
+
+
+class _FetchCase(unittest.TestCase):
+    def fetch(self, ops: FakeOps, prev: str) -> defer.Deferred[FetchReport | None]:
+        fetcher = StateFetcher(
+            ops,  # type: ignore[arg-type]
+            VerifierPool(0),
+            InflightFetches(),
+        )
+        return defer.ensureDeferred(
+            fetcher.fetch_state_before(DESTINATION, FakeJoin(prev), ["other.test"])  # type: ignore[arg-type]
+        )
+
+
+class HostileAnswerTests(_FetchCase):
+    def test_a_pdu_whose_signatures_is_a_list_spoils_nothing(
+        self,
+    ) -> defer.Deferred[None]:
+        """A ``/state`` answer with, among genuine events, a pdu whose
+        ``signatures`` is a list (and junk): the genuine events are checked in
+        bulk and stored, the fetch completes, and one line says what was left
+        out. (Such a pdu used to abort the whole answer.)"""
+        self.patch(fetch_module, "SINGLE_FETCH_MAX", 0)  # /state even for three
+        goods = [
+            make_pdu("10", sender="@alice:a.test"),
+            make_pdu("10", sender="@bob:b.test"),
+            make_pdu("10", sender="@carol:a.test"),
+        ]
+        bad = make_pdu("10", sender="@mallory:b.test")
+        bad["signatures"] = list(bad["signatures"])
+        self.assertEqual(key_ids_needed(bad, False, True), set())
+        ids = [event_from_pdu_json(dict(p), VERSION).event_id for p in goods]
+        prev = member("prev")
+        ops = FakeOps(state=ids)
+        ops.served[prev.event_id] = prev
+        ops.keys = held("a.test", "b.test")
+        ops.answer = json.dumps(
+            {"pdus": [goods[0], bad, goods[1], {}], "auth_chain": [goods[2], bad]}
+        ).encode()
+
+        async def go() -> None:
+            with self.assertLogs(fetch_module.__name__, "WARNING") as logs:
+                report = await self.fetch(ops, prev.event_id)
+            assert report is not None
+            self.assertEqual(ops.stored, {*ids, prev.event_id})
+            self.assertEqual(report.verified, 3)
+            self.assertEqual(ops.checked, [])
+            self.assertEqual(ops.fetched, [prev.event_id])
+            self.assertEqual(
+                ops.keys_asked,
+                {("a.test", key_id("a.test")), ("b.test", key_id("b.test"))},
+            )
+            [line] = logs.output
+            self.assertIn(f"3 item(s) of the /state answer from {DESTINATION}", line)
+
+        return defer.ensureDeferred(go())
