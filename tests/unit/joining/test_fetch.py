@@ -1,5 +1,6 @@
 """The engine's own state fetch (``joining/fetch.py``, ``StateFetcher``) with
-Synapse's side faked (``StateFetchOps``): what a hostile answer costs."""
+Synapse's side faked (``StateFetchOps``): what a hostile answer costs, and when the
+fetched state counts as complete."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from synapse_partial_state.joining import fetch as fetch_module
-from synapse_partial_state.joining.fetch import StateFetcher
+from synapse_partial_state.joining.fetch import StateFetcher, StateIncomplete
 from synapse_partial_state.joining.inflight import InflightFetches
 from synapse_partial_state.joining.verify import VerifierPool, key_ids_needed
 from synapse_partial_state.joining.writer import FetchReport
@@ -193,5 +194,87 @@ class HostileAnswerTests(_FetchCase):
             )
             [line] = logs.output
             self.assertIn(f"3 item(s) of the /state answer from {DESTINATION}", line)
+
+        return defer.ensureDeferred(go())
+
+
+class CompletenessTests(_FetchCase):
+    """Every state event must end up stored and not rejected; the prev events
+    stored, rejected or not."""
+
+    def setUp(self) -> None:
+        self.events = {name: member(name) for name in ("create", "alice", "bob")}
+        self.prev = member("prev")
+        self.ops = FakeOps(state=[e.event_id for e in self.events.values()])
+        self.ops.served = {e.event_id: e for e in self.events.values()}
+        self.ops.served[self.prev.event_id] = self.prev
+
+    def test_complete(self) -> defer.Deferred[None]:
+        async def go() -> None:
+            report = await self.fetch(self.ops, self.prev.event_id)
+            assert report is not None
+            self.assertEqual(report.persisted, 4)
+
+        return defer.ensureDeferred(go())
+
+    def test_a_state_event_stored_as_rejected_is_missing(
+        self,
+    ) -> defer.Deferred[None]:
+        """Synapse rejects one of the state events as it stores it: it is stored
+        (``have_seen`` says so) but not part of the state."""
+        bob = self.events["bob"].event_id
+        self.ops.reject_on_store = {bob}
+
+        async def go() -> None:
+            with self.assertRaises(StateIncomplete) as raised:
+                await self.fetch(self.ops, self.prev.event_id)
+            self.assertEqual(raised.exception.missing, 1)
+            self.assertIn("1 of 4 state event(s)", str(raised.exception))
+            self.assertIn("1 of them stored as rejected", str(raised.exception))
+            self.assertIn(bob, self.ops.stored)
+
+        return defer.ensureDeferred(go())
+
+    def test_rejected_events_are_not_fetched_again_but_still_missing(
+        self,
+    ) -> defer.Deferred[None]:
+        """A state event stored as rejected before (e.g. by an earlier attempt)
+        is not fetched again, which would change nothing; it still counts as
+        missing when other events had to be fetched."""
+        alice = self.events["alice"].event_id
+        self.ops.stored = {alice}
+        self.ops.rejected = {alice}
+
+        async def go() -> None:
+            with self.assertRaises(StateIncomplete) as raised:
+                await self.fetch(self.ops, self.prev.event_id)
+            self.assertEqual(raised.exception.missing, 1)
+            self.assertNotIn(alice, self.ops.fetched)
+            self.assertEqual(len(self.ops.fetched), 3)
+
+        return defer.ensureDeferred(go())
+
+    def test_a_rejected_prev_event_is_no_gap(self) -> defer.Deferred[None]:
+        """The prev event need only be stored: rejected or not, it is part of
+        the room's graph, and Synapse takes the state after a rejected event as
+        the state before it."""
+        self.ops.reject_on_store = {self.prev.event_id}
+
+        async def go() -> None:
+            report = await self.fetch(self.ops, self.prev.event_id)
+            assert report is not None
+            self.assertEqual(report.persisted, 4)
+
+        return defer.ensureDeferred(go())
+
+    def test_an_event_not_stored_at_all_is_missing(self) -> defer.Deferred[None]:
+        del self.ops.served[self.events["create"].event_id]
+        del self.ops.served[self.prev.event_id]
+
+        async def go() -> None:
+            with self.assertRaises(StateIncomplete) as raised:
+                await self.fetch(self.ops, self.prev.event_id)
+            self.assertEqual(raised.exception.missing, 2)
+            self.assertNotIn("rejected", str(raised.exception))
 
         return defer.ensureDeferred(go())
