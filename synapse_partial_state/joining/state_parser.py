@@ -23,6 +23,14 @@ what it reads until the bulk check: what it keeps is bounded here.
   ``ValueError``: Synapse's HTTP client turns that into a failed request
   (``RequestSendFailed``, "Failed to parse response"), and the engine fails the
   destination over as for any other failed ``/state``.
+* So does a body shaped as no answer of events can be, before ijson builds
+  anything of it: nested deeper than :data:`MAX_NESTING`, map keys along one path
+  longer than an event, an item made of more JSON values than
+  :data:`MAX_ITEM_VALUES`. ijson keeps the path to every value it reads (as
+  ``pdus.item.content...`` strings, one per level): 20,000 levels of ``[``, 40
+  KB, cost it 1 GB, and 200,000 levels all the memory there is; a 9 MiB path of
+  long keys, 1 GB. And it builds each item whole before the parser can drop
+  it: an empty object, 3 bytes in the answer, is 72 in Python.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ from synapse.api.constants import MAX_PDU_SIZE, EventTypes
 from synapse_partial_state.wire import MEMBERS_ONLY_PARAM
 
 __all__ = [
+    "MAX_ITEM_VALUES",
+    "MAX_NESTING",
     "MAX_PDU_SIZE",
     "StateAnswerError",
     "StatePdus",
@@ -58,8 +68,20 @@ class StatePdus:
 
 
 class StateAnswerError(ValueError):
-    """The body is not a ``/state`` answer (not JSON at all, or JSON ijson
-    refuses): the request fails."""
+    """The body is not a ``/state`` answer (not JSON at all, JSON ijson refuses,
+    or shaped as no answer of events can be): the request fails."""
+
+
+#: Deepest nesting of an answer's JSON: the answer, its list, and an event, which
+#: Synapse reads no deeper than 127 levels (its JSON reader's limit), with room to
+#: spare. The path ijson keeps stays small.
+MAX_NESTING = 256
+#: Most JSON values (each scalar, each start and end of an object or list) in one
+#: item of ``pdus`` or ``auth_chain``: an event's canonical JSON spends a byte or
+#: more on each, and Synapse stores none over ``MAX_PDU_SIZE`` bytes; four times
+#: that leaves room for ``unsigned`` (which that limit does not count). ijson
+#: builds an item whole: this bounds what one costs.
+MAX_ITEM_VALUES = 4 * MAX_PDU_SIZE
 
 
 #: Fields every PDU has in every room version (1-12), with their JSON types:
@@ -130,6 +152,8 @@ class StatePdusParser:
         self._received = 0
         self._kept = 0
         self._coros = [
+            # first: it sees each piece of the body before ijson builds any of it
+            ijson.basic_parse_coro(self._guard(), use_float=True),
             ijson.items_coro(
                 self._collect(self._result.pdus), "pdus.item", use_float=True
             ),
@@ -138,7 +162,6 @@ class StatePdusParser:
                 "auth_chain.item",
                 use_float=True,
             ),
-            ijson.items_coro(self._marker(), MEMBERS_ONLY_PARAM, use_float=True),
         ]
 
     def _collect(self, out: list[bytes]) -> Any:
@@ -175,16 +198,64 @@ class StatePdusParser:
             return None
         return encoded
 
-    def _marker(self) -> Any:
+    def _guard(self) -> Any:
+        """Reads the body's JSON values as they come (ijson's basic parser keeps
+        no path), refusing a shape no answer of events can have (see the module's
+        docstring), and reads the members-only marker (a top-level ``true``)."""
         import ijson
 
         result = self._result
 
         @ijson.coroutine  # type: ignore[misc]
         def sink() -> Any:
+            depth = 0
+            #: length of the current key at each open level (0 in lists)
+            key_lengths: list[int] = []
+            keys_on_path = 0
+            #: the current top-level key; inside a list of items; values of the
+            #: current item; the next value is the members-only marker's
+            top_key: str | None = None
+            in_items = False
+            item_values = 0
+            marker_next = False
             while True:
-                value = yield
-                result.members_only = value is True
+                event, value = yield
+                was_inside = depth >= 3  # inside an item, if in a list of them
+                if marker_next:
+                    result.members_only = event == "boolean" and value is True
+                    marker_next = False
+                if event == "map_key":
+                    keys_on_path += len(value) - key_lengths[-1]
+                    key_lengths[-1] = len(value)
+                    if keys_on_path > MAX_PDU_SIZE:
+                        raise StateAnswerError(
+                            f"/state answer with keys over {MAX_PDU_SIZE} "
+                            "characters on one path"
+                        )
+                    if depth == 1:
+                        top_key = value
+                        marker_next = value == MEMBERS_ONLY_PARAM
+                elif event == "start_map" or event == "start_array":
+                    depth += 1
+                    key_lengths.append(0)
+                    if depth > MAX_NESTING:
+                        raise StateAnswerError(
+                            f"/state answer nested over {MAX_NESTING} levels deep"
+                        )
+                    if depth == 2:
+                        in_items = event == "start_array" and top_key in _ITEM_LISTS
+                    elif depth == 3:
+                        item_values = 0
+                elif event == "end_map" or event == "end_array":
+                    depth -= 1
+                    keys_on_path -= key_lengths.pop()
+                if in_items and (was_inside or depth >= 3):
+                    item_values += 1
+                    if item_values > MAX_ITEM_VALUES:
+                        raise StateAnswerError(
+                            f"/state answer with an item of over {MAX_ITEM_VALUES} "
+                            "JSON values"
+                        )
 
         return sink()
 
@@ -206,6 +277,10 @@ class StatePdusParser:
         if error is not None:
             raise error
         return self._result
+
+
+#: The answer's lists of items (ijson builds each of their items).
+_ITEM_LISTS = ("pdus", "auth_chain")
 
 
 def _send(coro: Any, data: bytes | None) -> None:

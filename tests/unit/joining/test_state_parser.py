@@ -14,6 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from synapse_partial_state.joining.state_parser import (
+    MAX_ITEM_VALUES,
+    MAX_NESTING,
     MAX_PDU_SIZE,
     StateAnswerError,
     StatePdus,
@@ -122,9 +124,18 @@ class StatePdusParserTests(unittest.TestCase):
         self.assertEqual(result.dropped, 4)
 
     def test_members_only_marker_only_when_true(self) -> None:
-        for value, want in ((True, True), (False, False), ("true", False)):
+        for value, want in (
+            (True, True),
+            (False, False),
+            ("true", False),
+            ({"x": True}, False),
+            ([True], False),
+        ):
             body = json.dumps({"pdus": [], MEMBERS_ONLY_PARAM: value}).encode()
             self.assertEqual(parse(body).members_only, want, value)
+        # a top-level field only
+        body = json.dumps({"pdus": [{MEMBERS_ONLY_PARAM: True}]}).encode()
+        self.assertFalse(parse(body).members_only)
 
     def test_junk_objects_are_dropped_and_counted(self) -> None:
         """An empty object costs 3 bytes of the answer and was kept as ~40 bytes
@@ -276,6 +287,69 @@ class StatePdusParserTests(unittest.TestCase):
         deep["content"]["nested"] = json.loads("[" * 200 + "]" * 200)
         body = body_of([deep, event()])
         self.assertEqual(len(parse(body, step=1000).pdus), 2)
+
+
+class ShapeGuardTests(unittest.TestCase):
+    """Bodies shaped as no answer of events can be are refused before ijson
+    builds anything of them: nested deeper than an answer of events can be,
+    keys on one path longer than an event, items of more values than an event
+    has. ijson keeps the path to every value it reads, one string per level:
+    without these limits memory grows with the square of the body (20,000
+    levels of ``[``, 40 KB, took 1 GB; long keys, 1 GB from 9 MiB), and it builds
+    each item whole before it can be dropped."""
+
+    def assert_refused(self, body: bytes) -> None:
+        for step in (1000, len(body)):
+            with self.assertRaises(StateAnswerError):
+                parse(body, step)
+
+    def test_nesting(self) -> None:
+        # the limit, counting the answer and its list: parsed as usual
+        within = "[" * (MAX_NESTING - 2) + "]" * (MAX_NESTING - 2)
+        body = ('{"pdus": [' + within + "]}").encode()
+        self.assertEqual(parse(body, 1000).dropped, 1)
+        for depth in (MAX_NESTING - 1, 5000):
+            deep = "[" * depth + "]" * depth
+            self.assert_refused(('{"pdus": [' + deep + "]}").encode())
+            # anywhere in the answer
+            self.assert_refused(('{"junk": [' + deep + '], "pdus": []}').encode())
+            self.assert_refused(('{"auth_chain": [' + deep + "]}").encode())
+            objects = '{"a":' * depth + "1" + "}" * depth
+            self.assert_refused(('{"pdus": [' + objects + "]}").encode())
+
+    def test_keys_along_one_path(self) -> None:
+        half = MAX_PDU_SIZE // 2
+        # long keys side by side: parsed (the event, over the size limit, is
+        # dropped)
+        side = {f"{i}{'k' * half}": 1 for i in range(4)}
+        good = event()
+        result = parse(body_of([event(content=side), good]), 4096)
+        self.assertEqual((result.pdus, result.dropped), (canonical(good), 1))
+        # nested: more than an event's size on one path
+        nested = {"a" * half: {"b" * half: {"c" * 100: 1}}}
+        self.assert_refused(body_of([event(content=nested)]))
+        self.assert_refused(json.dumps({"x" * half: nested}).encode())
+
+    def test_values_in_one_item(self) -> None:
+        self.assertEqual(MAX_ITEM_VALUES, 4 * MAX_PDU_SIZE)
+        # an item of the limit's count of values: dropped (not an event)
+        zeros = "[" + ",".join(["0"] * (MAX_ITEM_VALUES - 2)) + "]"
+        self.assertEqual(parse(('{"pdus": [' + zeros + "]}").encode(), 4096).dropped, 1)
+        # one more: refused, in either list, an event's content too
+        zeros = "[" + ",".join(["0"] * (MAX_ITEM_VALUES - 1)) + "]"
+        self.assert_refused(('{"pdus": [' + zeros + "]}").encode())
+        self.assert_refused(('{"auth_chain": [1, ' + zeros + "]}").encode())
+        template = json.dumps(event(content={"z": "ZEROS"}))
+        self.assert_refused(
+            ('{"pdus": [' + template.replace('"ZEROS"', zeros) + "]}").encode()
+        )
+        # empty objects: 3 bytes each in the answer, 72 in Python
+        empties = "[" + ",".join(["{}"] * MAX_ITEM_VALUES) + "]"
+        self.assert_refused(('{"pdus": [' + empties + "]}").encode())
+        # values outside the lists of items are not built: no limit
+        good = event()
+        body = '{"junk": ' + zeros + ', "pdus": [' + json.dumps(good) + "]}"
+        self.assertEqual(parse(body.encode(), 65536).pdus, canonical(good))
 
 
 # -- Properties ---------------------------------------------------------------
