@@ -60,6 +60,20 @@ class StateFetchOps:
             return set()
         return set(await self._store.have_seen_events(room_id, event_ids))
 
+    async def stored_not_rejected(self, event_ids: Collection[str]) -> set[str]:
+        """IDs of ``event_ids`` stored and not rejected.
+
+        :meth:`have_seen` (Synapse's ``have_seen_events``) counts rejected events
+        too; but a state event Synapse stored as rejected (it failed the auth
+        checks against its own auth events) is not part of the state it stands
+        for. Reads ``events`` and ``rejections`` as Synapse's event loader does
+        (``EventsWorkerStore._fetch_event_rows``, 1.163.2)."""
+        if not event_ids:
+            return set()
+        return await self._store.db_pool.runInteraction(
+            "sps_stored_not_rejected", _stored_not_rejected_txn, list(event_ids)
+        )
+
     async def state_ids(
         self, destination: str, room_id: str, event_id: str
     ) -> tuple[list[str], list[str]]:
@@ -212,6 +226,37 @@ class StateFetchOps:
             logger.info("Could not refresh the planner's statistics: %s", e)
             return False
         return True
+
+
+#: Events looked up per query by ``stored_not_rejected`` (PostgreSQL: one array
+#: parameter; SQLite: one bound parameter per event).
+STORED_CHECK_BATCH_PG = 5000
+STORED_CHECK_BATCH_SQLITE = 500
+
+
+def _stored_not_rejected_txn(txn: Any, event_ids: list[str]) -> set[str]:
+    """See :meth:`StateFetchOps.stored_not_rejected`."""
+    from synapse.storage.database import make_in_list_sql_clause
+    from synapse.storage.engines import PostgresEngine
+
+    batch_size = (
+        STORED_CHECK_BATCH_PG
+        if isinstance(txn.database_engine, PostgresEngine)
+        else STORED_CHECK_BATCH_SQLITE
+    )
+    found: set[str] = set()
+    for start in range(0, len(event_ids), batch_size):
+        clause, args = make_in_list_sql_clause(
+            txn.database_engine, "e.event_id", event_ids[start : start + batch_size]
+        )
+        txn.execute(
+            "SELECT e.event_id FROM events AS e"
+            " LEFT JOIN rejections AS r ON (r.event_id = e.event_id)"
+            f" WHERE {clause} AND r.event_id IS NULL",
+            args,
+        )
+        found.update(event_id for (event_id,) in txn)
+    return found
 
 
 def banned_signing_keys() -> frozenset[str]:

@@ -18,8 +18,9 @@ events, and leaves Synapse nothing to fetch:
    own per-event check, which asks the sender's server for a genuine copy;
 4. what is still missing, one by one from the other servers in the room;
 5. Synapse's own auth-and-persist of outliers, in large batches;
-6. a completeness check: every event of ``/state_ids`` must now be stored, or this
-   destination failed (:class:`StateIncomplete`) and the engine tries the next.
+6. a completeness check: every event of ``/state_ids`` must now be stored, and not
+   as rejected, or this destination failed (:class:`StateIncomplete`) and the
+   engine tries the next.
 """
 
 from __future__ import annotations
@@ -68,10 +69,13 @@ STATE_TIMEOUT_MAX_MS = 600_000
 class StateIncomplete(Exception):
     """The destination's state could not be completed: the engine fails it over."""
 
-    def __init__(self, destination: str, missing: int, total: int) -> None:
+    def __init__(
+        self, destination: str, missing: int, total: int, rejected: int = 0
+    ) -> None:
         super().__init__(
             f"{missing} of {total} state event(s) from {destination} could not be "
             "fetched with valid signatures"
+            + (f" ({rejected} of them stored as rejected)" if rejected else "")
         )
         self.destination = destination
         self.missing = missing
@@ -205,9 +209,7 @@ class StateFetcher:
         timer.lap("persist")
         _milestone(room_id, "state_stored", f"{report.persisted} events stored")
 
-        absent = required - await ops.have_seen(room_id, required)
-        if absent:
-            raise StateIncomplete(destination, len(absent), len(required))
+        await self._check_complete(attempt, required, missing_prevs)
         self._hand_over(room_id, answers)
         return report
 
@@ -217,6 +219,30 @@ class StateFetcher:
         answers: one that failed the completeness check is never reused."""
         for prev, answer in answers.items():
             self._inflight.remember(room_id, prev, answer)
+
+    async def _check_complete(
+        self, attempt: _Attempt, required: set[str], missing_prevs: list[str]
+    ) -> None:
+        """Raise :class:`StateIncomplete` unless every event of ``required`` is
+        stored: the state events and not as rejected (a rejected event is not
+        part of the state it was listed in), the prev events rejected or not (a
+        rejected prev event is part of the room's graph all the same, and
+        Synapse takes the state after it as the state before it).
+
+        Events stored as rejected are not fetched again (the events to fetch
+        are those not stored at all: fetching them again would change nothing),
+        so an attempt that finds nothing to fetch goes ahead without this
+        check."""
+        ops, room_id = self._ops, attempt.room_id
+        prevs = set(missing_prevs)
+        state = required - prevs
+        absent = state - await ops.stored_not_rejected(state)
+        rejected = len(await ops.have_seen(room_id, absent)) if absent else 0
+        absent |= prevs - await ops.have_seen(room_id, prevs)
+        if absent:
+            raise StateIncomplete(
+                attempt.destination, len(absent), len(required), rejected
+            )
 
     async def _wanted(
         self,
@@ -283,8 +309,17 @@ class StateFetcher:
             prev,
             members_only,
             timeout_ms,
-            StatePdusParser(on_pdu),
+            StatePdusParser(on_pdu, v1_ids),
         )
+        if answer.dropped:
+            logger.warning(
+                "Resync of %s: %d item(s) of the /state answer from %s left out: "
+                "not events (fields missing or of the wrong type), bigger than "
+                "Synapse allows, or beyond the size of the answer",
+                attempt.room_id,
+                answer.dropped,
+                attempt.destination,
+            )
         report.members_only = report.members_only or answer.members_only
         pdus = answer.auth_chain + answer.pdus
         del answer

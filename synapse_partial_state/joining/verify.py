@@ -36,8 +36,10 @@ import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+import attr
 from twisted.internet import defer
 
 logger = logging.getLogger(__name__)
@@ -56,6 +58,10 @@ WORKERS_MIN_EVENTS = 3000
 #: Events per task sent to a worker: big enough to amortise pickling, small enough
 #: to keep both workers busy to the end.
 CHUNK = 500
+
+#: Times a chunk goes to fresh workers after the workers checking it died (e.g.
+#: the OOM killer's SIGKILL); it is then checked in a thread.
+WORKER_RETRIES = 2
 
 
 def _domain(user_or_event_id: Any) -> str | None:
@@ -257,7 +263,14 @@ class VerifierPool:
 
     The processes are started on first use ("spawn": a fresh interpreter, never a
     fork of the reactor, told not to re-import Synapse's ``__main__``: see
-    :func:`_without_parent_main`) and stopped by :meth:`close`."""
+    :func:`_without_parent_main`) and stopped by :meth:`close`.
+
+    A worker that dies (the OOM killer's SIGKILL) breaks Python's process pool for
+    good: every later submit raises ``BrokenProcessPool``, and so would every
+    large resync until Synapse restarts. A broken pool is dropped when a submit
+    or a chunk's outcome says so, and fresh workers are started; the chunks it
+    was checking go to them (:data:`WORKER_RETRIES` times at most, then to the
+    thread), so callers still get every verdict."""
 
     def __init__(self, workers: int, banned_keys: frozenset[str] = frozenset()) -> None:
         self.workers = workers
@@ -286,14 +299,36 @@ class VerifierPool:
                 logger.info("Started %d signature-checking worker(s)", self.workers)
             return self._executor
 
+    def _drop_broken(self, pool: ProcessPoolExecutor, error: BaseException) -> None:
+        """``pool`` is broken: forget it, so that the next submit starts fresh
+        workers. Every chunk it was checking fails the same way: only the first
+        failure drops it (and not the fresh pool that replaced it)."""
+        with self._lock:
+            if self._executor is not pool:
+                return
+            self._executor = None
+        pool.shutdown(wait=False, cancel_futures=True)
+        logger.warning(
+            "A signature-checking worker process died (%s; killed by the OOM "
+            "killer?): starting new workers, and checking what it was checking "
+            "again",
+            error,
+        )
+
     def warm(self) -> None:
         """Start the workers now (they import Synapse, ~1 s), e.g. while the state
         downloads, so the first chunk does not wait for them."""
-        if self.workers > 0:
+        if self.workers <= 0:
+            return
+        for _ in range(2):  # a broken pool, then a fresh one (never broken at once)
             pool = self._pool()
-            with _without_parent_main():
-                for _ in range(self.workers):
-                    pool.submit(_warm_up)
+            try:
+                with _without_parent_main():
+                    for _ in range(self.workers):
+                        pool.submit(_warm_up)
+                return
+            except BrokenProcessPool as e:
+                self._drop_broken(pool, e)
 
     def worth_it(self, events: int) -> bool:
         """Whether checking ``events`` events is worth starting the workers for
@@ -311,32 +346,91 @@ class VerifierPool:
         in order. The chunks are checked in parallel (in a thread when there are
         no workers or ``use_workers`` is false); await them in order to overlap
         what follows with the checking of the rest."""
-        from twisted.internet import reactor
-
         keys = dict(keys)
         out = []
         for start in range(0, len(pdus), CHUNK):
-            chunk = list(pdus[start : start + CHUNK])
-            d: defer.Deferred[list[tuple[int, str | None]]]
+            task = _Task(room_version_id, list(pdus[start : start + CHUNK]), keys)
+            d: defer.Deferred[list[tuple[int, str | None]]] = defer.Deferred()
             if self.workers <= 0 or not use_workers:
                 # One thread, chunk after chunk: more threads would only fight
                 # the reactor for the GIL (ten of them, in Twisted's pool, made
                 # the storing of a 10,000-member state twice as slow).
-                d = defer.Deferred()
-                future = self._thread().submit(
-                    verify_chunk, room_version_id, chunk, keys, self._banned
-                )
-                future.add_done_callback(functools.partial(_from_pool, reactor, d))
+                self._in_thread(task, d)
             else:
-                d = defer.Deferred()
-                pool = self._pool()
-                with _without_parent_main():
-                    future = pool.submit(
-                        verify_chunk, room_version_id, chunk, keys, self._banned
-                    )
-                future.add_done_callback(functools.partial(_from_pool, reactor, d))
+                self._in_worker(task, d, WORKER_RETRIES)
             out.append((start, d))
         return out
+
+    def _in_thread(self, task: _Task, d: defer.Deferred[Any]) -> None:
+        from twisted.internet import reactor
+
+        future = self._thread().submit(
+            verify_chunk, task.room_version_id, task.pdus, task.keys, self._banned
+        )
+        future.add_done_callback(functools.partial(_from_pool, reactor, d))
+
+    def _in_worker(self, task: _Task, d: defer.Deferred[Any], retries: int) -> None:
+        from twisted.internet import reactor
+
+        pool = self._pool()
+        try:
+            with _without_parent_main():
+                future = pool.submit(
+                    verify_chunk,
+                    task.room_version_id,
+                    task.pdus,
+                    task.keys,
+                    self._banned,
+                )
+        except BrokenProcessPool as e:
+            self._workers_died(task, d, retries, pool, e)
+            return
+        future.add_done_callback(
+            lambda done: reactor.callFromThread(
+                self._worker_done, task, d, retries, pool, done
+            )
+        )
+
+    def _worker_done(
+        self,
+        task: _Task,
+        d: defer.Deferred[Any],
+        retries: int,
+        pool: ProcessPoolExecutor,
+        future: Future[Any],
+    ) -> None:
+        """A chunk's outcome from ``pool`` (on the reactor thread), copied to
+        ``d``, unless the workers died."""
+        error = None if future.cancelled() else future.exception()
+        if isinstance(error, BrokenProcessPool):
+            self._workers_died(task, d, retries, pool, error)
+        else:
+            _copy_outcome(d, future)
+
+    def _workers_died(
+        self,
+        task: _Task,
+        d: defer.Deferred[Any],
+        retries: int,
+        pool: ProcessPoolExecutor,
+        error: BrokenProcessPool,
+    ) -> None:
+        """``pool`` broke before checking ``task`` (found so on submitting it, or
+        its outcome says so): the chunk goes to fresh workers, or to the thread
+        once it has seen ``WORKER_RETRIES`` more pools break."""
+        self._drop_broken(pool, error)
+        if d.called:
+            return  # cancelled by the caller meanwhile
+        if retries > 0:
+            self._in_worker(task, d, retries - 1)
+            return
+        logger.warning(
+            "Checking a chunk of %d events in a thread: the signature-checking "
+            "workers died %d times while checking it",
+            len(task.pdus),
+            WORKER_RETRIES + 1,
+        )
+        self._in_thread(task, d)
 
     def close(self) -> None:
         with self._lock:
@@ -346,6 +440,15 @@ class VerifierPool:
             if self._thread_executor is not None:
                 self._thread_executor.shutdown(wait=False, cancel_futures=True)
                 self._thread_executor = None
+
+
+@attr.s(slots=True, frozen=True, auto_attribs=True)
+class _Task:
+    """One chunk to check, kept until it has its verdicts (to send it again)."""
+
+    room_version_id: str
+    pdus: list[bytes | dict[str, Any]]
+    keys: dict[tuple[str, str], tuple[bytes, int]]
 
 
 @contextlib.contextmanager
@@ -375,6 +478,9 @@ def _from_pool(reactor: Any, d: defer.Deferred[Any], future: Future[Any]) -> Non
 
 
 def _copy_outcome(d: defer.Deferred[Any], future: Future[Any]) -> None:
+    if future.cancelled():  # the pool was closed
+        d.cancel()
+        return
     error = future.exception()
     if error is not None:
         d.errback(error)

@@ -1,103 +1,280 @@
-"""The engine's state fetch (``joining/fetch.py``) with Synapse faked: what it
-hands over to Synapse's own requests for the same state."""
+"""The engine's own state fetch (``joining/fetch.py``, ``StateFetcher``) with
+Synapse's side faked (``StateFetchOps``): what a hostile answer costs, and when the
+fetched state counts as complete."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import json
+from collections.abc import Collection, Sequence
 from typing import Any
 
-import attr
 from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
-from twisted.internet import defer, task
+from synapse.events import EventBase, make_event_from_dict
+from synapse.federation.federation_base import event_from_pdu_json
+from twisted.internet import defer
 from twisted.trial import unittest
 
+from synapse_partial_state.joining import fetch as fetch_module
 from synapse_partial_state.joining.fetch import StateFetcher, StateIncomplete
 from synapse_partial_state.joining.inflight import InflightFetches
-from synapse_partial_state.joining.verify import VerifierPool
+from synapse_partial_state.joining.verify import VerifierPool, key_ids_needed
+from synapse_partial_state.joining.writer import FetchReport
+from tests.unit.joining.test_verify import held, key_id, make_pdu
 
 ROOM = "!room:a.test"
-JOIN = "$join"
-PREV = "$prev"
-STATE = ["$create", "$alice", "$bob"]
+VERSION = KNOWN_ROOM_VERSIONS["10"]
+DESTINATION = "res.test"
 
 
-@attr.s(auto_attribs=True, frozen=True)
-class FakeEvent:
-    event_id: str
-    room_id: str = ROOM
-    auth: tuple[str, ...] = ()
-    prev: tuple[str, ...] = ()
+class FakeJoin:
+    """The partial-state event whose state is fetched (only its room and prev
+    events are read)."""
 
-    def auth_event_ids(self) -> list[str]:
-        return list(self.auth)
+    def __init__(self, prev: str) -> None:
+        self.room_id = ROOM
+        self._prev = prev
 
     def prev_event_ids(self) -> list[str]:
-        return list(self.prev)
+        return [self._prev]
 
 
-class FakeFetchOps:
-    """A resident that answers ``/state_ids`` at ``PREV`` with ``STATE`` and
-    serves single events from ``servable``; a store that keeps what is
-    persisted."""
+class FakeOps:
+    """A resident answering ``/state_ids`` with ``state``, ``/state`` with
+    ``answer`` and single events from ``served``; a store that keeps what is
+    persisted, rejecting (as Synapse's auth checks may) ``reject_on_store``."""
 
-    def __init__(self, servable: Collection[str]) -> None:
-        self.servable = set(servable)
+    def __init__(self, state: Collection[str]) -> None:
+        self.state = list(state)
+        self.answer = b'{"pdus": []}'
+        self.served: dict[str, EventBase] = {}
         self.stored: set[str] = set()
+        self.rejected: set[str] = set()
+        self.reject_on_store: set[str] = set()
+        #: the keys held, and those the fetch asked for
+        self.keys: dict[tuple[str, str], tuple[bytes, int]] = {}
+        self.keys_asked: set[tuple[str, str]] = set()
+        #: events asked for one by one, and checked one by one
+        self.fetched: list[str] = []
+        self.checked: list[str] = []
 
     async def in_timeline(self, event_ids: Collection[str]) -> set[str]:
         return set()
 
     async def room_version(self, room_id: str) -> Any:
-        return KNOWN_ROOM_VERSIONS["10"]
+        return VERSION
 
     async def state_ids(
         self, destination: str, room_id: str, event_id: str
     ) -> tuple[list[str], list[str]]:
-        assert event_id == PREV
-        return list(STATE), []
+        return list(self.state), []
 
     async def have_seen(self, room_id: str, event_ids: Collection[str]) -> set[str]:
         return set(event_ids) & self.stored
 
-    async def fetch_event(
-        self, destinations: Collection[str], event_id: str, room_version: Any
-    ) -> tuple[FakeEvent, str] | None:
-        if event_id not in self.servable:
-            return None
-        return FakeEvent(event_id), next(iter(destinations))
+    async def stored_not_rejected(self, event_ids: Collection[str]) -> set[str]:
+        return (set(event_ids) & self.stored) - self.rejected
 
-    async def persist_outliers(self, room_id: str, events: list[Any]) -> None:
-        self.stored.update(e.event_id for e in events)
+    async def state_pdus(
+        self,
+        destination: str,
+        room_id: str,
+        event_id: str,
+        members_only: bool,
+        timeout_ms: int,
+        parser: Any,
+    ) -> Any:
+        for start in range(0, len(self.answer), 100):
+            parser.write(self.answer[start : start + 100])
+        return parser.finish()
+
+    async def signing_keys(
+        self, wanted: Collection[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[bytes, int]]:
+        self.keys_asked |= set(wanted)
+        return {k: v for k, v in self.keys.items() if k in wanted}
+
+    async def needs_per_event_checks(self, room_id: str) -> bool:
+        return False
+
+    def event_from_pdu(self, pdu: bytes, room_version: Any) -> EventBase:
+        return event_from_pdu_json(json.loads(pdu), room_version)
+
+    async def check_event(
+        self, event: EventBase, origin: str, room_version: Any
+    ) -> EventBase | None:
+        self.checked.append(event.event_id)
+        return None
+
+    async def fetch_event(
+        self, destinations: Sequence[str], event_id: str, room_version: Any
+    ) -> tuple[EventBase, str] | None:
+        self.fetched.append(event_id)
+        event = self.served.get(event_id)
+        return None if event is None else (event, destinations[0])
+
+    async def persist_outliers(self, room_id: str, events: list[EventBase]) -> None:
+        for event in events:
+            self.stored.add(event.event_id)
+            if event.event_id in self.reject_on_store:
+                self.rejected.add(event.event_id)
 
     async def refresh_planner_stats(self) -> bool:
         return False
 
 
-class HandOverTests(unittest.TestCase):
-    def fetch(self, servable: Collection[str]) -> tuple[InflightFetches, Any]:
-        inflight = InflightFetches(task.Clock())
+def member(name: str) -> EventBase:
+    """A member event (unsigned: events fetched one by one come checked)."""
+    return make_event_from_dict(
+        {
+            "room_id": ROOM,
+            "type": "m.room.member",
+            "state_key": f"@{name}:a.test",
+            "sender": f"@{name}:a.test",
+            "content": {"membership": "join"},
+            "auth_events": [],
+            "prev_events": [],
+            "depth": 1,
+            "origin_server_ts": 1,
+            "hashes": {"sha256": "x"},
+            "signatures": {},
+        },
+        VERSION,
+    )
+
+
+class _FetchCase(unittest.TestCase):
+    def fetch(self, ops: FakeOps, prev: str) -> defer.Deferred[FetchReport | None]:
         fetcher = StateFetcher(
-            FakeFetchOps(servable),  # type: ignore[arg-type]
+            ops,  # type: ignore[arg-type]
             VerifierPool(0),
-            inflight,
+            InflightFetches(),
         )
-        event = FakeEvent(JOIN, prev=(PREV,))
-        d = defer.ensureDeferred(
-            fetcher.fetch_state_before("res.test", event, [])  # type: ignore[arg-type]
-        )
-        return inflight, d
-
-    def reused(self, inflight: InflightFetches) -> Any:
-        return self.successResultOf(
-            defer.ensureDeferred(inflight.answer_for(ROOM, PREV))
+        return defer.ensureDeferred(
+            fetcher.fetch_state_before(DESTINATION, FakeJoin(prev), ["other.test"])  # type: ignore[arg-type]
         )
 
-    def test_a_checked_answer_is_handed_to_synapse(self) -> None:
-        inflight, d = self.fetch(servable=STATE + [PREV])
-        self.successResultOf(d)
-        self.assertEqual(self.reused(inflight), (STATE, []))
 
-    def test_an_answer_that_failed_the_completeness_check_is_not(self) -> None:
-        inflight, d = self.fetch(servable=[PREV, "$create"])
-        self.failureResultOf(d, StateIncomplete)
-        self.assertIsNone(self.reused(inflight))
+class HostileAnswerTests(_FetchCase):
+    def test_a_pdu_whose_signatures_is_a_list_spoils_nothing(
+        self,
+    ) -> defer.Deferred[None]:
+        """A ``/state`` answer with, among genuine events, a pdu whose
+        ``signatures`` is a list (and junk): the genuine events are checked in
+        bulk and stored, the fetch completes, and one line says what was left
+        out. (Such a pdu used to abort the whole answer.)"""
+        self.patch(fetch_module, "SINGLE_FETCH_MAX", 0)  # /state even for three
+        goods = [
+            make_pdu("10", sender="@alice:a.test"),
+            make_pdu("10", sender="@bob:b.test"),
+            make_pdu("10", sender="@carol:a.test"),
+        ]
+        bad = make_pdu("10", sender="@mallory:b.test")
+        bad["signatures"] = list(bad["signatures"])
+        self.assertEqual(key_ids_needed(bad, False, True), set())
+        ids = [event_from_pdu_json(dict(p), VERSION).event_id for p in goods]
+        prev = member("prev")
+        ops = FakeOps(state=ids)
+        ops.served[prev.event_id] = prev
+        ops.keys = held("a.test", "b.test")
+        ops.answer = json.dumps(
+            {"pdus": [goods[0], bad, goods[1], {}], "auth_chain": [goods[2], bad]}
+        ).encode()
+
+        async def go() -> None:
+            with self.assertLogs(fetch_module.__name__, "WARNING") as logs:
+                report = await self.fetch(ops, prev.event_id)
+            assert report is not None
+            self.assertEqual(ops.stored, {*ids, prev.event_id})
+            self.assertEqual(report.verified, 3)
+            self.assertEqual(ops.checked, [])
+            self.assertEqual(ops.fetched, [prev.event_id])
+            self.assertEqual(
+                ops.keys_asked,
+                {("a.test", key_id("a.test")), ("b.test", key_id("b.test"))},
+            )
+            [line] = logs.output
+            self.assertIn(f"3 item(s) of the /state answer from {DESTINATION}", line)
+
+        return defer.ensureDeferred(go())
+
+
+class CompletenessTests(_FetchCase):
+    """Every state event must end up stored and not rejected; the prev events
+    stored, rejected or not."""
+
+    def setUp(self) -> None:
+        self.events = {name: member(name) for name in ("create", "alice", "bob")}
+        self.prev = member("prev")
+        self.ops = FakeOps(state=[e.event_id for e in self.events.values()])
+        self.ops.served = {e.event_id: e for e in self.events.values()}
+        self.ops.served[self.prev.event_id] = self.prev
+
+    def test_complete(self) -> defer.Deferred[None]:
+        async def go() -> None:
+            report = await self.fetch(self.ops, self.prev.event_id)
+            assert report is not None
+            self.assertEqual(report.persisted, 4)
+
+        return defer.ensureDeferred(go())
+
+    def test_a_state_event_stored_as_rejected_is_missing(
+        self,
+    ) -> defer.Deferred[None]:
+        """Synapse rejects one of the state events as it stores it: it is stored
+        (``have_seen`` says so) but not part of the state."""
+        bob = self.events["bob"].event_id
+        self.ops.reject_on_store = {bob}
+
+        async def go() -> None:
+            with self.assertRaises(StateIncomplete) as raised:
+                await self.fetch(self.ops, self.prev.event_id)
+            self.assertEqual(raised.exception.missing, 1)
+            self.assertIn("1 of 4 state event(s)", str(raised.exception))
+            self.assertIn("1 of them stored as rejected", str(raised.exception))
+            self.assertIn(bob, self.ops.stored)
+
+        return defer.ensureDeferred(go())
+
+    def test_rejected_events_are_not_fetched_again_but_still_missing(
+        self,
+    ) -> defer.Deferred[None]:
+        """A state event stored as rejected before (e.g. by an earlier attempt)
+        is not fetched again, which would change nothing; it still counts as
+        missing when other events had to be fetched."""
+        alice = self.events["alice"].event_id
+        self.ops.stored = {alice}
+        self.ops.rejected = {alice}
+
+        async def go() -> None:
+            with self.assertRaises(StateIncomplete) as raised:
+                await self.fetch(self.ops, self.prev.event_id)
+            self.assertEqual(raised.exception.missing, 1)
+            self.assertNotIn(alice, self.ops.fetched)
+            self.assertEqual(len(self.ops.fetched), 3)
+
+        return defer.ensureDeferred(go())
+
+    def test_a_rejected_prev_event_is_no_gap(self) -> defer.Deferred[None]:
+        """The prev event need only be stored: rejected or not, it is part of
+        the room's graph, and Synapse takes the state after a rejected event as
+        the state before it."""
+        self.ops.reject_on_store = {self.prev.event_id}
+
+        async def go() -> None:
+            report = await self.fetch(self.ops, self.prev.event_id)
+            assert report is not None
+            self.assertEqual(report.persisted, 4)
+
+        return defer.ensureDeferred(go())
+
+    def test_an_event_not_stored_at_all_is_missing(self) -> defer.Deferred[None]:
+        del self.ops.served[self.events["create"].event_id]
+        del self.ops.served[self.prev.event_id]
+
+        async def go() -> None:
+            with self.assertRaises(StateIncomplete) as raised:
+                await self.fetch(self.ops, self.prev.event_id)
+            self.assertEqual(raised.exception.missing, 2)
+            self.assertNotIn("rejected", str(raised.exception))
+
+        return defer.ensureDeferred(go())

@@ -5,6 +5,9 @@ events: real ed25519 keys, signed with Synapse's own ``add_hashes_and_signatures
 from __future__ import annotations
 
 import copy
+import functools
+import os
+import signal
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -640,6 +643,109 @@ class VerifierPoolTests(unittest.TestCase):
 
         return defer.ensureDeferred(go())
 
+    def _workers(self, pool: VerifierPool) -> list[Any]:
+        executor = pool._executor
+        assert executor is not None
+        return list(executor._processes.values())  # type: ignore[attr-defined]
+
+    async def _kill_worker(self, pool: VerifierPool) -> Any:
+        """SIGKILL ``pool``'s worker, as the OOM killer does, and wait until it is
+        dead and its executor knows (every later submit raises
+        ``BrokenProcessPool``). Returns that executor."""
+        executor = pool._executor
+        [process] = self._workers(pool)
+        os.kill(process.pid, signal.SIGKILL)
+        await deferToThread(_wait_dead, [process], 30)
+        await deferToThread(_wait_broken, executor, 30)
+        self.assertFalse(process.is_alive())
+        self.assertTrue(executor._broken)  # type: ignore[union-attr]
+        return executor
+
+    def test_a_killed_worker_is_replaced(self) -> defer.Deferred[None]:
+        """A worker killed by the OOM killer breaks Python's process pool for good;
+        the pool starts fresh workers and the verdicts stay right, resync after
+        resync (the death noticed when submitting, and when warming up)."""
+        pool = self._pool(1)
+
+        async def go() -> None:
+            pool.warm()
+            broken = await self._kill_worker(pool)
+            with self.assertLogs(verify.__name__, "WARNING") as logs:
+                await self._same_as_in_process(pool)
+            self.assertEqual(len(logs.output), 1, logs.output)
+            self.assertIn("worker process died", logs.output[0])
+            await self._same_as_in_process(pool)
+            self.assertIsNot(pool._executor, broken)
+            self.assertTrue(self._workers(pool)[0].is_alive())
+            # killed again, noticed by warm(), which starts new workers
+            broken = await self._kill_worker(pool)
+            with self.assertLogs(verify.__name__, "WARNING"):
+                pool.warm()
+            self.assertIsNot(pool._executor, broken)
+            await self._same_as_in_process(pool)
+
+        return defer.ensureDeferred(go())
+
+    def test_chunks_in_flight_when_the_worker_dies_are_checked_again(
+        self,
+    ) -> defer.Deferred[None]:
+        """Chunks sent to a worker that dies before answering go to fresh workers
+        (one replacement for all of them) and still get the right verdicts."""
+        pool = self._pool(1)
+        keys = held("a.test", "b.test")
+        pdus = _mixed_pdus("10")
+        expected = verify_chunk("10", pdus, keys)
+
+        async def go() -> None:
+            with self.assertLogs(verify.__name__, "WARNING") as logs:
+                chunks = pool.verify_chunks("10", pdus, keys)
+                self.assertEqual(len(chunks), 4)
+                # the worker is still starting (importing Synapse): every chunk
+                # is waiting for it
+                broken = pool._executor
+                [process] = self._workers(pool)
+                os.kill(process.pid, signal.SIGKILL)
+                got = []
+                for _, d in chunks:
+                    got.extend(await d)
+            self.assertEqual(got, expected)
+            self.assertIsNot(pool._executor, broken)
+            self.assertEqual(len(logs.output), 1, logs.output)
+            self.assertIn("worker process died", logs.output[0])
+            self.assertEqual(await verify_all(pool, "10", pdus, keys), expected)
+
+        return defer.ensureDeferred(go())
+
+    def test_workers_that_keep_dying_leave_the_chunks_to_a_thread(
+        self,
+    ) -> defer.Deferred[None]:
+        """Workers that die every time (here: as they start) are restarted a
+        bounded number of times; then the chunks are checked in a thread."""
+        self.patch(verify, "_warm_up", functools.partial(os._exit, 3))
+        pool = self._pool(1)
+        keys = held("a.test", "b.test")
+        pdus = _mixed_pdus("10")
+        expected = verify_chunk("10", pdus, keys)
+
+        async def go() -> None:
+            with self.assertLogs(verify.__name__, "INFO") as logs:
+                got = await verify_all(pool, "10", pdus, keys)
+            self.assertEqual(got, expected)
+            in_thread = [line for line in logs.output if "in a thread" in line]
+            self.assertEqual(len(in_thread), 4, logs.output)  # each chunk
+            # Each chunk saw 1 + WORKER_RETRIES pools die (usually the same
+            # ones: a pool that dies takes every chunk it holds with it).
+            started = [line for line in logs.output if "Started" in line]
+            died = [line for line in logs.output if "worker process died" in line]
+            tries = 1 + verify.WORKER_RETRIES
+            self.assertGreaterEqual(len(started), tries, logs.output)
+            self.assertLessEqual(len(started), 4 * tries, logs.output)
+            self.assertEqual(len(died), len(started), logs.output)
+            # a later resync tries workers again
+            self.assertIsNone(pool._executor)
+
+        return defer.ensureDeferred(go())
+
     def test_worker_errors_reach_the_caller(self) -> defer.Deferred[None]:
         pool = self._pool(1)
 
@@ -664,3 +770,9 @@ def _wait_dead(processes: list[Any], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while any(p.is_alive() for p in processes) and time.monotonic() < deadline:
         time.sleep(0.1)
+
+
+def _wait_broken(executor: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not executor._broken and time.monotonic() < deadline:
+        time.sleep(0.05)

@@ -1,0 +1,51 @@
+"""The state-fetch seam's own SQL (``compat/state_fetch.py``), on SQLite with the
+columns of Synapse's tables it reads."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from synapse.storage.engines import Sqlite3Engine
+from twisted.trial import unittest
+
+from synapse_partial_state.compat import state_fetch
+
+
+class _Txn(sqlite3.Cursor):
+    """A cursor as Synapse's transactions are: with their database engine."""
+
+    database_engine = Sqlite3Engine({"args": {"database": ":memory:"}})
+
+
+class StoredNotRejectedTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.db = sqlite3.connect(":memory:")
+        self.txn = self.db.cursor(_Txn)
+        self.txn.execute("CREATE TABLE events (event_id TEXT NOT NULL UNIQUE)")
+        self.txn.execute(
+            "CREATE TABLE rejections (event_id TEXT NOT NULL UNIQUE, reason TEXT"
+            " NOT NULL, last_check TEXT NOT NULL)"
+        )
+        stored = [f"$e{i}" for i in range(20)]
+        self.txn.executemany("INSERT INTO events VALUES (?)", [(e,) for e in stored])
+        self.rejected = {"$e3", "$e11", "$e19", "$not-stored-but-rejected"}
+        self.txn.executemany(
+            "INSERT INTO rejections VALUES (?, 'auth_error', '0')",
+            [(e,) for e in self.rejected],
+        )
+        self.stored = set(stored)
+
+    def query(self, event_ids: list[str]) -> set[str]:
+        return state_fetch._stored_not_rejected_txn(self.txn, event_ids)
+
+    def test_stored_and_not_rejected(self) -> None:
+        asked = [f"$e{i}" for i in range(25)] + ["$not-stored-but-rejected"]
+        self.assertEqual(self.query(asked), self.stored - self.rejected)
+        self.assertEqual(self.query(["$e3"]), set())
+        self.assertEqual(self.query(["$e4", "$nope"]), {"$e4"})
+        self.assertEqual(self.query([]), set())
+
+    def test_in_batches(self) -> None:
+        self.patch(state_fetch, "STORED_CHECK_BATCH_SQLITE", 3)
+        asked = [f"$e{i}" for i in range(25)]
+        self.assertEqual(self.query(asked), self.stored - self.rejected)
