@@ -14,7 +14,10 @@ from synapse.module_api import ModuleApi
 
 from synapse_partial_state import __version__
 from synapse_partial_state.admin import AdminApi
+from synapse_partial_state.clients import syncing
+from synapse_partial_state.clients.endpoint import PartialStateEndpoint
 from synapse_partial_state.compat import patching, send_join, servlets
+from synapse_partial_state.compat.clients import ClientOps
 from synapse_partial_state.compat.persistence import install_current_state_guard
 from synapse_partial_state.compat.resident_state import (
     install_event_invalidation_hook,
@@ -32,12 +35,18 @@ from synapse_partial_state.compat.state_fetch import (
 from synapse_partial_state.compat.state_resolution import (
     install_identical_state_shortcut,
 )
-from synapse_partial_state.compat.web import mount_admin_api, on_client_listeners
+from synapse_partial_state.compat.sync import install_syncing_signal
+from synapse_partial_state.compat.web import (
+    mount_admin_api,
+    mount_client_api,
+    on_client_listeners,
+)
 from synapse_partial_state.config import PartialStateConfig, parse_config
 from synapse_partial_state.joining.engine import ResyncEngine
 from synapse_partial_state.joining.fetch import StateFetcher
 from synapse_partial_state.joining.inflight import InflightFetches
 from synapse_partial_state.joining.metrics import ResyncMetrics
+from synapse_partial_state.joining.store import JobStore
 from synapse_partial_state.joining.verify import VerifierPool, default_workers
 from synapse_partial_state.resident.metrics import StateServerMetrics
 from synapse_partial_state.resident.send_join import SendJoinEnricher
@@ -81,11 +90,23 @@ class PartialStateModule:
         install_identical_state_shortcut(api)
         # Wherever this process persists events (current state included).
         install_current_state_guard(api)
+        # Wherever this process serves the client API (main or workers).
+        self._wire_clients(api)
         if config.resident.enabled:
             self._wire_resident(api, config)
         if config.resync.enabled and is_main:
             return self._wire_engine(api, config)
         return None
+
+    @staticmethod
+    def _wire_clients(api: ModuleApi) -> None:
+        """The syncing signal in ``/sync``, and the progress endpoint (reading the
+        job table, which any process can)."""
+        install_syncing_signal(
+            syncing.resynced_rooms, syncing.syncing_flag, syncing.mark_room
+        )
+        endpoint = PartialStateEndpoint(api, ClientOps(api), JobStore(api))
+        mount_client_api(endpoint.routes())
 
     @staticmethod
     def _wire_resident(api: ModuleApi, config: PartialStateConfig) -> None:

@@ -1,7 +1,9 @@
-"""Names the module adds to the federation wire (MSC2775, unstable prefix).
+"""Names the module adds to the federation wire and to the client API (MSC2775,
+unstable prefix).
 
 Peers that do not know them ignore them: a stock resident answers in full, a stock
-joiner reads the extra members as more partial state.
+joiner reads the extra members as more partial state; clients that do not know
+them ignore an unknown field of a ``/sync`` room object.
 """
 
 #: Query parameter of ``GET /state``: member events only; also the marker field of
@@ -10,6 +12,14 @@ MEMBERS_ONLY_PARAM = "org.matrix.msc2775.members_only"
 
 #: Field of a partial ``/send_join`` answer: heroes and member counts.
 SUMMARY_FIELD = "org.matrix.msc2775.summary"
+
+#: Field of a room object under ``rooms.join`` in ``/sync`` (and of a sliding sync
+#: room object): true while the server is still fetching the room's full state,
+#: false once in the first incremental lazy-loading ``/sync`` after it completed.
+SYNCING_FIELD = "org.matrix.msc2775.syncing"
+
+#: Unstable prefix of the module's client API (MSC2775).
+CLIENT_UNSTABLE_PREFIX = "/_matrix/client/unstable/org.matrix.msc2775"
 
 #: Longest event ID Synapse accepts (``synapse.api.constants.MAX_..._LENGTH``: 255).
 MAX_EVENT_ID_LENGTH = 255

@@ -17,8 +17,11 @@ import Synapse's event classes, so that the bytes checked are Synapse's).
 * :mod:`.servlets`: request-aware federation servlets, ``/state`` servlets, writing
 * :mod:`.send_join`: the ``/send_join`` wrapper and the room facts it reads
 * :mod:`.resident_state`: what the ``/state`` server reads, event-cache invalidation
-* :mod:`.web`: the admin API inside Synapse's admin resource, the listeners that
-  serve the client API
+* :mod:`.web`: the admin API inside Synapse's admin resource, the module's client
+  API inside Synapse's client resource, the listeners that serve the client API
+* :mod:`.sync`: the syncing signal in ``/sync`` and sliding sync
+* :mod:`.clients`: what the client endpoint reads (partial-state flag, membership,
+  member summary)
 
 Checked against: matrix-synapse 1.163.2 (source read in the installed wheel).
 """

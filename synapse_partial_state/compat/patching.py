@@ -212,15 +212,19 @@ def wrap_instance_method(
     wrap: Callable[[Callable[..., Any]], Callable[..., Any]],
     target: str,
     why: str,
+    kind: str = "wrap (instance)",
 ) -> None:
-    """Replace ``owner.name`` by ``wrap(native method)`` once, and record it."""
+    """Replace ``owner.name`` by ``wrap(native method)`` once, and record it.
+
+    ``owner`` is an instance (``wrap`` gets the bound method) or a class (``wrap``
+    gets the function, called with ``self`` first; ``kind="wrap"``)."""
     native = getattr(owner, name)
     if getattr(native, "_sps_wrapped", False):
         return
     wrapper = wrap(native)
     wrapper._sps_wrapped = True  # type: ignore[attr-defined]
     setattr(owner, name, wrapper)
-    record_patch(PatchRecord(target, "wrap (instance)", why))
+    record_patch(PatchRecord(target, kind, why))
 
 
 def record_patch_replacing(record: PatchRecord) -> None:

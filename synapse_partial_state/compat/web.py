@@ -16,9 +16,15 @@ so the module's endpoints follow that rule:
   admin API does, with its error format, CORS and metrics;
 * the status endpoint stays a module web resource, wrapped so that it answers only
   on listeners whose config lists ``client`` (:func:`on_client_listeners`) and
-  answers elsewhere exactly as an unknown path does.
+  answers elsewhere exactly as an unknown path does;
+* the client API (``/_matrix/client/unstable/org.matrix.msc2775/...``) lives under
+  ``/_matrix/client``, which is Synapse's client ``JsonResource`` (a leaf too: a
+  module web resource below it would never be reached), so it is registered into
+  it (:func:`mount_client_api`): a function added to Synapse's ``client`` servlet
+  group (``synapse.rest.SERVLET_GROUPS``), which ``ClientRestResource`` calls for
+  every listener serving ``client``, on the main process and on workers alike.
 
-Neither changes what Synapse does: they add routes. They are recorded as mounts
+None changes what Synapse does: they add routes. They are recorded as mounts
 (:data:`~.patching.INSTALLED_MOUNTS`), apart from the patches, and installed even
 when the version gate turns every patch off, so that the status endpoint and the
 admin API can say so.
@@ -49,14 +55,22 @@ SYNAPSE_ADMIN_PREFIX = "/_synapse/admin"
 _REGISTER_TARGET = "synapse.rest.admin.register_servlets"
 
 
+#: Synapse's client API prefix: what its client ``JsonResource`` is mounted at.
+CLIENT_API_PREFIX = "/_matrix/client"
+
+_CLIENT_GROUP_TARGET = "synapse.rest.SERVLET_GROUPS[client]"
+
+
 @attr.s(frozen=True, auto_attribs=True, slots=True)
 class AdminRoute:
-    """One endpoint of the module's admin API, as Synapse's admin resource routes it."""
+    """One endpoint of the module's admin API or client API, as Synapse's
+    ``JsonResource`` routes it."""
 
     #: ``GET``, ``POST``...
     method: str
-    #: Regular expression of the path after :data:`SYNAPSE_ADMIN_PREFIX`, anchored
-    #: at its start (e.g. ``/v1/partial_state/rooms/?$``); named groups are passed
+    #: Regular expression of the path after the prefix it is mounted under
+    #: (:data:`SYNAPSE_ADMIN_PREFIX` or :data:`CLIENT_API_PREFIX`), anchored at
+    #: its start (e.g. ``/v1/partial_state/rooms/?$``); named groups are passed
     #: to ``callback`` as keyword arguments, URL-decoded.
     path: str
     #: ``callback(request, **groups)`` returning ``(status, JSON body)``.
@@ -65,8 +79,15 @@ class AdminRoute:
     name: str
 
 
+#: A route of the client API (same shape; see :func:`mount_client_api`).
+ClientRoute = AdminRoute
+
 #: The routes the wrapped ``register_servlets`` adds (the latest mount's).
 _ADMIN_ROUTES: list[AdminRoute] = []
+
+#: The routes the client servlet group's added function registers (the latest
+#: mount's).
+_CLIENT_ROUTES: list[ClientRoute] = []
 
 
 def mount_admin_api(routes: Sequence[AdminRoute]) -> bool:
@@ -106,22 +127,67 @@ def mount_admin_api(routes: Sequence[AdminRoute]) -> bool:
     return True
 
 
-def _register_admin_routes(http_server: Any) -> None:
-    """Add the module's routes to one listener's admin ``JsonResource``; an error is
-    logged and leaves Synapse's own admin API as it is."""
+def _register_routes(
+    http_server: Any, prefix: str, routes: Sequence[AdminRoute], what: str
+) -> None:
+    """Add ``routes`` to one listener's ``JsonResource`` under ``prefix``; an error
+    is logged and leaves Synapse's own API (``what``) as it is."""
     try:
-        for route in _ADMIN_ROUTES:
+        for route in routes:
             http_server.register_paths(
                 route.method,
-                [re.compile("^" + SYNAPSE_ADMIN_PREFIX + route.path)],
+                [re.compile("^" + prefix + route.path)],
                 route.callback,
                 route.name,
             )
     except Exception:
         logger.exception(
-            "synapse_partial_state: could not add the admin API to a listener's "
-            "admin resource; Synapse's own admin API is unaffected"
+            "synapse_partial_state: could not add the module's routes to a "
+            "listener's %s resource; Synapse's own is unaffected",
+            what,
         )
+
+
+def _register_admin_routes(http_server: Any) -> None:
+    _register_routes(http_server, SYNAPSE_ADMIN_PREFIX, _ADMIN_ROUTES, "admin")
+
+
+def _register_client_routes(hs: Any, http_server: Any) -> None:
+    """The function added to Synapse's ``client`` servlet group."""
+    _register_routes(http_server, CLIENT_API_PREFIX, _CLIENT_ROUTES, "client API")
+
+
+def mount_client_api(routes: Sequence[ClientRoute]) -> bool:
+    """Serve ``routes`` under ``/_matrix/client`` wherever Synapse serves its
+    client API (listeners with the ``client`` resource, main process and
+    workers), inside its client ``JsonResource``: its authentication errors,
+    CORS, metrics and 404/405 answers. Must run before Synapse starts listening
+    (module creation does). False, with an error logged, if this Synapse has no
+    such seam: the server then starts without the module's client API."""
+    try:
+        from synapse import rest as synapse_rest
+
+        group = tuple(synapse_rest.SERVLET_GROUPS["client"])
+    except (ImportError, AttributeError, KeyError, TypeError):
+        logger.error(
+            "synapse_partial_state: this Synapse has no %s; the module's client "
+            "API is not served",
+            _CLIENT_GROUP_TARGET,
+        )
+        return False
+    _CLIENT_ROUTES[:] = list(routes)
+    if _register_client_routes not in group:
+        synapse_rest.SERVLET_GROUPS["client"] = (*group, _register_client_routes)
+    record_mount(
+        PatchRecord(
+            _CLIENT_GROUP_TARGET,
+            "extend (adds routes)",
+            "the module's client API inside Synapse's client resource "
+            "(/_matrix/client/unstable/org.matrix.msc2775/...), on client listeners "
+            "only",
+        )
+    )
+    return True
 
 
 def client_site_tags(api: ModuleApi) -> frozenset[str]:

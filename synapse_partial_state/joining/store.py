@@ -9,6 +9,7 @@ portable SQL). :class:`JobStore` runs the ``*_txn`` functions through
 from __future__ import annotations
 
 import json
+import logging
 from typing import TYPE_CHECKING, Any
 
 from synapse.module_api import ModuleApi, make_deferred_yieldable
@@ -18,6 +19,8 @@ from synapse_partial_state.joining.jobs import Job, Phase
 
 if TYPE_CHECKING:
     from synapse.storage.database import LoggingTransaction
+
+logger = logging.getLogger(__name__)
 
 #: 2: ``events_applied`` added; ``events_persisted`` counts the join's state events
 #: stored (in version 1 it counted the events brought to full state).
@@ -54,6 +57,14 @@ _SCHEMA = [
     )
     """,
 ]
+
+#: Tries at creating the schema. Another process (a worker serving the clients'
+#: endpoint, the main process starting a resync) or another store of this one may
+#: create it at the same moment, which PostgreSQL's ``CREATE TABLE IF NOT EXISTS``
+#: does not tolerate (a unique violation in its catalog; seen when a client asked
+#: for a room's progress just as its resync wrote the first job); once the other
+#: has committed, trying again finds the tables.
+SCHEMA_TRIES = 3
 
 _COLUMNS = (
     "room_id",
@@ -190,12 +201,27 @@ class JobStore:
         await make_deferred_yieldable(self._lock.acquire())
         try:
             if not self._ready:
-                await self._api.run_db_interaction(
-                    "sps_create_schema", create_schema_txn
-                )
+                await self._create_schema()
                 self._ready = True
         finally:
             self._lock.release()
+
+    async def _create_schema(self) -> None:
+        for attempt in range(1, SCHEMA_TRIES + 1):
+            try:
+                await self._api.run_db_interaction(
+                    "sps_create_schema", create_schema_txn
+                )
+                return
+            except Exception as e:
+                if attempt == SCHEMA_TRIES:
+                    raise
+                logger.info(
+                    "Creating the module's tables failed (%s), perhaps created "
+                    "concurrently elsewhere; trying again",
+                    e,
+                )
+                await self._api.sleep(0.2 * attempt)
 
     async def save(self, job: Job) -> None:
         await self.ensure_schema()

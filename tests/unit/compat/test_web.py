@@ -162,3 +162,75 @@ class MountAdminApiTests(unittest.TestCase):
         with self.assertLogs(web.logger, "ERROR"):
             synapse_admin.register_servlets(cast(Any, None), http_server)
         self.assertEqual(len(self.calls), 1)
+
+
+class MountClientApiTests(unittest.TestCase):
+    def setUp(self) -> None:
+        from synapse import rest as synapse_rest
+
+        self.rest = synapse_rest
+        group = synapse_rest.SERVLET_GROUPS["client"]
+        routes, mounts = list(web._CLIENT_ROUTES), list(patching.INSTALLED_MOUNTS)
+
+        def restore() -> None:
+            synapse_rest.SERVLET_GROUPS["client"] = group
+            web._CLIENT_ROUTES[:] = routes
+            patching.INSTALLED_MOUNTS[:] = mounts
+
+        self.addCleanup(restore)
+        # Synapse's own group, as before any mount.
+        synapse_rest.SERVLET_GROUPS["client"] = tuple(
+            f for f in group if f is not web._register_client_routes
+        )
+
+    def _ours(self) -> Any:
+        return tuple(self.rest.SERVLET_GROUPS["client"])[-1]
+
+    async def _get(self, request: Any, room_id: str) -> tuple[int, dict]:
+        return 200, {}
+
+    def _routes(self, name: str) -> list[web.ClientRoute]:
+        return [
+            web.ClientRoute(
+                "GET",
+                r"/unstable/org\.matrix\.msc2775/rooms/(?P<room_id>[^/]*)/partial_state$",
+                self._get,
+                name,
+            )
+        ]
+
+    def test_added_to_synapses_client_servlet_group_once(self) -> None:
+        native = tuple(self.rest.SERVLET_GROUPS["client"])
+        self.assertTrue(web.mount_client_api(self._routes("First")))
+        self.assertTrue(web.mount_client_api(self._routes("Second")))
+        group = tuple(self.rest.SERVLET_GROUPS["client"])
+        # Synapse's own servlets first, unchanged; ours once, last
+        self.assertEqual(group, (*native, web._register_client_routes))
+        targets = [m.target for m in patching.INSTALLED_MOUNTS]
+        self.assertEqual(targets.count("synapse.rest.SERVLET_GROUPS[client]"), 1)
+
+    def test_routes_join_each_client_resource_under_the_client_prefix(self) -> None:
+        web.mount_client_api(self._routes("First"))
+        web.mount_client_api(self._routes("PartialState"))
+        http_server = mock.Mock(name="ClientRestResource")
+        self._ours()(cast(Any, None), http_server)
+        (call,) = http_server.register_paths.call_args_list
+        self.assertEqual(call.args[0], "GET")
+        self.assertEqual(call.args[3], "PartialState")
+        (pattern,) = call.args[1]
+        match = pattern.match(
+            "/_matrix/client/unstable/org.matrix.msc2775/rooms/%21r%3Ax/partial_state"
+        )
+        self.assertEqual(match and match.groupdict(), {"room_id": "%21r%3Ax"})
+        self.assertIsNone(
+            pattern.match(
+                "/_synapse/admin/unstable/org.matrix.msc2775/rooms/r/partial_state"
+            )
+        )
+
+    def test_a_failing_registration_leaves_synapses_client_api(self) -> None:
+        web.mount_client_api(self._routes("PartialState"))
+        http_server = mock.Mock()
+        http_server.register_paths.side_effect = TypeError("new signature")
+        with self.assertLogs(web.logger, "ERROR"):
+            self._ours()(cast(Any, None), http_server)

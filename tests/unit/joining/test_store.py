@@ -4,13 +4,17 @@ PostgreSQL in every black-box resync test)."""
 from __future__ import annotations
 
 import sqlite3
+from types import SimpleNamespace
 from typing import Any
 
+from twisted.internet import defer
 from twisted.trial import unittest
 
+from synapse_partial_state.joining import store as store_module
 from synapse_partial_state.joining.jobs import Job, Phase
 from synapse_partial_state.joining.store import (
     SCHEMA_VERSION,
+    JobStore,
     create_schema_txn,
     get_job_txn,
     list_jobs_txn,
@@ -93,3 +97,47 @@ class StorageTests(unittest.TestCase):
         self.txn.execute("UPDATE sps_schema_version SET version = ?", (99,))
         with self.assertRaisesRegex(RuntimeError, "newer than this module's"):
             create_schema_txn(self.txn)
+
+
+class SchemaCreationTests(unittest.TestCase):
+    """The schema is created once per store, and again when another process
+    created it at the same moment (PostgreSQL's unique violation)."""
+
+    def store(self, failures: int) -> tuple[Any, list[float], list[str]]:
+        calls: list[str] = []
+        sleeps: list[float] = []
+
+        async def run_db_interaction(desc: str, func: Any, *args: Any) -> None:
+            calls.append(desc)
+            if len(calls) <= failures:
+                raise RuntimeError("duplicate key value violates unique constraint")
+
+        async def sleep(seconds: float) -> None:
+            sleeps.append(seconds)
+
+        api = SimpleNamespace(run_db_interaction=run_db_interaction, sleep=sleep)
+        return JobStore(api), sleeps, calls  # type: ignore[arg-type]
+
+    def ensure(self, store: Any) -> Any:
+        return defer.ensureDeferred(store.ensure_schema())
+
+    def test_created_once(self) -> None:
+        store, sleeps, calls = self.store(failures=0)
+        self.successResultOf(self.ensure(store))
+        self.successResultOf(self.ensure(store))
+        self.assertEqual((calls, sleeps), (["sps_create_schema"], []))
+
+    def test_a_concurrent_creation_is_tried_again(self) -> None:
+        store, sleeps, calls = self.store(failures=2)
+        with self.assertLogs(store_module.logger, "INFO"):
+            self.successResultOf(self.ensure(store))
+        self.assertEqual(len(calls), 3)
+        self.assertEqual(sleeps, [0.2, 0.4])
+
+    def test_gives_up_after_a_few_tries(self) -> None:
+        store, sleeps, calls = self.store(failures=10)
+        self.failureResultOf(self.ensure(store), RuntimeError)
+        self.assertEqual(len(calls), 3)
+        # ...and tries again on the next call
+        self.failureResultOf(self.ensure(store), RuntimeError)
+        self.assertEqual(len(calls), 6)
