@@ -71,12 +71,29 @@ class ResyncConfig:
     verify_workers: int = -1
 
 
+#: Values of ``clients.members_during_resync``.
+MEMBERS_BLOCK = "block"
+MEMBERS_PARTIAL = "partial"
+
+
+@attr.s(frozen=True, auto_attribs=True, slots=True)
+class ClientsConfig:
+    """What clients may read of a room while it is partial."""
+
+    #: ``/members`` and ``/joined_members`` of a partial-state room: ``block``
+    #: until complete (stock's, and the spec tests' behaviour), or ``partial``:
+    #: answer at once with the members known so far, marked as syncing, for an
+    #: unencrypted room (an encrypted room always blocks).
+    members_during_resync: str = MEMBERS_BLOCK
+
+
 @attr.s(frozen=True, auto_attribs=True, slots=True)
 class PartialStateConfig:
     """The whole module configuration."""
 
     resident: ResidentConfig = ResidentConfig()
     resync: ResyncConfig = ResyncConfig()
+    clients: ClientsConfig = ClientsConfig()
     #: On a Synapse outside the tested range, install the patches anyway (the
     #: default there: none, Synapse runs as stock).
     allow_untested_synapse: bool = False
@@ -149,6 +166,13 @@ class _Reader:
             )
         return float(value)
 
+    def choice(self, key: str, default: str, accepted: tuple[str, ...]) -> str:
+        self._seen.add(key)
+        value = self._raw.get(key, default)
+        if not isinstance(value, str) or value not in accepted:
+            raise self._fail(key, value, "one of " + ", ".join(map(repr, accepted)))
+        return value
+
     def section(self, key: str) -> _Reader:
         self._seen.add(key)
         return _Reader(self._raw.get(key), self._path + (key,))
@@ -216,6 +240,19 @@ def _parse_resync(r: _Reader) -> ResyncConfig:
     return parsed
 
 
+def _parse_clients(r: _Reader) -> ClientsConfig:
+    d = ClientsConfig()
+    parsed = ClientsConfig(
+        members_during_resync=r.choice(
+            "members_during_resync",
+            d.members_during_resync,
+            (MEMBERS_BLOCK, MEMBERS_PARTIAL),
+        ),
+    )
+    r.finish()
+    return parsed
+
+
 def parse_config(raw: Any) -> PartialStateConfig:
     """Validate the ``config:`` mapping of the module's entry in ``modules:``."""
     r = _Reader(raw, ())
@@ -223,6 +260,7 @@ def parse_config(raw: Any) -> PartialStateConfig:
     parsed = PartialStateConfig(
         resident=_parse_resident(r.section("resident")),
         resync=_parse_resync(r.section("resync")),
+        clients=_parse_clients(r.section("clients")),
         allow_untested_synapse=r.boolean(
             "allow_untested_synapse", d.allow_untested_synapse
         ),
