@@ -16,8 +16,10 @@ from synapse_partial_state import __version__
 from synapse_partial_state.admin import AdminApi
 from synapse_partial_state.clients import syncing
 from synapse_partial_state.clients.endpoint import PartialStateEndpoint
+from synapse_partial_state.clients.members import MembersDuringResync
 from synapse_partial_state.compat import patching, send_join, servlets
 from synapse_partial_state.compat.clients import ClientOps
+from synapse_partial_state.compat.partial_reads import install_partial_reads
 from synapse_partial_state.compat.persistence import install_current_state_guard
 from synapse_partial_state.compat.resident_state import (
     install_event_invalidation_hook,
@@ -91,7 +93,7 @@ class PartialStateModule:
         # Wherever this process persists events (current state included).
         install_current_state_guard(api)
         # Wherever this process serves the client API (main or workers).
-        self._wire_clients(api)
+        self._wire_clients(api, config)
         if config.resident.enabled:
             self._wire_resident(api, config)
         if config.resync.enabled and is_main:
@@ -99,13 +101,17 @@ class PartialStateModule:
         return None
 
     @staticmethod
-    def _wire_clients(api: ModuleApi) -> None:
-        """The syncing signal in ``/sync``, and the progress endpoint (reading the
-        job table, which any process can)."""
+    def _wire_clients(api: ModuleApi, config: PartialStateConfig) -> None:
+        """The syncing signal in ``/sync``, the progress endpoint (reading the
+        job table, which any process can), members and space children read from
+        partial state."""
         install_syncing_signal(
             syncing.resynced_rooms, syncing.syncing_flag, syncing.mark_room
         )
-        endpoint = PartialStateEndpoint(api, ClientOps(api), JobStore(api))
+        ops = ClientOps(api)
+        members = MembersDuringResync(config.clients, ops)
+        install_partial_reads(members.answers_at_once, members.mark)
+        endpoint = PartialStateEndpoint(api, ops, JobStore(api))
         mount_client_api(endpoint.routes())
 
     @staticmethod

@@ -1,5 +1,6 @@
-"""What the client endpoint reads (:class:`ClientOps`): a room's partial-state flag,
-a user's joined rooms and the room's member summary, each from Synapse's caches.
+"""What the client endpoint and the members policy read (:class:`ClientOps`): a
+room's partial-state flag, a user's joined rooms, the room's member summary (each
+from Synapse's caches) and whether the room is encrypted.
 
 Works on every process that serves the client API (main or workers): these
 caches are invalidated over replication. Checked against 1.163.2.
@@ -10,8 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import attr
-from synapse.api.constants import Membership
+from synapse.api.constants import EventTypes, Membership
 from synapse.module_api import ModuleApi
+from synapse.types.state import StateFilter
 
 from synapse_partial_state.compat.patching import homeserver, main_store
 from synapse_partial_state.compat.send_join import get_room_summary, heroes_from_summary
@@ -44,6 +46,18 @@ class ClientOps:
     async def is_partial_state(self, room_id: str) -> bool:
         """Synapse's cached ``is_partial_state_room``."""
         return bool(await self._store.is_partial_state_room(room_id))
+
+    async def is_encrypted(self, room_id: str) -> bool:
+        """Whether the room's current state has an ``m.room.encryption`` event (a
+        non-member state event: present in partial state, read without waiting)."""
+        state_ids = (
+            await self._hs.get_storage_controllers().state.get_current_state_ids(
+                room_id,
+                state_filter=StateFilter.from_types([(EventTypes.RoomEncryption, "")]),
+                await_full_state=False,
+            )
+        )
+        return bool(state_ids)
 
     async def member_summary(self, room_id: str, user_id: str) -> MemberSummary:
         """The room's heroes (for ``user_id``) and member counts."""
