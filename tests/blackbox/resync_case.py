@@ -47,6 +47,8 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
 class ResyncCase(FederationTestCase):
     MEMBERS = 200
     SERVERS = 5
+    #: The room's type (its create event's ``type``), e.g. ``m.space``.
+    ROOM_TYPE: str | None = None
 
     def setup_room(self, **hs_kw: Any) -> None:
         self.peer = self.make_fake_peer()
@@ -55,6 +57,7 @@ class ResyncCase(FederationTestCase):
             servers=self.SERVERS,
             name="Resync room",
             room_version=self.ROOM_VERSION or "10",
+            room_type=self.ROOM_TYPE,
         )
         self.room_id: str = self.room["room_id"]
         self.resident: str = self.room["resident"]

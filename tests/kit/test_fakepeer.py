@@ -152,6 +152,14 @@ class SyntheticRoomTests(PeerTestCase):
     def test_room_v12(self) -> None:
         self._check_room("12")
 
+    def test_room_type(self) -> None:
+        """``room_type`` is the create event's ``type`` (e.g. a space)."""
+        for room_type in ("m.space", None):
+            room = self.peer.create_room(members=1, room_type=room_type)
+            create = self.peer.room_events(room["room_id"], limit=1)["events"][0]
+            self.assertEqual(create["type"], "m.room.create")
+            self.assertEqual(create["content"].get("type"), room_type)
+
 
 class SendJoinTests(PeerTestCase):
     """make_join / send_join answers of the fake resident."""

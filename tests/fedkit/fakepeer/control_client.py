@@ -206,6 +206,7 @@ class FakePeer:
         acl: bool = False,
         history_visibility: str = "shared",
         join_rule: str | None = None,
+        room_type: str | None = None,
     ) -> dict[str, Any]:
         """``POST /control/rooms``: build a synthetic room."""
         body = {
@@ -223,6 +224,7 @@ class FakePeer:
             "acl": acl,
             "history_visibility": history_visibility,
             "join_rule": join_rule,
+            "room_type": room_type,
         }
         return self._call("POST", "/control/rooms", body)
 

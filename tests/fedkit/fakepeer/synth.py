@@ -42,6 +42,8 @@ class RoomSpec:
     acl: bool = False
     history_visibility: str = "shared"
     join_rule: str | None = None
+    #: The create event's ``type`` (e.g. ``m.space``); None: none.
+    room_type: str | None = None
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> RoomSpec:
@@ -114,6 +116,8 @@ def build_room(
     create_content: dict[str, Any] = {"room_version": rv.identifier}
     if not rv.implicit_room_creator:
         create_content["creator"] = creator
+    if spec.room_type is not None:
+        create_content["type"] = spec.room_type
     emit(creator, "m.room.create", create_content, "")
     emit(
         creator,
