@@ -175,6 +175,36 @@ class HierarchyDuringResync(PartialReadsCase):
             [r["room_id"] for r in during["rooms"]],
         )
 
+    def test_hierarchy_access_rules_during_resync(self) -> None:
+        """Stock's access rules, read from the partial state: during the held
+        resync a local user not in the space sees it while it is public, and
+        gets 403 once it turns invite-only, while bob, a member, still gets the
+        answer."""
+        self.setup_room()
+        carol = self.register(self.hs2, "carol")
+        rule = self.join_held()
+        status, body = carol.get(hierarchy_path(self.room_id), timeout=15)
+        self.assertEqual(status, 200, body)  # public: anyone may look
+        self.peer.send_event(
+            self.room_id, "m.room.join_rules", {"join_rule": "invite"}, state_key=""
+        )
+        wait_until(
+            lambda: (
+                self.bob.state_event(self.room_id, "m.room.join_rules")
+                == {"join_rule": "invite"}
+            ),
+            30,
+            "the invite-only rule at hs2",
+        )
+        status, body = carol.get(hierarchy_path(self.room_id), timeout=15)
+        self.assertEqual(status, 403, body)
+        self.assertEqual(
+            self.get_at_once(hierarchy_path(self.room_id))["rooms"][0]["room_id"],
+            self.room_id,
+        )
+        self.assertTrue(self.partial())
+        self.release(rule)
+
     def space_children(self, body: dict[str, Any]) -> set[str]:
         """The state keys of the space's m.space.child events in the answer."""
         space = body["rooms"][0]
