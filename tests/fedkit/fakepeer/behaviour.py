@@ -9,7 +9,20 @@ from typing import Any
 
 from twisted.internet import defer
 
-ACTIONS = ("delay", "error", "hang", "drop", "bad_signature", "omit", "hold")
+ACTIONS = (
+    "delay",
+    "error",
+    "hang",
+    "drop",
+    "bad_signature",
+    "omit",
+    "hold",
+    "trickle",
+    "truncate",
+    "malformed",
+)
+#: ``malformed``: what is wrong with the answer (see :mod:`.badanswers`).
+MALFORMED_MODES = ("invalid_json", "wrong_shape")
 
 
 class BehaviourError(ValueError):
@@ -29,7 +42,11 @@ class Behaviour:
     count: int | None = None
     #: ``omit``: member events to leave out of the answer's ``pdus``
     omit: int = 0
+    #: ``malformed``: one of :data:`MALFORMED_MODES`
+    mode: str = ""
     hits: int = 0
+    #: False once the rule is removed (a ``trickle`` in progress then speeds up)
+    active: bool = True
     _rx: re.Pattern[str] = field(default=re.compile(""), repr=False)
     #: ``hold``: requests waiting for the rule's removal
     _held: list[defer.Deferred[None]] = field(default_factory=list, repr=False)
@@ -41,7 +58,9 @@ class Behaviour:
         return d
 
     def release(self) -> None:
-        """Let every request this rule holds go on."""
+        """The rule is removed: let every request it holds go on, and every
+        answer it trickles finish at once."""
+        self.active = False
         held, self._held = self._held, []
         for d in held:
             if not d.called:
@@ -58,6 +77,7 @@ class Behaviour:
             "status": self.status,
             "count": self.count,
             "omit": self.omit,
+            "mode": self.mode,
             "hits": self.hits,
         }
 
@@ -87,6 +107,13 @@ class BehaviourTable:
             raise BehaviourError("omit must be a non-negative integer")
         if action == "omit" and omit == 0:
             raise BehaviourError("action omit needs omit >= 1")
+        mode = body.get("mode") or ""
+        if action == "malformed":
+            mode = mode or MALFORMED_MODES[0]
+            if mode not in MALFORMED_MODES:
+                raise BehaviourError(f"mode must be one of {MALFORMED_MODES}")
+        elif mode:
+            raise BehaviourError("mode is only for action malformed")
         rule = Behaviour(
             id=str(next(self._ids)),
             server=str(body.get("server") or "*"),
@@ -96,6 +123,7 @@ class BehaviourTable:
             status=int(body.get("status") or 500),
             count=count,
             omit=omit,
+            mode=mode,
             _rx=rx,
         )
         self._rules.append(rule)
