@@ -555,6 +555,19 @@ class BehaviourTests(PeerTestCase):
         self.assertEqual([x["behaviour"] for x in log], ["error", "error", None])
         self.assertEqual([x["status"] for x in log], [503, 503, 200])
 
+    def test_skip_lets_the_first_requests_through(self) -> None:
+        self.peer.add_behaviour("/version$", "error", status=503, skip=2, count=1)
+        self.assertEqual(
+            [self._get().status_code for _ in range(4)], [200, 200, 503, 200]
+        )
+        log = self.peer.requests(path_regex="version")
+        self.assertEqual([x["behaviour"] for x in log], [None, None, "error", None])
+        rule = self.peer.behaviours()[0]
+        self.assertEqual((rule["skipped"], rule["hits"]), (2, 1))
+        for skip in (-1, "2", True):
+            with self.assertRaises(FakePeerError, msg=repr(skip)):
+                self.peer.add_behaviour("/version$", "error", skip=skip)  # type: ignore[arg-type]
+
     def test_error_only_on_named_server(self) -> None:
         other = self.info["servers"][1]
         self.peer.add_behaviour("/version", "error", server=other, status=502)

@@ -44,7 +44,11 @@ class Behaviour:
     omit: int = 0
     #: ``malformed``: one of :data:`MALFORMED_MODES`
     mode: str = ""
+    #: Matching requests let through untouched before the rule applies (the
+    #: first ones are not counted as hits)
+    skip: int = 0
     hits: int = 0
+    skipped: int = 0
     #: False once the rule is removed (a ``trickle`` in progress then speeds up)
     active: bool = True
     _rx: re.Pattern[str] = field(default=re.compile(""), repr=False)
@@ -78,6 +82,8 @@ class Behaviour:
             "count": self.count,
             "omit": self.omit,
             "mode": self.mode,
+            "skip": self.skip,
+            "skipped": self.skipped,
             "hits": self.hits,
         }
 
@@ -107,6 +113,9 @@ class BehaviourTable:
             raise BehaviourError("omit must be a non-negative integer")
         if action == "omit" and omit == 0:
             raise BehaviourError("action omit needs omit >= 1")
+        skip = body.get("skip") or 0
+        if not isinstance(skip, int) or isinstance(skip, bool) or skip < 0:
+            raise BehaviourError("skip must be a non-negative integer")
         mode = body.get("mode") or ""
         if action == "malformed":
             mode = mode or MALFORMED_MODES[0]
@@ -124,6 +133,7 @@ class BehaviourTable:
             count=count,
             omit=omit,
             mode=mode,
+            skip=skip,
             _rx=rx,
         )
         self._rules.append(rule)
@@ -150,13 +160,17 @@ class BehaviourTable:
         return [r.to_json() for r in self._rules]
 
     def match(self, server: str, paths: tuple[str, ...]) -> Behaviour | None:
-        """The rule applying to a request (consumes one use of its count)."""
+        """The rule applying to a request (consumes one use of its count, or
+        one of the requests it lets through first)."""
         for rule in self._rules:
             if rule.server not in ("*", server):
                 continue
             if rule.count is not None and rule.hits >= rule.count:
                 continue
             if any(rule._rx.search(p) for p in paths):
+                if rule.skipped < rule.skip:
+                    rule.skipped += 1
+                    continue
                 rule.hits += 1
                 return rule
         return None

@@ -45,7 +45,8 @@ Acting as a joining server / making requests
 Misbehaviour
   ``POST /control/behaviour`` {server="*", path_regex, action: delay|error|hang|drop|
   bad_signature|omit|hold|trickle|truncate|malformed, seconds, status=500, count=null,
-  omit=0, mode=null} -> {id}. ``hold``
+  omit=0, mode=null, skip=0} -> {id}. ``skip``: matching requests let through
+  untouched before the rule applies. ``hold``
   keeps matching requests waiting until the rule is removed (or cleared), then
   answers them normally; ``seconds`` > 0 caps the wait. The regex is
   searched in the decoded and in the raw request path (no query string). ``count``
