@@ -28,8 +28,15 @@ from faults.traffic import Sent
 from tests.blackbox.resync_case import resident_state
 from tests.fedkit.matrix_client import Client
 
-#: What is checked for duplicates: (table, key columns).
+#: What is checked for duplicates: (table, key columns). Synapse's schema
+#: enforces most of them (a check there guards against the schema changing);
+#: not ``state_groups_state`` (one state group holding a key twice) nor
+#: ``event_auth`` (an event's auth event recorded twice, e.g. an event stored
+#: by two attempts).
 UNIQUE_ROWS = (
+    ("state_groups_state", "state_group, type, state_key"),
+    ("event_auth", "event_id, auth_id"),
+    ("event_to_state_groups", "event_id"),
     ("events", "event_id"),
     ("event_json", "event_id"),
     ("state_events", "event_id"),
