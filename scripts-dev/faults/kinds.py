@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote
 
 from faults.context import (
@@ -79,9 +80,7 @@ def _scope(run: Run) -> str:
     return run.target_server() if run.rng.random() < 2 / 3 else "*"
 
 
-def _misbehave(
-    run: Run, action: str, seconds: tuple[float, float], **kw: object
-) -> None:
+def _misbehave(run: Run, action: str, seconds: tuple[float, float], **kw: Any) -> None:
     """A behaviour of the fake peer on state requests at a random moment, kept a
     random while (or until its ``count`` is spent), then removed."""
     moment = pick_moment(run.rng, RESIDENT_MOMENTS, run.expected_s / 4)
@@ -91,7 +90,7 @@ def _misbehave(
         kw["skip"] = run.rng.randint(0, max_skip)
     run.wait_for(moment)
     server = _scope(run)
-    rule = run.peer.add_behaviour(path, action, server=server, **kw)  # type: ignore[arg-type]
+    rule = run.peer.add_behaviour(path, action, server=server, **kw)
     extra = ", ".join(f"{k}={v}" for k, v in kw.items())
     run.injected(
         f"{action}{' (' + extra + ')' if extra else ''} on {path_name} at {server}"

@@ -19,7 +19,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from faults import invariants
 from faults.context import Run, RunStopped
@@ -30,6 +30,10 @@ from tests.blackbox.resync_case import FAST
 from tests.fedkit.certs import KitCA
 from tests.fedkit.fakepeer.control_client import FakePeer
 from tests.fedkit.homeserver import Homeserver
+from tests.fedkit.hsconfig import DatabaseKind
+
+#: The joiner's config: the module with fast back-offs, as the resync tests.
+JOINER_CONFIG: dict[str, Any] = dict(FAST)
 
 #: The outcomes of a run, in the order a run's first violation is named by.
 OUTCOMES = (
@@ -85,7 +89,10 @@ def run_one(
             peer.start()
             room = _build_room(spec, peer)
             record["room"] = {k: room[k] for k in ("room_id", "member_count")}
-            hs = Homeserver(os.path.join(workdir, "hs2"), "hs2", ca, db=spec.db, **FAST)  # type: ignore[arg-type]
+            db = cast(DatabaseKind, spec.db)
+            hs = Homeserver(
+                os.path.join(workdir, "hs2"), "hs2", ca, db=db, **JOINER_CONFIG
+            )
             stack.callback(hs.cleanup)
             hs.start()
             admin = hs.register_user("admin", admin=True)
