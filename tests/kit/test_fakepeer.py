@@ -563,6 +563,19 @@ class BehaviourTests(PeerTestCase):
         self.assertEqual([x["behaviour"] for x in log], ["error", "error", None])
         self.assertEqual([x["status"] for x in log], [503, 503, 200])
 
+    def test_skip_lets_the_first_requests_through(self) -> None:
+        self.peer.add_behaviour("/version$", "error", status=503, skip=2, count=1)
+        self.assertEqual(
+            [self._get().status_code for _ in range(4)], [200, 200, 503, 200]
+        )
+        log = self.peer.requests(path_regex="version")
+        self.assertEqual([x["behaviour"] for x in log], [None, None, "error", None])
+        rule = self.peer.behaviours()[0]
+        self.assertEqual((rule["skipped"], rule["hits"]), (2, 1))
+        for skip in (-1, "2", True):
+            with self.assertRaises(FakePeerError, msg=repr(skip)):
+                self.peer.add_behaviour("/version$", "error", skip=skip)  # type: ignore[arg-type]
+
     def test_error_only_on_named_server(self) -> None:
         other = self.info["servers"][1]
         self.peer.add_behaviour("/version", "error", server=other, status=502)
@@ -652,6 +665,82 @@ class BehaviourTests(PeerTestCase):
                 self.peer.add_behaviour("/state/", "omit", omit=omit)  # type: ignore[arg-type]
         with self.assertRaises(FakePeerError):
             self.peer.add_behaviour("/state/", "error", omit=-2)
+
+    def _state_path(self) -> tuple[str, dict[str, str]]:
+        room_id = self.info["room_id"]
+        last = self.peer.room(room_id)["last_event_id"]
+        return f"/_matrix/federation/v1/state/{q(room_id)}", {"event_id": last}
+
+    def test_trickle_while_the_rule_is_in_place_then_the_rest(self) -> None:
+        path, params = self._state_path()
+        whole = self.fed(self.server, "GET", path, params).content
+        rule = self.peer.add_behaviour("/state/", "trickle")
+        resp = self.http.get(
+            f"https://{self.server}{path}",
+            params=params,
+            verify=self.peer.ca_path,
+            timeout=30,
+            stream=True,
+        )
+        self.assertEqual(resp.status_code, 200)
+        self.assertEqual(int(resp.headers["Content-Length"]), len(whole))
+        started = time.monotonic()
+        first = resp.raw.read(3)  # one byte a second
+        self.assertEqual(first, whole[:3])
+        self.assertGreaterEqual(time.monotonic() - started, 1.5)
+        self.peer.remove_behaviour(rule)
+        rest = resp.raw.read()  # the rest at once once the rule is gone
+        self.assertLess(time.monotonic() - started, 8)
+        self.assertEqual(first + rest, whole)
+        log = self.peer.requests(path_regex="/state/")
+        self.assertEqual(log[-1]["behaviour"], "trickle")
+        self.assertGreaterEqual(log[-1]["trickled"], 3)
+
+    def test_trickle_for_at_most_its_seconds(self) -> None:
+        path, params = self._state_path()
+        self.peer.add_behaviour("/state/", "trickle", seconds=2)
+        started = time.monotonic()
+        resp = self.fed(self.server, "GET", path, params, timeout=30)
+        self.assertGreaterEqual(time.monotonic() - started, 1.5)
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertIn("pdus", resp.json())
+
+    def test_truncate_cuts_the_answer_short(self) -> None:
+        path, params = self._state_path()
+        whole = self.fed(self.server, "GET", path, params).content
+        self.peer.add_behaviour("/state/", "truncate", count=1)
+        with self.assertRaises(requests.exceptions.ChunkedEncodingError):
+            self.fed(self.server, "GET", path, params)
+        self.assertEqual(self.fed(self.server, "GET", path, params).content, whole)
+        log = self.peer.requests(path_regex="/state/")
+        self.assertEqual(log[1]["behaviour"], "truncate")
+        self.assertEqual(log[1]["truncated_at"], len(whole) // 2)
+
+    def test_malformed_answers(self) -> None:
+        path, params = self._state_path()
+        whole = self.fed(self.server, "GET", path, params).json()
+        self.peer.add_behaviour("/state/", "malformed", count=1)
+        broken = self.fed(self.server, "GET", path, params)
+        self.assertEqual(broken.status_code, 200)
+        with self.assertRaises(ValueError):
+            json.loads(broken.content)
+        self.peer.add_behaviour("/state/", "malformed", mode="wrong_shape", count=1)
+        shaped = self.fed(self.server, "GET", path, params).json()
+        self.assertEqual(shaped["pdus"], list(range(len(whole["pdus"]))))
+        self.assertEqual(shaped["auth_chain"], list(range(len(whole["auth_chain"]))))
+        # errors pass through untouched, and then the rules are spent
+        self.peer.add_behaviour("/state/", "malformed", count=1)
+        missing = self.fed(self.server, "GET", path, {"event_id": "$nope"})
+        self.assertEqual(missing.json()["errcode"], "M_NOT_FOUND")
+        self.assertEqual(self.fed(self.server, "GET", path, params).json(), whole)
+
+    def test_malformed_mode_is_checked(self) -> None:
+        with self.assertRaises(FakePeerError):
+            self.peer.add_behaviour("/state/", "malformed", mode="gibberish")
+        with self.assertRaises(FakePeerError):
+            self.peer.add_behaviour("/state/", "error", mode="wrong_shape")
+        self.peer.add_behaviour("/state/", "malformed")
+        self.assertEqual(self.peer.behaviours()[0]["mode"], "invalid_json")
 
     def test_stop_start_server(self) -> None:
         self.peer.stop_server(self.server)

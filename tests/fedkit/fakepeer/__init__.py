@@ -11,7 +11,9 @@ Modules:
 * ``rooms``: the in-memory room DAG and state tracking.
 * ``synth``: the fast synthetic room builder.
 * ``server``: one fake server's TLS listener.
-* ``behaviour``: misbehaviour rules (delay, error, hang, drop, bad signatures).
+* ``behaviour``: misbehaviour rules (delay, error, hang, drop, bad signatures,
+  omissions, holds, and the broken answers below).
+* ``badanswers``: answers trickled, cut short or malformed.
 * ``httpclient``: outgoing signed federation requests over verified TLS.
 * ``fedapi``: the federation endpoints every fake server listener serves.
 * ``peer``: the process-wide state tying servers, rooms and logs together.

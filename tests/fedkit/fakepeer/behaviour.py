@@ -9,7 +9,20 @@ from typing import Any
 
 from twisted.internet import defer
 
-ACTIONS = ("delay", "error", "hang", "drop", "bad_signature", "omit", "hold")
+ACTIONS = (
+    "delay",
+    "error",
+    "hang",
+    "drop",
+    "bad_signature",
+    "omit",
+    "hold",
+    "trickle",
+    "truncate",
+    "malformed",
+)
+#: ``malformed``: what is wrong with the answer (see :mod:`.badanswers`).
+MALFORMED_MODES = ("invalid_json", "wrong_shape")
 
 
 class BehaviourError(ValueError):
@@ -29,7 +42,15 @@ class Behaviour:
     count: int | None = None
     #: ``omit``: member events to leave out of the answer's ``pdus``
     omit: int = 0
+    #: ``malformed``: one of :data:`MALFORMED_MODES`
+    mode: str = ""
+    #: Matching requests let through untouched before the rule applies (the
+    #: first ones are not counted as hits)
+    skip: int = 0
     hits: int = 0
+    skipped: int = 0
+    #: False once the rule is removed (a ``trickle`` in progress then speeds up)
+    active: bool = True
     _rx: re.Pattern[str] = field(default=re.compile(""), repr=False)
     #: ``hold``: requests waiting for the rule's removal
     _held: list[defer.Deferred[None]] = field(default_factory=list, repr=False)
@@ -41,7 +62,9 @@ class Behaviour:
         return d
 
     def release(self) -> None:
-        """Let every request this rule holds go on."""
+        """The rule is removed: let every request it holds go on, and every
+        answer it trickles finish at once."""
+        self.active = False
         held, self._held = self._held, []
         for d in held:
             if not d.called:
@@ -58,6 +81,9 @@ class Behaviour:
             "status": self.status,
             "count": self.count,
             "omit": self.omit,
+            "mode": self.mode,
+            "skip": self.skip,
+            "skipped": self.skipped,
             "hits": self.hits,
         }
 
@@ -87,6 +113,16 @@ class BehaviourTable:
             raise BehaviourError("omit must be a non-negative integer")
         if action == "omit" and omit == 0:
             raise BehaviourError("action omit needs omit >= 1")
+        skip = body.get("skip") or 0
+        if not isinstance(skip, int) or isinstance(skip, bool) or skip < 0:
+            raise BehaviourError("skip must be a non-negative integer")
+        mode = body.get("mode") or ""
+        if action == "malformed":
+            mode = mode or MALFORMED_MODES[0]
+            if mode not in MALFORMED_MODES:
+                raise BehaviourError(f"mode must be one of {MALFORMED_MODES}")
+        elif mode:
+            raise BehaviourError("mode is only for action malformed")
         rule = Behaviour(
             id=str(next(self._ids)),
             server=str(body.get("server") or "*"),
@@ -96,6 +132,8 @@ class BehaviourTable:
             status=int(body.get("status") or 500),
             count=count,
             omit=omit,
+            mode=mode,
+            skip=skip,
             _rx=rx,
         )
         self._rules.append(rule)
@@ -122,13 +160,17 @@ class BehaviourTable:
         return [r.to_json() for r in self._rules]
 
     def match(self, server: str, paths: tuple[str, ...]) -> Behaviour | None:
-        """The rule applying to a request (consumes one use of its count)."""
+        """The rule applying to a request (consumes one use of its count, or
+        one of the requests it lets through first)."""
         for rule in self._rules:
             if rule.server not in ("*", server):
                 continue
             if rule.count is not None and rule.hits >= rule.count:
                 continue
             if any(rule._rx.search(p) for p in paths):
+                if rule.skipped < rule.skip:
+                    rule.skipped += 1
+                    continue
                 rule.hits += 1
                 return rule
         return None

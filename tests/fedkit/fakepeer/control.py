@@ -44,14 +44,22 @@ Acting as a joining server / making requests
 
 Misbehaviour
   ``POST /control/behaviour`` {server="*", path_regex, action: delay|error|hang|drop|
-  bad_signature|omit|hold, seconds, status=500, count=null, omit=0} -> {id}. ``hold``
+  bad_signature|omit|hold|trickle|truncate|malformed, seconds, status=500, count=null,
+  omit=0, mode=null, skip=0} -> {id}. ``skip``: matching requests let through
+  untouched before the rule applies. ``hold``
   keeps matching requests waiting until the rule is removed (or cleared), then
   answers them normally; ``seconds`` > 0 caps the wait. The regex is
   searched in the decoded and in the raw request path (no query string). ``count``
   is the rule's budget of requests (null: unlimited). ``omit`` (action omit): leave
   that many member events out of the answer's ``pdus`` (the first ones the
   ``auth_chain`` does not carry too), e.g. a ``/state`` that lies by omission; the
-  request log entry says how many (``omitted``).
+  request log entry says how many (``omitted``). Broken answers (200s only, see
+  ``badanswers``): ``trickle`` sends the answer one byte a second while the rule is
+  in place (at most ``seconds`` if > 0), then the rest; ``truncate`` sends half of
+  it under the full Content-Length and closes the connection; ``malformed`` with
+  ``mode`` ``invalid_json`` (default: half the JSON, a complete HTTP answer) or
+  ``wrong_shape`` (valid JSON, every top-level list holding numbers). The log entry
+  says ``trickled`` / ``truncated_at`` (bytes).
   ``GET /control/behaviour`` -> {behaviours}; ``DELETE /control/behaviour`` -> {cleared};
   ``DELETE /control/behaviour/{id}``.
 

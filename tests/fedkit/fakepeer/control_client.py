@@ -362,10 +362,14 @@ class FakePeer:
         status: int | None = None,
         count: int | None = None,
         omit: int | None = None,
+        mode: str | None = None,
+        skip: int | None = None,
     ) -> str:
         """``POST /control/behaviour``; returns the rule id. ``path_regex`` is
         searched in the request's path (raw and decoded) and in its decoded
-        path with the query string."""
+        path with the query string. ``mode``: what a ``malformed`` answer gets
+        wrong (``invalid_json``, the default, or ``wrong_shape``). ``skip``: let
+        the first that many matching requests through untouched."""
         body = {
             "server": server,
             "path_regex": path_regex,
@@ -374,6 +378,8 @@ class FakePeer:
             "status": status,
             "count": count,
             "omit": omit,
+            "mode": mode,
+            "skip": skip,
         }
         return str(self._call("POST", "/control/behaviour", body)["id"])
 

@@ -20,6 +20,8 @@ from twisted.internet.task import deferLater
 from twisted.web.server import Request
 from unpaddedbase64 import decode_base64
 
+from . import badanswers
+from .behaviour import Behaviour
 from .fedapi import Ctx, corrupt_response, err, omit_members
 from .server import FakeServer
 from .signing import parse_x_matrix
@@ -122,7 +124,9 @@ class IncomingHandler:
             body = corrupt_response(body)
         if rule is not None and rule.action == "omit" and status == 200:
             body, entry["omitted"] = omit_members(body, rule.omit)
-        self._respond(request, gone, entry, started, status, body)
+        if rule is not None and rule.action == "malformed" and status == 200:
+            body = badanswers.malformed(body, rule.mode)
+        self._respond(request, gone, entry, started, status, body, rule)
 
     def _respond(
         self,
@@ -132,6 +136,7 @@ class IncomingHandler:
         started: float,
         status: int,
         body: bytes,
+        rule: Behaviour | None = None,
     ) -> None:
         entry["status"] = status
         entry["bytes"] = len(body)
@@ -152,6 +157,18 @@ class IncomingHandler:
         request.setResponseCode(status)
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Content-Length", str(len(body)).encode())
+        if rule is not None and status == 200 and rule.action == "truncate":
+            entry["truncated_at"] = badanswers.write_truncated(request, body)
+            return
+        if rule is not None and status == 200 and rule.action == "trickle":
+            d = defer.ensureDeferred(
+                badanswers.trickle(
+                    self.peer.reactor, request, body, rule, lambda: gone[0]
+                )
+            )
+            d.addCallback(lambda sent: entry.__setitem__("trickled", sent))
+            d.addErrback(lambda f: logger.error("trickle failed: %s", f.value))
+            return
         request.write(body)
         request.finish()
 
