@@ -15,7 +15,6 @@ join's ``state_key`` and ``prev_events`` defensively, whatever they hold.
 from __future__ import annotations
 
 import unittest
-from collections.abc import Coroutine
 from typing import Any
 
 from hypothesis import given, settings
@@ -26,6 +25,7 @@ from synapse.http.servlet import parse_string_from_args
 from synapse_partial_state.compat import send_join, servlets
 from synapse_partial_state.compat.servlets import StateQuery
 from synapse_partial_state.wire import MEMBERS_ONLY_PARAM
+from tests.unit.sync_run import run
 
 MEMBERS_ONLY = MEMBERS_ONLY_PARAM.encode()
 
@@ -45,15 +45,6 @@ queries = st.dictionaries(
     st.lists(values, min_size=1, max_size=3),
     max_size=4,
 )
-
-
-def run(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run a coroutine that never suspends (every await below is immediate)."""
-    try:
-        coro.send(None)
-    except StopIteration as done:
-        return done.value
-    raise AssertionError("coroutine suspended")
 
 
 class _NativeServlet:

@@ -9,7 +9,6 @@ join, never before. One patch record per target says what it does.
 from __future__ import annotations
 
 import unittest
-from collections.abc import Coroutine
 from types import SimpleNamespace
 from typing import Any
 
@@ -19,6 +18,7 @@ from synapse.federation.transport import server as transport_server
 from twisted.internet import defer
 
 from synapse_partial_state.compat import patching, send_join, servlets
+from tests.unit.sync_run import run
 
 TARGET = "synapse.federation.federation_server.FederationServer.on_send_join_request"
 VALIDATE = (
@@ -35,15 +35,6 @@ class FakeEvent:
     def __init__(self, state_key: str, state_dag: bool = False) -> None:
         self.state_key = state_key
         self.room_version = SimpleNamespace(msc4242_state_dags=state_dag)
-
-
-def run(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run a coroutine that never suspends (every await below is immediate)."""
-    try:
-        coro.send(None)
-    except StopIteration as done:
-        return done.value
-    raise AssertionError("coroutine suspended")
 
 
 class SendJoinWrapperTests(unittest.TestCase):

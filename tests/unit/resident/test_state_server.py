@@ -11,6 +11,7 @@ from twisted.internet import defer
 
 from synapse_partial_state.config import StateCacheConfig
 from synapse_partial_state.resident.state import StateServer
+from tests.unit.sync_run import run
 
 MEMBER = "m.room.member"
 
@@ -142,7 +143,7 @@ class AuthChainByDifferenceTests(unittest.TestCase):
         from synapse_partial_state.resident.state import auth_chain_by_difference
 
         access = _DagAccess(self.PARENTS)
-        result = _run(
+        result = run(
             auth_chain_by_difference(
                 access,  # type: ignore[arg-type]
                 "!r:x",
@@ -175,14 +176,6 @@ class AuthChainByDifferenceTests(unittest.TestCase):
         with mock.patch.object(state_module, "INCREMENTAL_AUTH_MAX_CHANGES", 1):
             got, _ = self.by_difference(self.BASE + ("$b", "$b_leave"))
         self.assertIsNone(got)
-
-
-def _run(coroutine: Any) -> Any:
-    try:
-        coroutine.send(None)
-    except StopIteration as done:
-        return done.value
-    raise AssertionError("suspended")
 
 
 class PacedLoadingTests(_StateServerUnit):
