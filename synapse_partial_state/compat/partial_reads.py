@@ -81,6 +81,9 @@ class _MembersPolicy:
     mark: MarkMembers
 
 
+#: Rooms with a backfill waiting for the end of their resync.
+_DEFERRED_BACKFILLS: set[str] = set()
+
 #: Set by :func:`install_partial_reads`; read by the class-level wrappers.
 _POLICY: list[_MembersPolicy] = []
 
@@ -149,22 +152,30 @@ def _wrap_maybe_backfill(native: Callable[..., Any]) -> Callable[..., Any]:
         backfill in the background, outside the scope (it waits for the resync:
         backfilling during it would check the extremities against a partial
         member list and fetch state from a resident still serving the resync),
-        and tell the request nothing was backfilled."""
+        and tell the request nothing was backfilled. One such backfill per
+        room waits at a time: paginating during the resync does not pile them
+        up."""
         if room_id not in _PARTIAL_READS.get() or not (
             await self.store.is_partial_state_room(room_id)
         ):
             return await native(self, room_id, *a, **kw)
+        if room_id in _DEFERRED_BACKFILLS:
+            return False  # one is waiting already
+        _DEFERRED_BACKFILLS.add(room_id)
+
+        async def backfill_after_resync() -> None:
+            try:
+                await native(self, room_id, *a, **kw)
+            finally:
+                _DEFERRED_BACKFILLS.discard(room_id)
+
         # Outside the scope: the background backfill waits for full state.
         outside = copy_context()
         outside.run(_PARTIAL_READS.set, frozenset())
         outside.run(
             self.hs.run_as_background_process,
             "sps_backfill_after_resync",
-            native,
-            self,
-            room_id,
-            *a,
-            **kw,
+            backfill_after_resync,
         )
         return False
 

@@ -163,6 +163,8 @@ class BackfillTests(unittest.TestCase):
         async def is_partial_state_room(room_id: str) -> bool:
             return self.partial
 
+        self.release: defer.Deferred[None] = defer.succeed(None)
+
         def run_in_background(desc: str, func: Any, *args: Any) -> None:
             self.background.append(defer.ensureDeferred(func(*args)))
 
@@ -173,6 +175,7 @@ class BackfillTests(unittest.TestCase):
 
         async def native(handler: Any, room_id: str, depth: int) -> bool:
             self.calls.append((room_id, partial_reads._PARTIAL_READS.get()))
+            await self.release
             return True
 
         self.backfill = partial_reads._wrap_maybe_backfill(native)
@@ -191,6 +194,20 @@ class BackfillTests(unittest.TestCase):
             self.assertFalse(self.call("!r:x"))
         self.assertEqual(len(self.background), 1)
         self.assertEqual(self.calls, [("!r:x", frozenset())])
+
+    def test_one_deferred_backfill_per_room(self) -> None:
+        """While one waits (for the resync), more /messages start none; once
+        it is done, the next one starts again."""
+        self.release = defer.Deferred()
+        with reading_partial_state("!r:x"):
+            self.assertFalse(self.call("!r:x"))
+            self.assertFalse(self.call("!r:x"))
+        self.assertEqual(len(self.background), 1)
+        self.release.callback(None)
+        self.successResultOf(self.background[0])
+        with reading_partial_state("!r:x"):
+            self.assertFalse(self.call("!r:x"))
+        self.assertEqual(len(self.background), 2)
 
     def test_full_room_in_scope_as_stock(self) -> None:
         self.partial = False
