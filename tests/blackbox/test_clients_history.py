@@ -55,7 +55,8 @@ class HistoryDuringResync(PartialReadsCase):
         """Messages before the join, bob's held join, one message after it:
         during the resync /messages, /context and /event answer within seconds
         (stock: they wait for the resync); carol, a local non-member, gets
-        stock's 404 for the event; once complete, the same answers, plus (if
+        stock's 404 for the event; /messages forward from where the backward page
+        ended gives the same events; once complete, the same answers, plus (if
         visible) the messages from before the join."""
         self.HISTORY_VISIBILITY = visibility
         self.setup_room()
@@ -69,6 +70,7 @@ class HistoryDuringResync(PartialReadsCase):
         self.assertEqual(during["messages"], ["after"])
         self.assertIn(self.bob.user_id, during["members"])
         self.assertIs(during["context"][SYNCING_FIELD], True)
+        self.assert_forward_same(during["page"])
         self.assertEqual(carol.get(event)[0], 404)
         self.assertTrue(self.partial())  # still held: nothing waited for it
         self.release(rule)
@@ -123,4 +125,15 @@ class HistoryDuringResync(PartialReadsCase):
                 and e["content"].get("membership") == "join"
             },
             "context": context,
+            "page": page,
         }
+
+    def assert_forward_same(self, page: dict[str, Any]) -> None:
+        """/messages forward from where ``page`` (backward) ended answers within
+        seconds with the same events, oldest first."""
+        path = room_path(self.room_id, "messages")
+        forward = self.get_at_once(f"{path}?dir=f&limit=20&from={page['end']}")
+        self.assertEqual(
+            [e["event_id"] for e in forward["chunk"]],
+            [e["event_id"] for e in reversed(page["chunk"])],
+        )
