@@ -20,20 +20,46 @@ never another request), and opens a scope around:
   visibility, the requester's own membership) read no remote member, so do not
   wait anyway.
 
-Everything else (sends, /state, /sync's eager path, ...) waits as stock.
+History (``/messages``, ``/context``, ``/event``) of a partial-state room does not
+wait either. For a local requester, what the visibility filter
+(``filter_events_for_client``) reads at each event is exact in the partial state:
+the event's ``m.room.history_visibility`` (non-member state, which the partial
+state holds in full) and the requester's own ``m.room.member`` (a local member:
+the joining server knows all of its own members; Synapse itself does not wait
+for either, ``StateFilter.must_await_full_state``; a call invite adds the join
+rules, non-member state too). The resync only adds remote members to the state
+at the room's events, none of which the filter reads for a local user, so which
+events the user sees is the same during the resync and after it. The module
+reads nothing new: it only skips the waits below. What waited in stock is:
+
+* ``/context``: the room state it returns, read at the last event with
+  ``StateFilter.all()`` through ``PartialStateEventsTracker.await_full_state``.
+  Within a scope opened around ``RoomEventContextServlet.on_GET`` that wait is
+  skipped for the room's events: the answer carries the state known so far (all
+  non-member state, the members known so far), marked syncing;
+* ``/messages``: the foreground backfill (``FederationHandler.maybe_backfill``
+  checks its extremities with ``filter_events_for_server``, which reads every
+  member at them, and would fetch state for older events from the resident).
+  Within a scope opened around ``PaginationHandler.get_messages``, backfill of
+  the partial room runs in the background instead, outside the scope (so it
+  waits for full state as stock, then backfills); the request answers with the
+  events the server has. Lazy-loaded members come from the partial state.
+
+``/event`` did not wait in stock (its filter reads only the above).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, copy_context
 from typing import TYPE_CHECKING, Any
 
 import attr
 
 from synapse_partial_state.compat.patching import wrap_instance_method
+from synapse_partial_state.wire import SYNCING_FIELD
 
 if TYPE_CHECKING:
     from synapse.http.site import SynapseRequest
@@ -54,6 +80,9 @@ class _MembersPolicy:
     answers_at_once: AnswersAtOnce
     mark: MarkMembers
 
+
+#: Rooms with a backfill waiting for the end of their resync.
+_DEFERRED_BACKFILLS: set[str] = set()
 
 #: Set by :func:`install_partial_reads`; read by the class-level wrappers.
 _POLICY: list[_MembersPolicy] = []
@@ -80,6 +109,96 @@ def _wrap_await_full_state(native: Callable[..., Any]) -> Callable[..., Any]:
         await native(self, room_id)
 
     return await_full_state
+
+
+def _wrap_await_events_state(native: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(native)  # keeps @cancellable's flag
+    async def await_full_state(self: Any, event_ids: Collection[str]) -> None:
+        """Wait for the full state at the events outside the scope's rooms
+        (events the store does not know: wait, as stock)."""
+        scope = _PARTIAL_READS.get()
+        if scope:
+            events = await self._store.get_events(event_ids, allow_rejected=True)
+            event_ids = [
+                e
+                for e in event_ids
+                if e not in events or events[e].room_id not in scope
+            ]
+        if event_ids:
+            await native(self, event_ids)
+
+    return await_full_state
+
+
+def _wrap_get_messages(native: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(native)
+    async def get_messages(
+        self: Any, requester: Any, room_id: str, *a: Any, **kw: Any
+    ) -> Any:
+        """/messages (also the admin API's) of a partial-state room within a
+        scope: its lazy-loaded members as known so far, its backfill deferred."""
+        if not await self.store.is_partial_state_room(room_id):
+            return await native(self, requester, room_id, *a, **kw)
+        with reading_partial_state(room_id):
+            return await native(self, requester, room_id, *a, **kw)
+
+    return get_messages
+
+
+def _wrap_maybe_backfill(native: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(native)
+    async def maybe_backfill(self: Any, room_id: str, *a: Any, **kw: Any) -> bool:
+        """Within a /messages scope of a partial-state room: start stock's
+        backfill in the background, outside the scope (it waits for the resync:
+        backfilling during it would check the extremities against a partial
+        member list and fetch state from a resident still serving the resync),
+        and tell the request nothing was backfilled. One such backfill per
+        room waits at a time: paginating during the resync does not pile them
+        up."""
+        if room_id not in _PARTIAL_READS.get() or not (
+            await self.store.is_partial_state_room(room_id)
+        ):
+            return await native(self, room_id, *a, **kw)
+        if room_id in _DEFERRED_BACKFILLS:
+            return False  # one is waiting already
+        _DEFERRED_BACKFILLS.add(room_id)
+
+        async def backfill_after_resync() -> None:
+            try:
+                await native(self, room_id, *a, **kw)
+            finally:
+                _DEFERRED_BACKFILLS.discard(room_id)
+
+        # Outside the scope: the background backfill waits for full state.
+        outside = copy_context()
+        outside.run(_PARTIAL_READS.set, frozenset())
+        outside.run(
+            self.hs.run_as_background_process,
+            "sps_backfill_after_resync",
+            backfill_after_resync,
+        )
+        return False
+
+    return maybe_backfill
+
+
+def _wrap_context_on_get(native: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(native)  # keeps @cancellable's flag
+    async def on_GET(
+        self: Any, request: SynapseRequest, room_id: str, event_id: str
+    ) -> tuple[int, Any]:
+        """/context of a partial-state room: its events exactly as after the
+        resync, its ``state`` the state known so far, marked syncing."""
+        store = self._hs.get_datastores().main
+        if not await store.is_partial_state_room(room_id):
+            return await native(self, request, room_id, event_id)
+        with reading_partial_state(room_id):
+            code, body = await native(self, request, room_id, event_id)
+        if code == 200 and isinstance(body, dict):
+            body[SYNCING_FIELD] = True  # its "state": the state known so far
+        return code, body
+
+    return on_GET
 
 
 def _wrap_members_on_get(native: Callable[..., Any]) -> Callable[..., Any]:
@@ -123,13 +242,17 @@ def install_partial_reads(answers_at_once: AnswersAtOnce, mark: MarkMembers) -> 
 
 def _wrappers() -> list[tuple[type, str, Callable[..., Any], str]]:
     """(class, method, wrapper factory, why) of every wrapper."""
+    from synapse.handlers.federation import FederationHandler
+    from synapse.handlers.pagination import PaginationHandler
     from synapse.handlers.room_summary import RoomSummaryHandler
     from synapse.rest.client.room import (
         JoinedRoomMemberListRestServlet,
+        RoomEventContextServlet,
         RoomMemberListRestServlet,
     )
     from synapse.storage.util.partial_state_events_tracker import (
         PartialCurrentStateTracker,
+        PartialStateEventsTracker,
     )
 
     members_why = (
@@ -142,6 +265,31 @@ def _wrappers() -> list[tuple[type, str, Callable[..., Any], str]]:
             "await_full_state",
             _wrap_await_full_state,
             "do not wait for full state within a partial-read scope",
+        ),
+        (
+            PartialStateEventsTracker,
+            "await_full_state",
+            _wrap_await_events_state,
+            "do not wait for the full state at the scope's rooms' events",
+        ),
+        (
+            PaginationHandler,
+            "get_messages",
+            _wrap_get_messages,
+            "/messages: history of a partial-state room without waiting",
+        ),
+        (
+            FederationHandler,
+            "maybe_backfill",
+            _wrap_maybe_backfill,
+            "/messages: backfill of a partial-state room in the background, "
+            "after the resync, instead of blocking the request",
+        ),
+        (
+            RoomEventContextServlet,
+            "on_GET",
+            _wrap_context_on_get,
+            "/context: answer from the partial state, marked syncing",
         ),
         (RoomMemberListRestServlet, "on_GET", _wrap_members_on_get, members_why),
         (

@@ -49,6 +49,8 @@ class ResyncCase(FederationTestCase):
     SERVERS = 5
     #: The room's type (its create event's ``type``), e.g. ``m.space``.
     ROOM_TYPE: str | None = None
+    #: The room's ``m.room.history_visibility``.
+    HISTORY_VISIBILITY = "shared"
 
     def setup_room(self, **hs_kw: Any) -> None:
         self.peer = self.make_fake_peer()
@@ -58,6 +60,7 @@ class ResyncCase(FederationTestCase):
             name="Resync room",
             room_version=self.ROOM_VERSION or "10",
             room_type=self.ROOM_TYPE,
+            history_visibility=self.HISTORY_VISIBILITY,
         )
         self.room_id: str = self.room["room_id"]
         self.resident: str = self.room["resident"]

@@ -109,3 +109,109 @@ class MembersServletTests(unittest.TestCase):
         self.assertEqual(self.get({b"at": [b"s1"]}), (200, {"chunk": []}))
         self.assertEqual(self.tracker.waited, ["!r:x"])
         self.assertEqual(self.marked, [])
+
+
+class EventsTracker:
+    """Stands for ``PartialStateEventsTracker``: events of two rooms."""
+
+    def __init__(self) -> None:
+        self.waited: list[list[str]] = []
+        rooms = {"$a": "!r:x", "$b": "!other:x"}
+        self._store = SimpleNamespace(get_events=self._get_events)
+        self._rooms = rooms
+        self.await_full_state = partial_reads._wrap_await_events_state(
+            EventsTracker._native
+        )
+
+    async def _get_events(self, event_ids: Any, allow_rejected: bool) -> Any:
+        return {
+            e: SimpleNamespace(room_id=self._rooms[e])
+            for e in event_ids
+            if e in self._rooms
+        }
+
+    async def _native(self, event_ids: Any) -> None:
+        self.waited.append(list(event_ids))
+
+
+class EventsScopeTests(unittest.TestCase):
+    def wait(self, tracker: EventsTracker, ids: list[str]) -> None:
+        self.successResultOf(
+            defer.ensureDeferred(tracker.await_full_state(tracker, ids))
+        )
+
+    def test_skips_the_scope_rooms_events_only(self) -> None:
+        """Within the scope of !r:x, only its events are not waited for
+        (events of other rooms, and unknown ones, are)."""
+        tracker = EventsTracker()
+        self.wait(tracker, ["$a", "$b"])
+        with reading_partial_state("!r:x"):
+            self.wait(tracker, ["$a", "$b", "$unknown"])
+            self.wait(tracker, ["$a"])
+        self.assertEqual(tracker.waited, [["$a", "$b"], ["$b", "$unknown"]])
+
+
+class BackfillTests(unittest.TestCase):
+    """``maybe_backfill`` within a scope of a partial room: in the background,
+    outside the scope; otherwise as stock."""
+
+    def setUp(self) -> None:
+        self.calls: list[tuple[str, frozenset[str]]] = []
+        self.background: list[Any] = []
+        self.partial = True
+
+        async def is_partial_state_room(room_id: str) -> bool:
+            return self.partial
+
+        self.release: defer.Deferred[None] = defer.succeed(None)
+
+        def run_in_background(desc: str, func: Any, *args: Any) -> None:
+            self.background.append(defer.ensureDeferred(func(*args)))
+
+        self.handler = SimpleNamespace(
+            store=SimpleNamespace(is_partial_state_room=is_partial_state_room),
+            hs=SimpleNamespace(run_as_background_process=run_in_background),
+        )
+
+        async def native(handler: Any, room_id: str, depth: int) -> bool:
+            self.calls.append((room_id, partial_reads._PARTIAL_READS.get()))
+            await self.release
+            return True
+
+        self.backfill = partial_reads._wrap_maybe_backfill(native)
+
+    def call(self, room_id: str) -> bool:
+        d = defer.ensureDeferred(self.backfill(self.handler, room_id, 5))
+        return bool(self.successResultOf(d))
+
+    def test_outside_a_scope_as_stock(self) -> None:
+        self.assertTrue(self.call("!r:x"))
+        self.assertEqual(self.calls, [("!r:x", frozenset())])
+        self.assertEqual(self.background, [])
+
+    def test_partial_room_in_scope_backfills_in_background_outside_it(self) -> None:
+        with reading_partial_state("!r:x"):
+            self.assertFalse(self.call("!r:x"))
+        self.assertEqual(len(self.background), 1)
+        self.assertEqual(self.calls, [("!r:x", frozenset())])
+
+    def test_one_deferred_backfill_per_room(self) -> None:
+        """While one waits (for the resync), more /messages start none; once
+        it is done, the next one starts again."""
+        self.release = defer.Deferred()
+        with reading_partial_state("!r:x"):
+            self.assertFalse(self.call("!r:x"))
+            self.assertFalse(self.call("!r:x"))
+        self.assertEqual(len(self.background), 1)
+        self.release.callback(None)
+        self.successResultOf(self.background[0])
+        with reading_partial_state("!r:x"):
+            self.assertFalse(self.call("!r:x"))
+        self.assertEqual(len(self.background), 2)
+
+    def test_full_room_in_scope_as_stock(self) -> None:
+        self.partial = False
+        with reading_partial_state("!r:x"):
+            self.assertTrue(self.call("!r:x"))
+        self.assertEqual(self.background, [])
+        self.assertEqual(self.calls, [("!r:x", frozenset({"!r:x"}))])
