@@ -130,6 +130,7 @@ def _reprint(path: str) -> int:
 
 
 def _out_dir(args: argparse.Namespace) -> str:
+    """``--out``, or a new timestamped directory linked as ``latest``."""
     if args.out:
         return os.path.abspath(args.out)
     out = os.path.join(RESULTS_DIR, time.strftime("%Y%m%d-%H%M%S"))
@@ -154,6 +155,8 @@ def _unwind_on_sigterm() -> None:
 def _conclude(
     out: str, params: dict[str, Any], records: list[dict[str, Any]], seconds: float
 ) -> int:
+    """Print and save the table, the headline and the failed runs; the exit
+    status (1 if any run failed)."""
     text = "\n".join(
         [
             report.table(records),
@@ -171,6 +174,7 @@ def _conclude(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The campaign: plan, runs, report (interrupted: what ran, status 130)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.list_kinds:
