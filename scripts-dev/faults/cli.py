@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from typing import Any
 
 from bench.machine import REPO_ROOT, describe_machine, machine_info
@@ -229,8 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         records = run_campaign(
             plan, settings, out, params, args.workdir, say=_say, into=records
         )
-    except (KeyboardInterrupt, SystemExit):
-        _say("interrupted")
+    except (KeyboardInterrupt, SystemExit) as e:
+        _say(f"interrupted ({type(e).__name__}{': ' + str(e) if str(e) else ''})")
+        traceback.print_exc()
         if not records:
             return 130
     finally:
