@@ -11,6 +11,7 @@ Prints a table of runs by fault kind and outcome; exits 1 if any run failed.
     scripts-dev/faults/run --runs 300 --db both --members-min 1000 --members-max 10000
     scripts-dev/faults/run --kinds resident_hang,admin_abort --db sqlite --runs 4
     scripts-dev/faults/run --seed 7 --runs 40 --only 13      # replay run 13 alone
+    scripts-dev/faults/run --seed 7 --runs 40 --from 21      # the rest of a cut-short campaign
     scripts-dev/faults/run --list-kinds
     scripts-dev/faults/run --report faults-results/latest/results.json
 """
@@ -22,6 +23,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from typing import Any
 
 from bench.machine import REPO_ROOT, describe_machine, machine_info
@@ -56,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--only", type=int, metavar="N", help="run only run N of the plan (replay)"
     )
     p.add_argument(
+        "--from",
+        dest="first",
+        type=int,
+        metavar="N",
+        help="start at run N of the plan (the rest of a campaign cut short)",
+    )
+    p.add_argument(
         "--timeout",
         type=float,
         default=300,
@@ -76,7 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", help="where run directories go (default: temp)")
     p.add_argument("--keep", action="store_true", help="keep every run's directory")
     p.add_argument("--list-kinds", action="store_true", help="list the fault kinds")
-    p.add_argument("--report", metavar="JSON", help="print a results file's table")
+    p.add_argument(
+        "--report",
+        metavar="JSON[,JSON...]",
+        help="print the table of results files (several: one campaign run in parts)",
+    )
     return p
 
 
@@ -121,8 +134,10 @@ def _list_kinds() -> int:
     return 0
 
 
-def _reprint(path: str) -> int:
-    records = report.read_json(path)["runs"]
+def _reprint(paths: str) -> int:
+    """``--report``: the table, headline and failures of one or more results
+    files (a campaign run in parts, e.g. with ``--from``)."""
+    records = [r for path in paths.split(",") for r in report.read_json(path)["runs"]]
     print(report.table(records))
     print(report.headline(records))
     print(report.failures(records))
@@ -130,6 +145,7 @@ def _reprint(path: str) -> int:
 
 
 def _out_dir(args: argparse.Namespace) -> str:
+    """``--out``, or a new timestamped directory linked as ``latest``."""
     if args.out:
         return os.path.abspath(args.out)
     out = os.path.join(RESULTS_DIR, time.strftime("%Y%m%d-%H%M%S"))
@@ -154,6 +170,8 @@ def _unwind_on_sigterm() -> None:
 def _conclude(
     out: str, params: dict[str, Any], records: list[dict[str, Any]], seconds: float
 ) -> int:
+    """Print and save the table, the headline and the failed runs; the exit
+    status (1 if any run failed)."""
     text = "\n".join(
         [
             report.table(records),
@@ -171,6 +189,7 @@ def _conclude(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The campaign: plan, runs, report (interrupted: what ran, status 130)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.list_kinds:
@@ -192,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.only is not None:
         plan = [s for s in plan if s.index == args.only]
+    if args.first is not None:
+        plan = [s for s in plan if s.index >= args.first]
     _unwind_on_sigterm()
     out = _out_dir(args)
     machine = machine_info(with_postgres="postgres" in args.dbs)
@@ -209,8 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         records = run_campaign(
             plan, settings, out, params, args.workdir, say=_say, into=records
         )
-    except (KeyboardInterrupt, SystemExit):
-        _say("interrupted")
+    except (KeyboardInterrupt, SystemExit) as e:
+        _say(f"interrupted ({type(e).__name__}{': ' + str(e) if str(e) else ''})")
+        traceback.print_exc()
         if not records:
             return 130
     finally:

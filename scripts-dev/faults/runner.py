@@ -148,6 +148,8 @@ def _drive(run: Run, spec: RunSpec, settings: Settings) -> None:
 
 
 def _drive_until_checked(run: Run, spec: RunSpec, settings: Settings) -> None:
+    """The steps of the module docstring, from the fault's thread to the
+    invariants; a room still partial gets only the checks that make sense."""
     fault = threading.Thread(
         target=_fault_thread, args=(run, spec.kind), name="fault", daemon=True
     )
@@ -192,6 +194,7 @@ def _note_job(run: Run) -> None:
 
 
 def _fault_thread(run: Run, kind: str) -> None:
+    """The fault kind's function; what it raises is the run's error."""
     try:
         KINDS[kind].inject(run)
     except RunStopped:

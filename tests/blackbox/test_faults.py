@@ -127,6 +127,7 @@ class InvariantsCatchBreakage(FederationTestCase):
         )
 
     def resynced_run(self) -> Run:
+        """A run whose room (60 members) has finished resyncing, no fault."""
         peer = self.make_fake_peer()
         room = peer.create_room(members=60, servers=3, topic="t")
         fast: dict[str, Any] = dict(FAST)

@@ -138,6 +138,8 @@ class IncomingHandler:
         body: bytes,
         rule: Behaviour | None = None,
     ) -> None:
+        """Log the request's outcome and send the answer: whole, or as
+        ``rule`` says (trickled, or cut short)."""
         entry["status"] = status
         entry["bytes"] = len(body)
         entry["ms"] = (time.monotonic() - started) * 1000
