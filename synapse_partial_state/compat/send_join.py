@@ -20,6 +20,7 @@ from synapse_partial_state.compat.patching import (
     main_store,
     record_patch,
     record_patch_replacing,
+    wrap_instance_method,
 )
 from synapse_partial_state.compat.servlets import (
     after_response,
@@ -113,9 +114,7 @@ def _wrap_on_send_join_request() -> None:
     """
     from synapse.federation import federation_server as fs
 
-    native = fs.FederationServer.on_send_join_request
-    if not getattr(native, "_sps_wrapped", False):
-
+    def wrap(native: Callable[..., Any]) -> Callable[..., Any]:
         async def on_send_join_request(
             self: FederationServer,
             origin: str,
@@ -130,8 +129,17 @@ def _wrap_on_send_join_request() -> None:
                 await _after_partial_answer(resp, content, room_id)
             return resp
 
-        on_send_join_request._sps_wrapped = True  # type: ignore[attr-defined]
-        fs.FederationServer.on_send_join_request = on_send_join_request  # type: ignore[method-assign]
+        return on_send_join_request
+
+    # Recorded below with what it does now (the hooks installed so far).
+    wrap_instance_method(
+        fs.FederationServer,
+        "on_send_join_request",
+        wrap,
+        _ON_SEND_JOIN_TARGET,
+        "",
+        kind="wrap",
+    )
 
     duties = []
     if _SEND_JOIN_HOOKS.extras_provider is not None:
@@ -185,9 +193,7 @@ def _wrap_on_send_membership_event() -> None:
     """
     from synapse.federation import federation_server as fs
 
-    native = fs.FederationServer._on_send_membership_event
-    if not getattr(native, "_sps_wrapped", False):
-
+    def wrap(native: Callable[..., Any]) -> Callable[..., Any]:
         async def _on_send_membership_event(
             self: FederationServer,
             origin: str,
@@ -208,15 +214,16 @@ def _wrap_on_send_membership_event() -> None:
                 pending.extras = await _essentials_for(room_id, event)
             return event, context
 
-        _on_send_membership_event._sps_wrapped = True  # type: ignore[attr-defined]
-        fs.FederationServer._on_send_membership_event = _on_send_membership_event  # type: ignore[method-assign]
-    record_patch(
-        PatchRecord(
-            _ON_SEND_MEMBERSHIP_TARGET,
-            "wrap",
-            "choose a partial join's MSC2775 essentials once Synapse has validated "
-            "and stored it (a refused join reads nothing)",
-        )
+        return _on_send_membership_event
+
+    wrap_instance_method(
+        fs.FederationServer,
+        "_on_send_membership_event",
+        wrap,
+        _ON_SEND_MEMBERSHIP_TARGET,
+        "choose a partial join's MSC2775 essentials once Synapse has validated "
+        "and stored it (a refused join reads nothing)",
+        kind="wrap",
     )
 
 
