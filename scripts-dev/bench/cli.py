@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from bench import report
 from bench.machine import REPO_ROOT, describe_machine, machine_info
 from bench.progress import Progress
 from bench.scenario import Settings, run_measurement, servers_for
+from tests.fedkit.cleanup import unwind_on_sigterm
 
 if TYPE_CHECKING:
     from tests.fedkit.certs import KitCA
@@ -273,16 +273,6 @@ def _postgres_reachable() -> bool:
     return True
 
 
-def _unwind_on_sigterm() -> None:
-    """SIGTERM unwinds like Ctrl-C, so that the fake peer is stopped too (the kit
-    stops the homeservers first, then calls this)."""
-
-    def on_term(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_term)
-
-
 def _results_path(args: argparse.Namespace) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     json_path = os.path.abspath(
@@ -417,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if "postgres" in args.dbs and not _postgres_reachable():
         return 2
-    _unwind_on_sigterm()
+    unwind_on_sigterm()
 
     json_path = _results_path(args)
     machine = machine_info(with_postgres="postgres" in args.dbs)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import time
 import traceback
@@ -33,6 +32,7 @@ from faults.campaign import run_campaign
 from faults.kinds import KINDS, kinds_for
 from faults.plan import DEFAULT_ROOM_VERSIONS, make_plan
 from faults.runner import Settings
+from tests.fedkit.cleanup import unwind_on_sigterm
 
 RESULTS_DIR = os.path.join(REPO_ROOT, "faults-results")
 
@@ -158,15 +158,6 @@ def _out_dir(args: argparse.Namespace) -> str:
     return out
 
 
-def _unwind_on_sigterm() -> None:
-    """SIGTERM unwinds like Ctrl-C, so that the fake peer is stopped too."""
-
-    def on_term(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_term)
-
-
 def _conclude(
     out: str, params: dict[str, Any], records: list[dict[str, Any]], seconds: float
 ) -> int:
@@ -213,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = [s for s in plan if s.index == args.only]
     if args.first is not None:
         plan = [s for s in plan if s.index >= args.first]
-    _unwind_on_sigterm()
+    unwind_on_sigterm()
     out = _out_dir(args)
     machine = machine_info(with_postgres="postgres" in args.dbs)
     params = {

@@ -18,7 +18,6 @@ from tests.blackbox.resync_case import (
     resident_state,
     wait_until,
 )
-from tests.fedkit.postgres import pg_connect
 from tests.fedkit.testcase import on_both_databases, on_room_versions
 
 
@@ -541,19 +540,14 @@ class PlannerStats(ResyncCase):
             "planner statistics refreshed after the finish",
             self.hs2.read_log()[since:],
         )
-        assert self.hs2.database_name is not None
-        conn = pg_connect(self.hs2.database_name)
-        try:
-            with conn.cursor() as cur:
-                cur.execute(
-                    "SELECT relname, analyze_count FROM pg_stat_user_tables"
-                    " WHERE relname IN"
-                    " ('event_auth_chain_links', 'room_memberships',"
-                    " 'current_state_events')"
-                )
-                counts = dict(cur.fetchall())
-        finally:
-            conn.close()
+        counts = dict(
+            self.hs2.sql(
+                "SELECT relname, analyze_count FROM pg_stat_user_tables"
+                " WHERE relname IN"
+                " ('event_auth_chain_links', 'room_memberships',"
+                " 'current_state_events')"
+            )
+        )
         self.assertGreaterEqual(counts.get("event_auth_chain_links", 0), 2, counts)
         self.assertGreaterEqual(counts.get("room_memberships", 0), 2, counts)
         self.assertGreaterEqual(counts.get("current_state_events", 0), 3, counts)

@@ -113,3 +113,14 @@ def install_handlers() -> None:
 
         with contextlib.suppress(ValueError, OSError):
             signal.signal(signum, handler)
+
+
+def unwind_on_sigterm() -> None:
+    """For command-line tools on the kit: SIGTERM unwinds like Ctrl-C, so that
+    what their ``finally`` blocks stop (the fake peer) is stopped too (the
+    kit's own handler stops the homeservers first, then calls this one)."""
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
