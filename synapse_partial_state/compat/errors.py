@@ -42,3 +42,28 @@ def looks_remote(error: BaseException) -> bool:
             ValueError,
         ),
     )
+
+
+def is_local_fault(error: BaseException) -> bool:
+    """Errors of this server, whoever we were talking to: the database (its
+    driver's errors, raised through Synapse's storage as they are) and a broken
+    signature-worker pool. Looked for along the ``__cause__`` chain, so a
+    wrapped database error still counts."""
+    import sqlite3
+    from concurrent.futures.process import BrokenProcessPool
+
+    kinds: tuple[type[BaseException], ...] = (sqlite3.Error, BrokenProcessPool)
+    try:
+        import psycopg2
+    except ImportError:  # pragma: no cover - SQLite-only installs
+        pass
+    else:
+        kinds += (psycopg2.Error,)
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kinds):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False

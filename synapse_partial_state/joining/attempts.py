@@ -18,6 +18,7 @@ from synapse.module_api import EventBase
 
 from synapse_partial_state.compat.errors import (
     is_federation_failure,
+    is_local_fault,
     is_pull_backoff,
     looks_remote,
 )
@@ -211,6 +212,10 @@ class EventAttempts:
         except StateIncomplete:
             raise
         except Exception as e:
+            if is_local_fault(e):
+                # Our database or signature workers, not the destination: the
+                # engine's fault back-off, with no server blamed or skipped.
+                raise
             if not is_federation_failure(e):
                 logger.warning(
                     "Resync of %s: fetching the state from %s failed",
