@@ -1,0 +1,36 @@
+"""The bulk writers' version gate: exact tested Synapse releases and schema."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+from twisted.trial import unittest
+
+from synapse_partial_state.compat.bulk import gate
+
+
+class BulkGateTests(unittest.TestCase):
+    def test_tested_release_runs_the_bulk_writers(self) -> None:
+        with mock.patch.object(gate, "synapse_version", return_value=(1, 163, 2)):
+            self.assertEqual(gate.check_bulk_gate(), gate.BulkGate(True))
+
+    def test_other_release_falls_back_and_says_why(self) -> None:
+        for version in ((1, 163, 3), (1, 164, 0), (1, 162, 0)):
+            with mock.patch.object(gate, "synapse_version", return_value=version):
+                with self.assertLogs(gate.logger, "WARNING") as logs:
+                    verdict = gate.check_bulk_gate()
+            self.assertFalse(verdict.allowed)
+            self.assertEqual(verdict.reason, gate.BULK_OFF_UNTESTED)
+            self.assertIn("Synapse's own persistence", logs.output[0])
+
+    def test_other_schema_falls_back(self) -> None:
+        with (
+            mock.patch.object(gate, "synapse_version", return_value=(1, 163, 2)),
+            mock.patch("synapse.storage.schema.SCHEMA_VERSION", 95),
+            self.assertLogs(gate.logger, "WARNING"),
+        ):
+            self.assertFalse(gate.check_bulk_gate().allowed)
+
+    def test_off_by_configuration(self) -> None:
+        verdict = gate.check_bulk_gate(enabled=False)
+        self.assertEqual(verdict, gate.BulkGate(False, gate.BULK_OFF_CONFIG))
