@@ -59,6 +59,13 @@ def settle(check: Callable[[], str | None], timeout: float) -> str | None:
         time.sleep(1)
 
 
+def _note_slow_settle(run: Run, what: str, started: float) -> None:
+    """Record a check that took more than a few seconds to come right."""
+    took = time.monotonic() - started
+    if took > 5:
+        run.notes[f"{what}_settled_after_s"] = round(took, 1)
+
+
 def check_complete(run: Run) -> None:
     """The room is complete (not in ``partial_state_rooms``) and bob is in it."""
     if run.is_partial():
@@ -111,7 +118,9 @@ def check_state(run: Run, timeout: float = 30) -> None:
         )
         return f"{len(diff)} state key(s) differ: {sample}"
 
+    started = time.monotonic()
     found = settle(problem, timeout)
+    _note_slow_settle(run, "state", started)
     if found is not None:
         run.violation("state differs", found)
 
@@ -160,7 +169,9 @@ def check_messages(run: Run, sent: list[Sent], timeout: float = 30) -> None:
         sample = ", ".join(f"{m.body} ({m.event_id})" for m in missing[:5])
         return f"{len(missing)} of {len(wanted)} message(s) not visible: {sample}"
 
+    started = time.monotonic()
     found = settle(problem, timeout)
+    _note_slow_settle(run, "messages", started)
     if found is not None:
         run.violation("message lost", found)
     twice = sorted(m.body for m in wanted if seen[m.body] > 1)

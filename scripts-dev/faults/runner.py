@@ -178,8 +178,9 @@ def _drive_until_checked(run: Run, spec: RunSpec, settings: Settings) -> None:
         sent += _closing_messages(run, traffic)
     invariants.check_complete(run)
     if complete:
-        invariants.check_state(run)
-        invariants.check_messages(run, sent)
+        settle_s = KINDS[spec.kind].settle_s
+        invariants.check_state(run, settle_s)
+        invariants.check_messages(run, sent, settle_s)
     invariants.check_duplicates(run)
     invariants.check_job(run)
     _note_job(run)
