@@ -83,6 +83,14 @@ class Kind:
 #: same in any room; the checks wait it out (and the run records how long).
 DB_FAULT_SETTLE_S = 150
 
+#: The final checks' wait after a resident that held requests open. Synapse
+#: handles a room's incoming events one at a time; one whose missing prev events
+#: or state it asked of the resident waits for that request until Synapse's
+#: federation request timeout (60 s), and the room's later incoming events wait
+#: behind it, staged (stock Synapse does the same in any room). Healing the
+#: fault does not release a request already held.
+HELD_REQUEST_SETTLE_S = 90
+
 
 # -- faults at the resident ------------------------------------------------------
 
@@ -299,8 +307,8 @@ KINDS: dict[str, Kind] = {
     for k in (
         Kind("joiner_kill_restart", joiner_kill_restart),
         Kind("resident_kill", resident_kill),
-        Kind("resident_hang", resident_hang),
-        Kind("resident_trickle", resident_trickle),
+        Kind("resident_hang", resident_hang, settle_s=HELD_REQUEST_SETTLE_S),
+        Kind("resident_trickle", resident_trickle, settle_s=HELD_REQUEST_SETTLE_S),
         Kind("truncated_answer", truncated_answer),
         Kind("malformed_answer", malformed_answer),
         Kind("errors_500", errors_500),
