@@ -17,12 +17,14 @@ from synapse_partial_state.admin import AdminApi
 from synapse_partial_state.clients import syncing
 from synapse_partial_state.clients.endpoint import PartialStateEndpoint
 from synapse_partial_state.clients.members import MembersDuringResync
+from synapse_partial_state.clients.summary import JoinSummaries
 from synapse_partial_state.compat import patching, send_join, servlets
 from synapse_partial_state.compat.backfill import (
     install_backfill,
     skip_reuse_while_backfilling,
 )
 from synapse_partial_state.compat.clients import ClientOps
+from synapse_partial_state.compat.join_summary import install_join_summary_capture
 from synapse_partial_state.compat.partial_reads import install_partial_reads
 from synapse_partial_state.compat.persistence import install_current_state_guard
 from synapse_partial_state.compat.resident_state import (
@@ -113,7 +115,9 @@ class PartialStateModule:
             syncing.resynced_rooms, syncing.syncing_flag, syncing.mark_room
         )
         jobs = JobStore(api)
-        ops = ClientOps(api)
+        summaries = JoinSummaries(api, jobs)
+        install_join_summary_capture(summaries.on_summary)
+        ops = ClientOps(api, summaries)
         members = MembersDuringResync(config.clients, ops)
         install_partial_reads(members.answers_at_once, members.mark)
         install_backfill(patching.homeserver(api))
