@@ -112,7 +112,10 @@ class PartialStateModule:
         job table, which any process can), members and space children read from
         partial state."""
         install_syncing_signal(
-            syncing.resynced_rooms, syncing.syncing_flag, syncing.mark_room
+            syncing.resynced_rooms,
+            syncing.syncing_flag,
+            syncing.mark_room,
+            syncing.ToldSyncing().flag,
         )
         jobs = JobStore(api)
         summaries = JoinSummaries(api, jobs)
