@@ -53,10 +53,14 @@ from contextvars import ContextVar
 from typing import Any
 
 import attr
+from synapse.logging.context import make_deferred_yieldable, run_in_background
 
 from synapse_partial_state.compat.patching import wrap_instance_method
 
 logger = logging.getLogger(__name__)
+
+#: (state IDs, state and auth chain IDs) before a join.
+JoinState = tuple[frozenset[str], frozenset[str]]
 
 #: Rooms whose backfill the current request runs during their resync.
 _BACKFILLING: ContextVar[frozenset[str]] = ContextVar(
@@ -69,17 +73,27 @@ class _Narrowing:
     """One event's context computation within a partial backfill."""
 
     room_id: str
-    #: the state before the join: (state IDs, state and auth chain IDs)
-    join_state: tuple[frozenset[str], frozenset[str]]
+    #: the state before the join: (state IDs, state and auth chain IDs), once
+    #: fetched (None: not yet, or not to be had)
+    join_state: JoinState | None
+    #: its fetch, started with the context computation, alongside Synapse's own
+    #: request for the state at the missing prev event
+    fetching: Any = None
     #: whether a /state_ids answer was narrowed (the context is then partial)
     narrowed: bool = False
+
+    async def state_before_join(self) -> JoinState | None:
+        if self.join_state is None and self.fetching is not None:
+            fetching, self.fetching = self.fetching, None
+            self.join_state = await make_deferred_yieldable(fetching)
+        return self.join_state
 
 
 _NARROWING: ContextVar[_Narrowing | None] = ContextVar("sps_narrowing", default=None)
 
-#: (room ID, join event ID) -> the state before the join, as listed by the
-#: resident; one per room (the latest join), while the room is partial.
-_JOIN_STATE: dict[str, tuple[str, tuple[frozenset[str], frozenset[str]]]] = {}
+#: room ID -> (join event ID, the state before the join, as listed by the
+#: resident): one room (the latest to backfill during its resync).
+_JOIN_STATE: dict[str, tuple[str, JoinState]] = {}
 
 
 @contextmanager
@@ -117,9 +131,7 @@ def skip_reuse_while_backfilling(reuse: StateIdsReuse) -> StateIdsReuse:
 
 
 def narrow(
-    answer: dict[str, Any],
-    seen: set[str],
-    join_state: tuple[frozenset[str], frozenset[str]],
+    answer: dict[str, Any], seen: set[str], join_state: JoinState
 ) -> dict[str, Any]:
     """A ``/state_ids`` answer at an event before the join, without the events
     this server does not have (not in ``seen``) that are in the state before
@@ -175,14 +187,14 @@ def _wrap_compute_context(native: Callable[..., Any]) -> Callable[..., Any]:
             return await native(self, dest, event)
         store: Any = self._store
         if not await store.is_partial_state_room(room_id):
+            _JOIN_STATE.pop(room_id, None)  # complete: not needed any more
             return await native(self, dest, event)
         prevs = set(event.prev_event_ids())
         if not prevs - set(await store.have_events_in_timeline(prevs)):
             return await native(self, dest, event)  # Synapse fetches nothing
-        join_state = await _join_state(dest, room_id)
-        if join_state is None:
-            return await native(self, dest, event)
-        narrowing = _Narrowing(room_id, join_state)
+        # Alongside Synapse's own request (not fetched if none is narrowed).
+        fetching = run_in_background(_join_state, dest, room_id)
+        narrowing = _Narrowing(room_id, None, fetching)
         previous = _NARROWING.get()
         _NARROWING.set(narrowing)
         try:
@@ -197,9 +209,7 @@ def _wrap_compute_context(native: Callable[..., Any]) -> Callable[..., Any]:
     return _compute_event_context_with_maybe_missing_prevs
 
 
-async def _join_state(
-    dest: str, room_id: str
-) -> tuple[frozenset[str], frozenset[str]] | None:
+async def _join_state(dest: str, room_id: str) -> JoinState | None:
     """The state before the room's partial join, as ``dest`` lists it (cached
     for the room's current join); None if it cannot be had (Synapse then
     fetches the state at the backfilled event in full, as stock)."""
@@ -247,10 +257,13 @@ def _wrap_get_room_state_ids(native: Callable[..., Any]) -> Callable[..., Any]:
             return answer
         if not isinstance(answer, dict):
             return answer  # Synapse's own parsing says what is wrong
+        join_state = await narrowing.state_before_join()
+        if join_state is None:
+            return answer  # Synapse fetches the state at the event, as stock
         seams = _SEAMS[0]
         listed = _ids(answer, "pdu_ids") + _ids(answer, "auth_chain_ids")
         seen = set(await seams.store.have_seen_events(room_id, listed + [event_id]))
-        narrowed = narrow(answer, seen, narrowing.join_state)
+        narrowed = narrow(answer, seen, join_state)
         # Fetched here, not by Synapse: it would count them against the narrowed
         # answer and, past 10 %, download the whole state at the event instead.
         # The event itself too: Synapse stores it as an outlier with the state.
