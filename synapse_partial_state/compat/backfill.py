@@ -19,15 +19,15 @@ state, the kind the join itself stored:
 
 * ``/state_ids`` at the missing prev event P lists the full state there; the
   resident's ``/state_ids`` at our join event J lists the full state before the
-  join (fetched once per room and join);
+  join (fetched once per room and join, alongside Synapse's own request at P);
 * an event of the state at P that this server does not have and that is also in
   the state before the join (or, for the auth chain, in the state or auth chain
   before the join) is left out: the partial state at the join holds every
-  non-member state event and every member of this server, so such an event is a
-  remote member, which a partial state may lack;
-* every other event is kept, and fetched if missing (Synapse's own code): the
-  state events replaced between P and the join, e.g. an earlier
-  ``m.room.history_visibility``, and this server's users' memberships at P.
+  non-member state event, and this server has the membership events of its own
+  users, so such an event is a remote member, which a partial state may lack;
+* every other event is kept, and fetched if missing (through Synapse's own
+  ``_get_events_and_persist``, as outliers): the state events replaced between
+  P and the join, e.g. an earlier ``m.room.history_visibility``.
 
 So the state at the backfilled events is complete in all that a local user's
 view of history reads (history visibility, the user's own membership), and
@@ -53,7 +53,7 @@ from contextvars import ContextVar
 from typing import Any
 
 import attr
-from synapse.logging.context import make_deferred_yieldable, run_in_background
+from synapse.logging.context import make_deferred_yieldable
 
 from synapse_partial_state.compat.patching import wrap_instance_method
 
@@ -157,6 +157,7 @@ class _Seams:
     """What the wrappers read from Synapse, per homeserver."""
 
     def __init__(self, hs: Any) -> None:
+        self.hs = hs
         self.store: Any = hs.get_datastores().main
         self.transport: Any = hs.get_federation_transport_client()
         self.events = _EventFetcher(hs)
@@ -192,8 +193,11 @@ def _wrap_compute_context(native: Callable[..., Any]) -> Callable[..., Any]:
         prevs = set(event.prev_event_ids())
         if not prevs - set(await store.have_events_in_timeline(prevs)):
             return await native(self, dest, event)  # Synapse fetches nothing
-        # Alongside Synapse's own request (not fetched if none is narrowed).
-        fetching = run_in_background(_join_state, dest, room_id)
+        # Alongside Synapse's own request, in its own log context (it may end
+        # after this event's, when Synapse's request fails).
+        fetching = _SEAMS[0].hs.run_as_background_process(
+            "sps_backfill_join_state", _join_state, dest, room_id
+        )
         narrowing = _Narrowing(room_id, None, fetching)
         previous = _NARROWING.get()
         _NARROWING.set(narrowing)
