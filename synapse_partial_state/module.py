@@ -17,8 +17,14 @@ from synapse_partial_state.admin import AdminApi
 from synapse_partial_state.clients import syncing
 from synapse_partial_state.clients.endpoint import PartialStateEndpoint
 from synapse_partial_state.clients.members import MembersDuringResync
+from synapse_partial_state.clients.summary import JoinSummaries
 from synapse_partial_state.compat import patching, send_join, servlets
+from synapse_partial_state.compat.backfill import (
+    install_backfill,
+    skip_reuse_while_backfilling,
+)
 from synapse_partial_state.compat.clients import ClientOps
+from synapse_partial_state.compat.join_summary import install_join_summary_capture
 from synapse_partial_state.compat.partial_reads import install_partial_reads
 from synapse_partial_state.compat.persistence import install_current_state_guard
 from synapse_partial_state.compat.resident_state import (
@@ -106,12 +112,19 @@ class PartialStateModule:
         job table, which any process can), members and space children read from
         partial state."""
         install_syncing_signal(
-            syncing.resynced_rooms, syncing.syncing_flag, syncing.mark_room
+            syncing.resynced_rooms,
+            syncing.syncing_flag,
+            syncing.mark_room,
+            syncing.ToldSyncing().flag,
         )
-        ops = ClientOps(api)
+        jobs = JobStore(api)
+        summaries = JoinSummaries(api, jobs)
+        install_join_summary_capture(summaries.on_summary)
+        ops = ClientOps(api, summaries)
         members = MembersDuringResync(config.clients, ops)
         install_partial_reads(members.answers_at_once, members.mark)
-        endpoint = PartialStateEndpoint(api, ops, JobStore(api))
+        install_backfill(patching.homeserver(api))
+        endpoint = PartialStateEndpoint(api, ops, jobs)
         mount_client_api(endpoint.routes())
 
     @staticmethod
@@ -138,7 +151,9 @@ class PartialStateModule:
         fetcher = None
         if config.resync.fast_state_fetch:
             inflight = InflightFetches()
-            install_state_ids_reuse(api, inflight.answer_for)
+            install_state_ids_reuse(
+                api, skip_reuse_while_backfilling(inflight.answer_for)
+            )
             workers = config.resync.verify_workers
             pool = VerifierPool(
                 default_workers() if workers < 0 else workers, banned_signing_keys()

@@ -311,7 +311,9 @@ def _print_records(
             progress.line(
                 f"{label}: /join {m['join_s']:.2f} s, message"
                 f" {m['message_remote_s']:.2f} s, members"
-                f" {m['full_members_s']:.1f} s, RSS {m['peak_rss_mib']:.0f} MiB"
+                f" {m['full_members_s']:.1f} s, /messages"
+                f" {m.get('messages_s', float('nan')):.2f} s,"
+                f" RSS {m['peak_rss_mib']:.0f} MiB"
             )
 
 

@@ -32,6 +32,7 @@ METRICS: dict[str, tuple[str, str, bool]] = {
     "join_s": ("/join returns", "s", True),
     "message_remote_s": ("message seen remotely", "s", True),
     "full_members_s": ("full member list", "s", True),
+    "messages_s": ("/messages right after /join", "s", True),
     "peak_rss_mib": ("joiner peak RSS", "MiB", True),
     "cpu_s": ("joiner CPU", "s", True),
     "resident_cpu_s": ("resident CPU during join", "s", True),

@@ -11,6 +11,10 @@ finishes its resync. Then ``hs2`` joins while the fake peer sends a message ever
   (or, joining the fake peer directly, reaching the fake resident in a ``/send``);
 * ``/joined_members`` on hs2 returning the full count (Synapse holds it until a
   partial-state room is complete);
+* a ``/messages`` (backwards from the end, 20 events) by hs2's user sent right
+  after ``/join``: how long it takes to answer (stock holds it until the room is
+  complete; the module answers during the resync) and whether it answered before
+  the full member list;
 
 plus hs2's peak RSS and CPU seconds over that window, hs1's CPU, federation bytes
 per endpoint (hs2's outgoing-request log lines) and the resident's serving time per
@@ -42,6 +46,7 @@ from bench.traffic import Traffic, fake_members
 from bench.waits import (
     in_thread,
     lazy_filter,
+    timed_messages,
     wait_for_body,
     wait_for_transaction,
     wait_full_members,
@@ -229,6 +234,9 @@ class _JoinTimes:
     t_seen: float
     t_full: float
     count: int
+    #: /messages right after /join: seconds it took, wall time it answered
+    messages_s: float
+    t_messages: float
 
 
 @dataclass
@@ -420,6 +428,7 @@ def _join_and_talk(
     room_id = cast.room_id
     cast.bob.join(room_id, via=[via], timeout=s.resync_timeout)
     t_join = time.time()
+    messages = in_thread(timed_messages, cast.bob, room_id, deadline)
     full = in_thread(wait_full_members, cast.bob, room_id, cast.expected, deadline)
     marker = f"bench message {uuid.uuid4().hex[:8]}"
     phase("hs2 sends a message")
@@ -434,7 +443,8 @@ def _join_and_talk(
         )
     phase("hs2 resyncs (waiting for the full member list)")
     t_full, count = full.result()
-    return _JoinTimes(t0, t_join, t_sent, t_seen, t_full, count)
+    messages_s, t_messages = messages.result()
+    return _JoinTimes(t0, t_join, t_sent, t_seen, t_full, count, messages_s, t_messages)
 
 
 def _record_join(rec: dict[str, Any], times: _JoinTimes, usage: _Usage) -> None:
@@ -444,12 +454,14 @@ def _record_join(rec: dict[str, Any], times: _JoinTimes, usage: _Usage) -> None:
     m["join_s"] = round(times.t_join - t0, 3)
     m["message_remote_s"] = round(times.t_seen - t0, 3)
     m["full_members_s"] = round(times.t_full - t0, 3)
+    m["messages_s"] = round(times.messages_s, 3)
     m["peak_rss_mib"] = usage.resources["peak_rss_mib"]
     m["cpu_s"] = usage.resources["cpu_s"]
     if usage.hs1_res:
         m["resident_cpu_s"] = usage.hs1_res["cpu_s"]
     rec["message_after_send_s"] = round(times.t_seen - times.t_sent, 3)
     rec["joined_members_count"] = times.count
+    rec["messages_before_full_members"] = times.t_messages < times.t_full
 
 
 def _record_joiner_log(

@@ -78,6 +78,31 @@ def wait_full_members(
         time.sleep(0.2)
 
 
+def timed_messages(
+    client: Client, room_id: str, deadline: float
+) -> tuple[float, float]:
+    """One ``/messages`` backwards from the end of ``room_id`` (its own session:
+    the caller's client is busy in other threads); (seconds it took, wall-clock
+    time it answered)."""
+    from urllib.parse import quote
+
+    own = Client(client.base_url, client.user_id, client.access_token)
+    try:
+        path = f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/messages"
+        started = time.monotonic()
+        status, body = own.get(
+            path,
+            params={"dir": "b", "limit": "20"},
+            timeout=max(deadline - started, 1),
+        )
+        took = time.monotonic() - started
+    finally:
+        own.close()
+    if status != 200:
+        raise RuntimeError(f"/messages of {room_id}: {status} {body}")
+    return took, time.time()
+
+
 def in_thread(fn: Callable[..., T], *args: Any) -> Future[T]:
     """Run ``fn(*args)`` on a daemon thread (abandoned, not joined, on errors)."""
     fut: Future[T] = Future()

@@ -16,12 +16,18 @@ client knows that the joining server has fully synchronised the state"):
 
 Eager (non-lazy-loading) syncs keep stock's behaviour: Synapse itself includes
 a completed room in the next incremental sync as newly joined, whole.
+
+Sliding sync (:class:`ToldSyncing`): a room object of a partial-state room
+carries ``true``; once complete, the next response to the same client (user and
+device) that includes the room carries ``false``, then the field disappears.
+Which client was told ``true`` is kept in memory (after a restart the field
+simply disappears, which MSC2775 reads the same way).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypeAlias
 
 from synapse_partial_state.wire import SYNCING_FIELD
 
@@ -59,3 +65,29 @@ def mark_room(room: dict[str, Any], flag: bool | None) -> None:
     """Add the field with ``flag`` to an encoded room object (nothing for None)."""
     if flag is not None:
         room[SYNCING_FIELD] = flag
+
+
+#: A sliding sync client: (user ID, device ID).
+Client: TypeAlias = tuple[str, "str | None"]
+
+
+class ToldSyncing:
+    """The rooms each sliding sync client was told ``true`` for and not yet
+    ``false``: at most one entry per client and partial-state room it saw."""
+
+    def __init__(self) -> None:
+        self._told: dict[Client, set[str]] = {}
+
+    def flag(self, client: Client, room_id: str, is_partial: bool) -> bool | None:
+        """The field's value for ``room_id`` in a response to ``client`` that
+        includes it: True while partial, False the first time after, else None."""
+        if is_partial:
+            self._told.setdefault(client, set()).add(room_id)
+            return True
+        told = self._told.get(client)
+        if told is None or room_id not in told:
+            return None
+        told.discard(room_id)
+        if not told:
+            del self._told[client]
+        return False

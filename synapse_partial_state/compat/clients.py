@@ -12,9 +12,15 @@ from typing import Any
 
 import attr
 from synapse.api.constants import EventTypes, Membership
+from synapse.api.errors import StoreError
 from synapse.module_api import ModuleApi
 from synapse.types.state import StateFilter
 
+from synapse_partial_state.clients.summary import (
+    JoinSummaries,
+    ResidentSummary,
+    for_user,
+)
 from synapse_partial_state.compat.patching import homeserver, main_store
 from synapse_partial_state.compat.send_join import get_room_summary, heroes_from_summary
 
@@ -32,11 +38,12 @@ class MemberSummary:
 class ClientOps:
     """Synapse's room facts, for the client endpoint."""
 
-    def __init__(self, api: ModuleApi) -> None:
+    def __init__(self, api: ModuleApi, summaries: JoinSummaries | None = None) -> None:
         self._hs = homeserver(api)
         # Any: mypy without Synapse's own plugin mis-types @cached methods.
         self._store: Any = main_store(api)
         self._api = api
+        self._summaries = summaries
 
     async def is_joined(self, user_id: str, room_id: str) -> bool:
         """Whether the local ``user_id`` is joined to ``room_id`` (Synapse's cached
@@ -60,7 +67,18 @@ class ClientOps:
         return bool(state_ids)
 
     async def member_summary(self, room_id: str, user_id: str) -> MemberSummary:
-        """The room's heroes (for ``user_id``) and member counts."""
+        """The room's heroes (for ``user_id``) and member counts: while the room
+        is partial, the resident's from the partial join's ``/send_join`` if it
+        gave one (:mod:`..clients.summary`), else Synapse's from the members
+        known so far."""
+        resident = await self._resident_summary(room_id)
+        if resident is not None:
+            mine = for_user(resident, user_id)
+            return MemberSummary(
+                heroes=mine.heroes,
+                joined_member_count=mine.joined_member_count,
+                invited_member_count=mine.invited_member_count,
+            )
         summary = await get_room_summary(self._api, room_id)
         joined = summary.get(Membership.JOIN)
         invited = summary.get(Membership.INVITE)
@@ -69,6 +87,21 @@ class ClientOps:
             joined_member_count=joined.count if joined else 0,
             invited_member_count=invited.count if invited else 0,
         )
+
+    async def _resident_summary(self, room_id: str) -> ResidentSummary | None:
+        """The resident's summary for the room's current partial join, if any."""
+        if self._summaries is None or not await self.is_partial_state(room_id):
+            return None
+        try:
+            (
+                join_event_id,
+                _,
+            ) = await self._store.get_join_event_id_and_device_lists_stream_id_for_partial_state(
+                room_id
+            )
+        except StoreError:  # completed meanwhile
+            return None
+        return await self._summaries.get(room_id, join_event_id)
 
     def now_ms(self) -> int:
         """Synapse's clock, in milliseconds (the job rows' time base)."""

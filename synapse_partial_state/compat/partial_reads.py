@@ -39,11 +39,13 @@ reads nothing new: it only skips the waits below. What waited in stock is:
   non-member state, the members known so far), marked syncing;
 * ``/messages``: the foreground backfill (``FederationHandler.maybe_backfill``
   checks its extremities with ``filter_events_for_server``, which reads every
-  member at them, and would fetch state for older events from the resident).
-  Within a scope opened around ``PaginationHandler.get_messages``, backfill of
-  the partial room runs in the background instead, outside the scope (so it
-  waits for full state as stock, then backfills); the request answers with the
-  events the server has. Lazy-loaded members come from the partial state.
+  member at them, and picks servers from the room's current hosts). Within a
+  scope opened around ``PaginationHandler.get_messages``, these read the
+  partial state (the check, for this server, reads only its own members, all
+  known), and the backfill runs in the foreground from the resident, with the
+  state it fetches narrowed to a partial state (:mod:`.backfill`): the
+  visibility of each backfilled event for a local user is then what it will be
+  after the resync. Lazy-loaded members come from the partial state.
 
 ``/event`` did not wait in stock (its filter reads only the above).
 """
@@ -53,11 +55,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Awaitable, Callable, Collection, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar, copy_context
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 import attr
 
+from synapse_partial_state.compat.backfill import backfilling
 from synapse_partial_state.compat.patching import wrap_instance_method
 from synapse_partial_state.wire import SYNCING_FIELD
 
@@ -80,9 +83,6 @@ class _MembersPolicy:
     answers_at_once: AnswersAtOnce
     mark: MarkMembers
 
-
-#: Rooms with a backfill waiting for the end of their resync.
-_DEFERRED_BACKFILLS: set[str] = set()
 
 #: Set by :func:`install_partial_reads`; read by the class-level wrappers.
 _POLICY: list[_MembersPolicy] = []
@@ -148,36 +148,17 @@ def _wrap_get_messages(native: Callable[..., Any]) -> Callable[..., Any]:
 def _wrap_maybe_backfill(native: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(native)
     async def maybe_backfill(self: Any, room_id: str, *a: Any, **kw: Any) -> bool:
-        """Within a /messages scope of a partial-state room: start stock's
-        backfill in the background, outside the scope (it waits for the resync:
-        backfilling during it would check the extremities against a partial
-        member list and fetch state from a resident still serving the resync),
-        and tell the request nothing was backfilled. One such backfill per
-        room waits at a time: paginating during the resync does not pile them
-        up."""
+        """Within a /messages scope of a partial-state room: stock's backfill,
+        in the foreground, from the resident, during the resync (stock waits
+        for its end): its extremity checks read the partial state (for this
+        server, only its own members: all known) and the state it fetches is
+        narrowed to a partial state (:mod:`.backfill`)."""
         if room_id not in _PARTIAL_READS.get() or not (
             await self.store.is_partial_state_room(room_id)
         ):
             return await native(self, room_id, *a, **kw)
-        if room_id in _DEFERRED_BACKFILLS:
-            return False  # one is waiting already
-        _DEFERRED_BACKFILLS.add(room_id)
-
-        async def backfill_after_resync() -> None:
-            try:
-                await native(self, room_id, *a, **kw)
-            finally:
-                _DEFERRED_BACKFILLS.discard(room_id)
-
-        # Outside the scope: the background backfill waits for full state.
-        outside = copy_context()
-        outside.run(_PARTIAL_READS.set, frozenset())
-        outside.run(
-            self.hs.run_as_background_process,
-            "sps_backfill_after_resync",
-            backfill_after_resync,
-        )
-        return False
+        with backfilling(room_id):
+            return await native(self, room_id, *a, **kw)
 
     return maybe_backfill
 
@@ -282,8 +263,8 @@ def _wrappers() -> list[tuple[type, str, Callable[..., Any], str]]:
             FederationHandler,
             "maybe_backfill",
             _wrap_maybe_backfill,
-            "/messages: backfill of a partial-state room in the background, "
-            "after the resync, instead of blocking the request",
+            "/messages: backfill of a partial-state room from the resident "
+            "during the resync, instead of waiting for its end",
         ),
         (
             RoomEventContextServlet,

@@ -23,7 +23,8 @@ module, for the decisions of :mod:`..clients.syncing`:
 * ``SyncRestServlet.encode_room``: adds the field to the room object;
 * ``SlidingSyncRestServlet.encode_rooms``: adds ``true`` to the room objects of
   partial-state rooms (invites and knocks aside), from the cached
-  ``is_partial_state_room_batched``.
+  ``is_partial_state_room_batched``, and ``false`` to the first object of such
+  a room for the same client once complete (:class:`..clients.syncing.ToldSyncing`).
 
 Every wrapper calls Synapse's own method unchanged; eager syncs are untouched.
 """
@@ -60,6 +61,8 @@ ResyncedRooms = Callable[
 SyncingFlag = Callable[[str, bool, frozenset[str]], bool | None]
 #: (encoded room object, value or None) -> None: adds the field.
 MarkRoom = Callable[[dict[str, Any], bool | None], None]
+#: ((user ID, device ID), room ID, partial now) -> the sliding sync field's value.
+SlidingFlag = Callable[[tuple[str, "str | None"], str, bool], bool | None]
 
 
 @attr.s(auto_attribs=True, slots=True)
@@ -69,6 +72,7 @@ class _SyncingSignal:
     resynced_rooms: ResyncedRooms
     syncing_flag: SyncingFlag
     mark_room: MarkRoom
+    sliding_flag: SlidingFlag
 
 
 #: Set by :func:`install_syncing_signal`; read by the class-level wrappers.
@@ -233,10 +237,9 @@ def _wrap_encode_rooms(native: Callable[..., Any]) -> Callable[..., Any]:
         if room_ids:
             partial = await self.store.is_partial_state_room_batched(room_ids)
             signal = _SIGNAL[0]
+            client = (requester.user.to_string(), requester.device_id)
             for room_id in room_ids:
-                flag = signal.syncing_flag(
-                    room_id, partial.get(room_id, False), frozenset()
-                )
+                flag = signal.sliding_flag(client, room_id, partial.get(room_id, False))
                 signal.mark_room(serialized[room_id], flag)
         return serialized
 
@@ -244,12 +247,15 @@ def _wrap_encode_rooms(native: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def install_syncing_signal(
-    resynced_rooms: ResyncedRooms, syncing_flag: SyncingFlag, mark_room: MarkRoom
+    resynced_rooms: ResyncedRooms,
+    syncing_flag: SyncingFlag,
+    mark_room: MarkRoom,
+    sliding_flag: SlidingFlag,
 ) -> None:
     """The ``org.matrix.msc2775.syncing`` field in ``/sync`` and sliding sync
     (see the module docstring): five class-level wrappers, each installed once;
     installing again replaces the policy."""
-    _SIGNAL[:] = [_SyncingSignal(resynced_rooms, syncing_flag, mark_room)]
+    _SIGNAL[:] = [_SyncingSignal(resynced_rooms, syncing_flag, mark_room, sliding_flag)]
     for owner, name, wrap, why in _wrappers():
         target = f"{owner.__module__}.{owner.__name__}.{name}"
         wrap_instance_method(owner, name, wrap, target, why, kind="wrap")
@@ -291,6 +297,7 @@ def _wrappers() -> list[tuple[type, str, Callable[..., Any], str]]:
             SlidingSyncRestServlet,
             "encode_rooms",
             _wrap_encode_rooms,
-            "add org.matrix.msc2775.syncing: true to partial-state rooms",
+            "add org.matrix.msc2775.syncing: true to partial-state rooms, false "
+            "once to the client once complete",
         ),
     ]

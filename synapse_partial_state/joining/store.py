@@ -56,6 +56,16 @@ _SCHEMA = [
         completed_ts BIGINT
     )
     """,
+    # The resident's MSC2775 summary from the latest partial /send_join of each
+    # room (clients/summary.py), read while the room is partial.
+    """
+    CREATE TABLE IF NOT EXISTS sps_join_summaries (
+        room_id TEXT NOT NULL PRIMARY KEY,
+        join_event_id TEXT NOT NULL,
+        summary TEXT NOT NULL,
+        stored_ts BIGINT NOT NULL
+    )
+    """,
 ]
 
 #: Tries at creating the schema. Another process (a worker serving the clients'

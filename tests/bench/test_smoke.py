@@ -59,7 +59,12 @@ class BenchSmoke(unittest.TestCase):
             self.assertIsNone(run.get("error"), what)
             m = run["metrics"]
             if scenario == "join":
-                for key in ("join_s", "message_remote_s", "full_members_s"):
+                for key in (
+                    "join_s",
+                    "message_remote_s",
+                    "full_members_s",
+                    "messages_s",
+                ):
                     self.assertGreater(m[key], 0, f"{what}: {key}")
                 self.assertGreater(m["peak_rss_mib"], 0, what)
                 self.assertIn("stage:resync started", m, what)

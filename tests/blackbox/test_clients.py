@@ -75,7 +75,9 @@ class SyncingSignal(ClientsCase):
         incremental lazy-loading sync of each client (bob on two devices)
         includes the room with false even though nothing happened in it (a
         long-polling one is woken for it), eager syncs get stock's newly joined
-        room, and the sync after that has the room without the field."""
+        room, and the sync after that has the room without the field; the next
+        sliding sync response including the room has false (for the device told
+        true), the one after that no field."""
         self.setup_room()
         rule = self.peer.add_behaviour(STATE_PATHS, "hold")
         self.bob.join(self.room_id, via=[self.resident])
@@ -123,9 +125,16 @@ class SyncingSignal(ClientsCase):
         room = joined(later)[self.room_id]
         self.assertEqual(bodies(room), ["after"])
         self.assertNotIn(SYNCING_FIELD, room)
-        status, sliding = self.bob.post(SLIDING_SYNC, SLIDING_LIST)
+        # sliding sync: false in the next response that includes the room (to
+        # bob's device that was told true; not to the other one), then nothing
+        status, sliding = device2.post(SLIDING_SYNC, SLIDING_LIST)
         self.assertEqual(status, 200, sliding)
         self.assertNotIn(SYNCING_FIELD, sliding["rooms"][self.room_id])
+        for expected in (False, None):
+            status, sliding = self.bob.post(SLIDING_SYNC, SLIDING_LIST)
+            self.assertEqual(status, 200, sliding)
+            room = sliding["rooms"][self.room_id]
+            self.assertIs(room.get(SYNCING_FIELD), expected)
 
     def second_device(self) -> Client:
         """bob, logged in again: another client, with its own sync stream."""
@@ -159,9 +168,16 @@ class SyncingSignal(ClientsCase):
 
 
 class _LongPoll(threading.Thread):
-    def __init__(self, client: Client, since: str, room_id: str) -> None:
+    def __init__(
+        self,
+        client: Client,
+        since: str,
+        room_id: str,
+        filter: dict[str, Any] | None = LAZY,
+    ) -> None:
         super().__init__(daemon=True)
         self.client, self.since, self.room_id = client, since, room_id
+        self.filter = filter
         self.result: dict[str, Any] = {}
         self.returned_at = float("inf")
         self.error: Exception | None = None
@@ -170,7 +186,9 @@ class _LongPoll(threading.Thread):
         try:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
-                resp = self.client.sync(since=self.since, filter=LAZY, timeout_ms=30000)
+                resp = self.client.sync(
+                    since=self.since, filter=self.filter, timeout_ms=30000
+                )
                 self.since = resp["next_batch"]
                 if self.room_id in joined(resp):
                     self.result = joined(resp)[self.room_id]
@@ -248,3 +266,134 @@ class ProgressEndpoint(ClientsCase):
         self.peer.remove_behaviour(rule)
         self.wait_synced()
         self.assertEqual(carol.get(endpoint(self.room_id)), not_member)
+
+
+def lazy(limit: int) -> dict[str, Any]:
+    """:data:`LAZY` with a timeline limit."""
+    return {
+        "room": {"state": {"lazy_load_members": True}, "timeline": {"limit": limit}}
+    }
+
+
+def members_in(room: dict[str, Any]) -> set[str]:
+    """The users whose m.room.member event is in a room object (state or timeline)."""
+    events = room.get("state", {}).get("events", []) + room.get("timeline", {}).get(
+        "events", []
+    )
+    return {e["state_key"] for e in events if e["type"] == "m.room.member"}
+
+
+def senders(room: dict[str, Any]) -> set[str]:
+    return {e["sender"] for e in room.get("timeline", {}).get("events", [])}
+
+
+@on_both_databases
+class StockSyncDuringResync(ClientsCase):
+    """Stock behaviours the module must not change, while the resync is held."""
+
+    def test_eager_long_poll_wakes_with_the_complete_room(self) -> None:
+        """An eager (non-lazy-loading) sync long-polling while the room is
+        partial does not show it, and is woken by the completion with the room
+        whole (every member in its state), without the field."""
+        self.setup_room()
+        rule = self.peer.add_behaviour(STATE_PATHS, "hold")
+        self.bob.join(self.room_id, via=[self.resident])
+        first = self.bob.sync()
+        self.assertNotIn(self.room_id, joined(first))
+        polled = long_poll(self, first["next_batch"], filter=None)
+        self.assertTrue(self.job()["running"])  # still held
+        self.peer.remove_behaviour(rule)
+        released = time.monotonic()
+        polled.join(timeout=120)
+        self.assertIsNone(polled.error)
+        self.assertLess(polled.returned_at - released, 20)  # woken, not timed out
+        room = polled.result
+        self.assertNotIn(SYNCING_FIELD, room)
+        joined_members = {
+            e["state_key"]
+            for e in room["state"]["events"] + room["timeline"]["events"]
+            if e["type"] == "m.room.member" and e["content"].get("membership") == "join"
+        }
+        self.assertEqual(len(joined_members), self.room["member_count"] + 1)
+
+    def test_lazy_syncs_carry_the_timeline_senders_memberships(self) -> None:
+        """Lazy-loading syncs during the held resync (the room marked syncing)
+        include the membership of each timeline event's sender, though hs2's
+        partial state has not stored them all: initial, incremental, and a
+        gappy (limited) incremental sync."""
+        self.setup_room()
+        rule = self.peer.add_behaviour(STATE_PATHS, "hold")
+        self.bob.join(self.room_id, via=[self.resident])
+        users = self.remote_members()
+        s1, s2, s3 = users[-1], users[-2], users[-3]
+        # not in hs2's partial state: Synapse finds them for lazy loading
+        current = self.hs2.sql(
+            "SELECT state_key FROM current_state_events"
+            " WHERE room_id = ? AND type = 'm.room.member'",
+            (self.room_id,),
+        )
+        self.assertFalse({s1, s2, s3} & {row[0] for row in current})
+
+        self.say(s1, "one")
+        initial = self.bob.sync(filter=lazy(10))
+        room = joined(initial)[self.room_id]
+        self.assertIs(room[SYNCING_FIELD], True)
+        self.assertIn(s1, senders(room))
+        self.assertLessEqual(senders(room), members_in(room))
+
+        self.say(s2, "two")
+        incremental = self.bob.sync(since=initial["next_batch"], filter=lazy(10))
+        room = joined(incremental)[self.room_id]
+        self.assertEqual(senders(room), {s2})
+        self.assertIn(s2, members_in(room))
+
+        for n in range(6):
+            self.say(s3 if n % 2 else s1, f"gap {n}")
+        gappy = self.bob.sync(since=incremental["next_batch"], filter=lazy(2))
+        room = joined(gappy)[self.room_id]
+        self.assertIs(room["timeline"]["limited"], True)
+        self.assertIn(s3, senders(room))
+        self.assertIn(s3, members_in(room))
+        self.assertIs(room[SYNCING_FIELD], True)
+        self.assertTrue(self.job()["running"])  # still held
+        self.peer.remove_behaviour(rule)
+        self.wait_synced()
+
+    def remote_members(self) -> list[str]:
+        """The fake room's joined members, oldest first (the last ones are not
+        among the few a partial state carries)."""
+        events = self.peer.room_events(self.room_id, limit=100000)["events"]
+        return [
+            e["state_key"]
+            for e in events
+            if e["type"] == "m.room.member"
+            and e["content"].get("membership") == "join"
+            and e["state_key"] not in (self.room["creator"], self.bob.user_id)
+        ]
+
+    def say(self, sender: str, body: str) -> None:
+        """``sender`` sends a message; waits until bob can read it at hs2."""
+        sent = self.peer.send_event(
+            self.room_id,
+            "m.room.message",
+            {"msgtype": "m.text", "body": body},
+            sender=sender,
+        )
+        path = (
+            f"/_matrix/client/v3/rooms/{quote(self.room_id, safe='')}/event/"
+            f"{quote(sent['event_id'], safe='')}"
+        )
+        wait_until(lambda: self.bob.get(path)[0] == 200, 30, f"{body!r} at hs2")
+
+
+def long_poll(
+    case: ClientsCase, since: str, filter: dict[str, Any] | None
+) -> _LongPoll:
+    """A client long-polling syncs (with ``filter``) from ``since`` until the
+    room shows up, in the background."""
+    client = Client(case.bob.base_url, case.bob.user_id, case.bob.access_token)
+    case.addCleanup(client.close)
+    poll = _LongPoll(client, since, case.room_id, filter)
+    poll.start()
+    time.sleep(1)  # let it start waiting
+    return poll

@@ -2,11 +2,13 @@
 and ``/event`` of a partial-state room answer while a fake resident holds the
 resync of a real joiner (``hs2``), with the visibility they have once complete.
 
-The fake room has messages from before bob's join. hs2 has none of them while
-the resync is held (the join brings state, not history; backfill waits for the
-resync), so during it bob sees his join and what came after; once complete,
-``/messages`` backfills and the room's history visibility decides whether the
-messages from before the join are among the answer.
+The fake room has messages from before bob's join, behind more history than one
+``/backfill`` returns (so that Synapse needs the state before the oldest
+backfilled event). The resync is held at its ``/state`` request (its
+``/state_ids`` goes through, as do backfill's). During it, ``/messages`` backfills
+the history from before the join from the resident, and the room's history
+visibility (at each event: it may change along the way) decides which of the
+messages bob sees; once complete, the same answers.
 
 Each test runs on SQLite and on PostgreSQL.
 """
@@ -17,7 +19,7 @@ from typing import Any
 from urllib.parse import quote
 
 from synapse_partial_state.wire import SYNCING_FIELD
-from tests.blackbox.resync_case import wait_until
+from tests.blackbox.resync_case import STATE_PATH, wait_until
 from tests.blackbox.test_clients_partial_reads import PartialReadsCase
 from tests.fedkit.testcase import on_both_databases
 
@@ -38,55 +40,101 @@ def bodies(events: list[dict[str, Any]]) -> list[str]:
 
 @on_both_databases
 class HistoryDuringResync(PartialReadsCase):
+    #: More member events than one /backfill (100 events) reaches back through.
+    MEMBERS = 150
+
     def test_shared(self) -> None:
-        """shared: bob may see what came before his join; once complete,
-        /messages backfills it."""
-        self.check_history("shared", sees_before=True)
+        """shared: bob may see what came before his join."""
+        self.check_history("shared", [], sees_before=True)
 
     def test_invited(self) -> None:
         """invited: bob was never invited, so nothing before his join."""
-        self.check_history("invited", sees_before=False)
+        self.check_history("invited", [], sees_before=False)
 
     def test_joined(self) -> None:
         """joined: nothing before his join."""
-        self.check_history("joined", sees_before=False)
+        self.check_history("joined", [], sees_before=False)
 
-    def check_history(self, visibility: str, sees_before: bool) -> None:
-        """Messages before the join, bob's held join, one message after it:
-        during the resync /messages, /context and /event answer within seconds
-        (stock: they wait for the resync); carol, a local non-member, gets
-        stock's 404 for the event; /messages forward from where the backward page
-        ended gives the same events; once complete, the same answers, plus (if
-        visible) the messages from before the join."""
+    def test_visibility_changed_before_the_join(self) -> None:
+        """joined, then "hidden" messages, then shared: bob sees the messages
+        sent under shared, not the earlier ones (the state before the oldest
+        backfilled event has the earlier visibility, which hs2 did not have)."""
+        self.check_history("joined", ["hidden 0", "shared"], sees_before=True)
+
+    def test_visibility_restricted_before_the_join(self) -> None:
+        """shared, then "seen" messages, then joined: bob sees the messages
+        sent under shared, not those sent under joined."""
+        self.check_history(
+            "shared", ["seen 0", "joined"], sees_before=False, seen=["seen 0"]
+        )
+
+    def check_history(
+        self,
+        visibility: str,
+        earlier: list[str],
+        sees_before: bool,
+        seen: list[str] | None = None,
+    ) -> None:
+        """``earlier`` (messages, and history visibility values to switch to),
+        then the messages of :data:`BEFORE`, bob's join with the resync held,
+        one message after it: during the resync /messages, /context and /event
+        answer within seconds, /messages with the messages from before the join
+        bob may see (``seen``, then :data:`BEFORE` if ``sees_before``) backfilled
+        from the resident, and those events have partial state; carol, a local
+        non-member, gets stock's 404 for the event; /messages forward from where
+        the backward page ended gives the same events; once complete, the same
+        answers, and no event has partial state."""
         self.HISTORY_VISIBILITY = visibility
         self.setup_room()
         carol = self.register(self.hs2, "carol")
+        for item in earlier:
+            if " " in item:
+                self.say(item)
+            else:
+                self.peer.send_event(
+                    self.room_id,
+                    "m.room.history_visibility",
+                    {"history_visibility": item},
+                    state_key="",
+                )
         before_ids = [self.say(body) for body in BEFORE]
-        rule = self.join_held()
+        rule = self.join_held(STATE_PATH)
         after_id = self.say("after")
         event = room_path(self.room_id, "event", after_id)
         wait_until(lambda: self.bob.get(event)[0] == 200, 30, "'after' at hs2")
+        expected = (seen or []) + (BEFORE if sees_before else []) + ["after"]
+        since = self.hs2.log_offset()
         during = self.history(after_id)
-        self.assertEqual(during["messages"], ["after"])
+        self.assertEqual(during["messages"], expected)
+        # the state before the oldest backfilled event: a partial state
+        self.hs2.wait_for_log(r"state at \S+ narrowed to", timeout=10, since=since)
         self.assertIn(self.bob.user_id, during["members"])
         self.assertIs(during["context"][SYNCING_FIELD], True)
         self.assert_forward_same(during["page"])
         self.assertEqual(carol.get(event)[0], 404)
+        status, _ = self.bob.get(room_path(self.room_id, "event", before_ids[0]))
+        self.assertEqual(status, 200 if sees_before else 404)
+        # backfilled, with partial state: the resync completes them
+        self.assertGreater(self.partial_state_events(), 2)
+        self.assertEqual(self.admin_messages()[-len(BEFORE) - 1 :], BEFORE + ["after"])
         self.assertTrue(self.partial())  # still held: nothing waited for it
         self.release(rule)
-        expected = (BEFORE if sees_before else []) + ["after"]
-        after = wait_until(
-            lambda: (h := self.history(after_id))["messages"] == expected and h,
-            60,
-            f"/messages: {expected}",
-        )
+        after = self.history(after_id)
+        self.assertEqual(after["messages"], expected)
         self.assertIn(self.bob.user_id, after["members"])
         self.assertNotIn(SYNCING_FIELD, after["context"])
         self.assertEqual(carol.get(event)[0], 404)
         status, _ = self.bob.get(room_path(self.room_id, "event", before_ids[0]))
         self.assertEqual(status, 200 if sees_before else 404)
-        # hs2 has them (backfilled): bob's view leaves them out by visibility.
-        self.assertEqual(self.admin_messages()[: len(BEFORE)], BEFORE)
+        self.assertEqual(self.partial_state_events(), 0)
+
+    def partial_state_events(self) -> int:
+        """How many of the room's events have partial state at hs2."""
+        rows = self.hs2.sql(
+            "SELECT COUNT(*) FROM partial_state_events WHERE room_id = ?",
+            (self.room_id,),
+        )
+        return int(rows[0][0])
 
     def admin_messages(self) -> list[str]:
         """The room's message bodies at hs2, whoever may see them (admin API)."""
@@ -104,9 +152,16 @@ class HistoryDuringResync(PartialReadsCase):
 
     def history(self, event_id: str) -> dict[str, Any]:
         """bob's /messages backward from the end, /context around ``event_id``
-        and /event of it, each answering within seconds: the message bodies,
-        the members who joined among the events, the /context answer."""
-        page = self.get_at_once(room_path(self.room_id, "messages") + "?dir=b&limit=20")
+        and /event of it: the message bodies, the members who joined among the
+        events, the /context answer. /context and /event answer within seconds;
+        /messages backfills (up to 100 events from the resident, each processed
+        by Synapse as stock does after the resync: seconds on a loaded machine),
+        so it is given longer (the callers check that the resync is still held
+        after it: it did not wait for it)."""
+        status, page = self.bob.get(
+            room_path(self.room_id, "messages") + "?dir=b&limit=20", timeout=120
+        )
+        self.assertEqual(status, 200, page)
         context = self.get_at_once(room_path(self.room_id, "context", event_id))
         self.assertEqual(context["event"]["event_id"], event_id)
         ids = [e["event_id"] for e in page["chunk"]]

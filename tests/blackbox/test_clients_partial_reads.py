@@ -48,9 +48,10 @@ class PartialReadsCase(ResyncCase):
     MEMBERS = 60
     SERVERS = 3
 
-    def join_held(self) -> str:
-        """bob joins with the resync held; returns the hold's rule."""
-        rule = self.peer.add_behaviour(STATE_PATHS, "hold")
+    def join_held(self, held: str = STATE_PATHS) -> str:
+        """bob joins with the resync held (the resident holds requests for
+        ``held``); returns the hold's rule."""
+        rule = self.peer.add_behaviour(held, "hold")
         self.bob.join(self.room_id, via=[self.resident])
         self.assertTrue(self.partial())
         return rule

@@ -9,7 +9,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from synapse_partial_state.compat import partial_reads
+from synapse_partial_state.compat import backfill, partial_reads
 from synapse_partial_state.compat.partial_reads import (
     _MembersPolicy,
     _wrap_await_full_state,
@@ -152,30 +152,28 @@ class EventsScopeTests(unittest.TestCase):
 
 
 class BackfillTests(unittest.TestCase):
-    """``maybe_backfill`` within a scope of a partial room: in the background,
-    outside the scope; otherwise as stock."""
+    """``maybe_backfill`` within a scope of a partial room: stock's, in the
+    foreground, within the backfill narrowing of the room; otherwise as stock."""
 
     def setUp(self) -> None:
-        self.calls: list[tuple[str, frozenset[str]]] = []
-        self.background: list[Any] = []
+        self.calls: list[tuple[str, frozenset[str], frozenset[str]]] = []
         self.partial = True
 
         async def is_partial_state_room(room_id: str) -> bool:
             return self.partial
 
-        self.release: defer.Deferred[None] = defer.succeed(None)
-
-        def run_in_background(desc: str, func: Any, *args: Any) -> None:
-            self.background.append(defer.ensureDeferred(func(*args)))
-
         self.handler = SimpleNamespace(
             store=SimpleNamespace(is_partial_state_room=is_partial_state_room),
-            hs=SimpleNamespace(run_as_background_process=run_in_background),
         )
 
         async def native(handler: Any, room_id: str, depth: int) -> bool:
-            self.calls.append((room_id, partial_reads._PARTIAL_READS.get()))
-            await self.release
+            self.calls.append(
+                (
+                    room_id,
+                    partial_reads._PARTIAL_READS.get(),
+                    backfill._BACKFILLING.get(),
+                )
+            )
             return True
 
         self.backfill = partial_reads._wrap_maybe_backfill(native)
@@ -186,32 +184,19 @@ class BackfillTests(unittest.TestCase):
 
     def test_outside_a_scope_as_stock(self) -> None:
         self.assertTrue(self.call("!r:x"))
-        self.assertEqual(self.calls, [("!r:x", frozenset())])
-        self.assertEqual(self.background, [])
+        self.assertEqual(self.calls, [("!r:x", frozenset(), frozenset())])
 
-    def test_partial_room_in_scope_backfills_in_background_outside_it(self) -> None:
+    def test_partial_room_in_scope_backfills_now_narrowed(self) -> None:
+        """In the foreground (its result is the request's), still reading the
+        partial state, with the room's fetched state narrowed; not after."""
         with reading_partial_state("!r:x"):
-            self.assertFalse(self.call("!r:x"))
-        self.assertEqual(len(self.background), 1)
-        self.assertEqual(self.calls, [("!r:x", frozenset())])
-
-    def test_one_deferred_backfill_per_room(self) -> None:
-        """While one waits (for the resync), more /messages start none; once
-        it is done, the next one starts again."""
-        self.release = defer.Deferred()
-        with reading_partial_state("!r:x"):
-            self.assertFalse(self.call("!r:x"))
-            self.assertFalse(self.call("!r:x"))
-        self.assertEqual(len(self.background), 1)
-        self.release.callback(None)
-        self.successResultOf(self.background[0])
-        with reading_partial_state("!r:x"):
-            self.assertFalse(self.call("!r:x"))
-        self.assertEqual(len(self.background), 2)
+            self.assertTrue(self.call("!r:x"))
+        room = frozenset({"!r:x"})
+        self.assertEqual(self.calls, [("!r:x", room, room)])
+        self.assertEqual(backfill._BACKFILLING.get(), frozenset())
 
     def test_full_room_in_scope_as_stock(self) -> None:
         self.partial = False
         with reading_partial_state("!r:x"):
             self.assertTrue(self.call("!r:x"))
-        self.assertEqual(self.background, [])
-        self.assertEqual(self.calls, [("!r:x", frozenset({"!r:x"}))])
+        self.assertEqual(self.calls, [("!r:x", frozenset({"!r:x"}), frozenset())])

@@ -17,6 +17,12 @@ from synapse_partial_state.compat import sync as sync_seam
 from synapse_partial_state.wire import SYNCING_FIELD
 
 
+def requester(user_id: str, device_id: str) -> Any:
+    return SimpleNamespace(
+        user=SimpleNamespace(to_string=lambda: user_id), device_id=device_id
+    )
+
+
 def token(key: int) -> Any:
     return SimpleNamespace(un_partial_stated_rooms_key=key)
 
@@ -90,7 +96,10 @@ class SyncSeamCase(unittest.TestCase):
         self.addCleanup(sync_seam._SIGNAL.__setitem__, slice(None), signal)
         sync_seam._SIGNAL[:] = [
             sync_seam._SyncingSignal(
-                syncing.resynced_rooms, syncing.syncing_flag, syncing.mark_room
+                syncing.resynced_rooms,
+                syncing.syncing_flag,
+                syncing.mark_room,
+                syncing.ToldSyncing().flag,
             )
         ]
 
@@ -274,13 +283,15 @@ class EncodeTests(SyncSeamCase):
             return {room_id: {"name": "x"} for room_id in rooms}
 
         wrapped = sync_seam._wrap_encode_rooms(native)
-        servlet = SimpleNamespace(store=Store(set(), {"!p:x", "!invited:x"}))
+        store = Store(set(), {"!p:x", "!invited:x"})
+        servlet = SimpleNamespace(store=store)
         rooms = {
             "!p:x": SimpleNamespace(stripped_state=None),
             "!full:x": SimpleNamespace(stripped_state=[]),
             "!invited:x": SimpleNamespace(stripped_state=[{"type": "m.room.name"}]),
         }
-        got = self.run_async(wrapped(servlet, None, rooms))
+        bob = requester("@bob:x", "BOB")
+        got = self.run_async(wrapped(servlet, bob, rooms))
         self.assertEqual(
             got,
             {
@@ -289,6 +300,17 @@ class EncodeTests(SyncSeamCase):
                 "!invited:x": {"name": "x"},
             },
         )
+        # complete: false once for the client told true, then nothing
+        store.partial = {"!invited:x"}
+        other = requester("@bob:x", "OTHER")
+        self.assertNotIn(
+            SYNCING_FIELD, self.run_async(wrapped(servlet, other, rooms))["!p:x"]
+        )
+        got = self.run_async(wrapped(servlet, bob, rooms))
+        self.assertIs(got["!p:x"][SYNCING_FIELD], False)
+        self.assertNotIn(SYNCING_FIELD, got["!full:x"])
+        got = self.run_async(wrapped(servlet, bob, rooms))
+        self.assertNotIn(SYNCING_FIELD, got["!p:x"])
 
 
 class InstallTests(unittest.TestCase):
@@ -313,11 +335,17 @@ class InstallTests(unittest.TestCase):
 
         self.addCleanup(restore)
         sync_seam.install_syncing_signal(
-            syncing.resynced_rooms, syncing.syncing_flag, syncing.mark_room
+            syncing.resynced_rooms,
+            syncing.syncing_flag,
+            syncing.mark_room,
+            syncing.ToldSyncing().flag,
         )
         wrapped = {(o, n): getattr(o, n) for o, n in owners}
         sync_seam.install_syncing_signal(
-            syncing.resynced_rooms, syncing.syncing_flag, syncing.mark_room
+            syncing.resynced_rooms,
+            syncing.syncing_flag,
+            syncing.mark_room,
+            syncing.ToldSyncing().flag,
         )
         for (owner, name), wrapper in wrapped.items():
             self.assertTrue(getattr(wrapper, "_sps_wrapped", False), name)
