@@ -1,0 +1,260 @@
+"""The device-list seam: local device-list changes made while a room is partial
+are seen as Synapse turns them into outbound pokes, and the replay at the end of
+a resync is the module's instead of Synapse's.
+
+Checked against Synapse 1.163.2 (``synapse/handlers/device.py``,
+``synapse/storage/databases/main/devices.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any
+
+from synapse.module_api import ModuleApi
+
+from synapse_partial_state.compat.patching import homeserver, wrap_instance_method
+
+logger = logging.getLogger(__name__)
+
+#: (user ID, device ID, room ID, device-list stream id, hosts) -> None: a local
+#: change about to become outbound pokes to ``hosts`` for ``room ID``.
+PokesObserver = Callable[[str, str, str, int, Collection[str]], Awaitable[None]]
+
+#: room ID -> None: the local device-list replay at the end of a resync.
+ReplayHook = Callable[[str], Awaitable[None]]
+
+
+def _device_writer(api: ModuleApi) -> Any | None:
+    """This process's ``DeviceWriterHandler``, or None if it writes no device
+    list (a worker that is not a device-list writer)."""
+    from synapse.handlers.device import DeviceWriterHandler
+
+    handler = homeserver(api).get_device_handler()
+    return handler if isinstance(handler, DeviceWriterHandler) else None
+
+
+def install_outgoing_observer(api: ModuleApi, observer: PokesObserver) -> bool:
+    """Call ``observer`` for every local device-list change of a room just before
+    Synapse records its outbound pokes; False on a process that writes no device
+    list.
+
+    Synapse's ``DeviceWriterHandler._handle_new_device_update_async`` (only on the
+    main device-list writer) reads unconverted changes with
+    ``get_uncoverted_outbound_room_pokes`` (user, device, room, stream id) and,
+    for each in order, computes the hosts (for a partial-state room an
+    approximation: the servers at join and the hosts of the partial current
+    state) and calls ``add_device_list_outbound_pokes(user, device, room, hosts)``
+    (without the stream id). Both store methods are wrapped on this homeserver's
+    store: the first remembers each row's stream id, the second hands the change
+    with its stream id and hosts to ``observer`` (before the pokes are written,
+    so that a crash in between re-converts the change and the observer sees it
+    again), then writes the pokes as native."""
+    if _device_writer(api) is None:
+        return False
+    store = homeserver(api).get_datastores().main
+    #: (user, device, room) -> stream ids read and not yet converted, in order
+    pending: dict[tuple[str, str, str], deque[int]] = {}
+
+    def wrap_read(native: Callable[..., Any]) -> Callable[..., Any]:
+        async def get_uncoverted_outbound_room_pokes(*args: Any, **kw: Any) -> Any:
+            rows = await native(*args, **kw)
+            for user_id, device_id, room_id, stream_id, _ in rows:
+                pending.setdefault((user_id, device_id, room_id), deque()).append(
+                    stream_id
+                )
+            return rows
+
+        return get_uncoverted_outbound_room_pokes
+
+    def wrap_write(native: Callable[..., Any]) -> Callable[..., Any]:
+        async def add_device_list_outbound_pokes(
+            user_id: str,
+            device_id: str,
+            room_id: str,
+            hosts: Collection[str],
+            context: dict[str, str] | None,
+        ) -> None:
+            key = (user_id, device_id, room_id)
+            ids = pending.get(key)
+            if ids:
+                stream_id = ids.popleft()
+                if not ids:
+                    del pending[key]
+            else:
+                stream_id = store.get_device_stream_token().stream
+            await observer(user_id, device_id, room_id, stream_id, hosts)
+            await native(
+                user_id=user_id,
+                device_id=device_id,
+                room_id=room_id,
+                hosts=hosts,
+                context=context,
+            )
+
+        add_device_list_outbound_pokes._sps_native = native  # type: ignore[attr-defined]
+        return add_device_list_outbound_pokes
+
+    wrap_instance_method(
+        store,
+        "get_uncoverted_outbound_room_pokes",
+        wrap_read,
+        "synapse.storage.databases.main.devices.DeviceWorkerStore"
+        ".get_uncoverted_outbound_room_pokes",
+        "remember each local device-list change's stream id (for the replay queue)",
+    )
+    wrap_instance_method(
+        store,
+        "add_device_list_outbound_pokes",
+        wrap_write,
+        "synapse.storage.databases.main.devices.DeviceWorkerStore"
+        ".add_device_list_outbound_pokes",
+        "queue local device-list changes made while a room is partial, with the "
+        "servers they reached",
+    )
+    return True
+
+
+def install_replay_hook(api: ModuleApi, replay: ReplayHook) -> bool:
+    """Replace the local half of Synapse's device-list replay at the end of a
+    resync by ``replay``; False on a process that writes no device list.
+
+    ``DeviceWriterHandler.handle_room_un_partial_stated`` (99 lines; 1 change
+    since 1.100) first replays pending remote updates (its device-list
+    updater's ``handle_room_un_partial_stated``: kept), then pokes every local
+    change since the join to the hosts "potentially changed" minus every server
+    known at the join, read again at the end. That misses servers added to the
+    known list during the resync and changes a server missed for another
+    reason, and resends to all; ``replay`` does it from the module's queue.
+    Wrapped on the instance: ``DeviceHandler.handle_room_un_partial_stated``
+    forwards to it over replication when the writer is a worker."""
+    handler = _device_writer(api)
+    if handler is None:
+        return False
+
+    def wrap(native: Callable[..., Any]) -> Callable[..., Any]:
+        async def handle_room_un_partial_stated(room_id: str) -> None:
+            await handler.device_list_updater.handle_room_un_partial_stated(room_id)
+            await replay(room_id)
+
+        return handle_room_un_partial_stated
+
+    wrap_instance_method(
+        handler,
+        "handle_room_un_partial_stated",
+        wrap,
+        "synapse.handlers.device.DeviceWriterHandler.handle_room_un_partial_stated",
+        "replay local device-list changes from the module's durable queue, once "
+        "per destination, to every server the full state shows",
+    )
+    return True
+
+
+class DeviceListOps:
+    """The native Synapse reads and writes the device-list queues need."""
+
+    def __init__(self, api: ModuleApi) -> None:
+        hs = homeserver(api)
+        self._hs = hs
+        # Any: mypy without Synapse's own plugin mis-types @cached methods.
+        self._store: Any = hs.get_datastores().main
+        self._state: Any = hs.get_storage_controllers().state
+        self.server_name: str = hs.hostname
+        self._clock = hs.get_clock()
+
+    def is_mine(self, user_id: str) -> bool:
+        return self._hs.is_mine_id(user_id)
+
+    def now_ms(self) -> int:
+        return self._clock.time_msec()
+
+    async def is_partial_state_room(self, room_id: str) -> bool:
+        return await self._store.is_partial_state_room(room_id)
+
+    async def hosts_of_room_during_resync(self, room_id: str) -> set[str]:
+        """Servers the (now full) state shows in the room at some point since the
+        join: those of members whose membership differs between the state at the
+        join and the current state, and the current hosts (as Synapse's replay).
+        Call once the full state is stored, before the flag is cleared."""
+        from synapse.api.constants import EventTypes
+        from synapse.types import get_domain_from_id
+
+        hosts = set(await self._store.get_current_hosts_in_room(room_id))
+        join_event_id = await self._join_event_id(room_id)
+        if join_event_id is not None:
+            at_join = await self._state.get_state_ids_for_event(
+                join_event_id, await_full_state=False
+            )
+            now = await self._store.get_partial_current_state_ids(room_id)
+            for key in set(at_join) | set(now):
+                if key[0] == EventTypes.Member and at_join.get(key) != now.get(key):
+                    hosts.add(get_domain_from_id(key[1]))
+        hosts.discard(self.server_name)
+        return hosts
+
+    async def _join_event_id(self, room_id: str) -> str | None:
+        def txn(t: Any) -> str | None:
+            t.execute(
+                "SELECT join_event_id FROM partial_state_rooms WHERE room_id = ?",
+                (room_id,),
+            )
+            row = t.fetchone()
+            return row[0] if row else None
+
+        return await self._store.db_pool.runInteraction("sps_dl_join_event", txn)
+
+    async def hosts_sharing_other_rooms(self, user_id: str, room_id: str) -> set[str]:
+        """Servers in the rooms ``user_id`` is in, other than ``room_id``."""
+        hosts: set[str] = set()
+        for other in await self._store.get_rooms_for_user(user_id):
+            if other == room_id:
+                continue
+            hosts.update(
+                await self._state.get_current_hosts_in_room_or_partial_state_approximation(
+                    other
+                )
+            )
+        hosts.discard(self.server_name)
+        return hosts
+
+    async def hosts_with_later_poke(
+        self, user_id: str, device_id: str, stream_id: int, hosts: Collection[str]
+    ) -> set[str]:
+        """Those of ``hosts`` with an outbound poke of this device after
+        ``stream_id`` (``device_lists_outbound_pokes``): sent, or to be sent,
+        this change or a later one (the update a destination gets carries the
+        device as it is now)."""
+        if not hosts:
+            return set()
+
+        def txn(t: Any) -> set[str]:
+            t.execute(
+                "SELECT DISTINCT destination FROM device_lists_outbound_pokes"
+                " WHERE user_id = ? AND device_id = ? AND stream_id > ?",
+                (user_id, device_id, stream_id),
+            )
+            return {row[0] for row in t.fetchall()} & set(hosts)
+
+        return await self._store.db_pool.runInteraction("sps_dl_later_pokes", txn)
+
+    async def add_pokes(
+        self, user_id: str, device_id: str, room_id: str, hosts: Collection[str]
+    ) -> None:
+        """Queue the device's update for ``hosts`` (Synapse's own outbound pokes,
+        bypassing the observer) and wake the federation sender."""
+        add = self._store.add_device_list_outbound_pokes
+        add = getattr(add, "_sps_native", add)
+        await add(
+            user_id=user_id,
+            device_id=device_id,
+            room_id=room_id,
+            hosts=hosts,
+            context=None,
+        )
+        self._hs.get_notifier().notify_replication()
+        handler = self._hs.get_device_handler()
+        sender = getattr(handler, "federation_sender", None)
+        if sender is not None:
+            await sender.send_device_messages(hosts, immediate=False)

@@ -1,0 +1,52 @@
+"""The device-list queues of one process, wired to Synapse by the module."""
+
+from __future__ import annotations
+
+import logging
+
+from synapse.module_api import ModuleApi
+
+from synapse_partial_state.compat.device_lists import (
+    DeviceListOps,
+    install_outgoing_observer,
+    install_replay_hook,
+)
+from synapse_partial_state.device_lists.metrics import DeviceListMetrics
+from synapse_partial_state.device_lists.outgoing import OutgoingQueue
+from synapse_partial_state.device_lists.store import DeviceListStore
+
+logger = logging.getLogger(__name__)
+
+
+class DeviceLists:
+    """Installs the queues on a device-list writer (None elsewhere: see
+    :meth:`install`)."""
+
+    def __init__(self, api: ModuleApi) -> None:
+        self._api = api
+        self.ops = DeviceListOps(api)
+        self.store = DeviceListStore(api)
+        self.metrics = DeviceListMetrics(api.server_name)
+        self.outgoing = OutgoingQueue(self.ops, self.store, self.metrics)
+
+    @classmethod
+    def install(cls, api: ModuleApi) -> DeviceLists | None:
+        """The queues, on the process that writes device lists (the main
+        process unless ``stream_writers.device_lists`` names workers)."""
+        lists = cls(api)
+        if not install_outgoing_observer(api, lists.outgoing.on_pokes):
+            return None
+        install_replay_hook(api, lists.outgoing.replay)
+        api.delayed_background_call(
+            1000, lists._flush_stale, desc="sps_device_lists_flush"
+        )
+        return lists
+
+    async def _flush_stale(self) -> None:
+        try:
+            await self.outgoing.flush_stale()
+        except Exception:
+            logger.exception("Flushing stale device-list queues failed")
+
+    async def on_room_abandoned(self, room_id: str) -> None:
+        await self.outgoing.on_room_abandoned(room_id)

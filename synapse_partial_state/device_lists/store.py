@@ -1,0 +1,230 @@
+"""The device-list queues' own tables (prefixed ``sps_``) and every query on them.
+
+Created idempotently on first use, with their own version row (independent of
+the resync jobs' schema). No foreign keys into Synapse's tables. Portable SQL
+(SQLite and PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Collection, Iterable
+from typing import TYPE_CHECKING, Any
+
+import attr
+from synapse.module_api import ModuleApi, make_deferred_yieldable
+from twisted.internet import defer
+
+if TYPE_CHECKING:
+    from synapse.storage.database import LoggingTransaction
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = [
+    """
+    CREATE TABLE IF NOT EXISTS sps_device_lists_schema (
+        lock CHAR(1) NOT NULL DEFAULT 'X' UNIQUE,
+        version INTEGER NOT NULL
+    )
+    """,
+    # One local device-list change (Synapse's device-list stream id) in one
+    # partial-state room, with the servers it reached while the room was partial.
+    """
+    CREATE TABLE IF NOT EXISTS sps_device_outbound (
+        room_id TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        stream_id BIGINT NOT NULL,
+        reached TEXT NOT NULL,
+        queued_ts BIGINT NOT NULL,
+        UNIQUE (room_id, user_id, device_id, stream_id)
+    )
+    """,
+    """
+    CREATE INDEX IF NOT EXISTS sps_device_outbound_room
+        ON sps_device_outbound (room_id, stream_id)
+    """,
+]
+
+SCHEMA_TRIES = 3
+
+
+@attr.s(frozen=True, auto_attribs=True, slots=True)
+class QueuedChange:
+    """A local user's device-list change queued while its room was partial."""
+
+    room_id: str
+    user_id: str
+    device_id: str
+    stream_id: int
+    reached: frozenset[str]
+    queued_ts: int
+
+
+def create_schema_txn(txn: LoggingTransaction) -> None:
+    for statement in _SCHEMA:
+        txn.execute(statement)
+    txn.execute("SELECT version FROM sps_device_lists_schema")
+    row = txn.fetchone()
+    if row is None:
+        txn.execute(
+            "INSERT INTO sps_device_lists_schema (lock, version) VALUES ('X', ?)",
+            (SCHEMA_VERSION,),
+        )
+    elif row[0] > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"synapse_partial_state: device-list schema version {row[0]} is newer "
+            f"than this module's ({SCHEMA_VERSION}); upgrade the module"
+        )
+
+
+def queue_outbound_txn(
+    txn: LoggingTransaction,
+    room_id: str,
+    user_id: str,
+    device_id: str,
+    stream_id: int,
+    hosts: Collection[str],
+    now_ms: int,
+) -> None:
+    """Queue (or add ``hosts`` to the servers reached by) one change."""
+    txn.execute(
+        "SELECT reached FROM sps_device_outbound WHERE room_id = ? AND user_id = ?"
+        " AND device_id = ? AND stream_id = ?",
+        (room_id, user_id, device_id, stream_id),
+    )
+    row = txn.fetchone()
+    if row is None:
+        txn.execute(
+            "INSERT INTO sps_device_outbound"
+            " (room_id, user_id, device_id, stream_id, reached, queued_ts)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (room_id, user_id, device_id, stream_id, _encode(hosts), now_ms),
+        )
+        return
+    reached = set(json.loads(row[0])) | set(hosts)
+    txn.execute(
+        "UPDATE sps_device_outbound SET reached = ? WHERE room_id = ?"
+        " AND user_id = ? AND device_id = ? AND stream_id = ?",
+        (_encode(reached), room_id, user_id, device_id, stream_id),
+    )
+
+
+def _encode(hosts: Iterable[str]) -> str:
+    return json.dumps(sorted(set(hosts)))
+
+
+_OUT_COLUMNS = "room_id, user_id, device_id, stream_id, reached, queued_ts"
+
+
+def _change(row: tuple[Any, ...]) -> QueuedChange:
+    return QueuedChange(
+        room_id=row[0],
+        user_id=row[1],
+        device_id=row[2],
+        stream_id=int(row[3]),
+        reached=frozenset(json.loads(row[4])),
+        queued_ts=int(row[5]),
+    )
+
+
+def outbound_for_room_txn(txn: LoggingTransaction, room_id: str) -> list[QueuedChange]:
+    txn.execute(
+        f"SELECT {_OUT_COLUMNS} FROM sps_device_outbound WHERE room_id = ?"
+        " ORDER BY stream_id, user_id, device_id",
+        (room_id,),
+    )
+    return [_change(row) for row in txn.fetchall()]
+
+
+def outbound_rooms_txn(txn: LoggingTransaction) -> dict[str, tuple[int, int]]:
+    """room -> (changes queued, oldest queued_ts)."""
+    txn.execute(
+        "SELECT room_id, COUNT(*), MIN(queued_ts) FROM sps_device_outbound"
+        " GROUP BY room_id"
+    )
+    return {row[0]: (int(row[1]), int(row[2])) for row in txn.fetchall()}
+
+
+def delete_outbound_txn(txn: LoggingTransaction, change: QueuedChange) -> None:
+    txn.execute(
+        "DELETE FROM sps_device_outbound WHERE room_id = ? AND user_id = ?"
+        " AND device_id = ? AND stream_id = ?",
+        (change.room_id, change.user_id, change.device_id, change.stream_id),
+    )
+
+
+class DeviceListStore:
+    """The queues, through Synapse's database pool (schema created on first use)."""
+
+    def __init__(self, api: ModuleApi) -> None:
+        self._api = api
+        self._ready = False
+        self._lock = defer.DeferredLock()
+
+    async def ensure_schema(self) -> None:
+        if self._ready:
+            return
+        await make_deferred_yieldable(self._lock.acquire())
+        try:
+            if not self._ready:
+                for attempt in range(1, SCHEMA_TRIES + 1):
+                    try:
+                        await self._api.run_db_interaction(
+                            "sps_device_lists_schema", create_schema_txn
+                        )
+                        break
+                    except Exception as e:
+                        if attempt == SCHEMA_TRIES:
+                            raise
+                        logger.info(
+                            "Creating the device-list tables failed (%s), perhaps "
+                            "concurrently elsewhere; trying again",
+                            e,
+                        )
+                        await self._api.sleep(0.2 * attempt)
+                self._ready = True
+        finally:
+            self._lock.release()
+
+    async def queue_outbound(
+        self,
+        room_id: str,
+        user_id: str,
+        device_id: str,
+        stream_id: int,
+        hosts: Collection[str],
+        now_ms: int,
+    ) -> None:
+        await self.ensure_schema()
+        await self._api.run_db_interaction(
+            "sps_queue_device_outbound",
+            queue_outbound_txn,
+            room_id,
+            user_id,
+            device_id,
+            stream_id,
+            hosts,
+            now_ms,
+        )
+
+    async def outbound_for_room(self, room_id: str) -> list[QueuedChange]:
+        await self.ensure_schema()
+        return await self._api.run_db_interaction(
+            "sps_device_outbound_for_room", outbound_for_room_txn, room_id
+        )
+
+    async def outbound_rooms(self) -> dict[str, tuple[int, int]]:
+        await self.ensure_schema()
+        return await self._api.run_db_interaction(
+            "sps_device_outbound_rooms", outbound_rooms_txn
+        )
+
+    async def delete_outbound(self, change: QueuedChange) -> None:
+        await self.ensure_schema()
+        await self._api.run_db_interaction(
+            "sps_delete_device_outbound", delete_outbound_txn, change
+        )

@@ -1,0 +1,228 @@
+"""Device lists during a resync (issue #16), with a real joiner (``hs2``) and the
+fake peer as the room's resident and other servers.
+
+The fake servers record every transaction they receive, so each test counts the
+``m.device_list_update`` EDUs each server got for bob's device. The resync is
+held (the resident's ``/state`` and ``/state_ids`` wait) while the room is
+partial, and let go to complete it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import quote
+
+from tests.blackbox.resync_case import FAST, STATE_PATHS, wait_until
+from tests.fedkit.homeserver import Homeserver
+from tests.fedkit.matrix_client import Client
+from tests.fedkit.testcase import FederationTestCase, on_both_databases
+
+DEVICE_LIST_UPDATE = "m.device_list_update"
+
+
+class DeviceListCase(FederationTestCase):
+    """A fake room: the resident ``R`` with the creator and two members, and one
+    member on each of the fake servers ``extra`` names (created here); ``hs2``
+    with bob, who joins it."""
+
+    EXTRA_SERVERS = ("a", "b", "c", "d")
+
+    def setup_room(self, hidden: tuple[str, ...] = ()) -> None:
+        self.peer = self.make_fake_peer()
+        self.room = self.peer.create_room(
+            members=2, servers=1, name="Device lists", room_version="10"
+        )
+        self.room_id: str = self.room["room_id"]
+        self.resident: str = self.room["resident"]
+        names = self.peer.create_servers(len(self.EXTRA_SERVERS))
+        self.server = dict(zip(self.EXTRA_SERVERS, names, strict=True))
+        #: the one member of each extra server
+        self.member: dict[str, str] = {}
+        for key, name in self.server.items():
+            joined = self.peer.join_users(
+                self.room_id, 1, servers=[name], destinations=[]
+            )
+            self.member[key] = joined["user_ids"][0]
+        if hidden:
+            self.peer.hide_servers(self.room_id, [self.server[k] for k in hidden])
+        fast: dict[str, Any] = dict(FAST)
+        self.hs2: Homeserver = self.make_homeserver("hs2", **fast)
+        self.admin: Client = self.register(self.hs2, "admin", admin=True)
+        self.bob: Client = self.register(self.hs2, "bob")
+        status, body = self.bob.get("/_matrix/client/v3/account/whoami")
+        self.assertEqual(status, 200, body)
+        self.device_id: str = body["device_id"]
+
+    # -- the resync ----------------------------------------------------------
+
+    def join_and_hold(self) -> str:
+        """bob joins; the resync waits for the resident until :meth:`release`."""
+        rule = self.peer.add_behaviour(STATE_PATHS, "hold")
+        self.bob.join(self.room_id, via=[self.resident])
+        self.assertTrue(self.is_partial())
+        return rule
+
+    def release(self, rule: str) -> None:
+        since = self.hs2.log_offset()
+        self.peer.remove_behaviour(rule)
+        self.hs2.wait_for_log(
+            rf"Resync of {re.escape(self.room_id)} complete", timeout=120, since=since
+        )
+        self.assertFalse(self.is_partial())
+
+    def is_partial(self) -> bool:
+        rows = self.hs2.sql(
+            "SELECT 1 FROM partial_state_rooms WHERE room_id = ?", (self.room_id,)
+        )
+        return bool(rows)
+
+    def has_event(self, event_id: str) -> bool:
+        return bool(
+            self.hs2.sql("SELECT 1 FROM events WHERE event_id = ?", (event_id,))
+        )
+
+    def leave_on_peer(self, key: str) -> None:
+        """The member of server ``key`` leaves; hs2 has it once this returns."""
+        user = self.member[key]
+        sent = self.peer.send_event(
+            self.room_id,
+            "m.room.member",
+            {"membership": "leave"},
+            sender=user,
+            state_key=user,
+        )
+        wait_until(lambda: self.has_event(sent["event_id"]), 30, "the leave at hs2")
+
+    def join_other_room(self, key: str) -> str:
+        """A user of server ``key`` joins a public room bob creates on hs2."""
+        other = self.bob.create_room(preset="public_chat", name="Other room")
+        result = self.peer.join(
+            other,
+            self.hs2.server_name,
+            server=self.server[key],
+            user_localpart=f"other{key}",
+            omit_members=False,
+        )
+        self.assertEqual(result["send_join"]["status"], 200, result)
+        wait_until(
+            lambda: self.has_event(result["event_id"]), 30, "the other join at hs2"
+        )
+        return other
+
+    # -- bob's device --------------------------------------------------------
+
+    def rename_device(self, name: str) -> None:
+        status, body = self.bob.put(
+            f"/_matrix/client/v3/devices/{quote(self.device_id)}",
+            {"display_name": name},
+        )
+        self.assertEqual(status, 200, body)
+
+    def updates(self, server: str) -> list[dict[str, Any]]:
+        """The device-list updates of bob's device ``server`` received."""
+        return [
+            edu
+            for edu in self.peer.edus(server, DEVICE_LIST_UPDATE)
+            if edu.get("user_id") == self.bob.user_id
+            and edu.get("device_id") == self.device_id
+        ]
+
+    def wait_updates(self, servers: list[str], count: int) -> None:
+        for server in servers:
+            wait_until(
+                lambda s=server: len(self.updates(s)) >= count,  # type: ignore[misc]
+                60,
+                f"{count} device-list update(s) at {server}",
+            )
+
+    def assert_updates(self, expected: dict[str, int]) -> None:
+        got = {server: len(self.updates(server)) for server in expected}
+        self.assertEqual(got, expected)
+        for server in expected:
+            ids = [edu["stream_id"] for edu in self.updates(server)]
+            self.assertEqual(len(ids), len(set(ids)), f"{server} got a duplicate")
+
+    def queued(self) -> int:
+        return int(self.hs2.sql("SELECT COUNT(*) FROM sps_device_outbound")[0][0])
+
+
+@on_both_databases
+class OutgoingDeviceListTests(DeviceListCase):
+    def test_replay_reaches_missed_servers_once(self) -> None:
+        """Complement's outgoing group in one room: the resident, ``a`` and ``b``
+        are named at the join, ``c`` and ``d`` are not (absent from the partial
+        state); ``b`` leaves during the resync; ``d``'s user joins another room
+        shared with bob and leaves this one. A change made while partial reaches
+        the named servers at once, and once the resync completes the absent
+        ones, even ``d`` which left meanwhile; nobody gets it twice. After
+        completion, ``b`` (departed) gets no more updates."""
+        self.setup_room(hidden=("c", "d"))
+        r, a, b, c, d = (self.resident, *(self.server[k] for k in "abcd"))
+        rule = self.join_and_hold()
+        self.leave_on_peer("b")
+
+        self.rename_device("during the resync")
+        self.wait_updates([r, a, b], 1)
+        self.assert_updates({r: 1, a: 1, b: 1, c: 0, d: 0})
+        self.assertEqual(self.queued(), 1)
+
+        self.join_other_room("d")
+        self.leave_on_peer("d")
+        self.assert_updates({r: 1, a: 1, b: 1, c: 0, d: 0})
+
+        self.release(rule)
+        self.wait_updates([c, d], 1)
+        self.assert_updates({r: 1, a: 1, b: 1, c: 1, d: 1})
+        self.assertEqual(self.queued(), 0)
+
+        self.rename_device("after the resync")
+        self.wait_updates([r, a, c, d], 2)
+        self.assert_updates({r: 2, a: 2, b: 1, c: 2, d: 2})
+
+    def test_restart_between_queueing_and_replay(self) -> None:
+        """The queue survives a restart: replayed once after it, no duplicates."""
+        self.setup_room(hidden=("c",))
+        r, a, c = self.resident, self.server["a"], self.server["c"]
+        rule = self.join_and_hold()
+        self.rename_device("before the restart")
+        self.wait_updates([r, a], 1)
+        self.assertEqual(self.queued(), 1)
+
+        self.hs2.restart()
+        self.assertTrue(self.is_partial())
+        self.assertEqual(self.queued(), 1)
+        self.assert_updates({r: 1, a: 1, c: 0})
+
+        self.release(rule)
+        self.wait_updates([c], 1)
+        self.assertEqual(self.queued(), 0)
+        self.rename_device("after the resync")
+        self.wait_updates([r, a, c], 2)
+        self.assert_updates({r: 2, a: 2, c: 2})
+
+    def test_leaving_before_completion_sends_to_other_rooms(self) -> None:
+        """synapse#13894: bob changes his device while the room is partial;
+        ``c``, absent from the partial state, misses it; ``c``'s user joins
+        another room shared with bob; bob leaves before the resync completes.
+        The room is given up, and ``c`` gets the change it missed (once); the
+        queue is dropped."""
+        self.setup_room(hidden=("c",))
+        r, c = self.resident, self.server["c"]
+        rule = self.join_and_hold()
+        self.rename_device("during the resync")
+        self.wait_updates([r], 1)
+        self.join_other_room("c")
+        self.assert_updates({c: 0})
+
+        since = self.hs2.log_offset()
+        self.bob.leave(self.room_id)
+        self.hs2.wait_for_log(
+            rf"Resync of {re.escape(self.room_id)} aborted", timeout=60, since=since
+        )
+        self.wait_updates([c], 1)
+        self.assertEqual(self.queued(), 0)
+        self.peer.remove_behaviour(rule)
+        self.rename_device("after leaving")
+        self.wait_updates([c], 2)
+        self.assert_updates({c: 2})
