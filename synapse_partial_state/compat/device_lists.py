@@ -15,7 +15,12 @@ from typing import Any
 
 from synapse.module_api import ModuleApi
 
-from synapse_partial_state.compat.patching import homeserver, wrap_instance_method
+from synapse_partial_state.compat.patching import (
+    PatchRecord,
+    homeserver,
+    record_patch,
+    wrap_instance_method,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -23,8 +28,19 @@ logger = logging.getLogger(__name__)
 #: change about to become outbound pokes to ``hosts`` for ``room ID``.
 PokesObserver = Callable[[str, str, str, int, Collection[str]], Awaitable[None]]
 
-#: room ID -> None: the local device-list replay at the end of a resync.
+#: room ID -> None: the device-list replay at the end of a resync.
 ReplayHook = Callable[[str], Awaitable[None]]
+
+#: (EDU type, origin, content) -> None: a device-list or signing-key EDU, before
+#: Synapse handles it (the content is the observer's copy).
+EduObserver = Callable[[str, str, dict[str, Any]], Awaitable[None]]
+
+#: The EDUs :func:`install_incoming_observer` watches.
+DEVICE_EDU_TYPES = (
+    "m.device_list_update",
+    "m.signing_key_update",
+    "org.matrix.signing_key_update",
+)
 
 
 def _device_writer(api: ModuleApi) -> Any | None:
@@ -152,6 +168,58 @@ def install_replay_hook(api: ModuleApi, replay: ReplayHook) -> bool:
     return True
 
 
+def install_incoming_observer(api: ModuleApi, observer: EduObserver) -> bool:
+    """Show ``observer`` every device-list and signing-key EDU this process
+    handles, before Synapse does; False where Synapse handles none here.
+
+    Synapse registers the handlers (``DeviceListUpdater.incoming_device_list_update``,
+    ``SigningKeyEduUpdater.incoming_signing_key_update``) as bound methods in
+    its federation registry's ``edu_handlers`` on the first device-list writer,
+    so the registry's entries are wrapped (the native is kept as
+    ``_sps_native`` for :meth:`DeviceListOps.refeed`). Both drop an update for a
+    user that no room's (partial) current state shows us sharing; Synapse keeps
+    only (user, device) of a dropped device-list update
+    (``device_lists_remote_pending``) and nothing of a signing-key update."""
+    hs = homeserver(api)
+    if _device_writer(api) is None:
+        return False
+    # Build the handlers that register the EDU handlers, if not built yet.
+    hs.get_e2e_keys_handler()
+    registry = hs.get_federation_registry()
+    installed = False
+    for edu_type in DEVICE_EDU_TYPES:
+        native = registry.edu_handlers.get(edu_type)
+        if native is None or getattr(native, "_sps_wrapped", False):
+            continue
+
+        def make(native: Callable[..., Any], edu_type: str) -> Callable[..., Any]:
+            async def handler(origin: str, content: Any) -> None:
+                if isinstance(content, dict):
+                    try:
+                        await observer(edu_type, origin, dict(content))
+                    except Exception:
+                        logger.exception("Device-list EDU observer failed")
+                await native(origin, content)
+
+            handler._sps_wrapped = True  # type: ignore[attr-defined]
+            handler._sps_native = native  # type: ignore[attr-defined]
+            return handler
+
+        registry.edu_handlers[edu_type] = make(native, edu_type)
+        installed = True
+    if installed:
+        record_patch(
+            PatchRecord(
+                "synapse.federation.federation_server.FederationHandlerRegistry"
+                ".edu_handlers[m.device_list_update, m.signing_key_update]",
+                "wrap (registry entry)",
+                "queue durably the device-list and signing-key updates of users "
+                "not known to share a room while a room is partial",
+            )
+        )
+    return True
+
+
 class DeviceListOps:
     """The native Synapse reads and writes the device-list queues need."""
 
@@ -258,3 +326,81 @@ class DeviceListOps:
         sender = getattr(handler, "federation_sender", None)
         if sender is not None:
             await sender.send_device_messages(hosts, immediate=False)
+
+    # -- incoming -------------------------------------------------------------
+
+    async def partial_rooms(self) -> set[str]:
+        """Rooms this server is partially joined to (``get_partial_rooms``, cached)."""
+        return set(await self._store.get_partial_rooms())
+
+    async def shares_room(self, user_id: str) -> bool:
+        """Whether some room's current state (partial or not) has ``user_id``
+        joined (Synapse's own test before handling such an EDU)."""
+        return bool(await self._store.get_rooms_for_user(user_id))
+
+    async def refeed(self, edu_type: str, origin: str, content: dict[str, Any]) -> None:
+        """Hand a queued EDU to Synapse's own handler (not the observer)."""
+        registry = self._hs.get_federation_registry()
+        handler = registry.edu_handlers.get(edu_type)
+        if handler is None:
+            return
+        handler = getattr(handler, "_sps_native", handler)
+        await handler(origin, dict(content))
+
+    async def untrack_if_sharing_no_room(self, user_ids: Collection[str]) -> None:
+        """Stop tracking the device lists of those of ``user_ids`` no room
+        shows us sharing any more (``handle_potentially_left_users``: deletes
+        their ``device_lists_remote_extremeties`` row, so that their cached
+        device list is not served and a later query asks their server)."""
+        remote = {u for u in user_ids if not self.is_mine(u)}
+        if remote:
+            await self._store.handle_potentially_left_users(remote)
+
+    async def members_changed_during_resync(self, room_id: str) -> set[str]:
+        """Remote users whose membership of the room differs between the state
+        at the join and the (now full) current state. Call before the flag is
+        cleared."""
+        from synapse.api.constants import EventTypes
+
+        join_event_id = await self._join_event_id(room_id)
+        if join_event_id is None:
+            return set()
+        at_join = await self._state.get_state_ids_for_event(
+            join_event_id, await_full_state=False
+        )
+        now = await self._store.get_partial_current_state_ids(room_id)
+        return {
+            key[1]
+            for key in set(at_join) | set(now)
+            if key[0] == EventTypes.Member
+            and at_join.get(key) != now.get(key)
+            and not self.is_mine(key[1])
+        }
+
+    async def mark_stale(self, user_ids: Collection[str]) -> None:
+        """Mark the cached device lists of the tracked ones of ``user_ids`` as
+        stale (``mark_remote_users_device_caches_as_stale``): Synapse refetches
+        them from their servers (its retry loop, and the next key query) and
+        tells local users in ``device_lists.changed`` if they changed."""
+        if not user_ids:
+            return
+        tracked = []
+        for user_id in user_ids:
+            last = await self._store.get_device_list_last_stream_id_for_remote(user_id)
+            if last is not None:
+                tracked.append(user_id)
+        if not tracked:
+            return
+        await self._store.mark_remote_users_device_caches_as_stale(tracked)
+        handler = self._hs.get_device_handler()
+        updater = getattr(handler, "device_list_updater", None)
+        resync = getattr(updater, "multi_user_device_resync", None)
+        if resync is None:
+            return
+        by_server: dict[str, list[str]] = {}
+        for user_id in tracked:
+            by_server.setdefault(user_id.split(":", 1)[1], []).append(user_id)
+        for users in by_server.values():  # the resync takes one server's users
+            self._hs.run_as_background_process(
+                "sps_device_list_resync", resync, users, True
+            )

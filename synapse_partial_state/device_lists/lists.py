@@ -8,9 +8,11 @@ from synapse.module_api import ModuleApi
 
 from synapse_partial_state.compat.device_lists import (
     DeviceListOps,
+    install_incoming_observer,
     install_outgoing_observer,
     install_replay_hook,
 )
+from synapse_partial_state.device_lists.incoming import IncomingQueue
 from synapse_partial_state.device_lists.metrics import DeviceListMetrics
 from synapse_partial_state.device_lists.outgoing import OutgoingQueue
 from synapse_partial_state.device_lists.store import DeviceListStore
@@ -28,6 +30,7 @@ class DeviceLists:
         self.store = DeviceListStore(api)
         self.metrics = DeviceListMetrics(api.server_name)
         self.outgoing = OutgoingQueue(self.ops, self.store, self.metrics)
+        self.incoming = IncomingQueue(self.ops, self.store, self.metrics)
 
     @classmethod
     def install(cls, api: ModuleApi) -> DeviceLists | None:
@@ -36,7 +39,8 @@ class DeviceLists:
         lists = cls(api)
         if not install_outgoing_observer(api, lists.outgoing.on_pokes):
             return None
-        install_replay_hook(api, lists.outgoing.replay)
+        install_incoming_observer(api, lists.incoming.on_edu)
+        install_replay_hook(api, lists.replay)
         api.delayed_background_call(
             1000, lists._flush_stale, desc="sps_device_lists_flush"
         )
@@ -48,5 +52,11 @@ class DeviceLists:
         except Exception:
             logger.exception("Flushing stale device-list queues failed")
 
+    async def replay(self, room_id: str) -> None:
+        """The room's full state is stored; its partial flag is cleared next."""
+        await self.incoming.replay(room_id)
+        await self.outgoing.replay(room_id)
+
     async def on_room_abandoned(self, room_id: str) -> None:
         await self.outgoing.on_room_abandoned(room_id)
+        await self.incoming.on_room_abandoned(room_id)

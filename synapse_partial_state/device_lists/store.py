@@ -47,6 +47,22 @@ _SCHEMA = [
     CREATE INDEX IF NOT EXISTS sps_device_outbound_room
         ON sps_device_outbound (room_id, stream_id)
     """,
+    # One device-list or signing-key EDU received while a room was partial, for
+    # a user no room's (partial) state showed us sharing, in arrival order.
+    """
+    CREATE TABLE IF NOT EXISTS sps_device_inbound (
+        seq BIGINT NOT NULL PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        edu_type TEXT NOT NULL,
+        origin TEXT NOT NULL,
+        content TEXT NOT NULL,
+        received_ts BIGINT NOT NULL
+    )
+    """,
+    """
+    CREATE INDEX IF NOT EXISTS sps_device_inbound_user
+        ON sps_device_inbound (user_id, seq)
+    """,
 ]
 
 SCHEMA_TRIES = 3
@@ -157,6 +173,64 @@ def delete_outbound_txn(txn: LoggingTransaction, change: QueuedChange) -> None:
     )
 
 
+@attr.s(frozen=True, auto_attribs=True, slots=True)
+class QueuedEdu:
+    """A remote user's device-list or signing-key EDU queued during a resync."""
+
+    seq: int
+    user_id: str
+    edu_type: str
+    origin: str
+    content: dict[str, Any]
+    received_ts: int
+
+
+def queue_inbound_txn(
+    txn: LoggingTransaction,
+    user_id: str,
+    edu_type: str,
+    origin: str,
+    content: dict[str, Any],
+    now_ms: int,
+) -> None:
+    txn.execute("SELECT MAX(seq) FROM sps_device_inbound")
+    row = txn.fetchone()
+    seq = (row[0] if row and row[0] is not None else 0) + 1
+    txn.execute(
+        "INSERT INTO sps_device_inbound"
+        " (seq, user_id, edu_type, origin, content, received_ts)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (seq, user_id, edu_type, origin, json.dumps(content), now_ms),
+    )
+
+
+def inbound_txn(txn: LoggingTransaction) -> list[QueuedEdu]:
+    txn.execute(
+        "SELECT seq, user_id, edu_type, origin, content, received_ts"
+        " FROM sps_device_inbound ORDER BY seq"
+    )
+    return [
+        QueuedEdu(
+            seq=int(row[0]),
+            user_id=row[1],
+            edu_type=row[2],
+            origin=row[3],
+            content=json.loads(row[4]),
+            received_ts=int(row[5]),
+        )
+        for row in txn.fetchall()
+    ]
+
+
+def delete_inbound_user_txn(
+    txn: LoggingTransaction, user_id: str, up_to_seq: int
+) -> None:
+    txn.execute(
+        "DELETE FROM sps_device_inbound WHERE user_id = ? AND seq <= ?",
+        (user_id, up_to_seq),
+    )
+
+
 class DeviceListStore:
     """The queues, through Synapse's database pool (schema created on first use)."""
 
@@ -221,6 +295,35 @@ class DeviceListStore:
         await self.ensure_schema()
         return await self._api.run_db_interaction(
             "sps_device_outbound_rooms", outbound_rooms_txn
+        )
+
+    async def queue_inbound(
+        self,
+        user_id: str,
+        edu_type: str,
+        origin: str,
+        content: dict[str, Any],
+        now_ms: int,
+    ) -> None:
+        await self.ensure_schema()
+        await self._api.run_db_interaction(
+            "sps_queue_device_inbound",
+            queue_inbound_txn,
+            user_id,
+            edu_type,
+            origin,
+            content,
+            now_ms,
+        )
+
+    async def inbound(self) -> list[QueuedEdu]:
+        await self.ensure_schema()
+        return await self._api.run_db_interaction("sps_device_inbound", inbound_txn)
+
+    async def delete_inbound_user(self, user_id: str, up_to_seq: int) -> None:
+        await self.ensure_schema()
+        await self._api.run_db_interaction(
+            "sps_delete_device_inbound", delete_inbound_user_txn, user_id, up_to_seq
         )
 
     async def delete_outbound(self, change: QueuedChange) -> None:

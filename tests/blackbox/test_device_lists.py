@@ -26,7 +26,7 @@ class DeviceListCase(FederationTestCase):
     member on each of the fake servers ``extra`` names (created here); ``hs2``
     with bob, who joins it."""
 
-    EXTRA_SERVERS = ("a", "b", "c", "d")
+    EXTRA_SERVERS: tuple[str, ...] = ("a", "b", "c", "d")
 
     def setup_room(self, hidden: tuple[str, ...] = ()) -> None:
         self.peer = self.make_fake_peer()
@@ -226,3 +226,139 @@ class OutgoingDeviceListTests(DeviceListCase):
         self.rename_device("after leaving")
         self.wait_updates([c], 2)
         self.assert_updates({c: 2})
+
+
+def device_list_edu(user_id: str, device_id: str, stream_id: int) -> dict[str, Any]:
+    return {
+        "edu_type": DEVICE_LIST_UPDATE,
+        "content": {
+            "user_id": user_id,
+            "device_id": device_id,
+            "stream_id": stream_id,
+            "prev_id": [stream_id - 1],
+            "deleted": False,
+            "device_display_name": "a device",
+        },
+    }
+
+
+def signing_key_edu(user_id: str) -> dict[str, Any]:
+    key = "l8Hft5qXKn1vfHrg3p4+W8gELQVo8N13JkluMfmn2sQ"  # any 32 bytes, unpadded
+    return {
+        "edu_type": "m.signing_key_update",
+        "content": {
+            "user_id": user_id,
+            "master_key": {
+                "user_id": user_id,
+                "usage": ["master"],
+                "keys": {f"ed25519:{key}": key},
+            },
+        },
+    }
+
+
+@on_both_databases
+class IncomingDeviceListTests(DeviceListCase):
+    EXTRA_SERVERS = ("a", "b")
+
+    def inbound(self) -> int:
+        return int(self.hs2.sql("SELECT COUNT(*) FROM sps_device_inbound")[0][0])
+
+    def tracked(self, user_id: str) -> bool:
+        rows = self.hs2.sql(
+            "SELECT 1 FROM device_lists_remote_extremeties WHERE user_id = ?",
+            (user_id,),
+        )
+        return bool(rows)
+
+    def device_requests(self, server: str) -> int:
+        """Requests for users' devices or keys ``server`` got from hs2."""
+        return len(self.peer.requests(server=server, path_regex=r"/user/"))
+
+    def test_updates_of_unknown_members_applied_at_completion(self) -> None:
+        """``a``'s member is in the room, but not in the partial state: its
+        device-list and signing-key updates received during the resync are
+        kept and applied once the full state shows it in the room (bob is told
+        in /keys/changes, Synapse refetches its devices, its master key is
+        stored). An update for a user in no shared room is dropped and that
+        user is not tracked."""
+        self.setup_room()
+        a = self.server["a"]
+        member, ghost = self.member["a"], f"@ghost:{a}"
+        rule = self.join_and_hold()
+        since = self.bob.sync(timeout_ms=0)["next_batch"]
+        self.peer.send_edus(
+            a,
+            self.hs2.server_name,
+            [
+                device_list_edu(member, "ADEV", 5),
+                signing_key_edu(member),
+                device_list_edu(ghost, "GDEV", 7),
+            ],
+        )
+        wait_until(lambda: self.inbound() == 3, 30, "3 queued EDUs")
+        self.assertEqual(self.device_requests(a), 0)
+
+        self.release(rule)
+        self.assertEqual(self.inbound(), 0)
+        wait_until(
+            lambda: self.hs2.sql(
+                "SELECT 1 FROM e2e_cross_signing_keys WHERE user_id = ?", (member,)
+            ),
+            30,
+            "the member's master key",
+        )
+        wait_until(lambda: self.tracked(member), 30, "the member's devices refetched")
+        until = self.bob.sync(timeout_ms=0)["next_batch"]
+        status, body = self.bob.get(
+            "/_matrix/client/v3/keys/changes", params={"from": since, "to": until}
+        )
+        self.assertEqual(status, 200, body)
+        self.assertIn(member, body["changed"])
+        self.assertNotIn(ghost, body["changed"])
+        self.assertFalse(self.tracked(ghost))
+        self.assertFalse(
+            self.hs2.sql(
+                "SELECT 1 FROM device_lists_remote_cache WHERE user_id = ?", (ghost,)
+            )
+        )
+
+    def test_leaving_stops_tracking(self) -> None:
+        """Complement's skipped "device list no longer tracked when leaving
+        partial state room": elsie joins during the resync, bob queries her keys
+        (her device list is now tracked); bob leaves before the resync completes;
+        the room is given up and elsie's device list is no longer tracked, so
+        bob's next query asks her server."""
+        self.setup_room()
+        a = self.server["a"]
+        rule = self.join_and_hold()
+        elsie = f"@elsie:{a}"
+        joined = self.peer.send_event(
+            self.room_id,
+            "m.room.member",
+            {"membership": "join"},
+            sender=elsie,
+            state_key=elsie,
+        )
+        wait_until(lambda: self.has_event(joined["event_id"]), 30, "elsie's join")
+        self.query_keys(elsie)
+        wait_until(lambda: self.tracked(elsie), 30, "elsie's devices tracked")
+
+        since = self.hs2.log_offset()
+        self.bob.leave(self.room_id)
+        self.hs2.wait_for_log(
+            rf"Resync of {re.escape(self.room_id)} aborted", timeout=60, since=since
+        )
+        self.peer.remove_behaviour(rule)
+        wait_until(lambda: not self.tracked(elsie), 30, "elsie no longer tracked")
+        before = self.device_requests(a)
+        self.query_keys(elsie)
+        after = self.device_requests(a)
+        self.assertGreater(after, before)
+
+    def query_keys(self, user_id: str) -> dict[str, Any]:
+        status, body = self.bob.post(
+            "/_matrix/client/v3/keys/query", {"device_keys": {user_id: []}}
+        )
+        self.assertEqual(status, 200, body)
+        return body
