@@ -357,25 +357,39 @@ class DeviceListOps:
             await self._store.handle_potentially_left_users(remote)
 
     async def members_changed_during_resync(self, room_id: str) -> set[str]:
-        """Remote users whose membership of the room differs between the state
-        at the join and the (now full) current state. Call before the flag is
-        cleared."""
+        """Remote users whose membership of the room may have been misjudged
+        while it was partial: those with a membership event received since the
+        join (accepted or, once re-checked against the full state, rejected: a
+        user wrongly believed to be in the room, synapse#13887), and those whose
+        membership differs between the state at the join and the (now full)
+        current state. Call before the flag is cleared."""
         from synapse.api.constants import EventTypes
 
         join_event_id = await self._join_event_id(room_id)
         if join_event_id is None:
             return set()
+
+        def txn(t: Any) -> set[str]:
+            t.execute(
+                "SELECT DISTINCT e.state_key FROM events AS e"
+                " INNER JOIN events AS j ON j.event_id = ?"
+                " WHERE e.room_id = ? AND e.type = ?"
+                " AND e.stream_ordering > j.stream_ordering",
+                (join_event_id, room_id, EventTypes.Member),
+            )
+            return {row[0] for row in t.fetchall() if row[0]}
+
+        users = await self._store.db_pool.runInteraction("sps_dl_members_since", txn)
         at_join = await self._state.get_state_ids_for_event(
             join_event_id, await_full_state=False
         )
         now = await self._store.get_partial_current_state_ids(room_id)
-        return {
+        users.update(
             key[1]
             for key in set(at_join) | set(now)
-            if key[0] == EventTypes.Member
-            and at_join.get(key) != now.get(key)
-            and not self.is_mine(key[1])
-        }
+            if key[0] == EventTypes.Member and at_join.get(key) != now.get(key)
+        )
+        return {u for u in users if not self.is_mine(u)}
 
     async def mark_stale(self, user_ids: Collection[str]) -> None:
         """Mark the cached device lists of the tracked ones of ``user_ids`` as

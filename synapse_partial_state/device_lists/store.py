@@ -238,6 +238,10 @@ class DeviceListStore:
         self._api = api
         self._ready = False
         self._lock = defer.DeferredLock()
+        #: one inbound insert at a time (each takes the next ``seq``; Synapse
+        #: handles a transaction's EDUs concurrently, and only the first
+        #: device-list writer handles them)
+        self._inbound_lock = defer.DeferredLock()
 
     async def ensure_schema(self) -> None:
         if self._ready:
@@ -306,15 +310,19 @@ class DeviceListStore:
         now_ms: int,
     ) -> None:
         await self.ensure_schema()
-        await self._api.run_db_interaction(
-            "sps_queue_device_inbound",
-            queue_inbound_txn,
-            user_id,
-            edu_type,
-            origin,
-            content,
-            now_ms,
-        )
+        await make_deferred_yieldable(self._inbound_lock.acquire())
+        try:
+            await self._api.run_db_interaction(
+                "sps_queue_device_inbound",
+                queue_inbound_txn,
+                user_id,
+                edu_type,
+                origin,
+                content,
+                now_ms,
+            )
+        finally:
+            self._inbound_lock.release()
 
     async def inbound(self) -> list[QueuedEdu]:
         await self.ensure_schema()

@@ -94,14 +94,14 @@ class DeviceListCase(FederationTestCase):
         )
         wait_until(lambda: self.has_event(sent["event_id"]), 30, "the leave at hs2")
 
-    def join_other_room(self, key: str) -> str:
+    def join_other_room(self, key: str, localpart: str | None = None) -> str:
         """A user of server ``key`` joins a public room bob creates on hs2."""
         other = self.bob.create_room(preset="public_chat", name="Other room")
         result = self.peer.join(
             other,
             self.hs2.server_name,
             server=self.server[key],
-            user_localpart=f"other{key}",
+            user_localpart=localpart or f"other{key}",
             omit_members=False,
         )
         self.assertEqual(result["send_join"]["status"], 200, result)
@@ -362,3 +362,86 @@ class IncomingDeviceListTests(DeviceListCase):
         )
         self.assertEqual(status, 200, body)
         return body
+
+
+@on_both_databases
+class WronglyBelievedMemberTests(DeviceListCase):
+    """synapse#13887 (one of the two cases Complement skips): elsie is banned,
+    but her join sent during the resync cites no ban, so the partial state
+    accepts it; bob caches her device list; she joins another room shared with
+    bob (so stays tracked). Once the full state shows the join was not allowed,
+    the updates she made meanwhile never reached hs2 (her server knew she was
+    not in the room): her cached device list is refetched."""
+
+    EXTRA_SERVERS = ("a",)
+
+    def test_cached_device_list_refetched(self) -> None:
+        self.setup_room()
+        a = self.server["a"]
+        elsie = f"@elsie:{a}"
+        self.peer.send_event(
+            self.room_id,
+            "m.room.member",
+            {"membership": "ban"},
+            state_key=elsie,
+            destinations=[],
+        )
+        rule = self.join_and_hold()
+        events = self.peer.room_events(self.room_id, limit=1000)["events"]
+        auth = [
+            e["event_id"]
+            for e in events
+            if (e["type"], e.get("state_key"))
+            in {
+                ("m.room.create", ""),
+                ("m.room.join_rules", ""),
+                ("m.room.power_levels", ""),
+            }
+        ]
+        bogus = self.peer.send_event(
+            self.room_id,
+            "m.room.member",
+            {"membership": "join"},
+            sender=elsie,
+            state_key=elsie,
+            auth_events=auth,
+            apply_state=False,
+        )["event_id"]
+        wait_until(lambda: self.has_event(bogus), 30, "the bogus join at hs2")
+        self.assertFalse(self.rejected(bogus))
+
+        status, body = self.bob.post(
+            "/_matrix/client/v3/keys/query", {"device_keys": {elsie: []}}
+        )
+        self.assertEqual(status, 200, body)
+        wait_until(lambda: self.tracked(elsie), 30, "elsie's devices tracked")
+        self.join_other_room("a", localpart="elsie")
+        fetched = self.fetches(a, elsie)
+        self.assertGreater(fetched, 0)
+
+        self.release(rule)
+        self.assertTrue(self.rejected(bogus))
+        self.assertTrue(self.tracked(elsie))  # she shares the other room
+        wait_until(
+            lambda: self.fetches(a, elsie) > fetched, 60, "elsie's devices refetched"
+        )
+
+    def rejected(self, event_id: str) -> bool:
+        return bool(
+            self.hs2.sql("SELECT 1 FROM rejections WHERE event_id = ?", (event_id,))
+        )
+
+    def tracked(self, user_id: str) -> bool:
+        return bool(
+            self.hs2.sql(
+                "SELECT 1 FROM device_lists_remote_extremeties WHERE user_id = ?",
+                (user_id,),
+            )
+        )
+
+    def fetches(self, server: str, user_id: str) -> int:
+        """hs2's requests for ``user_id``'s devices at ``server``."""
+        path = (
+            f"/user/devices/({re.escape(quote(user_id, safe=''))}|{re.escape(user_id)})"
+        )
+        return len(self.peer.requests(server=server, path_regex=path))
