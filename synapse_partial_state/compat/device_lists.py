@@ -418,3 +418,20 @@ class DeviceListOps:
             self._hs.run_as_background_process(
                 "sps_device_list_resync", resync, users, True
             )
+
+    # -- presence -------------------------------------------------------------
+
+    async def hosts_of_partial_room(self, room_id: str) -> set[str]:
+        """The servers at the join and those of the partial state (what Synapse
+        sends a partial room's events and EDUs to)."""
+        return set(
+            await self._state.get_current_hosts_in_room_or_partial_state_approximation(
+                room_id
+            )
+        )
+
+    async def local_users_in_room(self, room_id: str) -> set[str]:
+        return set(await self._store.get_local_users_in_room(room_id))
+
+    async def rooms_of(self, user_id: str) -> set[str]:
+        return set(await self._store.get_rooms_for_user(user_id))

@@ -15,6 +15,7 @@ from synapse_partial_state.compat.device_lists import (
 from synapse_partial_state.device_lists.incoming import IncomingQueue
 from synapse_partial_state.device_lists.metrics import DeviceListMetrics
 from synapse_partial_state.device_lists.outgoing import OutgoingQueue
+from synapse_partial_state.device_lists.presence import PresenceDuringResync
 from synapse_partial_state.device_lists.store import DeviceListStore
 
 logger = logging.getLogger(__name__)
@@ -31,12 +32,18 @@ class DeviceLists:
         self.metrics = DeviceListMetrics(api.server_name)
         self.outgoing = OutgoingQueue(self.ops, self.store, self.metrics)
         self.incoming = IncomingQueue(self.ops, self.store, self.metrics)
+        self.presence = PresenceDuringResync(self.ops, self.store)
 
     @classmethod
     def install(cls, api: ModuleApi) -> DeviceLists | None:
-        """The queues, on the process that writes device lists (the main
-        process unless ``stream_writers.device_lists`` names workers)."""
+        """Presence routing on every process; the queues on the process that
+        writes device lists (the main process unless
+        ``stream_writers.device_lists`` names workers), else None."""
         lists = cls(api)
+        api.register_presence_router_callbacks(
+            get_users_for_states=lists.presence.get_users_for_states,
+            get_interested_users=lists.presence.get_interested_users,
+        )
         if not install_outgoing_observer(api, lists.outgoing.on_pokes):
             return None
         install_incoming_observer(api, lists.incoming.on_edu)
@@ -56,7 +63,9 @@ class DeviceLists:
         """The room's full state is stored; its partial flag is cleared next."""
         await self.incoming.replay(room_id)
         await self.outgoing.replay(room_id)
+        await self.presence.forget(room_id)
 
     async def on_room_abandoned(self, room_id: str) -> None:
         await self.outgoing.on_room_abandoned(room_id)
         await self.incoming.on_room_abandoned(room_id)
+        await self.presence.forget(room_id)

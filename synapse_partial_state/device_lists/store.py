@@ -63,6 +63,16 @@ _SCHEMA = [
     CREATE INDEX IF NOT EXISTS sps_device_inbound_user
         ON sps_device_inbound (user_id, seq)
     """,
+    # Remote users whose presence arrived while a room was partial, from a
+    # server of that room, not known to share a room yet: the room's local
+    # members see their presence until the room is complete.
+    """
+    CREATE TABLE IF NOT EXISTS sps_presence_interest (
+        room_id TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        UNIQUE (room_id, user_id)
+    )
+    """,
 ]
 
 SCHEMA_TRIES = 3
@@ -231,6 +241,37 @@ def delete_inbound_user_txn(
     )
 
 
+def add_presence_interest_txn(
+    txn: LoggingTransaction, pairs: Collection[tuple[str, str]]
+) -> None:
+    for room_id, user_id in pairs:
+        txn.execute(
+            "SELECT 1 FROM sps_presence_interest WHERE room_id = ? AND user_id = ?",
+            (room_id, user_id),
+        )
+        if txn.fetchone() is None:
+            txn.execute(
+                "INSERT INTO sps_presence_interest (room_id, user_id) VALUES (?, ?)",
+                (room_id, user_id),
+            )
+
+
+def presence_interest_txn(
+    txn: LoggingTransaction, room_ids: Collection[str]
+) -> set[str]:
+    users: set[str] = set()
+    for room_id in room_ids:
+        txn.execute(
+            "SELECT user_id FROM sps_presence_interest WHERE room_id = ?", (room_id,)
+        )
+        users.update(row[0] for row in txn.fetchall())
+    return users
+
+
+def forget_presence_interest_txn(txn: LoggingTransaction, room_id: str) -> None:
+    txn.execute("DELETE FROM sps_presence_interest WHERE room_id = ?", (room_id,))
+
+
 class DeviceListStore:
     """The queues, through Synapse's database pool (schema created on first use)."""
 
@@ -332,6 +373,28 @@ class DeviceListStore:
         await self.ensure_schema()
         await self._api.run_db_interaction(
             "sps_delete_device_inbound", delete_inbound_user_txn, user_id, up_to_seq
+        )
+
+    async def add_presence_interest(self, pairs: Collection[tuple[str, str]]) -> None:
+        await self.ensure_schema()
+        await make_deferred_yieldable(self._inbound_lock.acquire())
+        try:
+            await self._api.run_db_interaction(
+                "sps_add_presence_interest", add_presence_interest_txn, pairs
+            )
+        finally:
+            self._inbound_lock.release()
+
+    async def presence_interest(self, room_ids: Collection[str]) -> set[str]:
+        await self.ensure_schema()
+        return await self._api.run_db_interaction(
+            "sps_presence_interest", presence_interest_txn, room_ids
+        )
+
+    async def forget_presence_interest(self, room_id: str) -> None:
+        await self.ensure_schema()
+        await self._api.run_db_interaction(
+            "sps_forget_presence_interest", forget_presence_interest_txn, room_id
         )
 
     async def delete_outbound(self, change: QueuedChange) -> None:

@@ -9,6 +9,7 @@ partial, and let go to complete it.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 from urllib.parse import quote
@@ -445,3 +446,53 @@ class WronglyBelievedMemberTests(DeviceListCase):
             f"/user/devices/({re.escape(quote(user_id, safe=''))}|{re.escape(user_id)})"
         )
         return len(self.peer.requests(server=server, path_regex=path))
+
+
+@on_both_databases
+class PresenceDuringResyncTests(DeviceListCase):
+    """Complement's skipped CanReceivePresenceDuringPartialStateJoin
+    (synapse#13008): a member not in the partial state sends presence during
+    the resync; bob's lazy-loading /sync shows it."""
+
+    EXTRA_SERVERS = ("a",)
+
+    def test_presence_reaches_local_members(self) -> None:
+        self.setup_room()
+        a, member = self.server["a"], self.member["a"]
+        rule = self.join_and_hold()
+        since = self.bob.sync(timeout_ms=0)["next_batch"]
+        self.peer.send_edus(
+            a,
+            self.hs2.server_name,
+            [
+                {
+                    "edu_type": "m.presence",
+                    "content": {
+                        "push": [
+                            {
+                                "user_id": member,
+                                "presence": "online",
+                                "last_active_ago": 100,
+                            }
+                        ]
+                    },
+                }
+            ],
+        )
+        filt = json.dumps(self.bob.lazy_loading_filter(self.room_id))
+
+        def presence_seen() -> bool:
+            body = self.bob.sync(since=since, filter=filt, timeout_ms=1000)
+            senders = [
+                e.get("sender") for e in body.get("presence", {}).get("events", [])
+            ]
+            return member in senders
+
+        wait_until(presence_seen, 30, "the member's presence in bob's /sync")
+        self.assertTrue(self.is_partial())
+        self.release(rule)
+        self.assertFalse(
+            self.hs2.sql(
+                "SELECT 1 FROM sps_presence_interest WHERE room_id = ?", (self.room_id,)
+            )
+        )
