@@ -110,7 +110,7 @@ class OutgoingQueue:
                 continue
             await self.on_room_abandoned(room_id)
 
-    async def queued(self) -> dict[str, tuple[int, int]]:
+    async def queued(self) -> dict[str, tuple[int, int | None]]:
         """room -> (changes queued, oldest queued_ts)."""
         return await self._store.outbound_rooms()
 

@@ -166,7 +166,9 @@ def outbound_for_room_txn(txn: LoggingTransaction, room_id: str) -> list[QueuedC
     return [_change(row) for row in txn.fetchall()]
 
 
-def outbound_rooms_txn(txn: LoggingTransaction) -> dict[str, tuple[int, int]]:
+def outbound_rooms_txn(
+    txn: LoggingTransaction,
+) -> dict[str, tuple[int, int | None]]:
     """room -> (changes queued, oldest queued_ts)."""
     txn.execute(
         "SELECT room_id, COUNT(*), MIN(queued_ts) FROM sps_device_outbound"
@@ -336,7 +338,7 @@ class DeviceListStore:
             "sps_device_outbound_for_room", outbound_for_room_txn, room_id
         )
 
-    async def outbound_rooms(self) -> dict[str, tuple[int, int]]:
+    async def outbound_rooms(self) -> dict[str, tuple[int, int | None]]:
         await self.ensure_schema()
         return await self._api.run_db_interaction(
             "sps_device_outbound_rooms", outbound_rooms_txn

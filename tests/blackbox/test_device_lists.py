@@ -14,6 +14,7 @@ import re
 from typing import Any
 from urllib.parse import quote
 
+from tests.blackbox.endpoints import ADMIN
 from tests.blackbox.resync_case import FAST, STATE_PATHS, wait_until
 from tests.fedkit.homeserver import Homeserver
 from tests.fedkit.matrix_client import Client
@@ -145,7 +146,17 @@ class DeviceListCase(FederationTestCase):
             self.assertEqual(len(ids), len(set(ids)), f"{server} got a duplicate")
 
     def queued(self) -> int:
-        return int(self.hs2.sql("SELECT COUNT(*) FROM sps_device_outbound")[0][0])
+        """Local changes queued, in the table and in the admin API."""
+        count = int(self.hs2.sql("SELECT COUNT(*) FROM sps_device_outbound")[0][0])
+        status, body = self.admin.get(f"{ADMIN}/{quote(self.room_id)}")
+        if status == 200:
+            self.assertEqual(body["device_lists"]["outgoing_queued"], count)
+        return count
+
+    def admin_incoming(self) -> int:
+        status, body = self.admin.get(ADMIN)
+        self.assertEqual(status, 200, body)
+        return int(body["incoming_device_list_updates_queued"])
 
 
 @on_both_databases
@@ -207,7 +218,7 @@ class OutgoingDeviceListTests(DeviceListCase):
         ``c``, absent from the partial state, misses it; ``c``'s user joins
         another room shared with bob; bob leaves before the resync completes.
         The room is given up, and ``c`` gets the change it missed (once); the
-        queue is dropped."""
+        queue is dropped. Rejoining later replays nothing twice."""
         self.setup_room(hidden=("c",))
         r, c = self.resident, self.server["c"]
         rule = self.join_and_hold()
@@ -227,6 +238,18 @@ class OutgoingDeviceListTests(DeviceListCase):
         self.rename_device("after leaving")
         self.wait_updates([c], 2)
         self.assert_updates({c: 2})
+
+        # A rejoin starts afresh: nothing of the first join is replayed again.
+        since = self.hs2.log_offset()
+        self.bob.join(self.room_id, via=[self.resident])
+        self.hs2.wait_for_log(
+            rf"Resync of {re.escape(self.room_id)} complete", timeout=120, since=since
+        )
+        self.assertEqual(self.queued(), 0)
+        self.rename_device("after rejoining")
+        self.wait_updates([r], 2)
+        self.wait_updates([c], 3)
+        self.assert_updates({r: 2, c: 3})
 
 
 def device_list_edu(user_id: str, device_id: str, stream_id: int) -> dict[str, Any]:
@@ -298,10 +321,12 @@ class IncomingDeviceListTests(DeviceListCase):
             ],
         )
         wait_until(lambda: self.inbound() == 3, 30, "3 queued EDUs")
+        self.assertEqual(self.admin_incoming(), 3)
         self.assertEqual(self.device_requests(a), 0)
 
         self.release(rule)
         self.assertEqual(self.inbound(), 0)
+        self.assertEqual(self.admin_incoming(), 0)
         wait_until(
             lambda: self.hs2.sql(
                 "SELECT 1 FROM e2e_cross_signing_keys WHERE user_id = ?", (member,)
