@@ -20,6 +20,10 @@ from synapse_partial_state.device_lists.store import DeviceListStore
 
 logger = logging.getLogger(__name__)
 
+#: After a room's replay, when to look for changes queued before its flag was
+#: cleared (the clearing follows the replay at once).
+FLUSH_AFTER_MS = 5000
+
 
 class DeviceLists:
     """Installs the queues on a device-list writer (None elsewhere: see
@@ -64,6 +68,16 @@ class DeviceLists:
         await self.incoming.replay(room_id)
         await self.outgoing.replay(room_id)
         await self.presence.forget(room_id)
+        # A change queued between now and the clearing of the flag.
+        self._api.delayed_background_call(
+            FLUSH_AFTER_MS, self._flush_room, room_id, desc="sps_device_lists_flush"
+        )
+
+    async def _flush_room(self, room_id: str) -> None:
+        try:
+            await self.outgoing.flush_room(room_id)
+        except Exception:
+            logger.exception("Flushing the device-list queue of %s failed", room_id)
 
     async def on_room_abandoned(self, room_id: str) -> None:
         await self.outgoing.on_room_abandoned(room_id)

@@ -103,12 +103,35 @@ class OutgoingQueue:
 
     async def flush_stale(self) -> None:
         """At start-up: rooms with queued changes that are no longer partial
-        (completed or purged while a change was being queued) get them
-        replayed to the servers of the user's rooms."""
+        (see :meth:`flush_room`)."""
         for room_id in await self._store.outbound_rooms():
-            if await self._ops.is_partial_state_room(room_id):
-                continue
-            await self.on_room_abandoned(room_id)
+            await self.flush_room(room_id)
+
+    async def flush_room(self, room_id: str) -> None:
+        """Changes queued for a room that is no longer partial: made between the
+        replay and the clearing of the flag (Synapse sent them to the room's
+        full-state servers already, its current state being whole by then), or
+        left by a crash. Each goes to the servers of the user's rooms (this one
+        included, if still joined) that have not had it."""
+        if await self._ops.is_partial_state_room(room_id):
+            return
+        changes = await self._store.outbound_for_room(room_id)
+        if not changes:
+            return
+        hosts: dict[str, set[str]] = {}
+        for change in changes:
+            if change.user_id not in hosts:
+                hosts[change.user_id] = await self._ops.hosts_sharing_other_rooms(
+                    change.user_id, ""
+                )
+        sent = await self._send(changes, lambda c: hosts[c.user_id])
+        logger.info(
+            "%d device-list change(s) left queued for %s (no longer partial): "
+            "%d update(s) sent",
+            len(changes),
+            room_id,
+            sent,
+        )
 
     async def queued(self) -> dict[str, tuple[int, int | None]]:
         """room -> (changes queued, oldest queued_ts)."""
