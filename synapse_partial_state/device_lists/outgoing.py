@@ -70,6 +70,7 @@ class OutgoingQueue:
         servers of the room that have not had it."""
         changes = await self._store.outbound_for_room(room_id)
         if not changes:
+            logger.info("No queued device-list change to replay for %s", room_id)
             return
         candidates = await self._ops.hosts_of_room_during_resync(room_id)
         sent = await self._send(changes, lambda _c: candidates)
