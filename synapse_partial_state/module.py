@@ -104,7 +104,10 @@ class PartialStateModule:
         if config.resync.enabled and is_main:
             engine = self._wire_engine(api, config)
             if self.device_lists is not None:
-                engine.add_abandon_listener(self.device_lists.on_room_abandoned)
+                engine.add_abandon_listener(
+                    self.device_lists.on_room_abandoned,
+                    before_purge=self.device_lists.before_purge,
+                )
             return engine
         return None
 

@@ -220,6 +220,79 @@ def install_incoming_observer(api: ModuleApi, observer: EduObserver) -> bool:
     return True
 
 
+#: (user ID, room stream position after, up to) -> remote users to add to
+#: ``device_lists.left``.
+LeftUsers = Callable[[str, int, int], Awaitable[set[str]]]
+
+
+def install_left_users(api: ModuleApi, left_users: LeftUsers) -> None:
+    """Add ``left_users`` to ``/sync``'s ``device_lists.left``, minus the users
+    the syncing user still shares a joined room with.
+
+    Wraps ``generate_sync_entry_for_device_list`` (``/sync``) and
+    ``get_user_ids_changed`` (``/keys/changes``, sliding sync) on this process's
+    device handler (every process that serves them has one; the sync handler
+    holds the same instance). Synapse computes ``left`` from the members of the
+    rooms the user left, which a purge has deleted."""
+    handler = homeserver(api).get_device_handler()
+    store: Any = homeserver(api).get_datastores().main
+
+    async def add_left(result: Any, user_id: str, after: int, up_to: int) -> None:
+        try:
+            extra = await left_users(user_id, after, up_to)
+            if not extra:
+                return
+            joined = set(await store.get_rooms_for_user(user_id))
+            rooms = await store.get_rooms_for_users(extra)
+            result.left.update(u for u in extra if not joined & set(rooms.get(u, ())))
+            result.changed.difference_update(result.left)
+        except Exception:
+            logger.exception("Adding device_lists.left entries failed")
+
+    def wrap_sync(native: Callable[..., Any]) -> Callable[..., Any]:
+        async def generate_sync_entry_for_device_list(*args: Any, **kw: Any) -> Any:
+            result = await native(*args, **kw)
+            if not args:  # Synapse passes keywords
+                await add_left(
+                    result,
+                    kw["user_id"],
+                    kw["since_token"].room_key.stream,
+                    kw["now_token"].room_key.stream,
+                )
+            return result
+
+        return generate_sync_entry_for_device_list
+
+    def wrap_changes(native: Callable[..., Any]) -> Callable[..., Any]:
+        async def get_user_ids_changed(user_id: str, from_token: Any) -> Any:
+            result = await native(user_id, from_token)
+            await add_left(
+                result,
+                user_id,
+                from_token.room_key.stream,
+                store.get_room_max_stream_ordering(),
+            )
+            return result
+
+        return get_user_ids_changed
+
+    wrap_instance_method(
+        handler,
+        "generate_sync_entry_for_device_list",
+        wrap_sync,
+        "synapse.handlers.device.DeviceHandler.generate_sync_entry_for_device_list",
+        "device_lists.left for the members of a room given up during its resync "
+        "(purged: Synapse cannot read them any more)",
+    )
+    wrap_instance_method(
+        handler,
+        "get_user_ids_changed",
+        wrap_changes,
+        "synapse.handlers.device.DeviceHandler.get_user_ids_changed",
+        "the same in /keys/changes and sliding sync's e2ee extension",
+    )
+
+
 class DeviceListOps:
     """The native Synapse reads and writes the device-list queues need."""
 
@@ -435,3 +508,36 @@ class DeviceListOps:
 
     async def rooms_of(self, user_id: str) -> set[str]:
         return set(await self._store.get_rooms_for_user(user_id))
+
+    # -- leaving ----------------------------------------------------------------
+
+    async def left_rows(self, room_id: str) -> list[tuple[str, str, int]]:
+        """(local user, remote member, the local user's leave position) for a
+        room about to be purged: every remote user with a join of it on record,
+        for every local user with a membership of it."""
+
+        def members(t: Any) -> list[str]:
+            # Every user with a join of the room on record: the current state
+            # may no longer list them once the last local user has left.
+            t.execute(
+                "SELECT DISTINCT user_id FROM room_memberships"
+                " WHERE room_id = ? AND membership = 'join'",
+                (room_id,),
+            )
+            return [row[0] for row in t.fetchall()]
+
+        joined = await self._store.db_pool.runInteraction("sps_dl_members", members)
+        remote = [u for u in joined if not self.is_mine(u)]
+        if not remote:
+            return []
+
+        def txn(t: Any) -> list[tuple[str, int]]:
+            t.execute(
+                "SELECT l.user_id, e.stream_ordering FROM local_current_membership AS l"
+                " INNER JOIN events AS e USING (event_id) WHERE l.room_id = ?",
+                (room_id,),
+            )
+            return [(row[0], int(row[1])) for row in t.fetchall()]
+
+        locals_ = await self._store.db_pool.runInteraction("sps_dl_leavers", txn)
+        return [(local, user, pos) for local, pos in locals_ for user in remote]

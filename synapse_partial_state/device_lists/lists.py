@@ -9,6 +9,7 @@ from synapse.module_api import ModuleApi
 from synapse_partial_state.compat.device_lists import (
     DeviceListOps,
     install_incoming_observer,
+    install_left_users,
     install_outgoing_observer,
     install_replay_hook,
 )
@@ -48,6 +49,7 @@ class DeviceLists:
             get_users_for_states=lists.presence.get_users_for_states,
             get_interested_users=lists.presence.get_interested_users,
         )
+        install_left_users(api, lists.store.left_between)
         if not install_outgoing_observer(api, lists.outgoing.on_pokes):
             return None
         install_incoming_observer(api, lists.incoming.on_edu)
@@ -78,6 +80,13 @@ class DeviceLists:
             await self.outgoing.flush_room(room_id)
         except Exception:
             logger.exception("Flushing the device-list queue of %s failed", room_id)
+
+    async def before_purge(self, room_id: str) -> None:
+        """A room given up is about to be purged: remember its remote members
+        for the ``device_lists.left`` of the local users who left it."""
+        rows = await self.ops.left_rows(room_id)
+        if rows:
+            await self.store.add_left(rows)
 
     async def on_room_abandoned(self, room_id: str) -> None:
         await self.outgoing.on_room_abandoned(room_id)

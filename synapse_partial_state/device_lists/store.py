@@ -63,6 +63,21 @@ _SCHEMA = [
     CREATE INDEX IF NOT EXISTS sps_device_inbound_user
         ON sps_device_inbound (user_id, seq)
     """,
+    # Remote members of a room given up during its resync (and purged), for the
+    # local users who left it: /sync's device_lists.left, which Synapse computes
+    # from the room's members, gone with the purge. ``position``: the local
+    # user's leave (room stream ordering).
+    """
+    CREATE TABLE IF NOT EXISTS sps_device_left (
+        user_id TEXT NOT NULL,
+        left_user_id TEXT NOT NULL,
+        position BIGINT NOT NULL
+    )
+    """,
+    """
+    CREATE INDEX IF NOT EXISTS sps_device_left_user
+        ON sps_device_left (user_id, position)
+    """,
     # Remote users whose presence arrived while a room was partial, from a
     # server of that room, not known to share a room yet: the room's local
     # members see their presence until the room is complete.
@@ -274,6 +289,28 @@ def forget_presence_interest_txn(txn: LoggingTransaction, room_id: str) -> None:
     txn.execute("DELETE FROM sps_presence_interest WHERE room_id = ?", (room_id,))
 
 
+def add_left_txn(
+    txn: LoggingTransaction, rows: Collection[tuple[str, str, int]]
+) -> None:
+    for row in rows:
+        txn.execute(
+            "INSERT INTO sps_device_left (user_id, left_user_id, position)"
+            " VALUES (?, ?, ?)",
+            row,
+        )
+
+
+def left_between_txn(
+    txn: LoggingTransaction, user_id: str, after: int, up_to: int
+) -> set[str]:
+    txn.execute(
+        "SELECT left_user_id FROM sps_device_left WHERE user_id = ?"
+        " AND position > ? AND position <= ?",
+        (user_id, after, up_to),
+    )
+    return {row[0] for row in txn.fetchall()}
+
+
 class DeviceListStore:
     """The queues, through Synapse's database pool (schema created on first use)."""
 
@@ -397,6 +434,16 @@ class DeviceListStore:
         await self.ensure_schema()
         await self._api.run_db_interaction(
             "sps_forget_presence_interest", forget_presence_interest_txn, room_id
+        )
+
+    async def add_left(self, rows: Collection[tuple[str, str, int]]) -> None:
+        await self.ensure_schema()
+        await self._api.run_db_interaction("sps_add_device_left", add_left_txn, rows)
+
+    async def left_between(self, user_id: str, after: int, up_to: int) -> set[str]:
+        await self.ensure_schema()
+        return await self._api.run_db_interaction(
+            "sps_device_left", left_between_txn, user_id, after, up_to
         )
 
     async def delete_outbound(self, change: QueuedChange) -> None:

@@ -62,6 +62,8 @@ class ResyncEngine:
         self._kept: set[str] = set()
         #: called with the room ID once a room is given up and purged
         self._abandon_listeners: list[Callable[[str], Awaitable[None]]] = []
+        #: called with the room ID just before a given-up room is purged
+        self._before_purge_listeners: list[Callable[[str], Awaitable[None]]] = []
         self._store = JobStore(api)
         #: the latest copy of every job this process runs or ran
         self._jobs: dict[str, Job] = {}
@@ -403,6 +405,7 @@ class ResyncEngine:
                 )
             else:
                 await self._wait_for_federation_sender(room_id)
+                await self._tell(self._before_purge_listeners, room_id)
                 if not await self._ops.abort(room_id):
                     logger.info(
                         "Resync of %s goes on: a local user is in the room", room_id
@@ -415,16 +418,29 @@ class ResyncEngine:
             await self._mark_aborted(job, why)
         return True
 
-    def add_abandon_listener(self, listener: Callable[[str], Awaitable[None]]) -> None:
-        """Call ``listener(room_id)`` once a room is given up and purged."""
+    def add_abandon_listener(
+        self,
+        listener: Callable[[str], Awaitable[None]],
+        before_purge: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
+        """Call ``listener(room_id)`` once a room is given up and purged, and
+        ``before_purge(room_id)`` just before the engine purges it."""
         self._abandon_listeners.append(listener)
+        if before_purge is not None:
+            self._before_purge_listeners.append(before_purge)
 
     async def _tell_abandoned(self, room_id: str) -> None:
-        for listener in self._abandon_listeners:
+        await self._tell(self._abandon_listeners, room_id)
+
+    @staticmethod
+    async def _tell(
+        listeners: list[Callable[[str], Awaitable[None]]], room_id: str
+    ) -> None:
+        for listener in listeners:
             try:
                 await listener(room_id)
             except Exception:
-                logger.exception("Abandoned-room listener failed for %s", room_id)
+                logger.exception("Room listener failed for %s", room_id)
 
     async def _wait_for_federation_sender(self, room_id: str) -> None:
         """Until Synapse's federation sender has handed the local users' last

@@ -353,8 +353,10 @@ class IncomingDeviceListTests(DeviceListCase):
         """Complement's skipped "device list no longer tracked when leaving
         partial state room": elsie joins during the resync, bob queries her keys
         (her device list is now tracked); bob leaves before the resync completes;
-        the room is given up and elsie's device list is no longer tracked, so
-        bob's next query asks her server."""
+        the room is given up and elsie's device list is no longer tracked (bob's
+        next query asks her server), and bob's /sync and /keys/changes list her
+        in ``left`` once (Synapse reads that from the room's members, which the
+        purge deleted)."""
         self.setup_room()
         a = self.server["a"]
         rule = self.join_and_hold()
@@ -369,6 +371,7 @@ class IncomingDeviceListTests(DeviceListCase):
         wait_until(lambda: self.has_event(joined["event_id"]), 30, "elsie's join")
         self.query_keys(elsie)
         wait_until(lambda: self.tracked(elsie), 30, "elsie's devices tracked")
+        token = self.bob.sync(timeout_ms=0)["next_batch"]
 
         since = self.hs2.log_offset()
         self.bob.leave(self.room_id)
@@ -377,6 +380,16 @@ class IncomingDeviceListTests(DeviceListCase):
         )
         self.peer.remove_behaviour(rule)
         wait_until(lambda: not self.tracked(elsie), 30, "elsie no longer tracked")
+        body = self.bob.sync(since=token, timeout_ms=0)
+        self.assertIn(elsie, body.get("device_lists", {}).get("left", []))
+        status, changes = self.bob.get(
+            "/_matrix/client/v3/keys/changes",
+            params={"from": token, "to": body["next_batch"]},
+        )
+        self.assertEqual(status, 200, changes)
+        self.assertIn(elsie, changes["left"])
+        again = self.bob.sync(since=body["next_batch"], timeout_ms=0)
+        self.assertNotIn(elsie, again.get("device_lists", {}).get("left", []))
         before = self.device_requests(a)
         self.query_keys(elsie)
         after = self.device_requests(a)
