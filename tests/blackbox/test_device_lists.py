@@ -465,6 +465,103 @@ class WronglyBelievedMemberTests(DeviceListCase):
             lambda: self.fetches(a, elsie) > fetched, 60, "elsie's devices refetched"
         )
 
+    def test_rejoin_before_completion(self) -> None:
+        """Complement's other skipped #13887 case, as it sets it up: fred (an
+        admin) left before hs2 joined; elsie joins; bob caches her device list;
+        fred "bans" derek citing his old join, which the partial state accepts;
+        derek kicks elsie, which hs2 then rejects (it believes derek banned):
+        elsie stays "joined" at hs2, her server stops sending her updates; she
+        rejoins before completion. The full state accepts the kick and the
+        rejoin: hs2's cached device list of elsie may be stale, and is
+        refetched."""
+        self.setup_room()
+        a = self.server["a"]
+        derek, fred, elsie = (f"@{n}:{a}" for n in ("derek", "fred", "elsie"))
+        joins: dict[str, str] = {}
+        for user in (derek, fred):
+            joins[user] = self.peer.send_event(
+                self.room_id,
+                "m.room.member",
+                {"membership": "join"},
+                sender=user,
+                state_key=user,
+                destinations=[],
+            )["event_id"]
+        events = self.peer.room_events(self.room_id, limit=1000)["events"]
+        by_key = {(e["type"], e.get("state_key")): e for e in events}
+        levels = dict(by_key[("m.room.power_levels", "")]["content"])
+        levels["users"] = {**levels.get("users", {}), derek: 50, fred: 100}
+        self.peer.send_event(
+            self.room_id, "m.room.power_levels", levels, state_key="", destinations=[]
+        )
+        self.peer.send_event(
+            self.room_id,
+            "m.room.member",
+            {"membership": "leave"},
+            sender=fred,
+            state_key=fred,
+            destinations=[],
+        )
+        rule = self.join_and_hold()
+        joined = self.peer.send_event(
+            self.room_id,
+            "m.room.member",
+            {"membership": "join"},
+            sender=elsie,
+            state_key=elsie,
+        )["event_id"]
+        wait_until(lambda: self.has_event(joined), 30, "elsie's join")
+        status, body = self.bob.post(
+            "/_matrix/client/v3/keys/query", {"device_keys": {elsie: []}}
+        )
+        self.assertEqual(status, 200, body)
+        wait_until(lambda: self.tracked(elsie), 30, "elsie's devices tracked")
+
+        events = self.peer.room_events(self.room_id, limit=1000)["events"]
+        by_key = {(e["type"], e.get("state_key")): e for e in events}
+        ban = self.peer.send_event(
+            self.room_id,
+            "m.room.member",
+            {"membership": "ban"},
+            sender=fred,
+            state_key=derek,
+            auth_events=[
+                by_key[("m.room.create", "")]["event_id"],
+                by_key[("m.room.power_levels", "")]["event_id"],
+                joins[fred],
+            ],
+            apply_state=False,
+        )["event_id"]
+        wait_until(lambda: self.has_event(ban), 30, "the bogus ban")
+        kick = self.peer.send_event(
+            self.room_id,
+            "m.room.member",
+            {"membership": "leave"},
+            sender=derek,
+            state_key=elsie,
+        )["event_id"]
+        wait_until(lambda: self.has_event(kick), 30, "the kick")
+        self.assertTrue(self.rejected(kick))
+        self.assertTrue(self.tracked(elsie))  # hs2 believes her still joined
+        rejoin = self.peer.send_event(
+            self.room_id,
+            "m.room.member",
+            {"membership": "join"},
+            sender=elsie,
+            state_key=elsie,
+        )["event_id"]
+        wait_until(lambda: self.has_event(rejoin), 30, "elsie's rejoin")
+        fetched = self.fetches(a, elsie)
+        self.assertGreater(fetched, 0)
+
+        self.release(rule)
+        self.assertTrue(self.rejected(ban))
+        self.assertFalse(self.rejected(kick))
+        self.assertTrue(self.tracked(elsie))
+        wait_until(
+            lambda: self.fetches(a, elsie) > fetched, 60, "elsie's devices refetched"
+        )
+
     def rejected(self, event_id: str) -> bool:
         return bool(
             self.hs2.sql("SELECT 1 FROM rejections WHERE event_id = ?", (event_id,))
