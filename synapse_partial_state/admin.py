@@ -7,6 +7,10 @@ Under Synapse's admin prefix, on the listeners that serve Synapse's own admin AP
   (unfinished ones; ``all=true`` adds done and aborted) with phase, progress,
   attempts, last error and an ETA; and ``patches_active`` (false, with
   ``patches_reason``, on an untested Synapse: no engine, Synapse resyncs as stock).
+  Each job carries ``device_lists``: the local device-list changes queued for
+  replay at completion (``outgoing_queued``, ``oldest_queued_ts``); the list
+  adds ``incoming_device_list_updates_queued`` (remote updates kept until a
+  resync shows whether their users share a room).
 * ``GET  .../partial_state/rooms/{roomId}``: one job.
 * ``POST .../partial_state/rooms/{roomId}/retry``: end the back-off now and try again.
 * ``POST .../partial_state/rooms/{roomId}/abort``: give the room up (as if its last
@@ -26,6 +30,7 @@ from synapse.module_api.errors import SynapseError
 
 from synapse_partial_state.compat.patching import VersionGate
 from synapse_partial_state.compat.web import AdminRoute
+from synapse_partial_state.device_lists.store import DeviceListStore
 from synapse_partial_state.joining.jobs import Job, eta_seconds
 from synapse_partial_state.status import patches_fields
 
@@ -39,7 +44,12 @@ _ROOMS = "/v1/partial_state/rooms"
 _ROOM = _ROOMS + "/(?P<room_id>[^/]+)"
 
 
-def job_json(job: Job, now: int, running: bool) -> dict[str, Any]:
+def job_json(
+    job: Job,
+    now: int,
+    running: bool,
+    queued: tuple[int, int | None] = (0, None),
+) -> dict[str, Any]:
     body = attr.asdict(job)
     body["phase"] = job.phase.value
     body["destinations"] = list(job.destinations)
@@ -47,6 +57,7 @@ def job_json(job: Job, now: int, running: bool) -> dict[str, Any]:
     body["running"] = running
     eta = eta_seconds(job, now)
     body["eta_seconds"] = None if eta is None else round(eta, 1)
+    body["device_lists"] = {"outgoing_queued": queued[0], "oldest_queued_ts": queued[1]}
     return body
 
 
@@ -59,6 +70,7 @@ class AdminApi:
         self._api = api
         self._engine = engine
         self._gate = gate
+        self._device_lists = DeviceListStore(api)
 
     def routes(self) -> list[AdminRoute]:
         return [
@@ -106,8 +118,20 @@ class AdminApi:
         now = engine.now_ms()
         show_all = request.args.get(b"all", [b"false"])[0] == b"true"
         jobs = await engine.list_jobs(include_finished=show_all)
+        queued = await self._device_lists.outbound_rooms()
         return 200, {
-            "rooms": [job_json(j, now, engine.is_running(j.room_id)) for j in jobs],
+            "rooms": [
+                job_json(
+                    j,
+                    now,
+                    engine.is_running(j.room_id),
+                    queued.get(j.room_id, (0, None)),
+                )
+                for j in jobs
+            ],
+            "incoming_device_list_updates_queued": len(
+                await self._device_lists.inbound()
+            ),
             **patches_fields(self._gate),
         }
 
@@ -116,7 +140,8 @@ class AdminApi:
         job = await engine.get_job(room_id)
         if job is None:
             raise SynapseError(404, f"No resync job for {room_id}", "M_NOT_FOUND")
-        return 200, job_json(job, engine.now_ms(), engine.is_running(room_id))
+        queued = (await self._device_lists.outbound_rooms()).get(room_id, (0, None))
+        return 200, job_json(job, engine.now_ms(), engine.is_running(room_id), queued)
 
     async def retry_room(
         self, request: SynapseRequest, room_id: str

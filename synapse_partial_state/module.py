@@ -50,6 +50,7 @@ from synapse_partial_state.compat.web import (
     on_client_listeners,
 )
 from synapse_partial_state.config import PartialStateConfig, parse_config
+from synapse_partial_state.device_lists.lists import DeviceLists
 from synapse_partial_state.joining.engine import ResyncEngine
 from synapse_partial_state.joining.fetch import StateFetcher
 from synapse_partial_state.joining.inflight import InflightFetches
@@ -79,6 +80,7 @@ class PartialStateModule:
         # (do_invite_join asserts it), so that is where the engine lives.
         is_main = api.worker_app is None
         self.engine: ResyncEngine | None = None
+        self.device_lists: DeviceLists | None = None
         if self.gate.patches_active:
             self.engine = self._install_patches(api, config, is_main)
         api.register_web_resource(
@@ -102,8 +104,17 @@ class PartialStateModule:
         self._wire_clients(api, config)
         if config.resident.enabled:
             self._wire_resident(api, config)
+        # Wherever this process writes device lists (the main process unless
+        # stream_writers.device_lists names workers).
+        self.device_lists = DeviceLists.install(api)
         if config.resync.enabled and is_main:
-            return self._wire_engine(api, config)
+            engine = self._wire_engine(api, config)
+            if self.device_lists is not None:
+                engine.add_abandon_listener(
+                    self.device_lists.on_room_abandoned,
+                    before_purge=self.device_lists.before_purge,
+                )
+            return engine
         return None
 
     @staticmethod

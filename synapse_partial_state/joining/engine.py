@@ -17,7 +17,7 @@ the policy around it: which server, when to retry, when to stop, and the record.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 
 from synapse.module_api import ModuleApi
 from synapse.module_api.errors import SynapseError
@@ -60,6 +60,10 @@ class ResyncEngine:
         #: aborted rooms not purged, for local members' pending invites, knocks
         #: and kicks (see :meth:`_abort`)
         self._kept: set[str] = set()
+        #: called with the room ID once a room is given up and purged
+        self._abandon_listeners: list[Callable[[str], Awaitable[None]]] = []
+        #: called with the room ID just before a given-up room is purged
+        self._before_purge_listeners: list[Callable[[str], Awaitable[None]]] = []
         self._store = JobStore(api)
         #: the latest copy of every job this process runs or ran
         self._jobs: dict[str, Job] = {}
@@ -326,6 +330,7 @@ class ResyncEngine:
                 if await self._ops.room_exists(room_id):
                     await self._finish(job)
                 else:
+                    await self._tell_abandoned(room_id)
                     await self._mark_aborted(job, "the room was purged")
                 return
             await self._check_still_wanted(job)
@@ -400,16 +405,42 @@ class ResyncEngine:
                 )
             else:
                 await self._wait_for_federation_sender(room_id)
+                await self._tell(self._before_purge_listeners, room_id)
                 if not await self._ops.abort(room_id):
                     logger.info(
                         "Resync of %s goes on: a local user is in the room", room_id
                     )
                     return False
                 self._kept.discard(room_id)
+                await self._tell_abandoned(room_id)
         job = self._jobs.get(room_id) or await self.get_job(room_id)
         if job is not None:
             await self._mark_aborted(job, why)
         return True
+
+    def add_abandon_listener(
+        self,
+        listener: Callable[[str], Awaitable[None]],
+        before_purge: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
+        """Call ``listener(room_id)`` once a room is given up and purged, and
+        ``before_purge(room_id)`` just before the engine purges it."""
+        self._abandon_listeners.append(listener)
+        if before_purge is not None:
+            self._before_purge_listeners.append(before_purge)
+
+    async def _tell_abandoned(self, room_id: str) -> None:
+        await self._tell(self._abandon_listeners, room_id)
+
+    @staticmethod
+    async def _tell(
+        listeners: list[Callable[[str], Awaitable[None]]], room_id: str
+    ) -> None:
+        for listener in listeners:
+            try:
+                await listener(room_id)
+            except Exception:
+                logger.exception("Room listener failed for %s", room_id)
 
     async def _wait_for_federation_sender(self, room_id: str) -> None:
         """Until Synapse's federation sender has handed the local users' last

@@ -44,7 +44,15 @@ class WhereTheEndpointsAnswer(FederationTestCase):
         status, body = self.admin.get(ADMIN)
         self.assertEqual(
             (status, body),
-            (200, {"rooms": [], "patches_active": True, "patches_reason": None}),
+            (
+                200,
+                {
+                    "rooms": [],
+                    "incoming_device_list_updates_queued": 0,
+                    "patches_active": True,
+                    "patches_reason": None,
+                },
+            ),
         )
         status, body = self.admin.get(f"{ADMIN}/{quote('!nope:x')}")
         self.assertEqual((status, body.get("errcode")), (404, "M_NOT_FOUND"))

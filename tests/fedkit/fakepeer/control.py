@@ -30,6 +30,9 @@ Rooms hosted by fake servers
   -> {event_id, delivered: {dest: status (0 = connection failure)}, responses}
   ``POST /control/rooms/{roomId}/join_users`` {count, servers?, destinations?}
   -> {event_ids, user_ids, build_seconds, delivered, responses}
+  ``POST /control/rooms/{roomId}/hide_servers`` {servers} -> {hidden}: leave these
+  servers out of the ``servers_in_room`` of later partial ``/send_join`` answers
+  (a resident that omits servers); ``servers: []`` hides none again.
 
 Acting as a joining server / making requests
   ``POST /control/join`` {room_id, remote, server?, user_localpart="joiner",
@@ -222,6 +225,17 @@ class ControlAPI(Resource):
     @route("POST", "/control/rooms/{room_id}/join_users")
     async def join_users(self, request: Request, p: dict[str, str], body: Any) -> Any:
         return await self.peer.join_users(self.peer.room(p["room_id"]), body)
+
+    @route("POST", "/control/rooms/{room_id}/hide_servers")
+    async def hide_servers(self, request: Request, p: dict[str, str], body: Any) -> Any:
+        room = self.peer.room(p["room_id"])
+        servers = body.get("servers") if isinstance(body, dict) else None
+        if not isinstance(servers, list) or not all(
+            isinstance(s, str) for s in servers
+        ):
+            raise ControlError(400, "'servers' must be a list of server names")
+        room.hidden_servers = set(servers)
+        return {"hidden": sorted(room.hidden_servers)}
 
     @route("POST", "/control/join")
     async def join(self, request: Request, p: dict[str, str], body: Any) -> Any:

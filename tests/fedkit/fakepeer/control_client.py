@@ -283,13 +283,61 @@ class FakePeer:
         return self._call("POST", f"/control/rooms/{_q(room_id)}/send", body)
 
     def join_users(
-        self, room_id: str, count: int, destinations: list[str] | None = None
+        self,
+        room_id: str,
+        count: int,
+        destinations: list[str] | None = None,
+        servers: list[str] | None = None,
     ) -> dict[str, Any]:
-        """``POST /control/rooms/{roomId}/join_users``."""
+        """``POST /control/rooms/{roomId}/join_users``; ``servers``: the fake
+        servers the new members are on, in turn (default: the room's)."""
         body: dict[str, Any] = {"count": count}
+        if servers is not None:
+            body["servers"] = servers
         if destinations is not None:
             body["destinations"] = destinations
         return self._call("POST", f"/control/rooms/{_q(room_id)}/join_users", body)
+
+    def hide_servers(self, room_id: str, servers: list[str]) -> list[str]:
+        """``POST /control/rooms/{roomId}/hide_servers``: leave ``servers`` out of
+        later partial ``/send_join`` answers' ``servers_in_room``."""
+        body = {"servers": servers}
+        path = f"/control/rooms/{_q(room_id)}/hide_servers"
+        return list(self._call("POST", path, body)["hidden"])
+
+    def edus(
+        self, destination: str, edu_type: str, origin: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The contents of the EDUs of type ``edu_type`` the fake server
+        ``destination`` received (from ``origin``, if given), in arrival order."""
+        found = []
+        for txn in self.transactions(origin=origin, destination=destination):
+            for edu in txn["body"].get("edus") or []:
+                if isinstance(edu, dict) and edu.get("edu_type") == edu_type:
+                    found.append(edu.get("content") or {})
+        return found
+
+    def send_edus(
+        self, origin: str, destination: str, edus: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """A transaction of ``edus`` (each ``{"edu_type", "content"}``) from the
+        fake server ``origin`` to ``destination``."""
+        import time as _time
+
+        txn_id = f"edus{_time.time_ns()}"
+        content = {
+            "origin": origin,
+            "origin_server_ts": int(_time.time() * 1000),
+            "pdus": [],
+            "edus": edus,
+        }
+        return self.federation_request(
+            origin,
+            destination,
+            "PUT",
+            f"/_matrix/federation/v1/send/{_q(txn_id)}",
+            content,
+        )
 
     def join(
         self,

@@ -311,7 +311,9 @@ class FederationAPI:
             auth_of_join = list(pdu.get("auth_events") or ())
             if room.room_version.msc4291_room_ids_as_hashes:
                 auth_of_join.append(room.create_event_id)
-        servers_in_room = sorted(room.servers_in_room())  # before the join
+        servers_in_room = sorted(  # before the join
+            s for s in room.servers_in_room() if s not in room.hidden_servers
+        )
         user_id = str(pdu["state_key"])
         if partial:
             state_ids = {eid for (t, _), eid in state.items() if t != MEMBER}

@@ -142,6 +142,9 @@ class Room:
         #: Current membership per user, in order of first appearance.
         self.members: dict[str, str] = {}
         self.joined_per_server: Counter[str] = Counter()
+        #: Servers left out of partial ``/send_join`` answers' ``servers_in_room``
+        #: (a resident that omits servers; see ``/control/rooms/{id}/hide_servers``).
+        self.hidden_servers: set[str] = set()
         self.create_event_id: str = ""
         self.build_seconds: float = 0.0
 
