@@ -18,6 +18,7 @@ from synapse_partial_state.clients import syncing
 from synapse_partial_state.clients.endpoint import PartialStateEndpoint
 from synapse_partial_state.clients.members import MembersDuringResync
 from synapse_partial_state.compat import patching, send_join, servlets
+from synapse_partial_state.compat.bulk.finish import install_bulk_finish
 from synapse_partial_state.compat.clients import ClientOps
 from synapse_partial_state.compat.partial_reads import install_partial_reads
 from synapse_partial_state.compat.persistence import install_current_state_guard
@@ -92,6 +93,7 @@ class PartialStateModule:
         install_identical_state_shortcut(api)
         # Wherever this process persists events (current state included).
         install_current_state_guard(api)
+        install_bulk_finish(api, config.resync.bulk_finish)
         # Wherever this process serves the client API (main or workers).
         self._wire_clients(api, config)
         if config.resident.enabled:
