@@ -27,7 +27,7 @@ from tests.fedkit.rows_finish import (
 )
 from tests.fedkit.testcase import FederationTestCase, on_room_versions
 
-BULK_LINE = r"Current state of {room}: \d+ remote members written in bulk"
+BULK_LINE = r"Current state of {room}: writing \d+ remote members in bulk"
 
 
 def config(bulk: bool) -> dict[str, Any]:
@@ -93,6 +93,32 @@ class BulkFinishCase(FederationTestCase):
             },
             state_key="token-of-carol",
         )
+
+    def plant_stale_members(self, *servers: Homeserver) -> int:
+        """On each joiner (its resync held), a current-state row for every
+        banned or kicked remote member naming an event the room never had, as
+        a state reset leaves members whose row the finish must replace (the
+        delta stream's previous event, the delete). Returns how many."""
+        events = self.peer.room_events(self.room_id, limit=100000)["events"]
+        gone = sorted(
+            {
+                e["state_key"]
+                for e in events
+                if e["type"] == "m.room.member"
+                and e.get("content", {}).get("membership") in ("ban", "leave")
+                and e["sender"] != e["state_key"]
+            }
+        )
+        self.assertGreater(len(gone), 2)
+        for hs in servers:
+            for n, user_id in enumerate(gone):
+                hs.sql(
+                    "INSERT INTO current_state_events (room_id, type, state_key,"
+                    " event_id, membership, event_stream_ordering)"
+                    " VALUES (?, 'm.room.member', ?, ?, 'join', NULL)",
+                    (self.room_id, user_id, f"$stale-{n}"),
+                )
+        return len(gone)
 
     def joiners(self, **kw: Any) -> tuple[Homeserver, Homeserver]:
         off = self._new_homeserver("off", True, **config(False), **kw)
@@ -167,6 +193,7 @@ class BulkFinishRows(BulkFinishCase):
         since_off, since_on = off.log_offset(), on.log_offset()
         self.bob_off.join(self.room_id, via=[self.resident])
         self.bob_on.join(self.room_id, via=[self.resident])
+        stale = self.plant_stale_members(off, on)
         eager = self.bob_on.sync()
         self.assertNotIn(self.room_id, eager.get("rooms", {}).get("join", {}))
         poll = _EagerLongPoll(
@@ -182,6 +209,7 @@ class BulkFinishRows(BulkFinishCase):
         bulk = re.compile(BULK_LINE.format(room=re.escape(self.room_id)))
         self.assertTrue(bulk.search(on.read_log()), "on did not take the bulk path")
         self.assertIsNone(bulk.search(off.read_log()), "off took the bulk path")
+        on.wait_for_log(rf"bulk rows written in .* \({stale} members replaced\)", 5)
 
         self.assert_same_rows(off, on)
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
@@ -161,14 +162,15 @@ class BulkFinish:
     ) -> None:
         from synapse.storage.databases.main.events import DeltaState
 
+        started = time.perf_counter()
         logger.info(
-            "Current state of %s: %d remote members written in bulk, %d other "
+            "Current state of %s: writing %d remote members in bulk, %d other "
             "changes through Synapse's own transaction",
             room_id,
             len(members),
             len(rest) + len(delta_state.to_delete),
         )
-        self.write_members_txn(txn, room_id, members, stream_id)
+        replaced = self.write_members_txn(txn, room_id, members, stream_id)
         native(
             txn,
             room_id,
@@ -177,14 +179,25 @@ class BulkFinish:
             sliding_sync_table_changes,
         )
         self.after_members_txn(txn, room_id, list(members), stream_id)
+        logger.info(
+            "Current state of %s: bulk rows written in %.2f s (%d members replaced)",
+            room_id,
+            time.perf_counter() - started,
+            replaced,
+        )
         self.bulk_runs += 1
 
     def write_members_txn(
         self, txn: Any, room_id: str, members: dict[str, str], stream_id: int
-    ) -> None:
+    ) -> int:
         """The rows of ``members`` (state key -> event ID) in
         ``current_state_delta_stream`` and ``current_state_events``, as
-        Synapse's transaction writes them for these keys."""
+        Synapse's transaction writes them for these keys. Returns how many
+        members had a row before."""
+        from synapse.storage.engines import PostgresEngine
+
+        if isinstance(self._store.database_engine, PostgresEngine):
+            return self._write_members_postgres_txn(txn, room_id, members, stream_id)
         db_pool = self._store.db_pool
         # The members' previous current state (the delta stream's
         # prev_event_id; the rows to replace).
@@ -254,6 +267,52 @@ class BulkFinish:
                 for state_key, event_id in members.items()
             ],
         )
+        return len(previous)
+
+    def _write_members_postgres_txn(
+        self, txn: Any, room_id: str, members: dict[str, str], stream_id: int
+    ) -> int:
+        """PostgreSQL: Synapse's three statements, each run once over all the
+        members (``unnest`` of two arrays) instead of once per member: the
+        previous event and the sub-queries are the same, joined server-side."""
+        state_keys = list(members)
+        event_ids = [members[k] for k in state_keys]
+        txn.execute(
+            "INSERT INTO current_state_delta_stream"
+            " (stream_id, instance_name, room_id, type, state_key, event_id,"
+            " prev_event_id)"
+            " SELECT ?, ?, ?, ?, u.state_key, u.event_id, c.event_id"
+            " FROM unnest(?::text[], ?::text[]) AS u(state_key, event_id)"
+            " LEFT JOIN current_state_events AS c"
+            " ON c.room_id = ? AND c.type = ? AND c.state_key = u.state_key",
+            (
+                stream_id,
+                self._events_store._instance_name,
+                room_id,
+                MEMBER,
+                state_keys,
+                event_ids,
+                room_id,
+                MEMBER,
+            ),
+        )
+        txn.execute(
+            "DELETE FROM current_state_events"
+            " WHERE room_id = ? AND type = ? AND state_key = ANY(?)",
+            (room_id, MEMBER, state_keys),
+        )
+        replaced = txn.rowcount
+        txn.execute(
+            "INSERT INTO current_state_events"
+            " (room_id, type, state_key, event_id, membership, event_stream_ordering)"
+            " SELECT ?, ?, u.state_key, u.event_id,"
+            " (SELECT membership FROM room_memberships AS m"
+            " WHERE m.event_id = u.event_id),"
+            " (SELECT stream_ordering FROM events AS e WHERE e.event_id = u.event_id)"
+            " FROM unnest(?::text[], ?::text[]) AS u(state_key, event_id)",
+            (room_id, MEMBER, state_keys, event_ids),
+        )
+        return replaced
 
     def _lookup_txn(
         self, txn: Any, event_ids: Collection[str]

@@ -71,7 +71,7 @@ class DispatchTests(unittest.TestCase):
     def setUp(self) -> None:
         self.store = EventsStore()
         self.bulk = finish.BulkFinish(fake_hs(self.store))
-        self.write = mock.Mock()
+        self.write = mock.Mock(return_value=0)
         self.after = mock.Mock()
         self.bulk.write_members_txn = self.write  # type: ignore[method-assign]
         self.bulk.after_members_txn = self.after  # type: ignore[method-assign]
