@@ -109,6 +109,14 @@ class DispatchTests(unittest.TestCase):
 
 
 class InstallTests(unittest.TestCase):
+    def setUp(self) -> None:
+        saved = list(patching.INSTALLED_PATCHES)
+
+        def restore() -> None:
+            patching.INSTALLED_PATCHES[:] = saved
+
+        self.addCleanup(restore)
+
     def install(self, version: patching.Version, enabled: bool = True) -> EventsStore:
         store = EventsStore()
         api = mock.Mock()
