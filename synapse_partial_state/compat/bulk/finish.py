@@ -13,10 +13,14 @@ invited) deletes its device-list subscription and streams that cache
 invalidation one statement each.
 
 Here the delta is split. The entries that make up its bulk (``m.room.member``
-events of remote users being inserted) are written by :func:`write_members_txn`:
-the rows they replace and the columns the sub-queries read (membership,
-stream ordering, previous event) are read in one query per batch, the new rows
-inserted with ``simple_insert_many_txn`` (``execute_values`` on PostgreSQL). The
+events of remote users being inserted) are written by
+:meth:`BulkFinish.write_members_txn`. On PostgreSQL, Synapse's three statements
+run once each over all the members (``unnest`` of two arrays; the same previous
+event and the same sub-queries, joined server-side): measured 6-8x faster for
+20,000 members, and the finish of a 100,000-member room 107 s -> 25 s. On
+SQLite, whose per-member statements already run in-process, the previous rows
+and the sub-queries' columns are read in batches and the rows inserted with
+``executemany``: no faster than Synapse's, but the same rows. The
 rest of the delta (other state, local members, deletions: a few rows), and so
 everything but the member rows (``sliding_sync_joined_rooms``,
 ``local_current_membership``, the sliding-sync snapshots, profile updates), goes
