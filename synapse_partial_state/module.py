@@ -23,6 +23,7 @@ from synapse_partial_state.compat.backfill import (
     install_backfill,
     skip_reuse_while_backfilling,
 )
+from synapse_partial_state.compat.bulk.finish import install_bulk_finish
 from synapse_partial_state.compat.clients import ClientOps
 from synapse_partial_state.compat.join_summary import install_join_summary_capture
 from synapse_partial_state.compat.partial_reads import install_partial_reads
@@ -100,6 +101,7 @@ class PartialStateModule:
         install_identical_state_shortcut(api)
         # Wherever this process persists events (current state included).
         install_current_state_guard(api)
+        install_bulk_finish(api, config.resync.bulk_finish)
         # Wherever this process serves the client API (main or workers).
         self._wire_clients(api, config)
         if config.resident.enabled:

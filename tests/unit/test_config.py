@@ -145,6 +145,14 @@ class ParseConfigTests(ConfigAssertions):
         self.assertFalse(config.resync.fast_state_fetch)
         self.assertEqual(config.resync.verify_workers, 0)
 
+    def test_bulk_finish(self) -> None:
+        self.assertTrue(PartialStateModule.parse_config({}).resync.bulk_finish)
+        config = PartialStateModule.parse_config({"resync": {"bulk_finish": False}})
+        self.assertFalse(config.resync.bulk_finish)
+        self.assert_rejected(
+            {"resync": {"bulk_finish": 1}}, "'resync.bulk_finish'", "1 (int)"
+        )
+
     def test_fast_state_fetch_given_string(self) -> None:
         self.assert_rejected(
             {"resync": {"fast_state_fetch": "yes"}},
