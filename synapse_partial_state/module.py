@@ -19,6 +19,11 @@ from synapse_partial_state.clients.endpoint import PartialStateEndpoint
 from synapse_partial_state.clients.members import MembersDuringResync
 from synapse_partial_state.compat import patching, send_join, servlets
 from synapse_partial_state.compat.clients import ClientOps
+from synapse_partial_state.compat.make_join import (
+    install_join_key_prefetch,
+    install_signing_servers_hint,
+    servers_with_stored_keys,
+)
 from synapse_partial_state.compat.partial_reads import install_partial_reads
 from synapse_partial_state.compat.persistence import install_current_state_guard
 from synapse_partial_state.compat.resident_state import (
@@ -47,6 +52,7 @@ from synapse_partial_state.config import PartialStateConfig, parse_config
 from synapse_partial_state.joining.engine import ResyncEngine
 from synapse_partial_state.joining.fetch import StateFetcher
 from synapse_partial_state.joining.inflight import InflightFetches
+from synapse_partial_state.joining.keys import JoinKeyPrefetch
 from synapse_partial_state.joining.metrics import ResyncMetrics
 from synapse_partial_state.joining.store import JobStore
 from synapse_partial_state.joining.verify import VerifierPool, default_workers
@@ -96,6 +102,9 @@ class PartialStateModule:
         self._wire_clients(api, config)
         if config.resident.enabled:
             self._wire_resident(api, config)
+        if is_main:
+            # Synapse joins remote rooms on the main process only.
+            self._wire_join(api)
         if config.resync.enabled and is_main:
             return self._wire_engine(api, config)
         return None
@@ -121,6 +130,7 @@ class PartialStateModule:
         send_join.install_send_join_hooks(
             enricher.extras_for, enricher.select, enricher.response_fields
         )
+        install_signing_servers_hint(enricher.signing_servers)
         if not config.resident.state_cache.enabled:
             return
         server = StateServer(
@@ -131,6 +141,17 @@ class PartialStateModule:
         servlets.install_state_servlets(server.serve_state, server.serve_state_ids)
         install_event_invalidation_hook(api, server.forget_event, server.forget_room)
         send_join.install_partial_join_observer(server.after_partial_join)
+
+    @staticmethod
+    def _wire_join(api: ModuleApi) -> None:
+        """The join itself: the signing keys a module resident's ``/make_join``
+        answer names, fetched while it prepares the ``/send_join`` answer."""
+        prefetch = JoinKeyPrefetch(
+            api,
+            ResyncOps(api),
+            lambda servers, at_ms: servers_with_stored_keys(api, servers, at_ms),
+        )
+        install_join_key_prefetch(api, prefetch.on_hint, prefetch.before_check)
 
     @staticmethod
     def _wire_engine(api: ModuleApi, config: PartialStateConfig) -> ResyncEngine:
