@@ -226,3 +226,10 @@ async def servers_with_stored_keys(
     return await main_store(api).db_pool.runInteraction(
         "sps_servers_with_stored_keys", _servers_with_keys_txn, wanted, valid_at_ms
     )
+
+
+async def forward_extremities(api: ModuleApi, room_id: str) -> frozenset[str]:
+    """The room's forward extremities (Synapse's cached
+    ``get_latest_event_ids_in_room``, invalidated by every new event)."""
+    store: Any = main_store(api)
+    return frozenset(await store.get_latest_event_ids_in_room(room_id))

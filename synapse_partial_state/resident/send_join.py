@@ -21,8 +21,9 @@ The ``/make_join`` answer names the servers whose signing keys the joiner will
 need to check the partial answer (``org.matrix.msc2775.signing_servers``: who sent
 the non-member state, the essentials and their memberships), so that a module
 joiner fetches them while we validate its join. They are read from the room's
-current state at most once per :data:`SIGNING_SERVERS_TTL_S` per room: a flood
-of ``/make_join`` requests costs one read.
+current state once per new event in the room (at most every
+:data:`SIGNING_SERVERS_TTL_S` in a quiet room): a flood of ``/make_join``
+requests costs one read.
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ from synapse.api.constants import EventTypes, Membership
 from synapse.module_api import ModuleApi
 from synapse.types import get_domain_from_id
 
-from synapse_partial_state.compat.make_join import state_senders
+from synapse_partial_state.compat.make_join import (
+    forward_extremities,
+    state_senders,
+)
 from synapse_partial_state.compat.send_join import (
     essential_memberships,
     get_current_state_event_content,
@@ -147,8 +151,9 @@ class SendJoinEnricher:
     def __init__(self, api: ModuleApi, config: ResidentConfig) -> None:
         self._api = api
         self._config = config
-        #: room ID -> (read at, monotonic s; the servers named in /make_join answers)
-        self._signing_servers: dict[str, tuple[float, list[str]]] = {}
+        #: room ID -> (read at, monotonic s; the room's forward extremities then;
+        #: the servers named in /make_join answers)
+        self._signing_servers: dict[str, tuple[float, frozenset[str], list[str]]] = {}
 
     def select(
         self,
@@ -176,14 +181,19 @@ class SendJoinEnricher:
     async def signing_servers(self, room_id: str, joiner: str) -> list[str]:
         """For a ``/make_join`` answer Synapse gives: the servers of who sent the
         room's current non-member state, and of the essentials (heroes included)
-        and who sent their memberships. Read at most once per
-        :data:`SIGNING_SERVERS_TTL_S` per room (the essentials do not change
-        with each joiner: a joiner's own membership is not among them)."""
+        and who sent their memberships. Read again only once the room has a new
+        event, or after :data:`SIGNING_SERVERS_TTL_S` (the essentials do not
+        change with each joiner: a joiner's own membership is not among them)."""
         cfg = self._config
         now = time.monotonic()
+        extremities = await forward_extremities(self._api, room_id)
         cached = self._signing_servers.get(room_id)
-        if cached is not None and now - cached[0] < SIGNING_SERVERS_TTL_S:
-            return cached[1]
+        if (
+            cached is not None
+            and cached[1] == extremities
+            and now - cached[0] < SIGNING_SERVERS_TTL_S
+        ):
+            return cached[2]
         users: list[str] = []
         if cfg.enabled and cfg.max_extra_members:
             if cfg.heroes:
@@ -195,7 +205,7 @@ class SendJoinEnricher:
         servers = signing_servers_of([*users, *senders])
         if len(self._signing_servers) >= _SIGNING_SERVERS_ROOMS:
             self._signing_servers.clear()
-        self._signing_servers[room_id] = (now, servers)
+        self._signing_servers[room_id] = (now, extremities, servers)
         return servers
 
     async def extras_for(self, room_id: str, joiner: str) -> tuple[str, ...]:

@@ -94,7 +94,13 @@ class SigningServersTests(unittest.TestCase):
     def test_servers_of_senders_once_sorted_and_junk_skipped(self) -> None:
         self.assertEqual(
             signing_servers_of(
-                ["@a:one.org", "@b:two.org", "@c:one.org", "not-a-user-id", "@d:two.org"]
+                [
+                    "@a:one.org",
+                    "@b:two.org",
+                    "@c:one.org",
+                    "not-a-user-id",
+                    "@d:two.org",
+                ]
             ),
             ["one.org", "two.org"],
         )

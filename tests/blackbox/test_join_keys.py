@@ -1,0 +1,137 @@
+"""The join itself: a module resident names, in its ``/make_join`` answer, the
+servers whose signing keys its partial ``/send_join`` answer will need; a module
+joiner fetches them while the resident builds that answer, and Synapse checks the
+answer once they are stored. Real homeservers (``hs1`` the resident, ``hs2`` the
+joiner) and a fake peer whose members (of two fake servers) are among the
+room's MSC2775 essentials, and whose key server answers slowly (1.5 s), so that
+a check that did not wait for the prefetch would be seen starting before it
+ended.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from tests.fedkit.homeserver import Homeserver
+from tests.fedkit.process import read_from
+from tests.fedkit.testcase import FederationTestCase, on_room_versions
+
+SIGNING_SERVERS = "org.matrix.msc2775.signing_servers"
+MEMBER = "m.room.member"
+KEY_PATH = r"^/_matrix/key/v2/server"
+PREFETCHED = r"Join of (\S+): prefetched signing keys of (\d+) server\(s\) named"
+CHECKING = r"Processing from send_join (\d+) events"
+
+
+class _JoinCase(FederationTestCase):
+    #: Whether the resident (hs1) runs the module.
+    RESIDENT_MODULE = True
+
+    def build(self) -> None:
+        self.peer = self.make_fake_peer()
+        self.hs1 = self.make_homeserver("hs1", with_module=self.RESIDENT_MODULE)
+        self.hs2 = self.make_homeserver("hs2")
+        alice = self.register(self.hs1, "alice")
+        create: dict[str, Any] = {"preset": "public_chat", "name": "Named"}
+        if self.ROOM_VERSION:
+            create["room_version"] = self.ROOM_VERSION
+        self.room_id = alice.create_room(**create)
+        self.invitee = "@henry:" + self.hs1.server_name
+        self.register(self.hs1, "henry")
+        alice.invite(self.room_id, self.invitee)
+        # Two members of two fake servers: one made a power user, one banned.
+        fake = []
+        for _ in range(2):
+            result = self.peer.join(
+                self.room_id, self.hs1.server_name, omit_members=False
+            )
+            self.assertEqual(result["send_join"]["status"], 200, result)
+            fake.append(result["join_event"]["state_key"])
+        self.power_user, self.banned = fake
+        power = alice.state_event(self.room_id, "m.room.power_levels")
+        power["users"][self.power_user] = 50
+        alice.send_state(self.room_id, "m.room.power_levels", "", power)
+        alice.ban(self.room_id, self.banned)
+        self.fake_servers = {u.split(":", 1)[1] for u in fake}
+        self.alice = alice
+        # The fake servers' key server is slow from now on (hs1 has their keys).
+        self.peer.add_behaviour(KEY_PATH, "delay", seconds=1.5)
+
+    def current_members(self, hs: Homeserver) -> dict[str, str]:
+        rows = hs.sql(
+            "SELECT state_key, membership FROM current_state_events "
+            "WHERE room_id = ? AND type = ?",
+            (self.room_id, MEMBER),
+        )
+        return {str(k): str(m) for k, m in rows}
+
+
+@on_room_versions("10", "12")
+class ModuleResident(_JoinCase):
+    def test_make_join_names_every_server_the_partial_answer_needs(self) -> None:
+        """The hint names the server of every sender of an event of the partial
+        answer (state and auth chain): nothing the joiner needs is left for its
+        check to fetch."""
+        self.build()
+        result = self.peer.join(self.room_id, self.hs1.server_name)
+        self.assertEqual(result["send_join"]["status"], 200, result)
+        hint = result["make_join"]["body"][SIGNING_SERVERS]
+        body = result["send_join"]["body"]
+        senders = {p["sender"] for p in body["state"] + body["auth_chain"]}
+        needed = {s.split(":", 1)[1] for s in senders}
+        self.assertLessEqual(needed, set(hint))
+        self.assertLessEqual(self.fake_servers | {self.hs1.server_name}, set(hint))
+
+    def test_joiner_fetches_the_keys_ahead_and_gets_the_essentials(self) -> None:
+        """hs2's /join: the keys of the servers hs1 named are fetched during the
+        /send_join round trip and stored before Synapse checks the answer (its
+        check starts after the prefetch ends, though the key server takes 1.5 s
+        and hs1 answers sooner); the answer's essentials (a fake power user, a
+        ban, an invite) are hs2's partial state."""
+        self.build()
+        bob = self.register(self.hs2, "bob")
+        since = self.hs2.log_offset()
+        bob.join(self.room_id, via=[self.hs1.server_name])
+        # hs2 keeps the state the join gave it: no resync can complete now.
+        self.hs1.stop()
+        self.assertTrue(
+            self.hs2.sql(
+                "SELECT 1 FROM partial_state_rooms WHERE room_id = ?", (self.room_id,)
+            ),
+            "the resync completed before hs1 stopped",
+        )
+        members = self.current_members(self.hs2)
+        self.assertEqual(members.get(self.power_user), "join")
+        self.assertEqual(members.get(self.banned), "ban")
+        self.assertEqual(members.get(self.invitee), "invite")
+        self.assertEqual(members.get(bob.user_id), "join")
+
+        log = read_from(self.hs2.log_path, since)
+        prefetched = re.search(PREFETCHED, log)
+        checking = re.search(CHECKING, log)
+        assert prefetched is not None and checking is not None, log[-3000:]
+        self.assertEqual(prefetched.group(1), self.room_id)
+        # both fake servers, and hs1 itself
+        self.assertGreaterEqual(int(prefetched.group(2)), 3)
+        self.assertLess(prefetched.start(), checking.start(), "checked before")
+
+
+@on_room_versions("10")
+class StockResident(_JoinCase):
+    RESIDENT_MODULE = False
+
+    def test_join_via_a_stock_resident_works_without_a_hint(self) -> None:
+        """A stock resident's /make_join answer has no hint; the module joiner
+        joins as stock does, fetching keys during its check."""
+        self.build()
+        result = self.peer.join(self.room_id, self.hs1.server_name)
+        self.assertNotIn(SIGNING_SERVERS, result["make_join"]["body"])
+        bob = self.register(self.hs2, "bob")
+        since = self.hs2.log_offset()
+        bob.join(self.room_id, via=[self.hs1.server_name])
+        self.alice.send_message(self.room_id, "hello")
+        self.assertEqual(self.current_members(self.hs2).get(bob.user_id), "join")
+        log = read_from(self.hs2.log_path, since)
+        self.assertRegex(log, CHECKING)
+        self.assertNotRegex(log, PREFETCHED)
