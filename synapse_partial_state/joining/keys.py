@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from synapse.module_api import ModuleApi, make_deferred_yieldable
 from twisted.internet import defer
 
+from synapse_partial_state.compat.make_join import servers_with_stored_keys
 from synapse_partial_state.compat.resync import ResyncOps
 from synapse_partial_state.compat.runtime import wake_waiter
 
@@ -146,14 +147,18 @@ class KeyPrefetch:
 
     async def _prefetch(self, room_id: str, servers: tuple[str, ...]) -> None:
         started = self._ops.now_ms()
+        # Those fetched during the join (and of other rooms) are not asked again.
+        stored = await servers_with_stored_keys(self._api, servers, started)
         ok, failed = await self._ops.prefetch_server_keys(
-            servers, KEY_PREFETCH_CONCURRENCY
+            [s for s in servers if s not in stored], KEY_PREFETCH_CONCURRENCY
         )
         logger.info(
-            "Resync of %s: prefetched signing keys of %d server(s) in %.2f s (%d failed)",
+            "Resync of %s: prefetched signing keys of %d server(s) in %.2f s "
+            "(%d already stored, %d failed)",
             room_id,
             ok,
             (self._ops.now_ms() - started) / 1000,
+            len(stored),
             failed,
         )
 
