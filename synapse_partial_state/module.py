@@ -52,6 +52,7 @@ from synapse_partial_state.config import PartialStateConfig, parse_config
 from synapse_partial_state.joining.engine import ResyncEngine
 from synapse_partial_state.joining.fetch import StateFetcher
 from synapse_partial_state.joining.inflight import InflightFetches
+from synapse_partial_state.joining.join_check import JoinCheck
 from synapse_partial_state.joining.keys import JoinKeyPrefetch
 from synapse_partial_state.joining.metrics import ResyncMetrics
 from synapse_partial_state.joining.store import JobStore
@@ -102,11 +103,20 @@ class PartialStateModule:
         self._wire_clients(api, config)
         if config.resident.enabled:
             self._wire_resident(api, config)
-        if is_main:
-            # Synapse joins remote rooms on the main process only.
-            self._wire_join(api)
-        if config.resync.enabled and is_main:
-            return self._wire_engine(api, config)
+        if not is_main:
+            return None
+        # The bulk signature checks, of the state at a join and of the join's
+        # own /send_join answer.
+        pool = None
+        if config.resync.enabled and config.resync.fast_state_fetch:
+            workers = config.resync.verify_workers
+            pool = VerifierPool(
+                default_workers() if workers < 0 else workers, banned_signing_keys()
+            )
+        # Synapse joins remote rooms on the main process only.
+        self._wire_join(api, pool)
+        if config.resync.enabled:
+            return self._wire_engine(api, config, pool)
         return None
 
     @staticmethod
@@ -143,27 +153,28 @@ class PartialStateModule:
         send_join.install_partial_join_observer(server.after_partial_join)
 
     @staticmethod
-    def _wire_join(api: ModuleApi) -> None:
+    def _wire_join(api: ModuleApi, pool: VerifierPool | None) -> None:
         """The join itself: the signing keys a module resident's ``/make_join``
-        answer names, fetched while it prepares the ``/send_join`` answer."""
+        answer names, fetched while it prepares the ``/send_join`` answer, and
+        that answer checked in bulk (with ``pool``; without, by Synapse)."""
         prefetch = JoinKeyPrefetch(
             api,
             ResyncOps(api),
             lambda servers, at_ms: servers_with_stored_keys(api, servers, at_ms),
         )
-        install_join_key_prefetch(api, prefetch.on_hint, prefetch.before_check)
+        check = JoinCheck(prefetch, pool, StateFetchOps(api) if pool else None)
+        install_join_key_prefetch(api, prefetch.on_hint, check.before_check)
 
     @staticmethod
-    def _wire_engine(api: ModuleApi, config: PartialStateConfig) -> ResyncEngine:
-        """The resync engine, its own state fetch, and Synapse's hooks into both."""
+    def _wire_engine(
+        api: ModuleApi, config: PartialStateConfig, pool: VerifierPool | None
+    ) -> ResyncEngine:
+        """The resync engine, its own state fetch (with ``pool``, when
+        ``fast_state_fetch``), and Synapse's hooks into both."""
         fetcher = None
-        if config.resync.fast_state_fetch:
+        if pool is not None:
             inflight = InflightFetches()
             install_state_ids_reuse(api, inflight.answer_for)
-            workers = config.resync.verify_workers
-            pool = VerifierPool(
-                default_workers() if workers < 0 else workers, banned_signing_keys()
-            )
             fetcher = StateFetcher(StateFetchOps(api), pool, inflight)
         engine = ResyncEngine(
             api,

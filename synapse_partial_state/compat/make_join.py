@@ -42,8 +42,17 @@ SigningServersProvider = Callable[[str, str], Awaitable[list[str]]]
 #: (room ID, servers named by the resident's hint) on the joining side; must not
 #: block.
 HintObserver = Callable[[str, list[str]], None]
-#: (room ID) -> until the hinted keys are fetched (bounded by the callee).
-SendJoinWaiter = Callable[[str], Awaitable[None]]
+#: (room ID, room version, the events of a /send_join answer) -> those of them
+#: whose signatures and hashes the callee checked (Synapse then skips its own
+#: per-event check for them); called once the answer has arrived, before
+#: Synapse's checks, which it may delay (bounded by the callee).
+SendJoinChecker = Callable[
+    [str, "RoomVersion", list["EventBase"]], Awaitable[Collection["EventBase"]]
+]
+
+#: How long events checked ahead are remembered for Synapse's check (which
+#: follows at once: this only bounds what a failed-over answer leaves behind).
+_VOUCHED_KEEP_S = 120
 
 
 def install_signing_servers_hint(provider: SigningServersProvider) -> None:
@@ -91,12 +100,13 @@ def install_signing_servers_hint(provider: SigningServersProvider) -> None:
 
 
 def install_join_key_prefetch(
-    api: ModuleApi, on_hint: HintObserver, before_check: SendJoinWaiter
+    api: ModuleApi, on_hint: HintObserver, before_check: SendJoinChecker
 ) -> None:
     """On the joining side (the main process, where Synapse joins rooms): tell
     ``on_hint`` the servers a resident's ``/make_join`` answer names, and await
-    ``before_check(room_id)`` between receiving a ``/send_join`` answer and
-    Synapse's checks of its signatures.
+    ``before_check(room_id, room_version, events)`` between receiving a
+    ``/send_join`` answer and Synapse's checks of its signatures; Synapse's
+    per-event check is skipped for the events it returns.
 
     * ``TransportLayerClient.make_membership_event`` (the one federation
       transport client's method; ``FederationClient.make_membership_event``
@@ -105,10 +115,19 @@ def install_join_key_prefetch(
     * ``FederationClient._do_send_join`` (34 lines in 1.163.2: the v2 request,
       v1 fallback), called by ``send_join`` on the instance before it checks the
       answer's signatures and hashes, is wrapped on that instance.
+    * ``FederationClient._check_sigs_and_hash_and_fetch_one`` (the per-event
+      check ``send_join`` runs on every event of the answer: signatures, with
+      keys fetched as needed, hash, policy server, spam checker) is wrapped on
+      that instance: for an event ``before_check`` vouched for (the very
+      object, once) it returns the event, as native does for an event that
+      passes; every other event goes to native.
     """
+    from synapse.util.duration import Duration
+
     hs = homeserver(api)
     client = hs.get_federation_client()
     transport = client.transport_layer
+    clock = hs.get_clock()
 
     def wrap_make(native: Callable[..., Any]) -> Callable[..., Any]:
         async def make_membership_event(
@@ -138,10 +157,32 @@ def install_join_key_prefetch(
             omit_members: bool,
         ) -> Any:
             response = await native(room_version, destination, pdu, omit_members)
-            await before_check(pdu.room_id)
+            if response.state_dag:  # MSC4242: not a partial answer
+                return response
+            events = [*response.state, *response.auth_events]
+            vouched = await before_check(pdu.room_id, room_version, events)
+            if vouched:
+                ids = [id(event) for event in vouched]
+                _VOUCHED.update(zip(ids, vouched, strict=True))
+
+                def forget() -> None:
+                    for key in ids:
+                        _VOUCHED.pop(key, None)
+
+                clock.call_later(Duration(seconds=_VOUCHED_KEEP_S), forget)
             return response
 
         return _do_send_join
+
+    def wrap_check_one(native: Callable[..., Any]) -> Callable[..., Any]:
+        async def _check_sigs_and_hash_and_fetch_one(*args: Any, **kwargs: Any) -> Any:
+            pdu = kwargs["pdu"] if "pdu" in kwargs else args[0]
+            if _VOUCHED.get(id(pdu)) is pdu:
+                del _VOUCHED[id(pdu)]
+                return pdu
+            return await native(*args, **kwargs)
+
+        return _check_sigs_and_hash_and_fetch_one
 
     wrap_instance_method(
         transport,
@@ -155,9 +196,22 @@ def install_join_key_prefetch(
         "_do_send_join",
         wrap_send_join,
         "synapse.federation.federation_client.FederationClient._do_send_join",
-        "let the signing-key prefetch of the join finish before the answer's "
-        "signatures are checked",
+        "let the signing-key prefetch of the join finish, and check the "
+        "answer's signatures and hashes in bulk, before Synapse's checks",
     )
+    wrap_instance_method(
+        client,
+        "_check_sigs_and_hash_and_fetch_one",
+        wrap_check_one,
+        "synapse.federation.federation_client.FederationClient"
+        "._check_sigs_and_hash_and_fetch_one",
+        "skip the per-event check of the /send_join answer's events checked in bulk",
+    )
+
+
+#: id(event) -> event: events of a /send_join answer checked in bulk, until
+#: Synapse's per-event check of that very object (which then returns it).
+_VOUCHED: dict[int, EventBase] = {}
 
 
 def _senders_txn(txn: Any, room_id: str, user_ids: Collection[str]) -> set[str]:

@@ -1,7 +1,7 @@
 """The join itself: a module resident names, in its ``/make_join`` answer, the
 servers whose signing keys its partial ``/send_join`` answer will need; a module
 joiner fetches them while the resident builds that answer, and Synapse checks the
-answer once they are stored. Real homeservers (``hs1`` the resident, ``hs2`` the
+answer once they are stored, checking its events in bulk first. Real homeservers (``hs1`` the resident, ``hs2`` the
 joiner) and a fake peer whose members (of two fake servers) are among the
 room's MSC2775 essentials, and whose key server answers slowly (1.5 s), so that
 a check that did not wait for the prefetch would be seen starting before it
@@ -22,6 +22,9 @@ MEMBER = "m.room.member"
 KEY_PATH = r"^/_matrix/key/v2/server"
 PREFETCHED = r"Join of (\S+): prefetched signing keys of (\d+) server\(s\) named"
 CHECKING = r"Processing from send_join (\d+) events"
+BULK = (
+    r"Join of (\S+): (\d+) of the (\d+) events of the /send_join answer checked in bulk"
+)
 
 
 class _JoinCase(FederationTestCase):
@@ -115,6 +118,14 @@ class ModuleResident(_JoinCase):
         # both fake servers, and hs1 itself
         self.assertGreaterEqual(int(prefetched.group(2)), 3)
         self.assertLess(prefetched.start(), checking.start(), "checked before")
+        # Every event of the answer was checked in bulk (its keys stored by
+        # then), before Synapse's own check, which skipped them.
+        bulk = re.search(BULK, log)
+        assert bulk is not None, log[-3000:]
+        self.assertEqual(bulk.group(1), self.room_id)
+        self.assertEqual(bulk.group(2), bulk.group(3))
+        self.assertEqual(bulk.group(3), checking.group(1))
+        self.assertLess(bulk.start(), checking.start())
 
 
 @on_room_versions("10")
@@ -135,3 +146,6 @@ class StockResident(_JoinCase):
         log = read_from(self.hs2.log_path, since)
         self.assertRegex(log, CHECKING)
         self.assertNotRegex(log, PREFETCHED)
+        # Without a hint, the answer is still checked in bulk (keys Synapse
+        # does not hold yet are left to its own check).
+        self.assertRegex(log, BULK)
