@@ -9,8 +9,10 @@ Joining side: the federation transport client's ``make_membership_event`` is
 wrapped to hand a join's hint to the module (which fetches those servers' signing
 keys in the background, while the resident validates the join and builds its
 partial ``/send_join`` answer), and ``FederationClient._do_send_join`` to let the
-module finish that fetch before Synapse checks the answer's signatures (so that
-it finds the keys stored instead of fetching them itself, one wave later).
+module finish that fetch and check the answer in bulk before Synapse checks its
+signatures (so that it finds the keys stored instead of fetching them itself, one
+wave later), and ``FederationClient._check_sigs_and_hash_and_fetch_one`` to skip
+Synapse's per-event check of the events the module vouched for.
 
 Checked against Synapse 1.163.2.
 """
