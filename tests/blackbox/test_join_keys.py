@@ -116,6 +116,9 @@ class ModuleResident(_JoinCase):
             self.assertEqual(found, membership, user)
             self.assertLess(stored_at, joined_at, f"{user} not in send_join")
 
+        # Synapse writes its log in batches: wait for the lines, then read them.
+        for line in (PREFETCHED, BULK, CHECKING):
+            self.hs2.wait_for_log(line, since=since)
         log = read_from(self.hs2.log_path, since)
         prefetched = re.search(PREFETCHED, log)
         checking = re.search(CHECKING, log)
@@ -149,6 +152,8 @@ class StockResident(_JoinCase):
         bob.join(self.room_id, via=[self.hs1.server_name])
         self.alice.send_message(self.room_id, "hello")
         self.assertEqual(self.current_members(self.hs2).get(bob.user_id), "join")
+        self.hs2.wait_for_log(CHECKING, since=since)
+        self.hs2.wait_for_log(BULK, since=since)
         log = read_from(self.hs2.log_path, since)
         self.assertRegex(log, CHECKING)
         self.assertNotRegex(log, PREFETCHED)
