@@ -26,6 +26,11 @@ from synapse_partial_state.compat.backfill import (
 from synapse_partial_state.compat.bulk.finish import install_bulk_finish
 from synapse_partial_state.compat.clients import ClientOps
 from synapse_partial_state.compat.join_summary import install_join_summary_capture
+from synapse_partial_state.compat.make_join import (
+    install_join_key_prefetch,
+    install_signing_servers_hint,
+    servers_with_stored_keys,
+)
 from synapse_partial_state.compat.partial_reads import install_partial_reads
 from synapse_partial_state.compat.persistence import install_current_state_guard
 from synapse_partial_state.compat.resident_state import (
@@ -55,6 +60,8 @@ from synapse_partial_state.device_lists.lists import DeviceLists
 from synapse_partial_state.joining.engine import ResyncEngine
 from synapse_partial_state.joining.fetch import StateFetcher
 from synapse_partial_state.joining.inflight import InflightFetches
+from synapse_partial_state.joining.join_check import JoinCheck
+from synapse_partial_state.joining.keys import JoinKeyPrefetch
 from synapse_partial_state.joining.metrics import ResyncMetrics
 from synapse_partial_state.joining.store import JobStore
 from synapse_partial_state.joining.verify import VerifierPool, default_workers
@@ -109,8 +116,20 @@ class PartialStateModule:
         # Wherever this process writes device lists (the main process unless
         # stream_writers.device_lists names workers).
         self.device_lists = DeviceLists.install(api)
-        if config.resync.enabled and is_main:
-            engine = self._wire_engine(api, config)
+        if not is_main:
+            return None
+        # The bulk signature checks, of the state at a join and of the join's
+        # own /send_join answer.
+        pool = None
+        if config.resync.enabled and config.resync.fast_state_fetch:
+            workers = config.resync.verify_workers
+            pool = VerifierPool(
+                default_workers() if workers < 0 else workers, banned_signing_keys()
+            )
+        # Synapse joins remote rooms on the main process only.
+        self._wire_join(api, pool)
+        if config.resync.enabled:
+            engine = self._wire_engine(api, config, pool)
             if self.device_lists is not None:
                 engine.add_abandon_listener(
                     self.device_lists.on_room_abandoned,
@@ -147,6 +166,7 @@ class PartialStateModule:
         send_join.install_send_join_hooks(
             enricher.extras_for, enricher.select, enricher.response_fields
         )
+        install_signing_servers_hint(enricher.signing_servers)
         if not config.resident.state_cache.enabled:
             return
         server = StateServer(
@@ -159,17 +179,29 @@ class PartialStateModule:
         send_join.install_partial_join_observer(server.after_partial_join)
 
     @staticmethod
-    def _wire_engine(api: ModuleApi, config: PartialStateConfig) -> ResyncEngine:
-        """The resync engine, its own state fetch, and Synapse's hooks into both."""
+    def _wire_join(api: ModuleApi, pool: VerifierPool | None) -> None:
+        """The join itself: the signing keys a module resident's ``/make_join``
+        answer names, fetched while it prepares the ``/send_join`` answer, and
+        that answer checked in bulk (with ``pool``; without, by Synapse)."""
+        prefetch = JoinKeyPrefetch(
+            api,
+            ResyncOps(api),
+            lambda servers, at_ms: servers_with_stored_keys(api, servers, at_ms),
+        )
+        check = JoinCheck(prefetch, pool, StateFetchOps(api) if pool else None)
+        install_join_key_prefetch(api, prefetch.on_hint, check.before_check)
+
+    @staticmethod
+    def _wire_engine(
+        api: ModuleApi, config: PartialStateConfig, pool: VerifierPool | None
+    ) -> ResyncEngine:
+        """The resync engine, its own state fetch (with ``pool``, when
+        ``fast_state_fetch``), and Synapse's hooks into both."""
         fetcher = None
-        if config.resync.fast_state_fetch:
+        if pool is not None:
             inflight = InflightFetches()
             install_state_ids_reuse(
                 api, skip_reuse_while_backfilling(inflight.answer_for)
-            )
-            workers = config.resync.verify_workers
-            pool = VerifierPool(
-                default_workers() if workers < 0 else workers, banned_signing_keys()
             )
             fetcher = StateFetcher(StateFetchOps(api), pool, inflight)
         engine = ResyncEngine(

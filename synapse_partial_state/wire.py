@@ -6,12 +6,25 @@ joiner reads the extra members as more partial state; clients that do not know
 them ignore an unknown field of a ``/sync`` room object.
 """
 
+import re
+
 #: Query parameter of ``GET /state``: member events only; also the marker field of
 #: such an answer.
 MEMBERS_ONLY_PARAM = "org.matrix.msc2775.members_only"
 
 #: Field of a partial ``/send_join`` answer: heroes and member counts.
 SUMMARY_FIELD = "org.matrix.msc2775.summary"
+
+#: Field of a ``/make_join`` answer from a module resident: the servers whose
+#: signing keys checking the partial ``/send_join`` answer will need (the senders
+#: of the room's non-member state and of its MSC2775 essentials), so that a
+#: module joiner fetches them while the resident prepares that answer. A hint: a
+#: joiner fetches whatever else it needs as usual.
+SIGNING_SERVERS_FIELD = "org.matrix.msc2775.signing_servers"
+
+#: Most servers a joiner takes from :data:`SIGNING_SERVERS_FIELD` (and a resident
+#: puts there).
+MAX_SIGNING_SERVERS = 1000
 
 #: Field of a room object under ``rooms.join`` in ``/sync`` (and of a sliding sync
 #: room object): true while the server is still fetching the room's full state,
@@ -54,3 +67,28 @@ def parse_state_ids(body: object) -> tuple[list[str], list[str]]:
                 )
         found.append(ids)
     return found[0], found[1]
+
+
+#: A server name as the spec allows it (hostname or IP literal, optional port).
+_SERVER_NAME = re.compile(
+    r"[A-Za-z0-9.\-]{1,255}(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?"
+)
+
+
+def parse_signing_servers(body: object) -> list[str]:
+    """The server names of a ``/make_join`` answer's :data:`SIGNING_SERVERS_FIELD`,
+    in order, without repeats, at most :data:`MAX_SIGNING_SERVERS`; anything that
+    is not a server name is left out, and a missing or malformed field gives none
+    (it is a hint)."""
+    if not isinstance(body, dict):
+        return []
+    servers = body.get(SIGNING_SERVERS_FIELD)
+    if not isinstance(servers, list):
+        return []
+    found: dict[str, None] = {}
+    for server in servers:
+        if len(found) >= MAX_SIGNING_SERVERS:
+            break
+        if isinstance(server, str) and _SERVER_NAME.fullmatch(server):
+            found.setdefault(server, None)
+    return list(found)

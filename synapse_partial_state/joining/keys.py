@@ -1,18 +1,30 @@
-"""The signing keys of a room's servers, fetched while its state downloads.
+"""Signing keys fetched ahead: for the join itself, and for the resync.
+
+The partial ``/send_join`` answer of a module resident carries the MSC2775
+essentials (heroes, power users, bans, invites: a few hundred member events and
+their auth chains), signed by many servers: Synapse checks their signatures
+before ``/join`` returns, fetching each server's keys then. A module resident
+names those servers in its ``/make_join`` answer; :class:`JoinKeyPrefetch`
+fetches their keys while the resident validates the join and builds the answer,
+and lets Synapse's check start once they are stored (waiting at most
+:data:`JOIN_KEY_WAIT_S`).
 
 The state at a join carries members of every server in the room: checking their
-signatures needs every server's keys. Fetched at the start of a resync, at most
-:data:`KEY_PREFETCH_CONCURRENCY` servers at once, they are stored by the time the
-state has downloaded, instead of being fetched in waves during the check.
+signatures needs every server's keys. :class:`KeyPrefetch` fetches them at the
+start of a resync, at most :data:`KEY_PREFETCH_CONCURRENCY` servers at once, so
+that they are stored by the time the state has downloaded, instead of being
+fetched in waves during the check.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable, Iterable
 
 from synapse.module_api import ModuleApi, make_deferred_yieldable
 from twisted.internet import defer
 
+from synapse_partial_state.compat.make_join import servers_with_stored_keys
 from synapse_partial_state.compat.resync import ResyncOps
 from synapse_partial_state.compat.runtime import wake_waiter
 
@@ -26,6 +38,84 @@ logger = logging.getLogger(__name__)
 KEY_PREFETCH_CONCURRENCY = 16
 #: Longest wait for the key prefetch before checking the state's signatures.
 KEY_PREFETCH_WAIT_S = 20
+
+
+#: Servers asked at once for the join's keys. Synapse's own check asks every
+#: server at once; the hint is capped (``wire.MAX_SIGNING_SERVERS``).
+JOIN_KEY_CONCURRENCY = 64
+#: Longest wait, once the ``/send_join`` answer has arrived, for the keys named
+#: by the ``/make_join`` hint before Synapse checks the answer (which then
+#: fetches what is still missing itself, as stock).
+JOIN_KEY_WAIT_S = 5.0
+#: How long a finished join prefetch is remembered for its ``/send_join``.
+_JOIN_KEY_KEEP_S = 120.0
+
+#: (servers, valid at ms) -> those with a stored signing key valid then.
+StoredKeys = Callable[[Iterable[str], int], Awaitable[set[str]]]
+
+
+class JoinKeyPrefetch:
+    """Fetches, during a join, the signing keys its resident's ``/make_join``
+    answer says the partial ``/send_join`` answer will need."""
+
+    def __init__(self, api: ModuleApi, ops: ResyncOps, stored_keys: StoredKeys) -> None:
+        self._api = api
+        self._ops = ops
+        self._stored_keys = stored_keys
+        #: per room: fires once the join's prefetch is over
+        self._done: dict[str, defer.Deferred[None]] = {}
+
+    def on_hint(self, room_id: str, servers: list[str]) -> None:
+        """A ``/make_join`` answer for ``room_id`` named ``servers``: fetch the
+        keys of those whose keys are not stored, in the background."""
+        own = self._api.server_name
+        wanted = [s for s in servers if s != own]
+        if not wanted:
+            return
+        done: defer.Deferred[None] = defer.Deferred()
+        self._done[room_id] = done
+
+        async def prefetch() -> None:
+            try:
+                await self._prefetch(room_id, wanted)
+            finally:
+                wake_waiter(done)
+
+                def forget() -> None:
+                    if self._done.get(room_id) is done:
+                        del self._done[room_id]
+
+                self._ops.call_later(_JOIN_KEY_KEEP_S, forget)
+
+        self._api.run_as_background_process("sps_prefetch_join_keys", prefetch)
+
+    async def before_check(self, room_id: str) -> None:
+        """The ``/send_join`` answer for ``room_id`` has arrived: until the keys
+        the hint named are fetched, at most :data:`JOIN_KEY_WAIT_S`."""
+        done = self._done.pop(room_id, None)
+        if done is not None and not done.called:
+            started = self._ops.now_ms()
+            await wait_at_most(done, JOIN_KEY_WAIT_S, self._ops)
+            logger.info(
+                "Join of %s: waited %.2f s for the signing-key prefetch",
+                room_id,
+                (self._ops.now_ms() - started) / 1000,
+            )
+
+    async def _prefetch(self, room_id: str, servers: list[str]) -> None:
+        started = self._ops.now_ms()
+        stored = await self._stored_keys(servers, started)
+        missing = [s for s in servers if s not in stored]
+        ok, failed = await self._ops.prefetch_server_keys(missing, JOIN_KEY_CONCURRENCY)
+        logger.info(
+            "Join of %s: prefetched signing keys of %d server(s) named by the "
+            "resident in %.2f s (%d already stored, %d failed)",
+            room_id,
+            ok,
+            (self._ops.now_ms() - started) / 1000,
+            len(stored),
+            failed,
+        )
 
 
 class KeyPrefetch:
@@ -57,14 +147,18 @@ class KeyPrefetch:
 
     async def _prefetch(self, room_id: str, servers: tuple[str, ...]) -> None:
         started = self._ops.now_ms()
+        # Those fetched during the join (and of other rooms) are not asked again.
+        stored = await servers_with_stored_keys(self._api, servers, started)
         ok, failed = await self._ops.prefetch_server_keys(
-            servers, KEY_PREFETCH_CONCURRENCY
+            [s for s in servers if s not in stored], KEY_PREFETCH_CONCURRENCY
         )
         logger.info(
-            "Resync of %s: prefetched signing keys of %d server(s) in %.2f s (%d failed)",
+            "Resync of %s: prefetched signing keys of %d server(s) in %.2f s "
+            "(%d already stored, %d failed)",
             room_id,
             ok,
             (self._ops.now_ms() - started) / 1000,
+            len(stored),
             failed,
         )
 

@@ -16,11 +16,20 @@ native code computes for its own choice, also after the join); the selector
 then keeps only the member events that are in the state *before the join*, so the
 answer is always a true subset of that state. An ``org.matrix.msc2775.summary``
 block gives the joiner the heroes and member counts at once.
+
+The ``/make_join`` answer names the servers whose signing keys the joiner will
+need to check the partial answer (``org.matrix.msc2775.signing_servers``: who sent
+the non-member state, the essentials and their memberships), so that a module
+joiner fetches them while we validate its join. They are read from the room's
+current state once per new event in the room (at most every
+:data:`SIGNING_SERVERS_TTL_S` in a quiet room): a flood of ``/make_join``
+requests costs one read.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +37,10 @@ from synapse.api.constants import EventTypes, Membership
 from synapse.module_api import ModuleApi
 from synapse.types import get_domain_from_id
 
+from synapse_partial_state.compat.make_join import (
+    forward_extremities,
+    state_senders,
+)
 from synapse_partial_state.compat.send_join import (
     essential_memberships,
     get_current_state_event_content,
@@ -35,7 +48,7 @@ from synapse_partial_state.compat.send_join import (
     heroes_from_summary,
 )
 from synapse_partial_state.config import ResidentConfig
-from synapse_partial_state.wire import SUMMARY_FIELD
+from synapse_partial_state.wire import MAX_SIGNING_SERVERS, SUMMARY_FIELD
 
 if TYPE_CHECKING:
     from synapse.events import EventBase
@@ -43,6 +56,11 @@ if TYPE_CHECKING:
     from synapse.types import StateMap
 
 logger = logging.getLogger(__name__)
+
+#: How long the servers named in a room's ``/make_join`` answers are reused.
+SIGNING_SERVERS_TTL_S = 30.0
+#: Rooms whose ``/make_join`` servers are remembered at once.
+_SIGNING_SERVERS_ROOMS = 1000
 
 
 def select_partial_state(
@@ -107,6 +125,19 @@ def pick_per_server(joined_oldest_first: Iterable[str], per_server: int) -> list
     return picked
 
 
+def signing_servers_of(senders: Iterable[str]) -> list[str]:
+    """The servers of ``senders`` (user IDs), sorted, at most
+    :data:`~synapse_partial_state.wire.MAX_SIGNING_SERVERS` (ours included: the
+    joiner needs our keys too)."""
+    servers = set()
+    for user_id in senders:
+        try:
+            servers.add(get_domain_from_id(user_id))
+        except Exception:
+            continue
+    return sorted(servers)[:MAX_SIGNING_SERVERS]
+
+
 def _power_users(content: Mapping[str, Any] | None) -> list[str]:
     users = (content or {}).get("users")
     if not isinstance(users, Mapping):
@@ -120,6 +151,9 @@ class SendJoinEnricher:
     def __init__(self, api: ModuleApi, config: ResidentConfig) -> None:
         self._api = api
         self._config = config
+        #: room ID -> (read at, monotonic s; the room's forward extremities then;
+        #: the servers named in /make_join answers)
+        self._signing_servers: dict[str, tuple[float, frozenset[str], list[str]]] = {}
 
     def select(
         self,
@@ -144,6 +178,36 @@ class SendJoinEnricher:
             cap,
         )
 
+    async def signing_servers(self, room_id: str, joiner: str) -> list[str]:
+        """For a ``/make_join`` answer Synapse gives: the servers of who sent the
+        room's current non-member state, and of the essentials (heroes included)
+        and who sent their memberships. Read again only once the room has a new
+        event, or after :data:`SIGNING_SERVERS_TTL_S` (the essentials do not
+        change with each joiner: a joiner's own membership is not among them)."""
+        cfg = self._config
+        now = time.monotonic()
+        extremities = await forward_extremities(self._api, room_id)
+        cached = self._signing_servers.get(room_id)
+        if (
+            cached is not None
+            and cached[1] == extremities
+            and now - cached[0] < SIGNING_SERVERS_TTL_S
+        ):
+            return cached[2]
+        users: list[str] = []
+        if cfg.enabled and cfg.max_extra_members:
+            if cfg.heroes:
+                summary = await get_room_summary(self._api, room_id)
+                users = heroes_from_summary(summary, joiner)
+            users.extend(await self._candidates(room_id))
+            users = list(dict.fromkeys(users))[: cfg.max_extra_members]
+        senders = await state_senders(self._api, room_id, users)
+        servers = signing_servers_of([*users, *senders])
+        if len(self._signing_servers) >= _SIGNING_SERVERS_ROOMS:
+            self._signing_servers.clear()
+        self._signing_servers[room_id] = (now, extremities, servers)
+        return servers
+
     async def extras_for(self, room_id: str, joiner: str) -> tuple[str, ...]:
         """Essential member user IDs for a partial join of ``joiner``, in order,
         except the heroes: :meth:`select` puts them first, from the summary native
@@ -151,6 +215,18 @@ class SendJoinEnricher:
         (a refused ``/send_join`` reads nothing): ``joiner`` may be among the
         joined members then, which changes nothing, as :meth:`select` counts the
         joiner's own membership apart."""
+        extras = await self._candidates(room_id)
+        # Says each time a join made us read the room's memberships, and for whom.
+        logger.debug(
+            "send_join essentials for %s in %s: %d candidates",
+            joiner,
+            room_id,
+            len(extras),
+        )
+        return extras
+
+    async def _candidates(self, room_id: str) -> tuple[str, ...]:
+        """The essentials but the heroes, in order, from the current state."""
         cfg = self._config
         if not cfg.enabled or cfg.max_extra_members == 0:
             return ()
@@ -163,21 +239,13 @@ class SendJoinEnricher:
         power, pending, joined = await essential_memberships(
             self._api, room_id, cfg.members_per_server > 0
         )
-        extras = order_candidates(
+        return order_candidates(
             (),
             power_users,
             power if cfg.bans_and_kicks else (),
             pending if cfg.invites_and_knocks else (),
             pick_per_server(joined, cfg.members_per_server),
         )
-        # Says each time a join made us read the room's memberships, and for whom.
-        logger.debug(
-            "send_join essentials for %s in %s: %d candidates",
-            joiner,
-            room_id,
-            len(extras),
-        )
-        return extras
 
     async def response_fields(self, room_id: str, joiner: str) -> Mapping[str, Any]:
         """The ``org.matrix.msc2775.summary`` block, when enabled."""

@@ -11,7 +11,10 @@ from hypothesis import strategies as st
 
 from synapse_partial_state.wire import (
     MAX_EVENT_ID_LENGTH,
+    MAX_SIGNING_SERVERS,
+    SIGNING_SERVERS_FIELD,
     WireError,
+    parse_signing_servers,
     parse_state_ids,
 )
 
@@ -70,3 +73,53 @@ class ParseStateIdsTests(unittest.TestCase):
         for bad in ("$" + "a" * MAX_EVENT_ID_LENGTH, "$", "", "e", 5):
             with self.assertRaises(WireError, msg=repr(bad)):
                 parse_state_ids({"pdu_ids": [bad]})
+
+
+class ParseSigningServersTests(unittest.TestCase):
+    """The /make_join hint: server names only, in order, once each, capped; any
+    other JSON gives none (it is a hint: the join goes on without it)."""
+
+    def test_server_names_are_taken_in_order_once(self) -> None:
+        body = {
+            SIGNING_SERVERS_FIELD: [
+                "b.example.org",
+                "127.0.0.1:8448",
+                "[::1]:8448",
+                "b.example.org",
+                "a.example.org",
+            ]
+        }
+        self.assertEqual(
+            parse_signing_servers(body),
+            ["b.example.org", "127.0.0.1:8448", "[::1]:8448", "a.example.org"],
+        )
+
+    def test_what_is_not_a_server_name_is_left_out(self) -> None:
+        body = {
+            SIGNING_SERVERS_FIELD: [
+                "ok.org",
+                "evil.org/path",
+                "a b",
+                "",
+                "x" * 300,
+                "host:99999999",
+                17,
+                None,
+                ["nested.org"],
+            ]
+        }
+        self.assertEqual(parse_signing_servers(body), ["ok.org"])
+
+    def test_capped(self) -> None:
+        body = {SIGNING_SERVERS_FIELD: [f"s{i}.org" for i in range(5000)]}
+        got = parse_signing_servers(body)
+        self.assertEqual(len(got), MAX_SIGNING_SERVERS)
+        self.assertEqual(got[0], "s0.org")
+
+    @given(JSON)
+    def test_any_json_gives_a_list_of_strings(self, body: Any) -> None:
+        for wrapped in (body, {SIGNING_SERVERS_FIELD: body}):
+            got = parse_signing_servers(wrapped)
+            self.assertIsInstance(got, list)
+            self.assertTrue(all(isinstance(s, str) and s for s in got))
+            self.assertEqual(len(got), len(set(got)))

@@ -12,6 +12,7 @@ from synapse_partial_state.resident.send_join import (
     order_candidates,
     pick_per_server,
     select_partial_state,
+    signing_servers_of,
 )
 
 M = "m.room.member"
@@ -87,3 +88,19 @@ class CandidateTests(unittest.TestCase):
         )
         self.assertEqual(_power_users(None), [])
         self.assertEqual(_power_users({"users": ["@a:x"]}), [])
+
+
+class SigningServersTests(unittest.TestCase):
+    def test_servers_of_senders_once_sorted_and_junk_skipped(self) -> None:
+        self.assertEqual(
+            signing_servers_of(
+                [
+                    "@a:one.org",
+                    "@b:two.org",
+                    "@c:one.org",
+                    "not-a-user-id",
+                    "@d:two.org",
+                ]
+            ),
+            ["one.org", "two.org"],
+        )

@@ -1,0 +1,291 @@
+"""The ``/make_join`` seam: the signing-servers hint, both sides.
+
+Resident side: ``FederationServer.on_make_join_request`` is wrapped to add
+:data:`~synapse_partial_state.wire.SIGNING_SERVERS_FIELD` to the answers Synapse
+gives (a refused ``/make_join`` raises Synapse's error before anything of ours
+runs).
+
+Joining side: the federation transport client's ``make_membership_event`` is
+wrapped to hand a join's hint to the module (which fetches those servers' signing
+keys in the background, while the resident validates the join and builds its
+partial ``/send_join`` answer), and ``FederationClient._do_send_join`` to let the
+module finish that fetch and check the answer in bulk before Synapse checks its
+signatures (so that it finds the keys stored instead of fetching them itself, one
+wave later), and ``FederationClient._check_sigs_and_hash_and_fetch_one`` to skip
+Synapse's per-event check of the events the module vouched for.
+
+Checked against Synapse 1.163.2.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Collection, Iterable
+from typing import TYPE_CHECKING, Any
+
+from synapse.module_api import ModuleApi
+
+from synapse_partial_state.compat.patching import (
+    homeserver,
+    main_store,
+    wrap_instance_method,
+)
+from synapse_partial_state.wire import SIGNING_SERVERS_FIELD, parse_signing_servers
+
+if TYPE_CHECKING:
+    from synapse.api.room_versions import RoomVersion
+    from synapse.events import EventBase
+    from synapse.federation.federation_server import FederationServer
+
+logger = logging.getLogger(__name__)
+
+#: (room ID, joining user ID) -> the servers to name in the hint.
+SigningServersProvider = Callable[[str, str], Awaitable[list[str]]]
+#: (room ID, servers named by the resident's hint) on the joining side; must not
+#: block.
+HintObserver = Callable[[str, list[str]], None]
+#: (room ID, room version, the events of a /send_join answer) -> those of them
+#: whose signatures and hashes the callee checked (Synapse then skips its own
+#: per-event check for them); called once the answer has arrived, before
+#: Synapse's checks, which it may delay (bounded by the callee).
+SendJoinChecker = Callable[
+    [str, "RoomVersion", list["EventBase"]], Awaitable[Collection["EventBase"]]
+]
+
+#: How long events checked ahead are remembered for Synapse's check (which
+#: follows at once: this only bounds what a failed-over answer leaves behind).
+_VOUCHED_KEEP_S = 120
+
+
+def install_signing_servers_hint(provider: SigningServersProvider) -> None:
+    """Add ``provider``'s servers to the ``/make_join`` answers Synapse gives.
+
+    ``FederationServer.on_make_join_request`` (24 lines in 1.163.2: ACL, room
+    version, per-room rate limit, then the handler's auth checks; the servlet
+    looks it up on the instance at call time) is wrapped: once the native method
+    has returned an answer, the field is added; a failure of ``provider`` is
+    logged and leaves the answer as stock's.
+    """
+    from synapse.federation import federation_server as fs
+
+    def wrap(native: Callable[..., Any]) -> Callable[..., Any]:
+        async def on_make_join_request(
+            self: FederationServer,
+            origin: str,
+            room_id: str,
+            user_id: str,
+            supported_versions: list[str],
+        ) -> dict[str, Any]:
+            resp = await native(self, origin, room_id, user_id, supported_versions)
+            try:
+                servers = await provider(room_id, user_id)
+            except Exception:
+                logger.exception(
+                    "Could not list the signing servers of %s for a make_join", room_id
+                )
+                return resp
+            if servers:
+                resp[SIGNING_SERVERS_FIELD] = servers
+            return resp
+
+        return on_make_join_request
+
+    wrap_instance_method(
+        fs.FederationServer,
+        "on_make_join_request",
+        wrap,
+        "synapse.federation.federation_server.FederationServer.on_make_join_request",
+        "name in make_join answers the servers whose signing keys the partial "
+        "send_join answer will need (org.matrix.msc2775.signing_servers)",
+        kind="wrap",
+    )
+
+
+def install_join_key_prefetch(
+    api: ModuleApi, on_hint: HintObserver, before_check: SendJoinChecker
+) -> None:
+    """On the joining side (the main process, where Synapse joins rooms): tell
+    ``on_hint`` the servers a resident's ``/make_join`` answer names, and await
+    ``before_check(room_id, room_version, events)`` between receiving a
+    ``/send_join`` answer and Synapse's checks of its signatures; Synapse's
+    per-event check is skipped for the events it returns.
+
+    * ``TransportLayerClient.make_membership_event`` (the one federation
+      transport client's method; ``FederationClient.make_membership_event``
+      calls it through its ``transport_layer`` attribute) is wrapped on that
+      instance: its answer is returned unchanged.
+    * ``FederationClient._do_send_join`` (34 lines in 1.163.2: the v2 request,
+      v1 fallback), called by ``send_join`` on the instance before it checks the
+      answer's signatures and hashes, is wrapped on that instance.
+    * ``FederationClient._check_sigs_and_hash_and_fetch_one`` (the per-event
+      check ``send_join`` runs on every event of the answer: signatures, with
+      keys fetched as needed, hash, policy server, spam checker) is wrapped on
+      that instance: for an event ``before_check`` vouched for (the very
+      object, once) it returns the event, as native does for an event that
+      passes; every other event goes to native.
+    """
+    from synapse.util.duration import Duration
+
+    hs = homeserver(api)
+    client = hs.get_federation_client()
+    transport = client.transport_layer
+    clock = hs.get_clock()
+
+    def wrap_make(native: Callable[..., Any]) -> Callable[..., Any]:
+        async def make_membership_event(
+            destination: str,
+            room_id: str,
+            user_id: str,
+            membership: str,
+            params: Any,
+        ) -> Any:
+            resp = await native(destination, room_id, user_id, membership, params)
+            if membership == "join":
+                servers = parse_signing_servers(resp)
+                if servers:
+                    try:
+                        on_hint(room_id, servers)
+                    except Exception:
+                        logger.exception("Signing-key prefetch for %s failed", room_id)
+            return resp
+
+        return make_membership_event
+
+    def wrap_send_join(native: Callable[..., Any]) -> Callable[..., Any]:
+        async def _do_send_join(
+            room_version: RoomVersion,
+            destination: str,
+            pdu: EventBase,
+            omit_members: bool,
+        ) -> Any:
+            response = await native(room_version, destination, pdu, omit_members)
+            if response.state_dag:  # MSC4242: not a partial answer
+                return response
+            events = [*response.state, *response.auth_events]
+            vouched = await before_check(pdu.room_id, room_version, events)
+            if vouched:
+                ids = [id(event) for event in vouched]
+                _VOUCHED.update(zip(ids, vouched, strict=True))
+
+                def forget() -> None:
+                    for key in ids:
+                        _VOUCHED.pop(key, None)
+
+                clock.call_later(Duration(seconds=_VOUCHED_KEEP_S), forget)
+            return response
+
+        return _do_send_join
+
+    def wrap_check_one(native: Callable[..., Any]) -> Callable[..., Any]:
+        async def _check_sigs_and_hash_and_fetch_one(*args: Any, **kwargs: Any) -> Any:
+            pdu = kwargs["pdu"] if "pdu" in kwargs else args[0]
+            if _VOUCHED.get(id(pdu)) is pdu:
+                del _VOUCHED[id(pdu)]
+                return pdu
+            return await native(*args, **kwargs)
+
+        return _check_sigs_and_hash_and_fetch_one
+
+    wrap_instance_method(
+        transport,
+        "make_membership_event",
+        wrap_make,
+        "synapse.federation.transport.client.TransportLayerClient.make_membership_event",
+        "fetch the signing keys a make_join answer names, in the background",
+    )
+    wrap_instance_method(
+        client,
+        "_do_send_join",
+        wrap_send_join,
+        "synapse.federation.federation_client.FederationClient._do_send_join",
+        "let the signing-key prefetch of the join finish, and check the "
+        "answer's signatures and hashes in bulk, before Synapse's checks",
+    )
+    wrap_instance_method(
+        client,
+        "_check_sigs_and_hash_and_fetch_one",
+        wrap_check_one,
+        "synapse.federation.federation_client.FederationClient"
+        "._check_sigs_and_hash_and_fetch_one",
+        "skip the per-event check of the /send_join answer's events checked in bulk",
+    )
+
+
+#: id(event) -> event: events of a /send_join answer checked in bulk, until
+#: Synapse's per-event check of that very object (which then returns it).
+_VOUCHED: dict[int, EventBase] = {}
+
+
+def _senders_txn(txn: Any, room_id: str, user_ids: Collection[str]) -> set[str]:
+    """Senders of the room's current non-member state, and of the current
+    membership events of ``user_ids`` (their own, and who banned, kicked or
+    invited them)."""
+    txn.execute(
+        """
+        SELECT DISTINCT e.sender FROM current_state_events AS c
+        INNER JOIN events AS e USING (event_id)
+        WHERE c.room_id = ? AND c.type != 'm.room.member'
+        """,
+        (room_id,),
+    )
+    senders = {row[0] for row in txn}
+    users = list(user_ids)
+    for start in range(0, len(users), 100):
+        batch = users[start : start + 100]
+        txn.execute(
+            f"""
+            SELECT m.sender FROM current_state_events AS c
+            INNER JOIN room_memberships AS m USING (event_id)
+            WHERE c.room_id = ? AND c.type = 'm.room.member'
+              AND c.state_key IN ({", ".join("?" for _ in batch)})
+            """,
+            (room_id, *batch),
+        )
+        senders.update(row[0] for row in txn)
+    return senders
+
+
+async def state_senders(
+    api: ModuleApi, room_id: str, user_ids: Collection[str]
+) -> set[str]:
+    """User IDs that sent the room's current non-member state and the current
+    membership events of ``user_ids`` (one transaction)."""
+    return await main_store(api).db_pool.runInteraction(
+        "sps_make_join_signing_servers", _senders_txn, room_id, user_ids
+    )
+
+
+def _servers_with_keys_txn(txn: Any, servers: list[str], valid_at_ms: int) -> set[str]:
+    found: set[str] = set()
+    for start in range(0, len(servers), 100):
+        batch = servers[start : start + 100]
+        txn.execute(
+            f"""
+            SELECT DISTINCT server_name FROM server_keys_json
+            WHERE ts_valid_until_ms > ?
+              AND server_name IN ({", ".join("?" for _ in batch)})
+            """,
+            (valid_at_ms, *batch),
+        )
+        found.update(row[0] for row in txn)
+    return found
+
+
+async def servers_with_stored_keys(
+    api: ModuleApi, servers: Iterable[str], valid_at_ms: int
+) -> set[str]:
+    """Which of ``servers`` have a signing key in Synapse's key store valid at
+    ``valid_at_ms`` (``server_keys_json``, where fetched keys are stored)."""
+    wanted = list(dict.fromkeys(servers))
+    if not wanted:
+        return set()
+    return await main_store(api).db_pool.runInteraction(
+        "sps_servers_with_stored_keys", _servers_with_keys_txn, wanted, valid_at_ms
+    )
+
+
+async def forward_extremities(api: ModuleApi, room_id: str) -> frozenset[str]:
+    """The room's forward extremities (Synapse's cached
+    ``get_latest_event_ids_in_room``, invalidated by every new event)."""
+    store: Any = main_store(api)
+    return frozenset(await store.get_latest_event_ids_in_room(room_id))
