@@ -69,6 +69,11 @@ class ResyncConfig:
     #: Processes checking signatures in bulk; 0 a thread of this process; -1 a
     #: thread below 4 cores, else one process per core beyond two (at most 4).
     verify_workers: int = -1
+    #: Store the state at the join in large transactions with Synapse's own
+    #: persistence functions (the bulk outlier writer; off: Synapse's
+    #: ``_auth_and_persist_outliers``, 100 events per transaction). Runs only on
+    #: the Synapse releases its differential tests passed on.
+    bulk_writer: bool = True
 
 
 #: Values of ``clients.members_during_resync``.
@@ -228,6 +233,7 @@ def _parse_resync(r: _Reader) -> ResyncConfig:
         ),
         fast_state_fetch=r.boolean("fast_state_fetch", d.fast_state_fetch),
         verify_workers=r.integer("verify_workers", d.verify_workers, -1, 64),
+        bulk_writer=r.boolean("bulk_writer", d.bulk_writer),
     )
     r.finish()
     if parsed.max_backoff_seconds < parsed.initial_backoff_seconds:

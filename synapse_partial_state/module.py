@@ -18,6 +18,8 @@ from synapse_partial_state.clients import syncing
 from synapse_partial_state.clients.endpoint import PartialStateEndpoint
 from synapse_partial_state.clients.members import MembersDuringResync
 from synapse_partial_state.compat import patching, send_join, servlets
+from synapse_partial_state.compat.bulk.gate import BulkGate, check_bulk_gate
+from synapse_partial_state.compat.bulk.outliers import BulkOutlierWriter
 from synapse_partial_state.compat.clients import ClientOps
 from synapse_partial_state.compat.partial_reads import install_partial_reads
 from synapse_partial_state.compat.persistence import install_current_state_guard
@@ -73,12 +75,15 @@ class PartialStateModule:
         # (do_invite_join asserts it), so that is where the engine lives.
         is_main = api.worker_app is None
         self.engine: ResyncEngine | None = None
+        #: The bulk writers' verdict, where the engine's state fetch runs.
+        self.bulk_gate: BulkGate | None = None
         if self.gate.patches_active:
             self.engine = self._install_patches(api, config, is_main)
         api.register_web_resource(
             STATUS_PATH,
             on_client_listeners(
-                api, StatusResource(api, config, __version__, self.gate)
+                api,
+                StatusResource(api, config, __version__, self.gate, self.bulk_gate),
             ),
         )
         mount_admin_api(AdminApi(api, self.engine, self.gate).routes())
@@ -132,8 +137,7 @@ class PartialStateModule:
         install_event_invalidation_hook(api, server.forget_event, server.forget_room)
         send_join.install_partial_join_observer(server.after_partial_join)
 
-    @staticmethod
-    def _wire_engine(api: ModuleApi, config: PartialStateConfig) -> ResyncEngine:
+    def _wire_engine(self, api: ModuleApi, config: PartialStateConfig) -> ResyncEngine:
         """The resync engine, its own state fetch, and Synapse's hooks into both."""
         fetcher = None
         if config.resync.fast_state_fetch:
@@ -143,7 +147,13 @@ class PartialStateModule:
             pool = VerifierPool(
                 default_workers() if workers < 0 else workers, banned_signing_keys()
             )
-            fetcher = StateFetcher(StateFetchOps(api), pool, inflight)
+            self.bulk_gate = check_bulk_gate(config.resync.bulk_writer)
+            bulk = (
+                BulkOutlierWriter(patching.homeserver(api))
+                if self.bulk_gate.allowed
+                else None
+            )
+            fetcher = StateFetcher(StateFetchOps(api, bulk), pool, inflight)
         engine = ResyncEngine(
             api,
             config.resync,
