@@ -224,12 +224,17 @@ class BulkOutliersMatchSynapse(ResyncCase):
             if not page["chunk"] or token is None:
                 break
         # The state /sync gives (its state section, then the timeline's state
-        # events): the window differs (hs2 also got hs3's join), not the state.
-        room = bob.sync()["rooms"]["join"][self.room_id]
-        synced = {}
+        # events), but for the user whose leave cites the rejected join: for
+        # that member /sync answers the ban or the leave from one run to the
+        # next, with Synapse's own path as with the bulk writer (seen: stock
+        # ban and bulk leave, stock leave and bulk ban, both leave); /state
+        # answers the leave on both (compared above).
+        room = bob.sync(full_state=True)["rooms"]["join"][self.room_id]
+        synced: dict[tuple[str, str], str] = {}
         for e in room["state"]["events"] + room["timeline"]["events"]:
             if "state_key" in e and foreign(e["state_key"]):
                 synced[(e["type"], e["state_key"])] = e["event_id"]
+        synced.pop(self.banned_key(), None)
         join_id = next(
             e["event_id"]
             for e in bob.room_state(self.room_id)
