@@ -18,8 +18,8 @@ from synapse_partial_state.clients import syncing
 from synapse_partial_state.clients.endpoint import PartialStateEndpoint
 from synapse_partial_state.clients.members import MembersDuringResync
 from synapse_partial_state.compat import patching, send_join, servlets
-from synapse_partial_state.compat.bulk.gate import BulkGate, check_bulk_gate
-from synapse_partial_state.compat.bulk.outliers import BulkOutlierWriter
+from synapse_partial_state.compat.bulk.gate import BulkGate
+from synapse_partial_state.compat.bulk.outliers import bulk_outlier_writer
 from synapse_partial_state.compat.clients import ClientOps
 from synapse_partial_state.compat.partial_reads import install_partial_reads
 from synapse_partial_state.compat.persistence import install_current_state_guard
@@ -147,11 +147,8 @@ class PartialStateModule:
             pool = VerifierPool(
                 default_workers() if workers < 0 else workers, banned_signing_keys()
             )
-            self.bulk_gate = check_bulk_gate(config.resync.bulk_writer)
-            bulk = (
-                BulkOutlierWriter(patching.homeserver(api))
-                if self.bulk_gate.allowed
-                else None
+            self.bulk_gate, bulk = bulk_outlier_writer(
+                patching.homeserver(api), config.resync.bulk_writer
             )
             fetcher = StateFetcher(StateFetchOps(api, bulk), pool, inflight)
         engine = ResyncEngine(
