@@ -15,8 +15,8 @@ the results folder.
 from __future__ import annotations
 
 import argparse
-import json
 import contextlib
+import json
 import os
 import shutil
 import sys
