@@ -41,6 +41,7 @@ BULK_OFF: dict[str, Any] = {
         }
     },
 }
+BULK_ON: dict[str, Any] = dict(FAST)
 BULK_LOG = r"outliers of .* in bulk: auth"
 
 
@@ -153,7 +154,7 @@ class BulkOutliersMatchSynapse(ResyncCase):
         stock_rows = dump_event_rows(stock, self.peer_ids)
         stock_answers = self.answers(stock, stock_bob)
         self.leave(stock_bob)
-        bulk, bulk_bob = self.joiner("hs3", **FAST)
+        bulk, bulk_bob = self.joiner("hs3", **BULK_ON)
         bulk_rows = dump_event_rows(bulk, self.peer_ids)
         bulk_answers = self.answers(bulk, bulk_bob)
         self.assertRegex(bulk.read_log(), BULK_LOG)
@@ -294,7 +295,7 @@ class BulkWriteSurvivesACrash(FederationTestCase):
         stock_rows = dump_event_rows(stock, peer_ids)
         stock_bob.leave(room_id)
 
-        bulk = self.make_homeserver("hs3", **FAST)
+        bulk = self.make_homeserver("hs3", **BULK_ON)
         bob = self.register(bulk, "bob")
         bob.join(room_id, via=[resident])
         bulk.wait_for_log(BULK_LOG, timeout=300)

@@ -53,7 +53,7 @@ class _Bulk:
 def _ops(bulk: Any) -> tuple[StateFetchOps, _Hs]:
     hs = _Hs()
     ops = StateFetchOps.__new__(StateFetchOps)
-    ops._hs = hs
+    ops._hs = hs  # type: ignore[assignment]
     ops._bulk = bulk
     ops.store_at_least = 0 if bulk is None else bulk.chunk
     return ops, hs
