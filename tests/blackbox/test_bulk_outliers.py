@@ -21,6 +21,8 @@ import re
 from typing import Any
 from urllib.parse import quote
 
+from synapse_partial_state.compat.bulk.gate import BULK_OFF_CONFIG
+from tests.blackbox.endpoints import full_status
 from tests.blackbox.resync_case import FAST, ResyncCase, wait_until
 from tests.fedkit.homeserver import Homeserver
 from tests.fedkit.matrix_client import Client
@@ -159,6 +161,15 @@ class BulkOutliersMatchSynapse(ResyncCase):
         bulk_answers = self.answers(bulk, bulk_bob)
         self.assertRegex(bulk.read_log(), BULK_LOG)
         self.assertNotRegex(stock.read_log(), BULK_LOG)
+        # The status endpoint says which path stores, and why not the bulk one.
+        self.assertEqual(
+            full_status(self.register(stock, "admin", admin=True))["bulk_writers"],
+            {"allowed": False, "reason": BULK_OFF_CONFIG},
+        )
+        self.assertEqual(
+            full_status(self.register(bulk, "admin", admin=True))["bulk_writers"],
+            {"allowed": True, "reason": None},
+        )
 
         self.maxDiff = None
         self.assertEqual(diff_dumps(stock_rows, bulk_rows), {})
