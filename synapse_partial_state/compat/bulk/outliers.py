@@ -29,13 +29,18 @@ Tables written for such events (``PersistEventsStore._persist_events_txn``,
 ``redactions`` (redaction events; ``have_censored`` of redactions of an
 unredacted event), ``event_auth``, ``event_auth_chains``,
 ``event_auth_chain_links`` (the chain cover), ``event_auth_chain_to_calculate``
-(never for outliers with a chain-cover room), ``rejections``,
-``event_relations``, ``event_search`` (name, topic, message), ``room_memberships``
-(members), ``room_retention``, ``event_labels``, ``event_expiry``,
-``event_edges`` (not for outliers), ``room_depth`` (min depth, not for
-outliers), ``event_txn_id_device_id`` (local events with a transaction id only);
-``_update_outliers_txn`` leaves events already stored as they are (outliers
-stay outliers: these are outliers too).
+(never for outliers with a chain-cover room), ``rejections``, ``event_edges``
+(every event's prev events, outliers included), ``event_relations``,
+``event_search`` (name, topic, message), ``room_memberships`` (members),
+``room_retention``, ``event_labels``, ``event_expiry``, ``room_depth`` (its
+minimum depth, with 0 for outliers, as Synapse), ``event_push_actions`` (from
+the staging table: none for remote outliers), ``event_txn_id_device_id``
+(local events with a transaction id only); not for outliers:
+``event_backward_extremities``, ``local_current_membership`` (backfilled),
+forward extremities and current state. ``_update_outliers_txn`` leaves events
+already stored as they are (outliers stay outliers: these are outliers too).
+The differential test (``tests/blackbox/test_bulk_outliers.py``) compares the
+per-event tables among these.
 """
 
 from __future__ import annotations
