@@ -74,6 +74,11 @@ class ResyncConfig:
     #: own transaction, a statement per member and table). Runs only on the
     #: Synapse releases its differential tests passed on.
     bulk_finish: bool = True
+    #: Store the state at the join in large transactions with Synapse's own
+    #: persistence functions (the bulk outlier writer; off: Synapse's
+    #: ``_auth_and_persist_outliers``, 100 events per transaction). Runs only on
+    #: the Synapse releases its differential tests passed on.
+    bulk_writer: bool = True
 
 
 #: Values of ``clients.members_during_resync``.
@@ -234,6 +239,7 @@ def _parse_resync(r: _Reader) -> ResyncConfig:
         fast_state_fetch=r.boolean("fast_state_fetch", d.fast_state_fetch),
         verify_workers=r.integer("verify_workers", d.verify_workers, -1, 64),
         bulk_finish=r.boolean("bulk_finish", d.bulk_finish),
+        bulk_writer=r.boolean("bulk_writer", d.bulk_writer),
     )
     r.finish()
     if parsed.max_backoff_seconds < parsed.initial_backoff_seconds:

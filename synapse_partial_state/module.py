@@ -24,6 +24,8 @@ from synapse_partial_state.compat.backfill import (
     skip_reuse_while_backfilling,
 )
 from synapse_partial_state.compat.bulk.finish import install_bulk_finish
+from synapse_partial_state.compat.bulk.gate import BulkGate
+from synapse_partial_state.compat.bulk.outliers import bulk_outlier_writer
 from synapse_partial_state.compat.clients import ClientOps
 from synapse_partial_state.compat.join_summary import install_join_summary_capture
 from synapse_partial_state.compat.make_join import (
@@ -89,12 +91,15 @@ class PartialStateModule:
         is_main = api.worker_app is None
         self.engine: ResyncEngine | None = None
         self.device_lists: DeviceLists | None = None
+        #: The bulk writers' verdict, where the engine's state fetch runs.
+        self.bulk_gate: BulkGate | None = None
         if self.gate.patches_active:
             self.engine = self._install_patches(api, config, is_main)
         api.register_web_resource(
             STATUS_PATH,
             on_client_listeners(
-                api, StatusResource(api, config, __version__, self.gate)
+                api,
+                StatusResource(api, config, __version__, self.gate, self.bulk_gate),
             ),
         )
         mount_admin_api(AdminApi(api, self.engine, self.gate).routes())
@@ -191,9 +196,8 @@ class PartialStateModule:
         check = JoinCheck(prefetch, pool, StateFetchOps(api) if pool else None)
         install_join_key_prefetch(api, prefetch.on_hint, check.before_check)
 
-    @staticmethod
     def _wire_engine(
-        api: ModuleApi, config: PartialStateConfig, pool: VerifierPool | None
+        self, api: ModuleApi, config: PartialStateConfig, pool: VerifierPool | None
     ) -> ResyncEngine:
         """The resync engine, its own state fetch (with ``pool``, when
         ``fast_state_fetch``), and Synapse's hooks into both."""
@@ -203,7 +207,10 @@ class PartialStateModule:
             install_state_ids_reuse(
                 api, skip_reuse_while_backfilling(inflight.answer_for)
             )
-            fetcher = StateFetcher(StateFetchOps(api), pool, inflight)
+            self.bulk_gate, bulk = bulk_outlier_writer(
+                patching.homeserver(api), config.resync.bulk_writer
+            )
+            fetcher = StateFetcher(StateFetchOps(api, bulk), pool, inflight)
         engine = ResyncEngine(
             api,
             config.resync,

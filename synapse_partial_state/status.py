@@ -22,6 +22,7 @@ import synapse
 from synapse.module_api import DirectServeJsonResource, ModuleApi
 from synapse.module_api.errors import Codes, InvalidClientCredentialsError
 
+from synapse_partial_state.compat.bulk.gate import BulkGate
 from synapse_partial_state.compat.patching import (
     INSTALLED_MOUNTS,
     INSTALLED_PATCHES,
@@ -48,12 +49,15 @@ class StatusResource(DirectServeJsonResource):
         config: PartialStateConfig,
         version: str,
         gate: VersionGate,
+        bulk_gate: BulkGate | None = None,
     ) -> None:
         super().__init__()
         self._api = api
         self._config = config
         self._version = version
         self._gate = gate
+        #: the bulk writers' verdict (None: no engine state fetch here)
+        self._bulk_gate = bulk_gate
 
     async def _is_admin(self, request: SynapseRequest) -> bool:
         """Whether the request carries a server admin's token (no token: False)."""
@@ -78,6 +82,9 @@ class StatusResource(DirectServeJsonResource):
             **self.minimal(),
             "synapse_version": synapse.__version__,
             "version_gate": attr.asdict(self._gate),
+            "bulk_writers": (
+                None if self._bulk_gate is None else attr.asdict(self._bulk_gate)
+            ),
             "server_name": self._api.server_name,
             "worker": self._api.worker_name,
             "config": attr.asdict(self._config),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -134,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout",
         type=float,
         help="seconds allowed per resync (default 300 + members/100)",
+    )
+    p.add_argument(
+        "--module-config",
+        type=json.loads,
+        default=None,
+        metavar="JSON",
+        help='the module variant\'s config, e.g. \'{"resync": {"bulk_writer": false}}\' '
+        "(default: the module's defaults)",
     )
     p.add_argument(
         "--out",
@@ -297,6 +306,7 @@ def _settings(
         room_version=args.room_version,
         traffic_interval=args.traffic_interval,
         timeout=args.timeout,
+        module_config=args.module_config if variant == "module" else None,
     )
 
 

@@ -123,6 +123,7 @@ def _base_record(s: Settings, scenario: str, run: int, order: int) -> dict[str, 
     return {
         "scenario": scenario,
         "variant": s.variant,
+        "module_config": s.module_config,
         "db": s.db,
         "members": s.members,
         "servers": s.servers,

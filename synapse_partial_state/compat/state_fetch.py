@@ -16,6 +16,8 @@ from synapse_partial_state.wire import MEMBERS_ONLY_PARAM, WireError, parse_stat
 if TYPE_CHECKING:
     from synapse.events import EventBase
 
+    from synapse_partial_state.compat.bulk.outliers import BulkOutlierWriter
+
 logger = logging.getLogger(__name__)
 
 #: Tables whose size a big resync multiplies, in queries whose plan depends on it.
@@ -38,9 +40,14 @@ class StateFetchOps:
     (``joining/fetch.py``): federation requests, key lookups, Synapse's per-event
     checks for the events the bulk check leaves to it, and outlier persistence."""
 
-    def __init__(self, api: ModuleApi) -> None:
+    def __init__(self, api: ModuleApi, bulk: BulkOutlierWriter | None = None) -> None:
         hs = homeserver(api)
         self._hs = hs
+        #: the bulk outlier writer, where the bulk gate allows it
+        self._bulk = bulk
+        #: events the outlier writer holds before storing (0: store what is
+        #: ready at once): the bulk writer's chunk, to fill its transactions
+        self.store_at_least = 0 if bulk is None else bulk.chunk
         self._store: Any = hs.get_datastores().main
         self._federation_client: Any = hs.get_federation_client()
 
@@ -196,7 +203,12 @@ class StateFetchOps:
     async def persist_outliers(self, room_id: str, events: list[EventBase]) -> None:
         """``FederationEventHandler._auth_and_persist_outliers``: auth each event
         against its own auth events (rejecting those that fail) and persist them
-        as outliers, as native does with a fetched state."""
+        as outliers, as native does with a fetched state. Through the bulk
+        outlier writer (same verdicts and rows, large transactions) where it is
+        on and this process persists the room's events."""
+        if self._bulk is not None and self._bulk.persists_here(room_id):
+            await self._bulk.persist_outliers(room_id, events)
+            return
         handler = self._hs.get_federation_event_handler()
         await handler._auth_and_persist_outliers(room_id, events)
 

@@ -1,8 +1,8 @@
 """Stores a fetched state's events as outliers as they come, auth events first.
 
 The part of the engine's state fetch (:mod:`.fetch`) that writes: today through
-Synapse's own ``_auth_and_persist_outliers`` in large batches; the bulk writer
-will live here.
+Synapse's own ``_auth_and_persist_outliers`` in large batches, or the bulk
+outlier writer (``compat/bulk/outliers.py``), whose batches it fills.
 """
 
 from __future__ import annotations
@@ -106,6 +106,10 @@ class OutlierWriter:
         for event in events:
             if self.wants(event.event_id):
                 self._held[event.event_id] = event
+        if len(self._held) < self._ops.store_at_least:
+            # The bulk writer's transactions have a fixed cost: fill them
+            # (what is held is stored by a later add, or by flush).
+            return
         await self._store(self._ready())
 
     async def flush(self) -> None:

@@ -139,11 +139,19 @@ class ParseConfigTests(ConfigAssertions):
         config = PartialStateModule.parse_config({})
         self.assertTrue(config.resync.fast_state_fetch)
         self.assertEqual(config.resync.verify_workers, -1)
+        self.assertTrue(config.resync.bulk_writer)
         config = PartialStateModule.parse_config(
-            {"resync": {"fast_state_fetch": False, "verify_workers": 0}}
+            {
+                "resync": {
+                    "fast_state_fetch": False,
+                    "verify_workers": 0,
+                    "bulk_writer": False,
+                }
+            }
         )
         self.assertFalse(config.resync.fast_state_fetch)
         self.assertEqual(config.resync.verify_workers, 0)
+        self.assertFalse(config.resync.bulk_writer)
 
     def test_bulk_finish(self) -> None:
         self.assertTrue(PartialStateModule.parse_config({}).resync.bulk_finish)

@@ -112,6 +112,9 @@ class FakeOps:
         event = self.served.get(event_id)
         return None if event is None else (event, destinations[0])
 
+    #: events the writer holds before storing (the bulk writer's chunk)
+    store_at_least = 0
+
     async def persist_outliers(self, room_id: str, events: list[EventBase]) -> None:
         for event in events:
             self.stored.add(event.event_id)

@@ -40,6 +40,9 @@ class FakeFetchOps:
     serves single events from ``servable``; a store that keeps what is
     persisted."""
 
+    #: store each add at once (no bulk writer's chunks)
+    store_at_least = 0
+
     def __init__(self, servable: Collection[str]) -> None:
         self.servable = set(servable)
         self.stored: set[str] = set()

@@ -23,6 +23,8 @@ class FakeOps:
     """Records ``persist_outliers`` calls."""
 
     def __init__(self) -> None:
+        #: events the writer holds before storing (the bulk writer's chunk)
+        self.store_at_least = 0
         self.calls: list[list[str]] = []
         #: events stored when the planner's statistics were refreshed
         self.analyzed_at: list[int] = []
@@ -278,6 +280,25 @@ class _WriterTests(_WriterCase):
         )
         persisted = [p for _, _, p in self.progress]
         self.assertEqual(persisted, sorted(set(persisted)))
+
+    def test_bulk_writer_batches_are_filled_before_storing(self) -> None:
+        """With the bulk writer (``store_at_least``), adds are held until that
+        many events are, then stored in one call; flush stores the rest."""
+        self.ops.store_at_least = 4
+        r = self.room()
+        w = self.writer(list(r.values()))
+        self.add(w, r["create"], r["pl"])
+        self.add(w, r["jr"])
+        self.assertEqual(self.ops.calls, [])
+        self.add(w, r["a"])
+        self.assertEqual(
+            self.ops.calls, [self.ids(r["create"], r["pl"], r["jr"], r["a"])]
+        )
+        self.add(w, r["b"])
+        self.assertEqual(len(self.ops.calls), 1)
+        self.flush(w)
+        self.assertEqual(self.ops.calls[1], self.ids(r["b"]))
+        self.assertEqual(w.outstanding(), {r["c"].event_id})
 
     def test_long_chain_across_batches(self) -> None:
         self.patch(writer_module, "PERSIST_BATCH", 3)
