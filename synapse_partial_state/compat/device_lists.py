@@ -21,6 +21,7 @@ from synapse_partial_state.compat.patching import (
     record_patch,
     wrap_instance_method,
 )
+from synapse_partial_state.compat.resync import partial_join_event_id
 
 logger = logging.getLogger(__name__)
 
@@ -336,15 +337,7 @@ class DeviceListOps:
         return hosts
 
     async def _join_event_id(self, room_id: str) -> str | None:
-        def txn(t: Any) -> str | None:
-            t.execute(
-                "SELECT join_event_id FROM partial_state_rooms WHERE room_id = ?",
-                (room_id,),
-            )
-            row = t.fetchone()
-            return row[0] if row else None
-
-        return await self._store.db_pool.runInteraction("sps_dl_join_event", txn)
+        return await partial_join_event_id(self._store, room_id)
 
     async def hosts_sharing_other_rooms(self, user_id: str, room_id: str) -> set[str]:
         """Servers in the rooms ``user_id`` is in, other than ``room_id``."""

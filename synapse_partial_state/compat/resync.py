@@ -149,15 +149,7 @@ class ResyncOps:
         return await self._store.db_pool.runInteraction("sps_resync_info", txn)
 
     async def join_event_id(self, room_id: str) -> str | None:
-        def txn(t: Any) -> str | None:
-            t.execute(
-                "SELECT join_event_id FROM partial_state_rooms WHERE room_id = ?",
-                (room_id,),
-            )
-            row = t.fetchone()
-            return row[0] if row else None
-
-        return await self._store.db_pool.runInteraction("sps_join_event_id", txn)
+        return await partial_join_event_id(self._store, room_id)
 
     async def local_users_in_room(self, room_id: str) -> Collection[str]:
         return await self._store.get_local_users_in_room(room_id)
@@ -395,3 +387,17 @@ class ResyncOps:
         from synapse.util.duration import Duration
 
         return self._clock.call_later(Duration(milliseconds=delay_s * 1000), callback)
+
+
+async def partial_join_event_id(store: Any, room_id: str) -> str | None:
+    """The join event a partial-state room was joined with (None: not partial)."""
+
+    def txn(t: Any) -> str | None:
+        t.execute(
+            "SELECT join_event_id FROM partial_state_rooms WHERE room_id = ?",
+            (room_id,),
+        )
+        row = t.fetchone()
+        return row[0] if row else None
+
+    return await store.db_pool.runInteraction("sps_join_event_id", txn)

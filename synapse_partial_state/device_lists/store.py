@@ -16,6 +16,8 @@ import attr
 from synapse.module_api import ModuleApi, make_deferred_yieldable
 from twisted.internet import defer
 
+from synapse_partial_state.schema import SchemaOnce, create_versioned_txn
+
 if TYPE_CHECKING:
     from synapse.storage.database import LoggingTransaction
 
@@ -90,8 +92,6 @@ _SCHEMA = [
     """,
 ]
 
-SCHEMA_TRIES = 3
-
 
 @attr.s(frozen=True, auto_attribs=True, slots=True)
 class QueuedChange:
@@ -106,20 +106,9 @@ class QueuedChange:
 
 
 def create_schema_txn(txn: LoggingTransaction) -> None:
-    for statement in _SCHEMA:
-        txn.execute(statement)
-    txn.execute("SELECT version FROM sps_device_lists_schema")
-    row = txn.fetchone()
-    if row is None:
-        txn.execute(
-            "INSERT INTO sps_device_lists_schema (lock, version) VALUES ('X', ?)",
-            (SCHEMA_VERSION,),
-        )
-    elif row[0] > SCHEMA_VERSION:
-        raise RuntimeError(
-            f"synapse_partial_state: device-list schema version {row[0]} is newer "
-            f"than this module's ({SCHEMA_VERSION}); upgrade the module"
-        )
+    create_versioned_txn(
+        txn, _SCHEMA, "sps_device_lists_schema", SCHEMA_VERSION, "device-list"
+    )
 
 
 def queue_outbound_txn(
@@ -316,37 +305,16 @@ class DeviceListStore:
 
     def __init__(self, api: ModuleApi) -> None:
         self._api = api
-        self._ready = False
-        self._lock = defer.DeferredLock()
+        self._schema = SchemaOnce(
+            api, "sps_device_lists_schema", "device-list tables", create_schema_txn
+        )
         #: one inbound insert at a time (each takes the next ``seq``; Synapse
         #: handles a transaction's EDUs concurrently, and only the first
         #: device-list writer handles them)
         self._inbound_lock = defer.DeferredLock()
 
     async def ensure_schema(self) -> None:
-        if self._ready:
-            return
-        await make_deferred_yieldable(self._lock.acquire())
-        try:
-            if not self._ready:
-                for attempt in range(1, SCHEMA_TRIES + 1):
-                    try:
-                        await self._api.run_db_interaction(
-                            "sps_device_lists_schema", create_schema_txn
-                        )
-                        break
-                    except Exception as e:
-                        if attempt == SCHEMA_TRIES:
-                            raise
-                        logger.info(
-                            "Creating the device-list tables failed (%s), perhaps "
-                            "concurrently elsewhere; trying again",
-                            e,
-                        )
-                        await self._api.sleep(0.2 * attempt)
-                self._ready = True
-        finally:
-            self._lock.release()
+        await self._schema.ensure()
 
     async def queue_outbound(
         self,

@@ -12,10 +12,14 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
-from synapse.module_api import ModuleApi, make_deferred_yieldable
-from twisted.internet import defer
+from synapse.module_api import ModuleApi
 
 from synapse_partial_state.joining.jobs import Job, Phase
+from synapse_partial_state.schema import (
+    SchemaOnce,
+    create_versioned_txn,
+    set_version_txn,
+)
 
 if TYPE_CHECKING:
     from synapse.storage.database import LoggingTransaction
@@ -68,14 +72,6 @@ _SCHEMA = [
     """,
 ]
 
-#: Tries at creating the schema. Another process (a worker serving the clients'
-#: endpoint, the main process starting a resync) or another store of this one may
-#: create it at the same moment, which PostgreSQL's ``CREATE TABLE IF NOT EXISTS``
-#: does not tolerate (a unique violation in its catalog; seen when a client asked
-#: for a room's progress just as its resync wrote the first job); once the other
-#: has committed, trying again finds the tables.
-SCHEMA_TRIES = 3
-
 _COLUMNS = (
     "room_id",
     "phase",
@@ -101,26 +97,14 @@ _COLUMNS = (
 
 def create_schema_txn(txn: LoggingTransaction) -> None:
     """Create our tables if missing and record the schema version."""
-    for statement in _SCHEMA:
-        txn.execute(statement)
-    txn.execute("SELECT version FROM sps_schema_version")
-    row = txn.fetchone()
-    if row is None:
-        txn.execute(
-            "INSERT INTO sps_schema_version (lock, version) VALUES ('X', ?)",
-            (SCHEMA_VERSION,),
-        )
+    found = create_versioned_txn(
+        txn, _SCHEMA, "sps_schema_version", SCHEMA_VERSION, "database"
+    )
+    if found is None or found == SCHEMA_VERSION:
         return
-    version = row[0]
-    if version > SCHEMA_VERSION:
-        raise RuntimeError(
-            f"synapse_partial_state: database schema version {version} is newer than "
-            f"this module's ({SCHEMA_VERSION}); upgrade the module"
-        )
-    if version < 2:
+    if found < 2:
         _upgrade_to_2_txn(txn)
-    if version < SCHEMA_VERSION:
-        txn.execute("UPDATE sps_schema_version SET version = ?", (SCHEMA_VERSION,))
+    set_version_txn(txn, "sps_schema_version", SCHEMA_VERSION)
 
 
 def _upgrade_to_2_txn(txn: LoggingTransaction) -> None:
@@ -201,37 +185,13 @@ class JobStore:
 
     def __init__(self, api: ModuleApi) -> None:
         self._api = api
-        self._ready = False
-        self._lock = defer.DeferredLock()
+        self._schema = SchemaOnce(
+            api, "sps_create_schema", "module's tables", create_schema_txn
+        )
 
     async def ensure_schema(self) -> None:
         """Create our tables once per process (idempotent, race-free here)."""
-        if self._ready:
-            return
-        await make_deferred_yieldable(self._lock.acquire())
-        try:
-            if not self._ready:
-                await self._create_schema()
-                self._ready = True
-        finally:
-            self._lock.release()
-
-    async def _create_schema(self) -> None:
-        for attempt in range(1, SCHEMA_TRIES + 1):
-            try:
-                await self._api.run_db_interaction(
-                    "sps_create_schema", create_schema_txn
-                )
-                return
-            except Exception as e:
-                if attempt == SCHEMA_TRIES:
-                    raise
-                logger.info(
-                    "Creating the module's tables failed (%s), perhaps created "
-                    "concurrently elsewhere; trying again",
-                    e,
-                )
-                await self._api.sleep(0.2 * attempt)
+        await self._schema.ensure()
 
     async def save(self, job: Job) -> None:
         await self.ensure_schema()

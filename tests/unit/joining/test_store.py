@@ -10,7 +10,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from synapse_partial_state.joining import store as store_module
+from synapse_partial_state import schema as schema_module
 from synapse_partial_state.joining.jobs import Job, Phase
 from synapse_partial_state.joining.store import (
     SCHEMA_VERSION,
@@ -129,7 +129,7 @@ class SchemaCreationTests(unittest.TestCase):
 
     def test_a_concurrent_creation_is_tried_again(self) -> None:
         store, sleeps, calls = self.store(failures=2)
-        with self.assertLogs(store_module.logger, "INFO"):
+        with self.assertLogs(schema_module.logger, "INFO"):
             self.successResultOf(self.ensure(store))
         self.assertEqual(len(calls), 3)
         self.assertEqual(sleeps, [0.2, 0.4])
