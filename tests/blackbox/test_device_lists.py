@@ -192,6 +192,29 @@ class OutgoingDeviceListTests(DeviceListCase):
         self.wait_updates([r, a, c, d], 2)
         self.assert_updates({r: 2, a: 2, b: 1, c: 2, d: 2})
 
+    def test_newly_joined_server_gets_updates_once(self) -> None:
+        """Complement's "device list updates reach newly joined servers in
+        partial state rooms": a server whose user joins during the resync gets a
+        change made while the room is partial at once, not again at the replay,
+        and the changes made after completion."""
+        self.setup_room()
+        rule = self.join_and_hold()
+        (e,) = self.peer.create_servers(1)
+        joined = self.peer.join_users(self.room_id, 1, servers=[e])
+        wait_until(
+            lambda: self.has_event(joined["event_ids"][0]), 30, "e's join at hs2"
+        )
+
+        self.rename_device("during the resync")
+        self.wait_updates([e], 1)
+        self.release(rule)
+        self.assertEqual(self.queued(), 0)
+        self.assert_updates({self.resident: 1, e: 1})
+
+        self.rename_device("after the resync")
+        self.wait_updates([e], 2)
+        self.assert_updates({self.resident: 2, e: 2})
+
     def test_restart_between_queueing_and_replay(self) -> None:
         """The queue survives a restart: replayed once after it, no duplicates."""
         self.setup_room(hidden=("c",))
