@@ -86,15 +86,24 @@ class DeviceListCase(FederationTestCase):
 
     def leave_on_peer(self, key: str) -> None:
         """The member of server ``key`` leaves; hs2 has it once this returns."""
-        user = self.member[key]
-        sent = self.peer.send_event(
+        self.membership_at_hs2(self.member[key], "leave")
+
+    def membership_at_hs2(
+        self, user: str, membership: str, sender: str | None = None
+    ) -> str:
+        """``sender`` (default ``user``) sends ``user``'s ``membership`` through
+        the fake peer; returns its event id once hs2 has it."""
+        event_id: str = self.peer.send_event(
             self.room_id,
             "m.room.member",
-            {"membership": "leave"},
-            sender=user,
+            {"membership": membership},
+            sender=sender or user,
             state_key=user,
+        )["event_id"]
+        wait_until(
+            lambda: self.has_event(event_id), 30, f"{user}'s {membership} at hs2"
         )
-        wait_until(lambda: self.has_event(sent["event_id"]), 30, "the leave at hs2")
+        return event_id
 
     def join_other_room(self, key: str, localpart: str | None = None) -> str:
         """A user of server ``key`` joins a public room bob creates on hs2."""
@@ -384,14 +393,7 @@ class IncomingDeviceListTests(DeviceListCase):
         a = self.server["a"]
         rule = self.join_and_hold()
         elsie = f"@elsie:{a}"
-        joined = self.peer.send_event(
-            self.room_id,
-            "m.room.member",
-            {"membership": "join"},
-            sender=elsie,
-            state_key=elsie,
-        )
-        wait_until(lambda: self.has_event(joined["event_id"]), 30, "elsie's join")
+        self.membership_at_hs2(elsie, "join")
         self.query_keys(elsie)
         wait_until(lambda: self.tracked(elsie), 30, "elsie's devices tracked")
         token = self.bob.sync(timeout_ms=0)["next_batch"]
@@ -526,14 +528,7 @@ class WronglyBelievedMemberTests(DeviceListCase):
             destinations=[],
         )
         rule = self.join_and_hold()
-        joined = self.peer.send_event(
-            self.room_id,
-            "m.room.member",
-            {"membership": "join"},
-            sender=elsie,
-            state_key=elsie,
-        )["event_id"]
-        wait_until(lambda: self.has_event(joined), 30, "elsie's join")
+        self.membership_at_hs2(elsie, "join")
         status, body = self.bob.post(
             "/_matrix/client/v3/keys/query", {"device_keys": {elsie: []}}
         )
@@ -556,24 +551,10 @@ class WronglyBelievedMemberTests(DeviceListCase):
             apply_state=False,
         )["event_id"]
         wait_until(lambda: self.has_event(ban), 30, "the bogus ban")
-        kick = self.peer.send_event(
-            self.room_id,
-            "m.room.member",
-            {"membership": "leave"},
-            sender=derek,
-            state_key=elsie,
-        )["event_id"]
-        wait_until(lambda: self.has_event(kick), 30, "the kick")
+        kick = self.membership_at_hs2(elsie, "leave", sender=derek)
         self.assertTrue(self.rejected(kick))
         self.assertTrue(self.tracked(elsie))  # hs2 believes her still joined
-        rejoin = self.peer.send_event(
-            self.room_id,
-            "m.room.member",
-            {"membership": "join"},
-            sender=elsie,
-            state_key=elsie,
-        )["event_id"]
-        wait_until(lambda: self.has_event(rejoin), 30, "elsie's rejoin")
+        self.membership_at_hs2(elsie, "join")
         fetched = self.fetches(a, elsie)
         self.assertGreater(fetched, 0)
 
