@@ -202,7 +202,9 @@ class StateFetcher:
         still = attempt.writer.outstanding()
         if still:
             servers = [destination] + [s for s in other_servers if s != destination]
+            self._inflight.local_work(room_id, False)
             await self._fetch_one_by_one(attempt, still, servers)
+            self._inflight.local_work(room_id, True)
             timer.lap("single fetches")
         await attempt.writer.flush()
         await attempt.writer.refresh_stats_if_big()
@@ -303,6 +305,7 @@ class StateFetcher:
         def on_pdu(pdu: dict[str, Any]) -> None:
             wanted_keys.update(verify.key_ids_needed(pdu, v1_ids, restricted))
 
+        self._inflight.local_work(attempt.room_id, False)
         answer = await self._ops.state_pdus(
             attempt.destination,
             attempt.room_id,
@@ -311,6 +314,9 @@ class StateFetcher:
             timeout_ms,
             StatePdusParser(on_pdu, v1_ids),
         )
+        # Only checking and storing left: Synapse's own requests for the room's
+        # state now wait for it rather than download it again (see .inflight).
+        self._inflight.local_work(attempt.room_id, True)
         if answer.dropped:
             logger.warning(
                 "Resync of %s: %d item(s) of the /state answer from %s left out: "

@@ -11,12 +11,15 @@ from typing import Any
 from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
 from synapse.events import EventBase, make_event_from_dict
 from synapse.federation.federation_base import event_from_pdu_json
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from synapse_partial_state.joining import fetch as fetch_module
 from synapse_partial_state.joining.fetch import StateFetcher, StateIncomplete
-from synapse_partial_state.joining.inflight import InflightFetches
+from synapse_partial_state.joining.inflight import (
+    STATE_REQUEST_WAIT_S,
+    InflightFetches,
+)
 from synapse_partial_state.joining.verify import VerifierPool, key_ids_needed
 from synapse_partial_state.joining.writer import FetchReport
 from tests.unit.joining.test_verify import held, key_id, make_pdu
@@ -279,5 +282,63 @@ class CompletenessTests(_FetchCase):
                 await self.fetch(self.ops, self.prev.event_id)
             self.assertEqual(raised.exception.missing, 2)
             self.assertNotIn("rejected", str(raised.exception))
+
+        return defer.ensureDeferred(go())
+
+
+class SynapsesOwnRequestsTests(unittest.TestCase):
+    """Synapse's own state request for another event of the room (an event
+    that arrived during the join) while the engine fetches the join's state:
+    bounded by ``STATE_REQUEST_WAIT_S`` while the engine waits for a server, but
+    waiting for the storing once the engine holds the state (asking then would
+    download the whole state a second time)."""
+
+    def test_waits_for_the_storing_not_for_a_server(self) -> defer.Deferred[None]:
+        self.patch(fetch_module, "SINGLE_FETCH_MAX", 0)  # /state even for three
+        clock = task.Clock()
+        inflight = InflightFetches(clock)
+        goods = [make_pdu("10", sender=f"@{n}:a.test") for n in ("a", "b", "c")]
+        ids = [event_from_pdu_json(dict(p), VERSION).event_id for p in goods]
+        prev = member("prev")
+        seen: dict[str, Any] = {}
+        test = self
+
+        def ask_and_wait_past_the_bound() -> defer.Deferred[Any]:
+            asked = defer.ensureDeferred(inflight.answer_for(ROOM, "$fork"))
+            clock.advance(STATE_REQUEST_WAIT_S + 1)
+            return asked
+
+        class Observed(FakeOps):
+            async def state_pdus(self, *args: Any) -> Any:
+                # Waiting for the resident: Synapse asks natively past the bound.
+                asked = ask_and_wait_past_the_bound()
+                test.assertIsNone(test.successResultOf(asked))
+                return await super().state_pdus(*args)
+
+            async def fetch_event(self, *args: Any) -> Any:
+                # Fetching single events: a server again, the bound again.
+                asked = ask_and_wait_past_the_bound()
+                test.assertIsNone(test.successResultOf(asked))
+                return await super().fetch_event(*args)
+
+            async def persist_outliers(self, room_id: str, events: list[Any]) -> None:
+                # Storing what it holds: Synapse waits on.
+                seen.setdefault("while_storing", ask_and_wait_past_the_bound())
+                test.assertNoResult(seen["while_storing"])
+                await super().persist_outliers(room_id, events)
+
+        ops = Observed(state=ids)
+        ops.served[prev.event_id] = prev
+        ops.keys = held("a.test")
+        ops.answer = json.dumps({"pdus": goods, "auth_chain": []}).encode()
+        fetcher = StateFetcher(ops, VerifierPool(0), inflight)  # type: ignore[arg-type]
+        fetcher.expect_join_state(ROOM)
+
+        async def go() -> None:
+            await fetcher.fetch_state_before(DESTINATION, FakeJoin(prev.event_id), [])  # type: ignore[arg-type]
+            # Stored: the waiting request goes ahead (natively: another event).
+            self.assertIsNone(self.successResultOf(seen["while_storing"]))
+            self.assertEqual(ops.stored, {*ids, prev.event_id})
+            self.assertEqual(clock.getDelayedCalls(), [])
 
         return defer.ensureDeferred(go())

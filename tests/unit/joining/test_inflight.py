@@ -6,6 +6,7 @@ from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from synapse_partial_state.joining.inflight import (
+    LOCAL_WORK_WAIT_S,
     STATE_REQUEST_WAIT_S,
     InflightFetches,
 )
@@ -85,3 +86,48 @@ class InflightFetchesTests(unittest.TestCase):
         self.inflight.release_join_state(ROOM)
         self.assertEqual(self.successResultOf(self.ask("$prev")), ANSWER)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_while_the_engine_only_stores_synapse_waits_for_it(self) -> None:
+        """Once the engine holds the state (only checking and storing left), a
+        request waits past the server bound: asking natively would download the
+        same state again. Up to a safety bound; the engine's release ends it."""
+        self.inflight.expect_join_state(ROOM)
+        early = self.ask("$fork")
+        self.clock.advance(STATE_REQUEST_WAIT_S - 1)
+        self.inflight.local_work(ROOM, True)  # the download arrived
+        self.clock.advance(5)
+        self.assertNoResult(early)
+        late = self.ask("$fork")
+        self.clock.advance(STATE_REQUEST_WAIT_S * 10)
+        self.assertNoResult(late)
+        self.inflight.release_join_state(ROOM)
+        self.assertIsNone(self.successResultOf(early))
+        self.assertIsNone(self.successResultOf(late))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_waiting_for_a_server_again_brings_the_bound_back(self) -> None:
+        self.inflight.expect_join_state(ROOM)
+        self.inflight.local_work(ROOM, True)
+        self.inflight.local_work(ROOM, False)  # e.g. single events fetched
+        asked = self.ask("$fork")
+        self.clock.advance(STATE_REQUEST_WAIT_S + 0.1)
+        self.assertIsNone(self.successResultOf(asked))
+
+    def test_storing_that_never_ends_is_waited_for_a_bounded_time(self) -> None:
+        self.inflight.expect_join_state(ROOM)
+        self.inflight.local_work(ROOM, True)
+        asked = self.ask("$fork")
+        self.clock.advance(LOCAL_WORK_WAIT_S - 1)
+        self.assertNoResult(asked)
+        self.clock.advance(2)
+        self.assertIsNone(self.successResultOf(asked))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_release_ends_the_local_work(self) -> None:
+        self.inflight.expect_join_state(ROOM)
+        self.inflight.local_work(ROOM, True)
+        self.inflight.release_join_state(ROOM)
+        self.inflight.begin(ROOM, ["$prev"])  # a later fetch, waiting for a server
+        asked = self.ask("$prev")
+        self.clock.advance(STATE_REQUEST_WAIT_S + 0.1)
+        self.assertIsNone(self.successResultOf(asked))
