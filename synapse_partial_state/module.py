@@ -23,6 +23,7 @@ from synapse_partial_state.compat.backfill import (
     install_backfill,
     skip_reuse_while_backfilling,
 )
+from synapse_partial_state.compat.bulk import gate as bulk_gate
 from synapse_partial_state.compat.bulk.finish import install_bulk_finish
 from synapse_partial_state.compat.bulk.gate import BulkGate
 from synapse_partial_state.compat.bulk.outliers import bulk_outlier_writer
@@ -113,7 +114,11 @@ class PartialStateModule:
         install_identical_state_shortcut(api)
         # Wherever this process persists events (current state included).
         install_current_state_guard(api)
-        install_bulk_finish(api, config.resync.bulk_finish)
+        # The bulk writers' release check, once (it warns on an untested one).
+        release = bulk_gate.release_verdict()
+        install_bulk_finish(
+            api, bulk_gate.configured(release, config.resync.bulk_finish)
+        )
         # Wherever this process serves the client API (main or workers).
         self._wire_clients(api, config)
         if config.resident.enabled:
@@ -134,7 +139,7 @@ class PartialStateModule:
         # Synapse joins remote rooms on the main process only.
         self._wire_join(api, pool)
         if config.resync.enabled:
-            engine = self._wire_engine(api, config, pool)
+            engine = self._wire_engine(api, config, pool, release)
             if self.device_lists is not None:
                 engine.add_abandon_listener(
                     self.device_lists.on_room_abandoned,
@@ -197,7 +202,11 @@ class PartialStateModule:
         install_join_key_prefetch(api, prefetch.on_hint, check.before_check)
 
     def _wire_engine(
-        self, api: ModuleApi, config: PartialStateConfig, pool: VerifierPool | None
+        self,
+        api: ModuleApi,
+        config: PartialStateConfig,
+        pool: VerifierPool | None,
+        release: BulkGate,
     ) -> ResyncEngine:
         """The resync engine, its own state fetch (with ``pool``, when
         ``fast_state_fetch``), and Synapse's hooks into both."""
@@ -207,9 +216,8 @@ class PartialStateModule:
             install_state_ids_reuse(
                 api, skip_reuse_while_backfilling(inflight.answer_for)
             )
-            self.bulk_gate, bulk = bulk_outlier_writer(
-                patching.homeserver(api), config.resync.bulk_writer
-            )
+            self.bulk_gate = bulk_gate.configured(release, config.resync.bulk_writer)
+            bulk = bulk_outlier_writer(patching.homeserver(api), self.bulk_gate)
             fetcher = StateFetcher(StateFetchOps(api, bulk), pool, inflight)
         engine = ResyncEngine(
             api,

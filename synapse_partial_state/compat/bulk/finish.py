@@ -48,7 +48,7 @@ from typing import Any
 
 from synapse.module_api import ModuleApi
 
-from synapse_partial_state.compat.bulk.gate import check_bulk_gate
+from synapse_partial_state.compat.bulk.gate import BulkGate
 from synapse_partial_state.compat.patching import homeserver, wrap_instance_method
 
 logger = logging.getLogger(__name__)
@@ -85,13 +85,13 @@ def chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
         yield chunk
 
 
-def install_bulk_finish(api: ModuleApi, enabled: bool) -> BulkFinish | None:
-    """The bulk finish, where this process persists events and the bulk gate
-    (:func:`.gate.check_bulk_gate`) allows it; None elsewhere."""
+def install_bulk_finish(api: ModuleApi, verdict: BulkGate) -> BulkFinish | None:
+    """The bulk finish, where this process persists events and the bulk gate's
+    ``verdict`` (:func:`.gate.check_bulk_gate`) allows it; None elsewhere."""
     hs = homeserver(api)
     if hs.get_storage_controllers().persistence is None:
         return None
-    if not check_bulk_gate(enabled).allowed:
+    if not verdict.allowed:
         return None
     finish = BulkFinish(hs)
     finish.install()

@@ -45,12 +45,26 @@ class BulkGate:
 
 
 def check_bulk_gate(enabled: bool = True) -> BulkGate:
-    """Decide whether the bulk writers run here (logs once when they do not)."""
-    from synapse.storage.schema import SCHEMA_VERSION
+    """Decide whether the bulk writers run here: on this release and schema
+    (warns when not: call it once per process, see :func:`configured`), and
+    with ``enabled`` from the config."""
+    return configured(release_verdict(), enabled)
 
+
+def configured(release: BulkGate, enabled: bool) -> BulkGate:
+    """One writer's verdict: the release's (:func:`release_verdict`, decided
+    once for every writer), unless its setting turns it off."""
     if not enabled:
         logger.info("synapse_partial_state: %s", BULK_OFF_CONFIG)
         return BulkGate(False, BULK_OFF_CONFIG)
+    return release
+
+
+def release_verdict() -> BulkGate:
+    """Whether this Synapse release and schema are ones the bulk writers were
+    tested on (a warning when not)."""
+    from synapse.storage.schema import SCHEMA_VERSION
+
     found = synapse_version()
     if found in BULK_TESTED_SYNAPSE_VERSIONS and (
         SCHEMA_VERSION == BULK_TESTED_SCHEMA_VERSION

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import attr
 from synapse.storage.controllers.persist_events import _PersistEventsTask
 
-from synapse_partial_state.compat.bulk.gate import BulkGate, check_bulk_gate
+from synapse_partial_state.compat.bulk.gate import BulkGate
 from synapse_partial_state.compat.patching import wrap_instance_method
 
 if TYPE_CHECKING:
@@ -277,14 +277,11 @@ class BulkOutlierWriter:
         return replaced
 
 
-def bulk_outlier_writer(
-    hs: HomeServer, enabled: bool
-) -> tuple[BulkGate, BulkOutlierWriter | None]:
-    """The bulk gate's verdict (``resync.bulk_writer``, the Synapse release and
-    schema), and the writer where it allows it (else None: the resync stores
+def bulk_outlier_writer(hs: HomeServer, verdict: BulkGate) -> BulkOutlierWriter | None:
+    """The writer where the bulk gate's ``verdict`` (``resync.bulk_writer``,
+    the Synapse release and schema) allows it (else None: the resync stores
     through Synapse's ``_auth_and_persist_outliers``)."""
-    verdict = check_bulk_gate(enabled)
-    return verdict, BulkOutlierWriter(hs) if verdict.allowed else None
+    return BulkOutlierWriter(hs) if verdict.allowed else None
 
 
 def _zero_duration() -> Any:

@@ -124,7 +124,7 @@ class InstallTests(unittest.TestCase):
             mock.patch.object(finish, "homeserver", return_value=fake_hs(store)),
             mock.patch.object(gate, "synapse_version", return_value=version),
         ):
-            finish.install_bulk_finish(api, enabled)
+            finish.install_bulk_finish(api, gate.check_bulk_gate(enabled))
         return store
 
     def wrapped(self, store: EventsStore) -> bool:
@@ -143,4 +143,6 @@ class InstallTests(unittest.TestCase):
 
     def test_not_where_events_are_not_persisted(self) -> None:
         with mock.patch.object(finish, "homeserver", return_value=fake_hs(None)):
-            self.assertIsNone(finish.install_bulk_finish(mock.Mock(), True))
+            self.assertIsNone(
+                finish.install_bulk_finish(mock.Mock(), gate.BulkGate(True))
+            )

@@ -34,3 +34,16 @@ class BulkGateTests(unittest.TestCase):
     def test_off_by_configuration(self) -> None:
         verdict = gate.check_bulk_gate(enabled=False)
         self.assertEqual(verdict, gate.BulkGate(False, gate.BULK_OFF_CONFIG))
+
+    def test_one_warning_for_both_writers(self) -> None:
+        """The release is checked once; each writer's setting then applies to
+        that verdict without a second warning."""
+        with mock.patch.object(gate, "synapse_version", return_value=(1, 164, 0)):
+            with self.assertLogs(gate.logger, "INFO") as logs:
+                release = gate.release_verdict()
+                finish = gate.configured(release, True)
+                outliers = gate.configured(release, False)
+        self.assertEqual(finish, gate.BulkGate(False, gate.BULK_OFF_UNTESTED))
+        self.assertEqual(outliers, gate.BulkGate(False, gate.BULK_OFF_CONFIG))
+        warnings = [line for line in logs.output if line.startswith("WARNING")]
+        self.assertEqual(len(warnings), 1)

@@ -70,7 +70,8 @@ class GateDecidesTheWriter(unittest.TestCase):
                 outliers, "BulkOutlierWriter", side_effect=lambda hs: built.append(hs)
             ),
         ):
-            verdict, _ = outliers.bulk_outlier_writer("hs", enabled)  # type: ignore[arg-type]
+            verdict = gate.check_bulk_gate(enabled)
+            outliers.bulk_outlier_writer("hs", verdict)  # type: ignore[arg-type]
         return verdict, built
 
     def test_tested_release_gets_the_bulk_writer(self) -> None:
