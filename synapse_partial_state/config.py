@@ -95,6 +95,11 @@ class ClientsConfig:
     #: answer at once with the members known so far, marked as syncing, for an
     #: unencrypted room (an encrypted room always blocks).
     members_during_resync: str = MEMBERS_BLOCK
+    #: How long a ``/messages`` page of a partial-state room waits for history
+    #: from the resident (its backfill) before answering with the events here
+    #: and ``end``; the backfill goes on and the client's next page gets it.
+    #: A page that would be empty waits for the backfill whatever this says.
+    history_wait_seconds: float = 0.5
 
 
 @attr.s(frozen=True, auto_attribs=True, slots=True)
@@ -259,6 +264,9 @@ def _parse_clients(r: _Reader) -> ClientsConfig:
             "members_during_resync",
             d.members_during_resync,
             (MEMBERS_BLOCK, MEMBERS_PARTIAL),
+        ),
+        history_wait_seconds=r.seconds(
+            "history_wait_seconds", d.history_wait_seconds, 0, 600
         ),
     )
     r.finish()

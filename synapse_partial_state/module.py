@@ -164,7 +164,11 @@ class PartialStateModule:
         install_join_summary_capture(summaries.on_summary)
         ops = ClientOps(api, summaries)
         members = MembersDuringResync(config.clients, ops)
-        install_partial_reads(members.answers_at_once, members.mark)
+        install_partial_reads(
+            members.answers_at_once,
+            members.mark,
+            config.clients.history_wait_seconds,
+        )
         install_backfill(patching.homeserver(api))
         endpoint = PartialStateEndpoint(api, ops, jobs)
         mount_client_api(endpoint.routes())

@@ -61,6 +61,11 @@ from typing import TYPE_CHECKING, Any
 import attr
 
 from synapse_partial_state.compat.backfill import backfilling
+from synapse_partial_state.compat.history_budget import (
+    FOREGROUND_BACKFILL_BUDGET_S,
+    backfill_within_budget,
+    page_within_budget,
+)
 from synapse_partial_state.compat.patching import wrap_instance_method
 from synapse_partial_state.wire import SYNCING_FIELD
 
@@ -82,6 +87,8 @@ _PARTIAL_READS: ContextVar[frozenset[str]] = ContextVar(
 class _MembersPolicy:
     answers_at_once: AnswersAtOnce
     mark: MarkMembers
+    #: ``clients.history_wait_seconds`` (see :mod:`.history_budget`)
+    history_wait_s: float = FOREGROUND_BACKFILL_BUDGET_S
 
 
 #: Set by :func:`install_partial_reads`; read by the class-level wrappers.
@@ -139,8 +146,13 @@ def _wrap_get_messages(native: Callable[..., Any]) -> Callable[..., Any]:
         scope: its lazy-loaded members as known so far, its backfill deferred."""
         if not await self.store.is_partial_state_room(room_id):
             return await native(self, requester, room_id, *a, **kw)
-        with reading_partial_state(room_id):
-            return await native(self, requester, room_id, *a, **kw)
+
+        async def page() -> Any:
+            with reading_partial_state(room_id):
+                return await native(self, requester, room_id, *a, **kw)
+
+        wait_s = _POLICY[0].history_wait_s if _POLICY else None
+        return await page_within_budget(page, wait_s)
 
     return get_messages
 
@@ -158,7 +170,10 @@ def _wrap_maybe_backfill(native: Callable[..., Any]) -> Callable[..., Any]:
         ):
             return await native(self, room_id, *a, **kw)
         with backfilling(room_id):
-            return await native(self, room_id, *a, **kw)
+            # Created here: the backfill keeps this scope wherever it runs.
+            return await backfill_within_budget(
+                self.hs, room_id, lambda: native(self, room_id, *a, **kw)
+            )
 
     return maybe_backfill
 
@@ -212,10 +227,14 @@ def _wrap_get_child_events(native: Callable[..., Any]) -> Callable[..., Any]:
     return _get_child_events
 
 
-def install_partial_reads(answers_at_once: AnswersAtOnce, mark: MarkMembers) -> None:
+def install_partial_reads(
+    answers_at_once: AnswersAtOnce,
+    mark: MarkMembers,
+    history_wait_s: float = FOREGROUND_BACKFILL_BUDGET_S,
+) -> None:
     """The wrappers of the module docstring, each installed once; installing
-    again replaces the members policy."""
-    _POLICY[:] = [_MembersPolicy(answers_at_once, mark)]
+    again replaces the members policy and the history wait."""
+    _POLICY[:] = [_MembersPolicy(answers_at_once, mark, history_wait_s)]
     for owner, name, wrap, why in _wrappers():
         target = f"{owner.__module__}.{owner.__name__}.{name}"
         wrap_instance_method(owner, name, wrap, target, why, kind="wrap")

@@ -15,11 +15,12 @@ Each test runs on SQLite and on PostgreSQL.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 from urllib.parse import quote
 
 from synapse_partial_state.wire import SYNCING_FIELD
-from tests.blackbox.resync_case import STATE_PATH, wait_until
+from tests.blackbox.resync_case import FAST, STATE_PATH, wait_until
 from tests.blackbox.test_clients_partial_reads import PartialReadsCase
 from tests.fedkit.testcase import on_both_databases
 
@@ -38,11 +39,109 @@ def bodies(events: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-@on_both_databases
-class HistoryDuringResync(PartialReadsCase):
+#: The resident's /backfill.
+BACKFILL_PATH = r"^/_matrix/federation/v1/backfill/"
+
+#: FAST, with a page waiting for its whole backfill (as stock): the tests of
+#: what bob sees compare a single page with what he sees after the resync.
+WHOLE_PAGES: dict[str, Any] = {
+    **FAST,
+    "module_config": {
+        "resync": {"initial_backoff_seconds": 0.5, "max_backoff_seconds": 2},
+        "clients": {"history_wait_seconds": 300},
+    },
+}
+
+
+class HistoryCase(PartialReadsCase):
     #: More member events than one /backfill (100 events) reaches back through.
     MEMBERS = 150
 
+    def partial_state_events(self) -> int:
+        """How many of the room's events have partial state at hs2."""
+        rows = self.hs2.sql(
+            "SELECT COUNT(*) FROM partial_state_events WHERE room_id = ?",
+            (self.room_id,),
+        )
+        return int(rows[0][0])
+
+    def admin_messages(self) -> list[str]:
+        """The room's message bodies at hs2, whoever may see them (admin API)."""
+        path = f"/_synapse/admin/v1/rooms/{quote(self.room_id, safe='')}/messages"
+        status, page = self.admin.get(path, params={"dir": "b", "limit": 50})
+        self.assertEqual(status, 200, page)
+        return bodies(page["chunk"])
+
+    def say(self, body: str) -> str:
+        """The fake resident's creator sends a message; its event ID."""
+        sent = self.peer.send_event(
+            self.room_id, "m.room.message", {"msgtype": "m.text", "body": body}
+        )
+        return str(sent["event_id"])
+
+    def history(self, event_id: str) -> dict[str, Any]:
+        """bob's /messages backward from the end, /context around ``event_id``
+        and /event of it: the message bodies, the members who joined among the
+        events, the /context answer. /context and /event answer within seconds;
+        /messages backfills (up to 100 events from the resident, each processed
+        by Synapse as stock does after the resync: seconds on a loaded machine),
+        so it is given longer (the callers check that the resync is still held
+        after it: it did not wait for it)."""
+        page = self.paginate(20)
+        context = self.get_at_once(room_path(self.room_id, "context", event_id))
+        self.assertEqual(context["event"]["event_id"], event_id)
+        ids = [e["event_id"] for e in page["chunk"]]
+        self.assertIn(event_id, ids)
+        self.assertEqual(
+            [e["event_id"] for e in context["events_before"]][:1], ids[1:2]
+        )
+        got = self.get_at_once(room_path(self.room_id, "event", event_id))
+        self.assertEqual(got["content"]["body"], "after")
+        return {
+            "messages": bodies(page["chunk"]),
+            "members": {
+                e["state_key"]
+                for e in page["chunk"]
+                if e["type"] == "m.room.member"
+                and e["content"].get("membership") == "join"
+            },
+            "context": context,
+            "page": page,
+        }
+
+    def paginate(self, wanted: int) -> dict[str, Any]:
+        """bob's /messages backward from the end, page after page as a client
+        does, until ``wanted`` events or the start of the room: one page of
+        them (``chunk``, and the last page's ``end``). A page may answer before
+        its backfill is done (past the module's budget), with ``end``."""
+        path = room_path(self.room_id, "messages")
+        chunk: list[dict[str, Any]] = []
+        end = None
+        while len(chunk) < wanted:
+            params = {"dir": "b", "limit": str(wanted - len(chunk))}
+            if end is not None:
+                params["from"] = end
+            status, page = self.bob.get(path, params=params, timeout=120)
+            self.assertEqual(status, 200, page)
+            chunk += page["chunk"]
+            end = page.get("end")
+            if end is None:
+                break
+        return {"chunk": chunk, "end": end}
+
+    def assert_forward_same(self, page: dict[str, Any]) -> None:
+        """/messages forward from where ``page`` (backward) ended answers within
+        seconds with the same events, oldest first."""
+        path = room_path(self.room_id, "messages")
+        forward = self.get_at_once(f"{path}?dir=f&limit=20&from={page['end']}")
+        self.assertEqual(
+            [e["event_id"] for e in forward["chunk"]],
+            [e["event_id"] for e in reversed(page["chunk"])],
+        )
+
+
+@on_both_databases
+class HistoryDuringResync(HistoryCase):
     def test_shared(self) -> None:
         """shared: bob may see what came before his join."""
         self.check_history("shared", [], sees_before=True)
@@ -85,7 +184,7 @@ class HistoryDuringResync(PartialReadsCase):
         the backward page ended gives the same events; once complete, the same
         answers, and no event has partial state."""
         self.HISTORY_VISIBILITY = visibility
-        self.setup_room()
+        self.setup_room(**WHOLE_PAGES)
         carol = self.register(self.hs2, "carol")
         for item in earlier:
             if " " in item:
@@ -128,67 +227,40 @@ class HistoryDuringResync(PartialReadsCase):
         self.assertEqual(status, 200 if sees_before else 404)
         self.assertEqual(self.partial_state_events(), 0)
 
-    def partial_state_events(self) -> int:
-        """How many of the room's events have partial state at hs2."""
-        rows = self.hs2.sql(
-            "SELECT COUNT(*) FROM partial_state_events WHERE room_id = ?",
-            (self.room_id,),
-        )
-        return int(rows[0][0])
 
-    def admin_messages(self) -> list[str]:
-        """The room's message bodies at hs2, whoever may see them (admin API)."""
-        path = f"/_synapse/admin/v1/rooms/{quote(self.room_id, safe='')}/messages"
-        status, page = self.admin.get(path, params={"dir": "b", "limit": 50})
-        self.assertEqual(status, 200, page)
-        return bodies(page["chunk"])
-
-    def say(self, body: str) -> str:
-        """The fake resident's creator sends a message; its event ID."""
-        sent = self.peer.send_event(
-            self.room_id, "m.room.message", {"msgtype": "m.text", "body": body}
-        )
-        return str(sent["event_id"])
-
-    def history(self, event_id: str) -> dict[str, Any]:
-        """bob's /messages backward from the end, /context around ``event_id``
-        and /event of it: the message bodies, the members who joined among the
-        events, the /context answer. /context and /event answer within seconds;
-        /messages backfills (up to 100 events from the resident, each processed
-        by Synapse as stock does after the resync: seconds on a loaded machine),
-        so it is given longer (the callers check that the resync is still held
-        after it: it did not wait for it)."""
-        status, page = self.bob.get(
-            room_path(self.room_id, "messages") + "?dir=b&limit=20", timeout=120
-        )
-        self.assertEqual(status, 200, page)
-        context = self.get_at_once(room_path(self.room_id, "context", event_id))
-        self.assertEqual(context["event"]["event_id"], event_id)
-        ids = [e["event_id"] for e in page["chunk"]]
-        self.assertIn(event_id, ids)
-        self.assertEqual(
-            [e["event_id"] for e in context["events_before"]][:1], ids[1:2]
-        )
-        got = self.get_at_once(room_path(self.room_id, "event", event_id))
-        self.assertEqual(got["content"]["body"], "after")
-        return {
-            "messages": bodies(page["chunk"]),
-            "members": {
-                e["state_key"]
-                for e in page["chunk"]
-                if e["type"] == "m.room.member"
-                and e["content"].get("membership") == "join"
-            },
-            "context": context,
-            "page": page,
-        }
-
-    def assert_forward_same(self, page: dict[str, Any]) -> None:
-        """/messages forward from where ``page`` (backward) ended answers within
-        seconds with the same events, oldest first."""
+@on_both_databases
+class HistoryFromABusyResident(HistoryCase):
+    def test_the_page_answers_with_what_is_here_and_history_follows(self) -> None:
+        """The resident is slow to answer /backfill (held): bob's first page
+        answers within the module's budget with the events here and ``end``;
+        the next page, which would be empty, waits for the backfill (an empty
+        page without ``end`` would tell the client it reached the room's start)
+        and, once the resident answers, gives the history from before the
+        join. All while the resync is held."""
+        self.HISTORY_VISIBILITY = "shared"
+        self.setup_room()
+        self.say("before 0")
+        self.join_held(STATE_PATH)
+        after_id = self.say("after")
+        event = room_path(self.room_id, "event", after_id)
+        wait_until(lambda: self.bob.get(event)[0] == 200, 30, "'after' at hs2")
+        backfill = self.peer.add_behaviour(BACKFILL_PATH, "hold")
         path = room_path(self.room_id, "messages")
-        forward = self.get_at_once(f"{path}?dir=f&limit=20&from={page['end']}")
-        self.assertEqual(
-            [e["event_id"] for e in forward["chunk"]],
-            [e["event_id"] for e in reversed(page["chunk"])],
+        started = time.monotonic()
+        status, first = self.bob.get(path, params={"dir": "b", "limit": 20})
+        took = time.monotonic() - started
+        self.assertEqual(status, 200, first)
+        self.assertLess(took, 5)  # the budget (0.5 s), then the page itself
+        self.assertEqual(bodies(first["chunk"]), ["after"])
+        self.assertIn("end", first)
+        after_end = f"{path}?dir=b&limit=20&from={quote(first['end'])}"
+        self.assert_blocks(after_end)
+        self.peer.remove_behaviour(backfill)
+        wait_until(
+            lambda: (
+                "before 0" in bodies(self.bob.get(after_end, timeout=60)[1]["chunk"])
+            ),
+            60,
+            "the history from before the join",
         )
+        self.assertTrue(self.partial())  # still held: nothing waited for it

@@ -50,3 +50,14 @@ class ClientsConfigTests(ConfigAssertions):
 
     def test_section_not_a_mapping(self) -> None:
         self.assert_rejected({"clients": "partial"}, "config.clients", "'partial'")
+
+    def test_history_wait(self) -> None:
+        self.assertEqual(ClientsConfig().history_wait_seconds, 0.5)
+        config = PartialStateModule.parse_config(
+            {"clients": {"history_wait_seconds": 2}}
+        )
+        self.assertEqual(config.clients.history_wait_seconds, 2)
+        self.assert_rejected(
+            {"clients": {"history_wait_seconds": -1}},
+            "'clients.history_wait_seconds'",
+        )
