@@ -87,7 +87,10 @@ class HistoryCase(PartialReadsCase):
         by Synapse as stock does after the resync: seconds on a loaded machine),
         so it is given longer (the callers check that the resync is still held
         after it: it did not wait for it)."""
-        page = self.paginate(20)
+        status, page = self.bob.get(
+            room_path(self.room_id, "messages") + "?dir=b&limit=20", timeout=120
+        )
+        self.assertEqual(status, 200, page)
         context = self.get_at_once(room_path(self.room_id, "context", event_id))
         self.assertEqual(context["event"]["event_id"], event_id)
         ids = [e["event_id"] for e in page["chunk"]]
@@ -108,26 +111,6 @@ class HistoryCase(PartialReadsCase):
             "context": context,
             "page": page,
         }
-
-    def paginate(self, wanted: int) -> dict[str, Any]:
-        """bob's /messages backward from the end, page after page as a client
-        does, until ``wanted`` events or the start of the room: one page of
-        them (``chunk``, and the last page's ``end``). A page may answer before
-        its backfill is done (past the module's budget), with ``end``."""
-        path = room_path(self.room_id, "messages")
-        chunk: list[dict[str, Any]] = []
-        end = None
-        while len(chunk) < wanted:
-            params = {"dir": "b", "limit": str(wanted - len(chunk))}
-            if end is not None:
-                params["from"] = end
-            status, page = self.bob.get(path, params=params, timeout=120)
-            self.assertEqual(status, 200, page)
-            chunk += page["chunk"]
-            end = page.get("end")
-            if end is None:
-                break
-        return {"chunk": chunk, "end": end}
 
     def assert_forward_same(self, page: dict[str, Any]) -> None:
         """/messages forward from where ``page`` (backward) ended answers within
