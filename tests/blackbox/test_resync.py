@@ -381,6 +381,41 @@ class ForkDuringResync(ResyncCase):
         self.assertEqual(len(full), 1, full)
         self.assert_full_members()
 
+    def test_a_fork_while_the_state_is_held_is_narrowed_not_downloaded(
+        self,
+    ) -> None:
+        """The same fork while the resident holds every ``/state`` (longer than
+        Synapse's bounded wait for the engine): the event Synapse pulls on the
+        fork gets a partial state at once (the state before it narrowed: only
+        what a partial state lacks is left out), so the forked message shows
+        while the resync is held; the room's whole state is still downloaded
+        once, by the engine, and the room ends as the resident has it. (Stock,
+        and the module before, downloaded it a second time for the fork.)"""
+        self.setup_room()
+        fork_point = self.peer.room(self.room_id)["last_event_id"]
+        self.peer.send_event(
+            self.room_id, "m.room.message", {"msgtype": "m.text", "body": "before"}
+        )
+        rule = self.peer.add_behaviour(STATE_PATH, "hold")
+        since = self.hs2.log_offset()
+        started = time.time()
+        self.bob.join(self.room_id, via=[self.resident])
+        self.peer.send_event(
+            self.room_id,
+            "m.room.message",
+            {"msgtype": "m.text", "body": "forked"},
+            prev_events=[fork_point],
+        )
+        self.bob.wait_for_message(self.room_id, "forked", timeout=30)
+        self.hs2.wait_for_log(r"state at \S+ narrowed to", timeout=10, since=since)
+        self.assertTrue(self.job()["running"])  # still held
+        self.peer.remove_behaviour(rule)
+        self.wait_complete(since)
+        full = self.peer.requests(path_regex=STATE_PATH, since=started)
+        self.assertEqual(len(full), 1, full)
+        self.assert_full_members()
+        self.assert_resident_state()
+
 
 @on_both_databases
 class EventsDuringAHeldResync(ResyncCase):
