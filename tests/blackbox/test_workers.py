@@ -1,0 +1,180 @@
+"""The module in a Synapse worker deployment: real workers, real nginx, real Redis.
+
+:class:`~tests.fedkit.workers.WorkerHomeserver` runs a main process, two
+federation workers, a sync worker, a client reader, a federation sender and a
+background worker on PostgreSQL, behind nginx routed as Synapse's worker
+documentation says. PostgreSQL only; skipped when PostgreSQL, Redis or nginx is
+missing.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, cast
+from urllib.parse import quote
+
+from synapse_partial_state.wire import SYNCING_FIELD
+from tests.blackbox.resync_case import FAST, STATE_PATHS, resident_state, wait_until
+from tests.fedkit.matrix_client import Client
+from tests.fedkit.testcase import FederationTestCase
+from tests.fedkit.workers import WorkerHomeserver, unavailable_reason
+
+#: Processes serving the client API (each checked on its own listener).
+CLIENT_PROCESSES = (
+    "main",
+    "federation1",
+    "federation2",
+    "synchrotron",
+    "client_reader",
+)
+
+
+def processed(path_regex: str, origin: str) -> re.Pattern[str]:
+    """Synapse's access-log line of a request from ``origin`` for ``path_regex``."""
+    return re.compile(
+        rf"\{{{re.escape(origin)}\}} Processed request: .* \"GET {path_regex}"
+    )
+
+
+class WorkerCase(FederationTestCase):
+    DATABASE = "postgres"
+
+    def setUp(self) -> None:
+        super().setUp()
+        reason = unavailable_reason()
+        if reason is not None:
+            self.skipTest(reason)
+
+    def client_at(self, hs: WorkerHomeserver, process: str, client: Client) -> Client:
+        """``client``'s user talking to one process directly (no nginx)."""
+        url = hs.main_url if process == "main" else hs.workers[process].url
+        direct = Client(url, client.user_id, client.access_token)
+        self.addCleanup(direct.close)
+        return direct
+
+    def assert_routed(
+        self, hs: WorkerHomeserver, path_regex: str, processes: set[str]
+    ) -> None:
+        """nginx sent every request matching ``path_regex`` to ``processes``
+        (nginx logs a request once it has answered it: wait a little)."""
+        try:
+            wait_until(
+                lambda: self.upstreams_of(hs, path_regex) == processes,
+                10,
+                f"{path_regex} routed to {processes}",
+            )
+        except TimeoutError:
+            self.assertEqual(self.upstreams_of(hs, path_regex), processes)
+
+    def upstreams_of(self, hs: WorkerHomeserver, path_regex: str) -> set[str]:
+        """Which processes nginx sent the requests matching ``path_regex`` to."""
+        names = set()
+        for line in hs.access_log().splitlines():
+            if re.search(rf"\"[A-Z]+ {path_regex}", line):
+                m = re.search(r"upstream=127\.0\.0\.1:(\d+)", line)
+                if m:
+                    names.add(hs.process_of_port(int(m.group(1))) or m.group(1))
+        return names
+
+
+class ModuleJoinerOnWorkers(WorkerCase):
+    MEMBERS = 120
+    SERVERS = 4
+
+    def test_partial_join_and_resync_seen_by_every_process(self) -> None:
+        peer = self.make_fake_peer()
+        room = peer.create_room(
+            members=self.MEMBERS, servers=self.SERVERS, name="Worker room"
+        )
+        room_id, resident = room["room_id"], room["resident"]
+        hs2 = self.make_worker_homeserver(
+            "hs2",
+            module_config={
+                **cast(dict[str, Any], FAST["module_config"]),
+                "clients": {"members_during_resync": "partial"},
+            },
+            extra_config=FAST["extra_config"],
+        )
+        bob = self.register(hs2, "bob")
+        # The resident's state answers are held back a while: the room stays
+        # partial long enough to see it so on the workers.
+        hold = peer.add_behaviour(STATE_PATHS, "delay", seconds=8)
+        since = hs2.log_offset()
+        bob.join(room_id, via=[resident])
+        # The join went through the client worker; the resync runs on main.
+        self.assert_routed(hs2, "/_matrix/client/v3/join/", {"client_reader"})
+        hs2.wait_for_log(rf"Starting resync of {re.escape(room_id)}", since=since)
+        path = f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/joined_members"
+        status, body = bob.get(path)
+        self.assertEqual(status, 200, body)
+        self.assertIs(body.get(SYNCING_FIELD), True, "the client reader: not partial")
+        peer.remove_behaviour(hold)
+        hs2.wait_for_log(
+            rf"Resync of {re.escape(room_id)} complete", timeout=180, since=since
+        )
+        for name in hs2.workers:
+            self.assertNotIn(
+                f"Resync of {room_id} complete",
+                hs2.worker_log(name),
+                f"{name} ran the resync",
+            )
+
+        expected = room["member_count"] + 1
+        # Through nginx (the client reader).
+        self.assertEqual(len(bob.joined_members(room_id, timeout=60)), expected)
+        # Every process serving clients sees the room's partial flag clear:
+        # with members_during_resync=partial, a process that still thought it
+        # partial would answer from the partial state, marked syncing.
+        for name in CLIENT_PROCESSES:
+            direct = self.client_at(hs2, name, bob)
+
+            def complete(direct: Client = direct) -> Any:
+                status, body = direct.get(path, timeout=60)
+                self.assertEqual(status, 200, body)
+                return SYNCING_FIELD not in body and body
+
+            body = wait_until(complete, 30, f"{name}: the room not partial")
+            self.assertEqual(len(body["joined"]), expected, name)
+
+        # /sync through nginx is the sync worker's, and shows the room, complete.
+        sync = bob.sync(filter=Client.lazy_loading_filter(room_id))
+        self.assertIn(room_id, sync["rooms"]["join"])
+        self.assertIsNot(sync["rooms"]["join"][room_id].get(SYNCING_FIELD), True)
+        self.assert_routed(hs2, "/_matrix/client/v3/sync", {"synchrotron"})
+        # The room's state on hs2 is exactly the resident's.
+        got = {
+            (e["type"], e["state_key"]): e["event_id"] for e in bob.room_state(room_id)
+        }
+        expected_state = resident_state(
+            peer.room_events(room_id, limit=100000)["events"]
+        )
+        expected_state[("m.room.member", bob.user_id)] = got[
+            ("m.room.member", bob.user_id)
+        ]
+        self.assertEqual(got, expected_state)
+
+        # The federation sender sends bob's message to every server of the
+        # room, not only to the ones it knew at the join.
+        peer.clear_transactions()
+        bob.send_message(room_id, "after the resync")
+        servers = {m.split(":", 1)[1] for m in bob.joined_members(room_id)}
+        servers.discard(hs2.server_name)
+
+        def reached() -> set[str]:
+            got_by = {
+                txn["destination"]
+                for txn in peer.transactions(origin=hs2.server_name)
+                for pdu in txn["body"].get("pdus", [])
+                if pdu.get("content", {}).get("body") == "after the resync"
+            }
+            return got_by if got_by >= servers else set()
+
+        wait_until(reached, 60, "the message at every server of the room")
+        # ... from the federation sender, which is the only process sending.
+        self.assertTrue(servers)
+        sender_log = hs2.worker_log(hs2.SENDER)
+        for server in servers:
+            self.assertRegex(
+                sender_log, rf"TX \[{re.escape(server)}\] \{{\d+\}} got 200 response"
+            )
+        self.assertNotIn("Sending transaction", hs2.read_log())
