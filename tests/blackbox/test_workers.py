@@ -14,6 +14,7 @@ from typing import Any, cast
 from urllib.parse import quote
 
 from synapse_partial_state.wire import SYNCING_FIELD
+from tests.blackbox.endpoints import ADMIN, full_status
 from tests.blackbox.resync_case import FAST, STATE_PATHS, resident_state, wait_until
 from tests.fedkit.matrix_client import Client
 from tests.fedkit.testcase import FederationTestCase
@@ -27,6 +28,14 @@ CLIENT_PROCESSES = (
     "synchrotron",
     "client_reader",
 )
+
+
+def progress_path(room_id: str) -> str:
+    """The module's MSC2775 progress endpoint for ``room_id``."""
+    return (
+        "/_matrix/client/unstable/org.matrix.msc2775/rooms/"
+        f"{quote(room_id, safe='')}/partial_state"
+    )
 
 
 def processed(path_regex: str, origin: str) -> re.Pattern[str]:
@@ -113,6 +122,10 @@ class ModuleJoinerOnWorkers(WorkerCase):
         status, body = bob.get(path)
         self.assertEqual(status, 200, body)
         self.assertIs(body.get(SYNCING_FIELD), True, "the client reader: not partial")
+        # The module's progress endpoint, on the client worker, reads the job.
+        status, progress = bob.get(progress_path(room_id))
+        self.assertEqual(status, 200, progress)
+        self.assertIs(progress["syncing"], True, progress)
         peer.remove_behaviour(hold)
         hs2.wait_for_log(
             rf"Resync of {re.escape(room_id)} complete", timeout=180, since=since
@@ -140,6 +153,26 @@ class ModuleJoinerOnWorkers(WorkerCase):
 
             body = wait_until(complete, 30, f"{name}: the room not partial")
             self.assertEqual(len(body["joined"]), expected, name)
+
+        status, progress = bob.get(progress_path(room_id))
+        self.assertEqual((status, progress["syncing"]), (200, False), progress)
+        self.assert_routed(
+            hs2, "/_matrix/client/unstable/org.matrix.msc2775/", {"client_reader"}
+        )
+        # The admin API is the main process's (nginx's default route): the job
+        # is done; a worker asked directly has no engine and says so.
+        admin = self.register(hs2, "admin", admin=True)
+        status, job = admin.get(f"{ADMIN}/{quote(room_id, safe='')}")
+        self.assertEqual((status, job.get("phase")), (200, "done"), job)
+        self.assert_routed(hs2, "/_synapse/admin/v1/partial_state/", {"main"})
+        status, body = self.client_at(hs2, "client_reader", admin).get(
+            f"{ADMIN}/{quote(room_id, safe='')}"
+        )
+        self.assertEqual(status, 404, body)
+        # The status endpoint names the process answering.
+        self.assertIsNone(full_status(admin)["worker"])
+        direct = self.client_at(hs2, "synchrotron", admin)
+        self.assertEqual(full_status(direct)["worker"], "synchrotron")
 
         # /sync through nginx is the sync worker's, and shows the room, complete.
         sync = bob.sync(filter=Client.lazy_loading_filter(room_id))
