@@ -13,7 +13,7 @@ import re
 from typing import Any, cast
 from urllib.parse import quote
 
-from synapse_partial_state.wire import SYNCING_FIELD
+from synapse_partial_state.wire import SIGNING_SERVERS_FIELD, SYNCING_FIELD
 from tests.blackbox.endpoints import ADMIN, full_status
 from tests.blackbox.resync_case import FAST, STATE_PATHS, resident_state, wait_until
 from tests.fedkit.matrix_client import Client
@@ -233,6 +233,11 @@ class StockJoinerModuleResidentOnWorkers(WorkerCase):
         for _ in range(2):
             result = peer.join(room_id, hs1.server_name, omit_members=False)
             self.assertEqual(result["send_join"]["status"], 200, result)
+            # The signing-servers hint, from a federation worker's /make_join.
+            self.assertIn(SIGNING_SERVERS_FIELD, result["make_join"]["body"])
+        self.assert_routed(
+            hs1, "/_matrix/federation/v1/make_join/", set(hs1.FEDERATION_WORKERS)
+        )
         # The local members' joins reached main (and the federation readers).
         expected = set(alice.joined_members(room_id))
         self.assertEqual(len(expected), self.LOCAL_MEMBERS + 3)
