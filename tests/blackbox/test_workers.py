@@ -275,3 +275,134 @@ class StockJoinerModuleResidentOnWorkers(WorkerCase):
             by = [n for n in hs1.FEDERATION_WORKERS if line.search(hs1.worker_log(n))]
             self.assertTrue(by, f"/{endpoint} not answered by a federation worker")
             self.assertIsNone(line.search(hs1.read_log()), f"main answered /{endpoint}")
+
+
+class WorkerRestartedMidResync(WorkerCase):
+    def test_restarted_workers_see_the_room_partial_then_complete(self) -> None:
+        peer = self.make_fake_peer()
+        room = peer.create_room(members=60, servers=3, name="Restart room")
+        room_id, resident = room["room_id"], room["resident"]
+        hs2 = self.make_worker_homeserver(
+            "hs2",
+            module_config={
+                **cast(dict[str, Any], FAST["module_config"]),
+                "clients": {"members_during_resync": "partial"},
+            },
+            extra_config=FAST["extra_config"],
+        )
+        bob = self.register(hs2, "bob")
+        admin = self.register(hs2, "admin", admin=True)
+        # Every server fails state requests: the resync backs off and retries.
+        rule = peer.add_behaviour(STATE_PATHS, "error", status=502)
+        since = hs2.log_offset()
+        bob.join(room_id, via=[resident])
+        hs2.wait_for_log(r"all \d+ server\(s\) failed", timeout=60, since=since)
+
+        path = f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/joined_members"
+        restarted = (hs2.CLIENT_WORKER, hs2.SYNC_WORKER, "federation1")
+        old_pids = {name: hs2.workers[name].pid for name in restarted}
+        for name in restarted:
+            hs2.restart_worker(name)
+            self.assertNotEqual(hs2.workers[name].pid, old_pids[name])
+        # Restarted mid-resync, they read the room as partial.
+        for name in restarted:
+            status, body = self.client_at(hs2, name, bob).get(path)
+            self.assertEqual(status, 200, body)
+            self.assertIs(body.get(SYNCING_FIELD), True, name)
+        status, progress = bob.get(progress_path(room_id))
+        self.assertEqual((status, progress["syncing"]), (200, True), progress)
+        status, job = admin.get(f"{ADMIN}/{quote(room_id, safe='')}")
+        self.assertEqual(status, 200, job)
+        self.assertNotEqual(job["phase"], "done", job)
+
+        peer.remove_behaviour(rule)
+        hs2.wait_for_log(
+            rf"Resync of {re.escape(room_id)} complete", timeout=180, since=since
+        )
+        expected = room["member_count"] + 1
+        for name in CLIENT_PROCESSES:
+            direct = self.client_at(hs2, name, bob)
+
+            def complete(direct: Client = direct) -> Any:
+                status, body = direct.get(path, timeout=60)
+                self.assertEqual(status, 200, body)
+                return SYNCING_FIELD not in body and body
+
+            body = wait_until(complete, 30, f"{name}: the room not partial")
+            self.assertEqual(len(body["joined"]), expected, name)
+        sync = bob.sync(filter=Client.lazy_loading_filter(room_id))
+        self.assertIn(room_id, sync["rooms"]["join"])
+        self.assertIsNot(sync["rooms"]["join"][room_id].get(SYNCING_FIELD), True)
+
+
+class RedactionForgottenByEveryFederationWorker(WorkerCase):
+    def test_state_cache_of_each_federation_worker_drops_a_redacted_event(
+        self,
+    ) -> None:
+        hs1 = self.make_worker_homeserver("hs1")
+        peer = self.make_fake_peer()
+        alice = self.register(hs1, "alice")
+        room_id = alice.create_room(
+            preset="public_chat", name="Cache room", topic="Before the redaction"
+        )
+        for i in range(3):
+            self.register(hs1, f"member{i}").join(room_id)
+        joined = peer.join(room_id, hs1.server_name, omit_members=False)
+        self.assertEqual(joined["send_join"]["status"], 200, joined)
+        asker = joined["server"]
+        last_id = alice.send_message(room_id, "the state is asked at this event")
+        topic_id = alice._call(
+            "GET",
+            f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/state/m.room.topic/",
+            params={"format": "event"},
+        )["event_id"]
+        path = (
+            f"/_matrix/federation/v1/state/{quote(room_id, safe='')}"
+            f"?event_id={quote(last_id, safe='')}"
+        )
+
+        def topic_served() -> list[dict[str, Any]]:
+            """The topic event as each of two /state answers has it (nginx
+            sends consecutive requests to the two federation workers in turn)."""
+            topics = []
+            for _ in range(2):
+                result = peer.federation_request(asker, hs1.server_name, "GET", path)
+                self.assertEqual(result["status"], 200, result)
+                (topic,) = [
+                    p
+                    for p in result["body"]["pdus"]
+                    if p["type"] == "m.room.topic" and p["state_key"] == ""
+                ]
+                topics.append(topic)
+            return topics
+
+        # Both workers cache the state, topic included.
+        offsets = {n: hs1.worker_log_offset(n) for n in hs1.FEDERATION_WORKERS}
+        for topic in topic_served() + topic_served():
+            self.assertEqual(topic["content"]["topic"], "Before the redaction")
+        for name in hs1.FEDERATION_WORKERS:
+            # (Synapse flushes its log a fraction of a second later.)
+            hs1.wait_for_worker_log(
+                name, "state cache: /state full", timeout=10, since=offsets[name]
+            )
+
+        status, body = alice.put(
+            f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/redact/"
+            f"{quote(topic_id, safe='')}/r1",
+            {"reason": "test"},
+        )
+        self.assertEqual(status, 200, body)
+        # Replication reaches both workers: then every answer has it pruned.
+        wait_until(
+            lambda: all(t["content"] == {} for t in topic_served()),
+            30,
+            "both federation workers serving the topic redacted",
+        )
+        offsets = {n: hs1.worker_log_offset(n) for n in hs1.FEDERATION_WORKERS}
+        for _ in range(3):
+            for topic in topic_served():
+                self.assertEqual(topic["content"], {})
+        for name in hs1.FEDERATION_WORKERS:
+            hs1.wait_for_worker_log(
+                name, "state cache: /state full", timeout=10, since=offsets[name]
+            )

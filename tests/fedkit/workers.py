@@ -625,6 +625,12 @@ http {{
             return self.read_log()
         return process.read_text(self.workers[name].log_path)
 
+    def worker_log_offset(self, name: str) -> int:
+        """Size of a worker's log now, as ``since`` for :meth:`wait_for_worker_log`."""
+        if name == "main":
+            return self.log_offset()
+        return process.file_size(self.workers[name].log_path)
+
     def wait_for_worker_log(
         self, name: str, regex: str, timeout: float = 30, since: int = 0
     ) -> re.Match[str]:
