@@ -110,9 +110,9 @@ class ModuleJoinerOnWorkers(WorkerCase):
             extra_config=FAST["extra_config"],
         )
         bob = self.register(hs2, "bob")
-        # The resident's state answers are held back a while: the room stays
-        # partial long enough to see it so on the workers.
-        hold = peer.add_behaviour(STATE_PATHS, "delay", seconds=8)
+        # Every server fails state requests until told otherwise: the room
+        # stays partial while the workers are asked.
+        hold = peer.add_behaviour(STATE_PATHS, "error", status=502)
         since = hs2.log_offset()
         bob.join(room_id, via=[resident])
         # The join went through the client worker; the resync runs on main.
@@ -406,3 +406,60 @@ class RedactionForgottenByEveryFederationWorker(WorkerCase):
             hs1.wait_for_worker_log(
                 name, "state cache: /state full", timeout=10, since=offsets[name]
             )
+
+
+class LeaveMidResyncOnWorkers(WorkerCase):
+    def test_leave_through_a_worker_aborts_and_reaches_the_room(self) -> None:
+        """The last local user leaves through the client worker mid-resync: the
+        engine (main) sees it through the events stream, waits for the
+        federation sender *worker* to send the leave, purges the room; a rejoin
+        then completes."""
+        peer = self.make_fake_peer()
+        room = peer.create_room(members=40, servers=3, name="Leave room")
+        room_id, resident = room["room_id"], room["resident"]
+        hs2 = self.make_worker_homeserver(
+            "hs2",
+            module_config=cast(dict[str, Any], FAST["module_config"]),
+            extra_config=FAST["extra_config"],
+        )
+        bob = self.register(hs2, "bob")
+        admin = self.register(hs2, "admin", admin=True)
+        rule = peer.add_behaviour(STATE_PATHS, "error", status=502)
+        since = hs2.log_offset()
+        bob.join(room_id, via=[resident])
+        hs2.wait_for_log(r"all \d+ server\(s\) failed", timeout=60, since=since)
+        wait_until(
+            lambda: peer.room(room_id)["real_servers_joined"], 30, "bob's join seen"
+        )
+
+        bob.leave(room_id)
+        self.assert_routed(hs2, "/_matrix/client/v3/rooms/.*/leave", {"client_reader"})
+
+        def aborted() -> Any:
+            status, job = admin.get(f"{ADMIN}/{quote(room_id, safe='')}")
+            self.assertEqual(status, 200, job)
+            return job["phase"] == "aborted" and job
+
+        job = wait_until(aborted, 60, "the job aborted")
+        self.assertIn("no local user", job["last_error"])
+        hs2.wait_for_log(r"Aborting resync of", timeout=10, since=since)
+        self.assertNotIn(
+            "has not sent the last local membership", hs2.read_log()[since:]
+        )
+        # The leave reached the room's servers from the federation sender.
+        wait_until(
+            lambda: not peer.room(room_id)["real_servers_joined"],
+            30,
+            "the room's servers to see bob's leave",
+        )
+        self.assertNotIn(room_id, bob.joined_rooms())
+
+        peer.remove_behaviour(rule)
+        since = hs2.log_offset()
+        bob.join(room_id, via=[resident])
+        hs2.wait_for_log(
+            rf"Resync of {re.escape(room_id)} complete", timeout=180, since=since
+        )
+        self.assertEqual(
+            len(bob.joined_members(room_id, timeout=60)), room["member_count"] + 1
+        )
