@@ -10,6 +10,8 @@ missing.
 from __future__ import annotations
 
 import re
+import threading
+import time
 from typing import Any, cast
 from urllib.parse import quote
 
@@ -465,3 +467,81 @@ class LeaveMidResyncOnWorkers(WorkerCase):
         self.assertEqual(
             len(bob.joined_members(room_id, timeout=60)), room["member_count"] + 1
         )
+
+
+class SyncingSignalOnTheSyncWorker(WorkerCase):
+    def test_syncing_true_while_held_then_false_and_a_long_poll_is_woken(
+        self,
+    ) -> None:
+        """On the sync worker: lazy-loading syncs show the room syncing while
+        the resync (on main) is held; a long-polling sync is woken by the
+        completion, which reaches the sync worker through replication, with
+        ``false``; the next incremental sync has no field."""
+        peer = self.make_fake_peer()
+        room = peer.create_room(members=60, servers=3, name="Sync room")
+        room_id, resident = room["room_id"], room["resident"]
+        hs2 = self.make_worker_homeserver(
+            "hs2",
+            module_config=cast(dict[str, Any], FAST["module_config"]),
+            extra_config=FAST["extra_config"],
+        )
+        bob = self.register(hs2, "bob")
+        lazy = Client.lazy_loading_filter(room_id)
+        rule = peer.add_behaviour(STATE_PATHS, "error", status=502)
+        since = hs2.log_offset()
+        bob.join(room_id, via=[resident])
+        hs2.wait_for_log(rf"Starting resync of {re.escape(room_id)}", since=since)
+
+        first = bob.sync(filter=lazy)
+        self.assertIs(first["rooms"]["join"][room_id][SYNCING_FIELD], True)
+        bob.send_message(room_id, "during")
+        second = wait_until(
+            lambda: (
+                (r := bob.sync(since=first["next_batch"], filter=lazy))["rooms"]
+                .get("join", {})
+                .get(room_id)
+                and r
+            ),
+            30,
+            "the message in an incremental sync",
+        )
+        self.assertIs(second["rooms"]["join"][room_id][SYNCING_FIELD], True)
+
+        # A long poll on the sync worker, then the resync is let through.
+        poller = Client(bob.base_url, bob.user_id, bob.access_token)
+        self.addCleanup(poller.close)
+        result: dict[str, Any] = {}
+
+        def poll() -> None:
+            try:
+                result["body"] = poller.sync(
+                    since=second["next_batch"], filter=lazy, timeout_ms=60000
+                )
+                result["at"] = time.monotonic()
+            except Exception as e:  # reported by the test
+                result["error"] = e
+
+        thread = threading.Thread(target=poll, daemon=True)
+        thread.start()
+        time.sleep(1)  # let it wait
+        peer.remove_behaviour(rule)
+        released = time.monotonic()
+        hs2.wait_for_log(
+            rf"Resync of {re.escape(room_id)} complete", timeout=180, since=since
+        )
+        thread.join(timeout=90)
+        self.assertNotIn("error", result)
+        body = result["body"]
+        self.assertIs(body["rooms"]["join"][room_id][SYNCING_FIELD], False)
+        # woken by the completion, not by its 60 s timeout
+        self.assertLess(result["at"] - released, 30)
+        self.assert_routed(hs2, "/_matrix/client/v3/sync", {"synchrotron"})
+
+        bob.send_message(room_id, "after")
+
+        def later_sync() -> Any:
+            r = bob.sync(since=body["next_batch"], filter=lazy)
+            return r["rooms"].get("join", {}).get(room_id) and r
+
+        later = wait_until(later_sync, 30, "the message after")
+        self.assertNotIn(SYNCING_FIELD, later["rooms"]["join"][room_id])
