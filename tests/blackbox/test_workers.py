@@ -18,6 +18,7 @@ from urllib.parse import quote
 from synapse_partial_state.wire import SIGNING_SERVERS_FIELD, SYNCING_FIELD
 from tests.blackbox.endpoints import ADMIN, full_status
 from tests.blackbox.resync_case import FAST, STATE_PATHS, resident_state, wait_until
+from tests.blackbox.test_device_lists import DeviceListCase
 from tests.fedkit.matrix_client import Client
 from tests.fedkit.testcase import FederationTestCase, selected_databases
 from tests.fedkit.workers import WorkerHomeserver, unavailable_reason
@@ -545,3 +546,38 @@ class SyncingSignalOnTheSyncWorker(WorkerCase):
 
         later = wait_until(later_sync, 30, "the message after")
         self.assertNotIn(SYNCING_FIELD, later["rooms"]["join"][room_id])
+
+
+class DeviceListsOnWorkers(WorkerCase, DeviceListCase):
+    """The device-list replay with ``hs2`` on workers: bob's device change goes
+    to main (the device-list writer, where the module queues it for the servers
+    the partial state does not name), and the federation sender *worker* sends
+    it, then the replay at completion."""
+
+    def make_homeserver(  # type: ignore[override]
+        self, name: str = "hs", with_module: bool = True, start: bool = True, **kw: Any
+    ) -> WorkerHomeserver:
+        return self.make_worker_homeserver(name, with_module, start, **kw)
+
+    def test_replay_reaches_missed_servers_once(self) -> None:
+        self.setup_room(hidden=("c", "d"))
+        hs2 = cast(WorkerHomeserver, self.hs2)
+        r, a, b, c, d = (self.resident, *(self.server[k] for k in "abcd"))
+        rule = self.join_and_hold()
+
+        self.rename_device("during the resync")
+        self.assert_routed(hs2, "/_matrix/client/v3/devices/", {"main"})
+        self.wait_updates([r, a, b], 1)
+        self.assert_updates({r: 1, a: 1, b: 1, c: 0, d: 0})
+        self.assertEqual(self.queued(), 1)
+
+        self.release(rule)
+        self.wait_updates([c, d], 1)
+        self.assert_updates({r: 1, a: 1, b: 1, c: 1, d: 1})
+        self.assertEqual(self.queued(), 0)
+
+        self.rename_device("after the resync")
+        self.wait_updates([r, a, b, c, d], 2)
+        self.assert_updates({r: 2, a: 2, b: 2, c: 2, d: 2})
+        # Only the federation sender sends.
+        self.assertNotIn("Sending transaction", hs2.read_log())
