@@ -127,6 +127,11 @@ class ModuleJoinerOnWorkers(WorkerCase):
         status, body = bob.get(path)
         self.assertEqual(status, 200, body)
         self.assertIs(body.get(SYNCING_FIELD), True, "the client reader: not partial")
+        # Every process serving clients, asked directly, has the room partial.
+        for name in CLIENT_PROCESSES:
+            status, body = self.client_at(hs2, name, bob).get(path)
+            self.assertEqual(status, 200, body)
+            self.assertIs(body.get(SYNCING_FIELD), True, f"{name}: not partial")
         # The module's progress endpoint, on the client worker, reads the job.
         status, progress = bob.get(progress_path(room_id))
         self.assertEqual(status, 200, progress)
