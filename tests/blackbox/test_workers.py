@@ -132,6 +132,22 @@ class ModuleJoinerOnWorkers(WorkerCase):
             status, body = self.client_at(hs2, name, bob).get(path)
             self.assertEqual(status, 200, body)
             self.assertIs(body.get(SYNCING_FIELD), True, f"{name}: not partial")
+        # /messages answers during the resync on the client worker (no wait
+        # for the full state), with the join at least.
+        started = time.monotonic()
+        status, page = bob.get(
+            f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/messages",
+            params={"dir": "b", "limit": 20},
+        )
+        self.assertEqual(status, 200, page)
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertIn(
+            bob.user_id,
+            [e.get("state_key") for e in page["chunk"] if e["type"] == "m.room.member"],
+        )
+        self.assert_routed(
+            hs2, "/_matrix/client/v3/rooms/.*/messages", {"client_reader"}
+        )
         # The module's progress endpoint, on the client worker, reads the job.
         status, progress = bob.get(progress_path(room_id))
         self.assertEqual(status, 200, progress)
