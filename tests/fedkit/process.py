@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import IO
 
 import psutil
@@ -64,21 +64,34 @@ def spawn_synapse(
     workdir: str,
     output: IO[bytes],
     env: Mapping[str, str] | None = None,
+    app: str = "synapse.app.homeserver",
+    extra_config_paths: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
-    """Start ``synapse.app.homeserver -c config_path`` in a new session.
+    """Start ``<app> -c config_path [-c extra ...]`` in a new session.
 
-    Its stdout and stderr go to ``output``; ``env`` is added to its environment."""
+    ``app`` is ``synapse.app.homeserver`` (the main process) or
+    ``synapse.app.generic_worker`` (a worker, whose own file comes in
+    ``extra_config_paths``). Its stdout and stderr go to ``output``; ``env`` is
+    added to its environment."""
+    argv = [sys.executable, "-m", app, "-c", config_path]
+    for path in extra_config_paths:
+        argv += ["-c", path]
+    return spawn_command(argv, workdir, output, synapse_env(env))
+
+
+def spawn_command(
+    argv: Sequence[str],
+    workdir: str,
+    output: IO[bytes],
+    env: Mapping[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in a new session (so its whole group can be signalled),
+    dying with the test process; stdout and stderr go to ``output``."""
     in_main = threading.current_thread() is threading.main_thread()
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "synapse.app.homeserver",
-            "-c",
-            config_path,
-        ],
+        list(argv),
         cwd=workdir,
-        env=synapse_env(env),
+        env=dict(env) if env is not None else None,
         stdin=subprocess.DEVNULL,
         stdout=output,
         stderr=output,

@@ -36,6 +36,7 @@ from tests.fedkit.fakepeer.control_client import FakePeer
 from tests.fedkit.homeserver import Homeserver, start_all
 from tests.fedkit.hsconfig import DatabaseKind
 from tests.fedkit.matrix_client import Client
+from tests.fedkit.workers import WorkerHomeserver
 
 ALL_DATABASES: tuple[DatabaseKind, ...] = ("sqlite", "postgres")
 
@@ -173,6 +174,26 @@ class FederationTestCase(unittest.TestCase):
         ``kw`` go to :class:`Homeserver` (``module_config``, ``extra_config``,
         ``db``, ``env``). It is stopped and its database dropped after the test."""
         hs = self._new_homeserver(name, with_module, **kw)
+        if start:
+            hs.start()
+        return hs
+
+    def make_worker_homeserver(
+        self, name: str = "hs", with_module: bool = True, start: bool = True, **kw: Any
+    ) -> WorkerHomeserver:
+        """A worker deployment (:class:`~tests.fedkit.workers.WorkerHomeserver`:
+        main process, workers, nginx) on PostgreSQL, started unless
+        ``start=False``; every process is stopped and the database dropped after
+        the test. ``kw`` as for :meth:`make_homeserver` (``db`` must be postgres)."""
+        kw["db"] = "postgres"
+        hs = WorkerHomeserver(
+            os.path.join(self.workdir, name),
+            name,
+            self.ca,
+            with_module=with_module,
+            **kw,
+        )
+        self.addCleanup(hs.cleanup, background_drop=True)
         if start:
             hs.start()
         return hs

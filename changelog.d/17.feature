@@ -1,0 +1,1 @@
+The module runs in a Synapse worker deployment, tested with real workers behind nginx: the resync engine on the main process, the resident's `/send_join` and `/state` answers on federation workers, the syncing signal on sync workers and the progress endpoint on client workers; see "Running with workers" in the README for the routing.

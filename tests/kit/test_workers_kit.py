@@ -1,0 +1,78 @@
+"""Proves the kit's worker deployment: every process (and nginx) is started,
+reachable through nginx, and stopped, also when the start fails."""
+
+from __future__ import annotations
+
+import psutil
+
+from tests.fedkit.homeserver import HomeserverStartError
+from tests.fedkit.postgres import postgres_database_exists
+from tests.fedkit.testcase import FederationTestCase, selected_databases
+from tests.fedkit.workers import WorkerHomeserver, unavailable_reason
+from tests.kit.test_kit import _wait_gone
+
+PROCESSES = {
+    "main",
+    "nginx",
+    *WorkerHomeserver.FEDERATION_WORKERS,
+    WorkerHomeserver.SYNC_WORKER,
+    WorkerHomeserver.CLIENT_WORKER,
+    WorkerHomeserver.SENDER,
+    WorkerHomeserver.BACKGROUND,
+}
+
+
+def _listening_ports() -> set[int]:
+    return {
+        c.laddr.port
+        for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN
+    }
+
+
+class WorkerKitTests(FederationTestCase):
+    DATABASE = "postgres"
+
+    def setUp(self) -> None:
+        super().setUp()
+        if "postgres" not in selected_databases():
+            self.skipTest("workers need PostgreSQL, not in SPS_TEST_DATABASES")
+        reason = unavailable_reason()
+        if reason is not None:
+            self.skipTest(reason)
+
+    def test_start_restart_a_worker_and_cleanup(self) -> None:
+        hs = self.make_worker_homeserver("hs", with_module=False)
+        pids = hs.pids
+        self.assertEqual(set(pids), PROCESSES)
+        alice = self.register(hs, "alice")
+        room_id = alice.create_room(preset="private_chat")
+        self.assertIn(room_id, alice.joined_rooms())
+
+        old = pids[hs.CLIENT_WORKER]
+        hs.restart_worker(hs.CLIENT_WORKER)
+        self.assertTrue(_wait_gone(old))
+        self.assertNotEqual(hs.pids[hs.CLIENT_WORKER], old)
+        self.assertIn(room_id, alice.joined_rooms())
+
+        pids = hs.pids
+        ports = {hs.federation_port, hs.client_port, hs.main_http_port}
+        hs.cleanup()
+        for name, pid in pids.items():
+            self.assertTrue(_wait_gone(pid), f"{name} still running")
+        self.assertEqual(hs.pids, {})
+        self.assertFalse(ports & _listening_ports())
+        assert hs.database_name is not None
+        self.assertFalse(postgres_database_exists(hs.database_name))
+
+    def test_a_worker_failing_to_start_stops_everything(self) -> None:
+        hs = self.make_worker_homeserver("hs", with_module=False, start=False)
+        hs.workers[hs.SYNC_WORKER].extra = {"worker_app": "synapse.app.no_such_app"}
+        hs.write_config()
+        with self.assertRaises(HomeserverStartError) as cm:
+            hs.start(timeout=90)
+        self.assertIn(hs.SYNC_WORKER, str(cm.exception))
+        self.assertEqual(hs.pids, {})
+        self.assertFalse(hs.is_running())
+        for worker in hs.workers.values():
+            self.assertTrue(worker.proc is None or worker.proc.poll() is not None)
