@@ -130,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds between fake messages during the join; 0 for none (default 0.5)",
     )
+    p.add_argument(
+        "--after",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="also watch the joiner for S seconds after its full member list (its"
+        " CPU, its PostgreSQL's, and how long it stays busy), traffic going on;"
+        " the issue's 'minute after' is --after 120 (default 0: not watched)",
+    )
     p.add_argument("--room-version", default="10", help="default 10")
     p.add_argument(
         "--timeout",
@@ -307,6 +316,7 @@ def _settings(
         traffic_interval=args.traffic_interval,
         timeout=args.timeout,
         module_config=args.module_config if variant == "module" else None,
+        after_s=args.after,
     )
 
 

@@ -339,6 +339,42 @@ def cpu_at(samples: Sequence[CpuSample], when: float, column: int) -> float | No
     return samples[-1][column]
 
 
+def after_metrics(
+    samples: Sequence[CpuSample],
+    t_full: float,
+    after_s: float,
+    below: float = 0.15,
+    quiet_for: float = 2.0,
+) -> dict[str, float]:
+    """What the joiner did in the ``after_s`` seconds after its full member
+    list (``t_full``): its CPU seconds (``cpu_after_s``), its PostgreSQL
+    backends' (``db_cpu_after_s``), and how long after ``t_full`` it was last
+    busy (``busy_after_s``: the end of the last ``quiet_for``-second stretch
+    using ``below`` cores or more; 0 if it was quiet at once)."""
+    end = t_full + after_s
+    out: dict[str, float] = {}
+    for column, name in ((1, "cpu_after_s"), (2, "db_cpu_after_s")):
+        start_cpu, end_cpu = (
+            cpu_at(samples, t_full, column),
+            cpu_at(samples, end, column),
+        )
+        if start_cpu is not None and end_cpu is not None:
+            out[name] = round(end_cpu - start_cpu, 2)
+    busy_until = t_full
+    window = [s for s in samples if t_full <= s[0] <= end]
+    for i, (t, cpu, _) in enumerate(window):
+        # The stretch ending at this sample: from the first sample at least
+        # quiet_for seconds before it.
+        j = i
+        while j > 0 and t - window[j][0] < quiet_for:
+            j -= 1
+        t_start, cpu_start, _ = window[j]
+        if t > t_start and (cpu - cpu_start) / (t - t_start) >= below:
+            busy_until = t
+    out["busy_after_s"] = round(busy_until - t_full, 1)
+    return out
+
+
 def stage_spans(
     stages: Mapping[str, float], t0: float, samples: Sequence[CpuSample]
 ) -> dict[str, float]:

@@ -109,6 +109,8 @@ class Settings:
     module_config: dict[str, Any] | None = None
     #: Seconds allowed for each resync (hs1's, then hs2's); None: by room size.
     timeout: float | None = None
+    #: Seconds the joiner is watched after its full member list (0: not).
+    after_s: float = 0.0
 
     @property
     def resync_timeout(self) -> float:
@@ -247,6 +249,8 @@ class _Usage:
     resources: dict[str, Any]
     cpu_samples: list[measure.CpuSample]
     hs1_res: dict[str, Any] | None
+    #: seconds the joiner was watched after its full member list
+    after_s: float = 0.0
 
 
 def _measure(
@@ -401,13 +405,21 @@ def _timed_join(
     phase(f"hs2 joins {s.path}")
     inst.start()
     t0 = time.time()
+    resources = None
     try:
         times = _join_and_talk(s, peer, cast, since, via, deadline, t0, phase)
+        # The join's window ends with the full member list; the CPU timeline
+        # goes on through the time after it, if watched.
+        resources = inst.hs2_window.stop()
+        if s.after_s > 0:
+            phase(f"the {s.after_s:g} s after the full member list")
+            time.sleep(max(0.0, times.t_full + s.after_s - time.time()))
     finally:
         usage = _Usage(
-            resources=inst.hs2_window.stop(),
+            resources=resources if resources is not None else inst.hs2_window.stop(),
             cpu_samples=inst.hs2_cpu.stop(),
             hs1_res=inst.hs1_window.stop() if inst.hs1_window else None,
+            after_s=s.after_s if resources is not None else 0.0,
         )
         rec["traffic"] = asdict(inst.traffic.stop())
         rec["other_load"] = inst.other.stop([hs.pid for hs in servers.values()])
@@ -458,6 +470,11 @@ def _record_join(rec: dict[str, Any], times: _JoinTimes, usage: _Usage) -> None:
     m["messages_s"] = round(times.messages_s, 3)
     m["peak_rss_mib"] = usage.resources["peak_rss_mib"]
     m["cpu_s"] = usage.resources["cpu_s"]
+    if usage.after_s > 0:
+        after = measure.after_metrics(usage.cpu_samples, times.t_full, usage.after_s)
+        if rec["db"] != "postgres":
+            after.pop("db_cpu_after_s", None)  # no PostgreSQL to watch
+        m.update(after)
     if usage.hs1_res:
         m["resident_cpu_s"] = usage.hs1_res["cpu_s"]
     rec["message_after_send_s"] = round(times.t_seen - times.t_sent, 3)

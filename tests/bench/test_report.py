@@ -554,3 +554,41 @@ class WaitUntilIdle(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class AfterMetricsTests(unittest.TestCase):
+    """``measure.after_metrics``: the joiner in the time after its full member
+    list (``--after``)."""
+
+    def samples(self, rates: list[float], db_rate: float = 0.0) -> list[Any]:
+        """One sample a second from T0 - 1, the joiner using ``rates[i]`` cores
+        in second i (from T0)."""
+        out = [(T0 - 1, 10.0, 5.0), (T0, 10.0, 5.0)]
+        cpu, db = 10.0, 5.0
+        for i, rate in enumerate(rates):
+            cpu += rate
+            db += db_rate
+            out.append((T0 + i + 1, cpu, db))
+        return out
+
+    def test_cpu_and_busy_time(self) -> None:
+        # busy (1 core) for 5 s, then idle (0.05 cores) for 15 s
+        samples = self.samples([1.0] * 5 + [0.05] * 15, db_rate=0.5)
+        m = measure.after_metrics(samples, T0, 20)
+        self.assertEqual(m["cpu_after_s"], 5.75)
+        self.assertEqual(m["db_cpu_after_s"], 10.0)
+        # the last 2-s stretch at >= 0.15 cores ends 6 s in (1 busy s + 1 idle s)
+        self.assertEqual(m["busy_after_s"], 6.0)
+
+    def test_quiet_at_once(self) -> None:
+        m = measure.after_metrics(self.samples([0.01] * 10), T0, 10)
+        self.assertEqual(m["busy_after_s"], 0.0)
+        self.assertEqual(m["cpu_after_s"], 0.1)
+
+    def test_busy_throughout(self) -> None:
+        m = measure.after_metrics(self.samples([0.5] * 10), T0, 10)
+        self.assertEqual(m["busy_after_s"], 10.0)
+
+    def test_window_beyond_the_samples_has_no_cpu_figure(self) -> None:
+        m = measure.after_metrics(self.samples([0.5] * 3), T0, 10)
+        self.assertNotIn("cpu_after_s", m)
