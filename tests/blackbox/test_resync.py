@@ -342,21 +342,16 @@ class EventsDuringResync(ResyncCase):
 
 @on_both_databases
 class ForkDuringResync(ResyncCase):
-    def test_synapse_waits_for_the_engines_state_instead_of_fetching_it_again(
-        self,
-    ) -> None:
-        """An event arriving during the resync whose prev event is older than the
-        join (a fork) makes Synapse ask for the state at that older event. Stock
-        downloads and stores the room's whole state for it, alongside its resync;
-        with the module it waits for the engine's fetch and then needs only the
-        few events that differ."""
+    def join_then_fork(self, action: str, **kw: Any) -> tuple[str, int, float]:
+        """A message, bob's join with the resident's ``/state`` under
+        ``action``, then a message "forked" whose prev event is older than the
+        join; (the rule, hs2's log offset and the time before the join)."""
         self.setup_room()
         fork_point = self.peer.room(self.room_id)["last_event_id"]
         self.peer.send_event(
             self.room_id, "m.room.message", {"msgtype": "m.text", "body": "before"}
         )
-        # Within the bound on Synapse's wait (inflight.STATE_REQUEST_WAIT_S).
-        rule = self.peer.add_behaviour(STATE_PATH, "delay", seconds=1)
+        rule = self.peer.add_behaviour(STATE_PATH, action, **kw)
         since = self.hs2.log_offset()
         started = time.time()
         self.bob.join(self.room_id, via=[self.resident])
@@ -366,6 +361,18 @@ class ForkDuringResync(ResyncCase):
             {"msgtype": "m.text", "body": "forked"},
             prev_events=[fork_point],
         )
+        return rule, since, started
+
+    def test_synapse_waits_for_the_engines_state_instead_of_fetching_it_again(
+        self,
+    ) -> None:
+        """An event arriving during the resync whose prev event is older than the
+        join (a fork) makes Synapse ask for the state at that older event. Stock
+        downloads and stores the room's whole state for it, alongside its resync;
+        with the module it waits for the engine's fetch and then needs only the
+        few events that differ."""
+        # Within the bound on Synapse's wait (inflight.STATE_REQUEST_WAIT_S).
+        rule, since, started = self.join_then_fork("delay", seconds=1)
         self.wait_complete(since)
         self.peer.remove_behaviour(rule)
         self.bob.wait_for_message(self.room_id, "forked")
@@ -391,21 +398,7 @@ class ForkDuringResync(ResyncCase):
         while the resync is held; the room's whole state is still downloaded
         once, by the engine, and the room ends as the resident has it. (Stock,
         and the module before, downloaded it a second time for the fork.)"""
-        self.setup_room()
-        fork_point = self.peer.room(self.room_id)["last_event_id"]
-        self.peer.send_event(
-            self.room_id, "m.room.message", {"msgtype": "m.text", "body": "before"}
-        )
-        rule = self.peer.add_behaviour(STATE_PATH, "hold")
-        since = self.hs2.log_offset()
-        started = time.time()
-        self.bob.join(self.room_id, via=[self.resident])
-        self.peer.send_event(
-            self.room_id,
-            "m.room.message",
-            {"msgtype": "m.text", "body": "forked"},
-            prev_events=[fork_point],
-        )
+        rule, since, started = self.join_then_fork("hold")
         self.bob.wait_for_message(self.room_id, "forked", timeout=30)
         self.hs2.wait_for_log(r"state at \S+ narrowed to", timeout=10, since=since)
         self.assertTrue(self.job()["running"])  # still held
