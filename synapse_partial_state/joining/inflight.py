@@ -4,8 +4,10 @@ Synapse itself asks for the state at events of a room the engine is resyncing:
 its per-event de-partial-stating (right after the engine's own fetch, at the same
 events), and the handling of events that arrived during the join, whose prev
 events are not stored either. Stock then downloads and stores the room's whole
-state a second time, alongside its resync. :class:`InflightFetches` makes such
-requests wait for the engine (``compat.state_fetch.install_state_ids_reuse`` asks
+state a second time, alongside its resync. Events Synapse *pulls* (the gap before
+a received event, a backfill) get a narrowed partial state instead and do not
+wait (``compat.backfill``); the other requests wait for the engine
+(``compat.state_fetch.install_state_ids_reuse`` asks
 :meth:`InflightFetches.answer_for`):
 
 * a request for the state at an event the engine is fetching waits for that fetch
