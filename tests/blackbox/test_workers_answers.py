@@ -8,6 +8,9 @@ module: the same room, the same events. Every answer compared here was served by
 a federation worker (each request's line in the workers' logs, none in main's),
 and the state answers by *each* of the two (each has its own state cache).
 
+The joiner's side on workers, during a held resync: ``/context`` and
+``/hierarchy`` through nginx on the client reader, at once, then stock's answers.
+
 PostgreSQL only; skipped when PostgreSQL, Redis or nginx is missing.
 """
 
@@ -21,8 +24,13 @@ from urllib.parse import quote
 
 from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
 
-from synapse_partial_state.wire import SUMMARY_FIELD
-from tests.blackbox.resync_case import wait_until
+from synapse_partial_state.wire import SUMMARY_FIELD, SYNCING_FIELD
+from tests.blackbox.resync_case import STATE_PATHS, wait_until
+from tests.blackbox.test_clients import endpoint as progress_path
+from tests.blackbox.test_clients_partial_reads import (
+    PartialReadsCase,
+    hierarchy_path,
+)
 from tests.blackbox.test_resident_state import _StateRoom, pdus_by_id, state_path
 from tests.blackbox.test_workers import WorkerCase
 from tests.fedkit.homeserver import Homeserver
@@ -325,4 +333,141 @@ class ResidentOnWorkersMatchesStock(WorkerCase, _StateRoom):
         self.assertEqual(
             without_age(want_state),
             without_age({i: got_state[i] for i in want_state}),
+        )
+
+
+def room_path(room_id: str, *rest: str) -> str:
+    tail = "/".join(quote(p, safe="") for p in rest)
+    return f"/_matrix/client/v3/rooms/{quote(room_id, safe='')}/{tail}"
+
+
+def context_view(body: dict[str, Any]) -> dict[str, Any]:
+    """A /context answer to compare: ``unsigned.age`` aside, its state by event
+    ID (its order is the store's)."""
+    view = without_age(body)
+    view["state"] = {e["event_id"]: e for e in view.get("state", [])}
+    return view
+
+
+def joined_in(state: list[dict[str, Any]]) -> set[str]:
+    return {
+        e["state_key"]
+        for e in state
+        if e["type"] == MEMBER and e["content"].get("membership") == "join"
+    }
+
+
+class ContextAndHierarchyOnWorkersDuringResync(WorkerCase, PartialReadsCase):
+    """hs2, a module joiner on workers, joins a space of the fake resident (60
+    members, three m.space.child events) with its resync held: ``/context`` and
+    ``/hierarchy``, routed by nginx to the client reader, answer at once from
+    the partial state; once complete, the answers of the same deployment
+    restarted without the module (stock)."""
+
+    ROOM_TYPE = "m.space"
+    CHILDREN = 3
+
+    def make_homeserver(  # type: ignore[override]
+        self, name: str = "hs", with_module: bool = True, start: bool = True, **kw: Any
+    ) -> WorkerHomeserver:
+        return self.make_worker_homeserver(name, with_module, start, **kw)
+
+    def join_held(self, held: str = STATE_PATHS) -> str:
+        """bob joins (through the client reader, handed to main) with the
+        resync held; returns the hold's rule once the client reader says the
+        room is syncing (it learns bob's membership through replication)."""
+        rule = self.peer.add_behaviour(held, "hold")
+        since = self.hs2.log_offset()
+        self.bob.join(self.room_id, via=[self.resident])
+        self.hs2.wait_for_log(
+            rf"Starting resync of {re.escape(self.room_id)}", since=since
+        )
+
+        def syncing() -> bool:
+            status, body = self.bob.get(progress_path(self.room_id))
+            return status == 200 and body["syncing"] is True
+
+        wait_until(syncing, 30, "the client reader: the room syncing")
+        return rule
+
+    def say(self, body: str) -> str:
+        sent = self.peer.send_event(
+            self.room_id, "m.room.message", {"msgtype": "m.text", "body": body}
+        )
+        return str(sent["event_id"])
+
+    def space_children(self, body: dict[str, Any]) -> set[str]:
+        space = body["rooms"][0]
+        self.assertEqual(space["room_id"], self.room_id)
+        return {
+            e["state_key"]
+            for e in space["children_state"]
+            if e["type"] == "m.space.child"
+        }
+
+    def test_context_and_hierarchy_at_once_on_the_client_reader(self) -> None:
+        self.setup_room()
+        hs2 = cast(WorkerHomeserver, self.hs2)
+        children = {f"!child{n}:{self.resident}" for n in range(self.CHILDREN)}
+        for child in sorted(children):
+            self.peer.send_event(
+                self.room_id, "m.space.child", {"via": [self.resident]}, state_key=child
+            )
+        rule = self.join_held()
+        sent = [self.say(f"during {n}") for n in range(3)]
+        last = room_path(self.room_id, "event", sent[-1])
+        wait_until(lambda: self.bob.get(last)[0] == 200, 30, "the messages at hs2")
+        context_path = room_path(self.room_id, "context", sent[1])
+        full = self.room["member_count"] + 1
+
+        # During the held resync, on the client reader: at once.
+        during = self.get_at_once(context_path)
+        hierarchy = self.get_at_once(hierarchy_path(self.room_id))
+        self.assertTrue(self.partial())  # still held: nothing waited for it
+        self.assertIs(during[SYNCING_FIELD], True)
+        self.assertEqual(during["event"]["event_id"], sent[1])
+        self.assertEqual([e["event_id"] for e in during["events_before"]][:1], sent[:1])
+        self.assertEqual([e["event_id"] for e in during["events_after"]], sent[2:])
+        members = joined_in(during["state"])
+        self.assertIn(self.bob.user_id, members)
+        self.assertLess(len(members), full)  # the members known so far
+        self.assertEqual(self.space_children(hierarchy), children)
+        self.assert_routed(
+            hs2, "/_matrix/client/v3/rooms/.*/context/", {"client_reader"}
+        )
+        self.assert_routed(
+            hs2, "/_matrix/client/v1/rooms/.*/hierarchy", {"client_reader"}
+        )
+
+        # Complete (the client reader learns it through replication).
+        self.release(rule)
+
+        def complete() -> Any:
+            body = self.get_at_once(context_path)
+            return SYNCING_FIELD not in body and body
+
+        after = wait_until(complete, 30, "/context without the marker")
+        self.assertEqual(len(joined_in(after["state"])), full)
+        for field in ("event", "events_before", "events_after"):
+            self.assertEqual(
+                without_age(after[field]), without_age(during[field]), field
+            )
+        hierarchy_after = self.get_at_once(hierarchy_path(self.room_id))
+        self.assertEqual(self.space_children(hierarchy_after), children)
+        self.assertEqual(
+            [r["room_id"] for r in hierarchy_after["rooms"]],
+            [r["room_id"] for r in hierarchy["rooms"]],
+        )
+
+        # Stock's answers: the same deployment without the module.
+        hs2.with_module = False
+        hs2.write_config()
+        hs2.restart()
+        stock = self.get_at_once(context_path)
+        self.assertEqual(context_view(after), context_view(stock))
+        self.assertEqual(
+            hierarchy_after, self.get_at_once(hierarchy_path(self.room_id))
+        )
+        self.assert_routed(
+            hs2, "/_matrix/client/v3/rooms/.*/context/", {"client_reader"}
         )
