@@ -452,7 +452,16 @@ class ContextAndHierarchyOnWorkersDuringResync(WorkerCase, PartialReadsCase):
             self.assertEqual(
                 without_age(after[field]), without_age(during[field]), field
             )
-        hierarchy_after = self.get_at_once(hierarchy_path(self.room_id))
+
+        # The space's num_joined_members is the room's stats, which the
+        # background worker updates from the completion's state deltas (it
+        # reads them through replication, asynchronously, as for any event):
+        # it comes to count every member, without a restart.
+        def stats_caught_up() -> Any:
+            body = self.get_at_once(hierarchy_path(self.room_id))
+            return body["rooms"][0]["num_joined_members"] == full and body
+
+        hierarchy_after = wait_until(stats_caught_up, 60, "the space's member count")
         self.assertEqual(self.space_children(hierarchy_after), children)
         self.assertEqual(
             [r["room_id"] for r in hierarchy_after["rooms"]],
