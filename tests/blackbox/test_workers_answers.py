@@ -1,4 +1,6 @@
-"""A stock resident and a module resident in worker mode serve the same answers.
+"""The module in worker mode against stock: the resident's answers, the joiner's reads.
+
+A stock resident and a module resident in worker mode serve the same answers.
 
 The resident is a :class:`~tests.fedkit.workers.WorkerHomeserver` (main, two
 federation workers behind nginx, ...). As in the single-process comparisons
