@@ -59,6 +59,16 @@ class WorkerCase(FederationTestCase):
         if reason is not None:
             self.skipTest(reason)
 
+    def worker_joiner(self, partial_members: bool = False) -> WorkerHomeserver:
+        """``hs2``: a joiner on workers with the fast back-offs (and, with
+        ``partial_members``, ``clients.members_during_resync: partial``)."""
+        module_config = dict(cast(dict[str, Any], FAST["module_config"]))
+        if partial_members:
+            module_config["clients"] = {"members_during_resync": "partial"}
+        return self.make_worker_homeserver(
+            "hs2", module_config=module_config, extra_config=FAST["extra_config"]
+        )
+
     def client_at(self, hs: WorkerHomeserver, process: str, client: Client) -> Client:
         """``client``'s user talking to one process directly (no nginx)."""
         url = hs.main_url if process == "main" else hs.workers[process].url
@@ -106,14 +116,7 @@ class ModuleJoinerOnWorkers(WorkerCase):
             members=self.MEMBERS, servers=self.SERVERS, name="Worker room"
         )
         room_id, resident = room["room_id"], room["resident"]
-        hs2 = self.make_worker_homeserver(
-            "hs2",
-            module_config={
-                **cast(dict[str, Any], FAST["module_config"]),
-                "clients": {"members_during_resync": "partial"},
-            },
-            extra_config=FAST["extra_config"],
-        )
+        hs2 = self.worker_joiner(partial_members=True)
         bob = self.register(hs2, "bob")
         # Every server fails state requests until told otherwise: the room
         # stays partial while the workers are asked.
@@ -308,14 +311,7 @@ class WorkerRestartedMidResync(WorkerCase):
         peer = self.make_fake_peer()
         room = peer.create_room(members=60, servers=3, name="Restart room")
         room_id, resident = room["room_id"], room["resident"]
-        hs2 = self.make_worker_homeserver(
-            "hs2",
-            module_config={
-                **cast(dict[str, Any], FAST["module_config"]),
-                "clients": {"members_during_resync": "partial"},
-            },
-            extra_config=FAST["extra_config"],
-        )
+        hs2 = self.worker_joiner(partial_members=True)
         bob = self.register(hs2, "bob")
         admin = self.register(hs2, "admin", admin=True)
         # Every server fails state requests: the resync backs off and retries.
@@ -443,11 +439,7 @@ class LeaveMidResyncOnWorkers(WorkerCase):
         peer = self.make_fake_peer()
         room = peer.create_room(members=40, servers=3, name="Leave room")
         room_id, resident = room["room_id"], room["resident"]
-        hs2 = self.make_worker_homeserver(
-            "hs2",
-            module_config=cast(dict[str, Any], FAST["module_config"]),
-            extra_config=FAST["extra_config"],
-        )
+        hs2 = self.worker_joiner()
         bob = self.register(hs2, "bob")
         admin = self.register(hs2, "admin", admin=True)
         rule = peer.add_behaviour(STATE_PATHS, "error", status=502)
@@ -502,11 +494,7 @@ class SyncingSignalOnTheSyncWorker(WorkerCase):
         peer = self.make_fake_peer()
         room = peer.create_room(members=60, servers=3, name="Sync room")
         room_id, resident = room["room_id"], room["resident"]
-        hs2 = self.make_worker_homeserver(
-            "hs2",
-            module_config=cast(dict[str, Any], FAST["module_config"]),
-            extra_config=FAST["extra_config"],
-        )
+        hs2 = self.worker_joiner()
         bob = self.register(hs2, "bob")
         lazy = Client.lazy_loading_filter(room_id)
         rule = peer.add_behaviour(STATE_PATHS, "error", status=502)
