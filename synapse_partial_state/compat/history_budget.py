@@ -86,14 +86,16 @@ async def page_within_budget(
 
 
 async def backfill_within_budget(
-    hs: Any, room_id: str, backfill: Callable[[], Awaitable[bool]]
+    handler: Any, room_id: str, backfill: Callable[[], Awaitable[bool]]
 ) -> bool:
-    """Synapse's ``maybe_backfill`` (``backfill``), within the current page's
-    budget if it has one: True/False as Synapse's; False once the budget is
-    spent (the backfill goes on in the background)."""
+    """Synapse's ``maybe_backfill`` (``backfill``, of ``handler``, Synapse's
+    ``FederationHandler``), within the current page's budget if it has one:
+    True/False as Synapse's; False once the budget is spent (the backfill goes
+    on in the background)."""
     budget = _BUDGET.get()
     if budget is None:
         return await backfill()
+    hs = handler.hs
     running = ObservableDeferred(
         hs.run_as_background_process("sps_history_backfill", backfill),
         consumeErrors=True,

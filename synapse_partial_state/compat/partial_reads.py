@@ -172,7 +172,7 @@ def _wrap_maybe_backfill(native: Callable[..., Any]) -> Callable[..., Any]:
         with backfilling(room_id):
             # Created here: the backfill keeps this scope wherever it runs.
             return await backfill_within_budget(
-                self.hs, room_id, lambda: native(self, room_id, *a, **kw)
+                self, room_id, lambda: native(self, room_id, *a, **kw)
             )
 
     return maybe_backfill

@@ -19,8 +19,11 @@ BUDGET = history_budget.FOREGROUND_BACKFILL_BUDGET_S
 
 
 class FakeHs:
+    """Synapse's ``FederationHandler`` (its ``hs``) and ``HomeServer``."""
+
     def __init__(self) -> None:
         self.clock = task.Clock()
+        self.hs = self
 
     def get_reactor(self) -> task.Clock:
         return self.clock
