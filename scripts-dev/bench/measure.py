@@ -48,7 +48,8 @@ STAGES: list[tuple[str, ...]] = [
     ),
     (
         "last key fetched",
-        r"Completed request: \d+ .* - GET matrix-federation://[^/]+/_matrix/key/v2/",
+        r"Completed request: \d+ .* - (?:GET|POST) matrix-federation://[^/]+"
+        r"/_matrix/key/v2/",
         "last",
     ),
     ("first server failed", r"Resync of {room}: \S+ failed"),
