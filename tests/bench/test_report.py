@@ -434,8 +434,16 @@ class LogParsers(unittest.TestCase):
             " got 9000 bytes - POST matrix-federation://127.0.0.1:24999"
             "/_matrix/key/v2/query",
         )
-        stages = measure.stage_times([OUT_KEY, query, SYNCING], T0, ROOM)
+        prefetched = line(
+            4.75,
+            "synapse_partial_state.joining.keys - 160 - INFO - sps_prefetch_keys-0 -"
+            f" Resync of {ROOM}: prefetched signing keys of 199 server(s) in 3.50 s"
+            " (199 from notaries in 1 request(s), 0 from the servers, 0 failed,"
+            " 1 already stored)",
+        )
+        stages = measure.stage_times([OUT_KEY, query, SYNCING, prefetched], T0, ROOM)
         self.assertEqual(stages["last key fetched"], 4.5)
+        self.assertEqual(stages["module:keys prefetched"], 4.75)
         self.assertEqual(measure.endpoint_of("/_matrix/key/v2/query"), "key/query")
 
     def test_new_stage_is_one_entry(self) -> None:
