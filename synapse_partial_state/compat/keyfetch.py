@@ -8,8 +8,9 @@ Synapse's own check asks its notaries through ``PerspectivesKeyFetcher`` (one
 through ``ServerKeyFetcher``. Ahead of the check the key ids are not known, so a
 notary is asked for all keys of each server (the spec's empty criteria; a
 Synapse notary then answers from its cache only, and the server itself is asked
-for the rest). Both fetchers check the signatures (the server's own, and the
-notary's with the key configured for it) and store what they get.
+for the rest). The keyring's fetchers check the signatures (the server's own,
+and the notary's with the key configured for it) and store what they get; the
+entries of a notary's answer are checked and stored several at once.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ logger = logging.getLogger(__name__)
 NOTARY_BATCH = 200
 #: Requests to one notary at once.
 NOTARY_CONCURRENCY = 3
+#: Entries of notary answers checked and stored at once (one database
+#: transaction each, as Synapse stores them).
+NOTARY_STORE_CONCURRENCY = 16
 
 
 class KeyFetchOutcome(NamedTuple):
@@ -79,10 +83,12 @@ async def _from_notaries(
 ) -> tuple[set[str], int]:
     """Ask each of Synapse's trusted key servers in turn, in batches, for the
     servers not vouched for yet. Returns (vouched for, requests made)."""
-    from synapse.crypto.keyring import _FetchKeyRequest
+    from twisted.internet.defer import DeferredSemaphore
 
     vouched: set[str] = set()
     requests = 0
+    # Entries of the answers checked and stored at once, over every batch.
+    storing = DeferredSemaphore(NOTARY_STORE_CONCURRENCY)
     for key_server in fetcher.key_servers:
         remaining = [s for s in servers if s not in vouched]
         if not remaining:
@@ -91,22 +97,62 @@ async def _from_notaries(
         async def one(batch: list[str], key_server: Any = key_server) -> None:
             nonlocal requests
             requests += 1
-            wanted = [_FetchKeyRequest(s, now_ms, []) for s in batch]
-            try:
-                got = await fetcher.get_server_verify_key_v2_indirect(
-                    wanted, key_server
-                )
-            except Exception as e:  # an unreachable notary: the servers are asked
-                logger.info(
-                    "Key prefetch from notary %s failed: %s", key_server.server_name, e
-                )
-                return
-            for server, keys in got.items():
-                if any(k.valid_until_ts >= now_ms for k in keys.values()):
-                    vouched.add(server)
+            got = await _notary_batch(fetcher, key_server, batch, now_ms, storing)
+            vouched.update(got)
 
         await _gather_limited(one, batches(remaining, NOTARY_BATCH), NOTARY_CONCURRENCY)
     return vouched, requests
+
+
+async def _notary_batch(
+    fetcher: Any, key_server: Any, servers: list[str], now_ms: int, storing: Any
+) -> set[str]:
+    """One ``POST /_matrix/key/v2/query`` to ``key_server`` for all keys of
+    ``servers`` (through Synapse's federation client), each entry of the answer
+    checked and stored by Synapse's ``PerspectivesKeyFetcher`` (the notary's
+    signature with its configured key, then the server's own, then stored as
+    fetched from the notary), ``storing`` entries at once: Synapse's own
+    ``get_server_verify_key_v2_indirect`` does them one after the other, one
+    database transaction each, which on a busy joiner took 13 ms per server.
+    Returns the servers with a key valid at ``now_ms``."""
+    from synapse.logging.context import make_deferred_yieldable
+    from synapse.util.async_helpers import yieldable_gather_results
+
+    name = key_server.server_name
+    try:
+        answer = await fetcher.client.post_json(
+            destination=name,
+            path="/_matrix/key/v2/query",
+            data={"server_keys": {s: {} for s in servers}},
+        )
+        entries = answer["server_keys"]
+        if not isinstance(entries, list):
+            raise ValueError("server_keys is not a list")
+    except Exception as e:  # an unreachable notary: the servers are asked
+        logger.info("Key prefetch from notary %s failed: %s", name, e)
+        return set()
+    asked = set(servers)
+    vouched: set[str] = set()
+    time_added_ms = fetcher.clock.time_msec()
+
+    async def check_and_store(entry: Any) -> None:
+        server = entry.get("server_name") if isinstance(entry, dict) else None
+        if not isinstance(server, str) or server not in asked:
+            return  # not asked for (or malformed): not stored
+        await make_deferred_yieldable(storing.acquire())
+        try:
+            fetcher._validate_perspectives_response(key_server, entry)
+            keys = await fetcher.process_v2_response(name, entry, time_added_ms)
+        except Exception as e:  # a bad entry: that server is asked itself
+            logger.info("Key prefetch: notary %s on %s: %s", name, server, e)
+            return
+        finally:
+            storing.release()
+        if any(k.valid_until_ts >= now_ms for k in keys.values()):
+            vouched.add(server)
+
+    await yieldable_gather_results(check_and_store, entries)
+    return vouched
 
 
 async def _direct(
