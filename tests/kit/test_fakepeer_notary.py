@@ -68,7 +68,9 @@ class NotaryTests(PeerTestCase):
             query[s] = {
                 "ed25519:fake1": {"minimum_valid_until_ts": int(time.time() * 1000)}
             }
-        query["127.0.0.1:1"] = {}  # no such server: left out
+        # no such servers: left out (asked for, when key ids are named)
+        query["127.0.0.1:1"] = {}
+        query["127.0.0.1:2"] = {"ed25519:x": {}}
         resp = self.fed(self.name, "POST", QUERY, json={"server_keys": query})
         self.assertEqual(resp.status_code, 200, resp.text)
         entries = resp.json()["server_keys"]

@@ -203,7 +203,7 @@ class FederationAPI:
         except ValueError:
             return err(400, "M_INVALID_PARAM", "minimum_valid_until_ts: not an integer")
         assert ctx.server.key is not None
-        wanted = {ctx.params["server_name"]: at_least}
+        wanted = {ctx.params["server_name"]: (at_least, True)}
         return 200, await self.peer.notary.answer(ctx.server.key, wanted)
 
     @route("GET", "/_matrix/key/v2/query/{server_name}/{key_id}")

@@ -7,7 +7,9 @@ own key. The keys of the peer's fake servers are known; those of other servers
 (the kit's real homeservers) are fetched from them (``/_matrix/key/v2/server``,
 their self-signature checked) and kept. A response is only given when it is
 valid until the query's ``minimum_valid_until_ts`` (the notary's clock when the
-query names none); a kept response that is not is fetched again. Servers the
+query names none); a kept response that is not is fetched again. As a Synapse
+notary does, a query naming no key id for another server is answered from what
+is kept only (one slow server does not hold up a batch of many). Servers the
 notary cannot vouch for are left out of the answer, as the spec says.
 
 ``POST /control/notary`` makes a dedicated fake server (in no room) whose name
@@ -40,13 +42,19 @@ class QueryError(ValueError):
     """A malformed key query (answered 400)."""
 
 
-def parse_batch_query(body: Any, now_ms: int) -> dict[str, int]:
-    """``{server name: minimum valid-until ms}`` of a ``POST /_matrix/key/v2/query``
-    body. Each key id's ``minimum_valid_until_ts`` defaults to ``now_ms``; a
-    response covers all of a server's keys, so the largest one asked counts."""
+#: What a query asks of one server: (minimum valid-until ms, whether it named
+#: key ids).
+Wanted = tuple[int, bool]
+
+
+def parse_batch_query(body: Any, now_ms: int) -> dict[str, Wanted]:
+    """``{server name: (minimum valid-until ms, key ids named)}`` of a ``POST
+    /_matrix/key/v2/query`` body. Each key id's ``minimum_valid_until_ts``
+    defaults to ``now_ms``; a response covers all of a server's keys, so the
+    largest one asked counts."""
     if not isinstance(body, dict) or not isinstance(body.get("server_keys"), dict):
         raise QueryError("'server_keys' must be an object")
-    wanted: dict[str, int] = {}
+    wanted: dict[str, Wanted] = {}
     for name, key_ids in body["server_keys"].items():
         if not isinstance(key_ids, dict):
             raise QueryError(f"server_keys[{name!r}] must be an object")
@@ -60,7 +68,7 @@ def parse_batch_query(body: Any, now_ms: int) -> dict[str, int]:
             if not isinstance(ts, int) or isinstance(ts, bool):
                 raise QueryError("minimum_valid_until_ts must be an integer")
             minimum = max(minimum, ts)
-        wanted[name] = minimum
+        wanted[name] = (minimum, bool(key_ids))
     return wanted
 
 
@@ -80,15 +88,19 @@ class Notary:
         key = self.peer.key_for(self.dedicated)
         return {"server_name": key.server_name, "verify_keys": key.verify_keys_json()}
 
-    async def answer(self, notary: ServerKey, wanted: dict[str, int]) -> bytes:
+    async def answer(self, notary: ServerKey, wanted: dict[str, Wanted]) -> bytes:
         """The ``{"server_keys": [...]}`` body ``notary`` gives for ``wanted``
-        (server name -> minimum valid-until ms)."""
+        (server name -> minimum valid-until ms, key ids named)."""
         parts: list[bytes] = []
         remote: list[tuple[str, int]] = []
-        for name, minimum in wanted.items():
+        for name, (minimum, named) in wanted.items():
             srv = self.peer.servers.get(name)
             if srv is None:
-                remote.append((name, minimum))
+                kept = self._remote.get(name)
+                if named:
+                    remote.append((name, minimum))
+                elif kept is not None and kept.get("valid_until_ts", 0) >= minimum:
+                    parts.append(notarise(kept, notary))
                 continue
             if srv.key is None or srv.key.key_response()["valid_until_ts"] < minimum:
                 continue  # a fake server's keys do not change: nothing fresher
