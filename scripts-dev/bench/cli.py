@@ -9,6 +9,7 @@ the results folder.
     scripts-dev/bench/run --quick                 # 1,000 members, 1 run, SQLite
     scripts-dev/bench/run --sizes 1000,10000 --runs 3 --db sqlite,postgres
     scripts-dev/bench/run --sizes 5000:100        # members:servers
+    scripts-dev/bench/run --quick --key-notary    # keys direct, and via a notary
     scripts-dev/bench/run --report bench-results/latest.json   # re-print a table
 """
 
@@ -66,21 +67,30 @@ def parse_list(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-def plan(
-    runs: int, dbs: list[str], sizes: list[tuple[int, int]], variants: list[str]
-) -> list[tuple[int, str, int, int, list[str]]]:
-    """(run, db, members, servers, variants in order) for every measurement pair.
+Step = tuple[int, str, int, int, list[str], str]
 
-    The variant that goes first alternates between runs (and between the rooms of
-    one run), so warm-up effects do not favour either."""
+
+def plan(
+    runs: int,
+    dbs: list[str],
+    sizes: list[tuple[int, int]],
+    variants: list[str],
+    keys: tuple[str, ...] | list[str] = ("direct",),
+) -> list[Step]:
+    """(run, db, members, servers, variants in order, key set-up) for every
+    measurement pair.
+
+    The variant that goes first alternates between runs (and between the rooms
+    and key set-ups of one run), so warm-up effects do not favour either."""
     steps = []
     for run in range(runs):
         for i_db, db in enumerate(dbs):
             for i_size, (members, servers) in enumerate(sizes):
-                order = list(variants)
-                if (run + i_db + i_size) % 2:
-                    order.reverse()
-                steps.append((run, db, members, servers, order))
+                for i_keys, key_setup in enumerate(keys):
+                    order = list(variants)
+                    if (run + i_db + i_size + i_keys) % 2:
+                        order.reverse()
+                    steps.append((run, db, members, servers, order, key_setup))
     return steps
 
 
@@ -139,6 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
         " CPU, its PostgreSQL's, and how long it stays busy), traffic going on;"
         " the issue's 'minute after' is --after 120 (default 0: not watched)",
     )
+    p.add_argument(
+        "--keys",
+        default="direct",
+        help="how the homeservers get other servers' signing keys: direct (from"
+        " each server, the kit's default: no trusted_key_servers), notary (the fake"
+        " peer as their one trusted key server), or direct,notary for both"
+        " (default direct); notary measurements are reported as scenario"
+        " join/notary (resident/notary)",
+    )
+    p.add_argument(
+        "--key-notary",
+        action="store_true",
+        help="shorthand for --keys direct,notary",
+    )
     p.add_argument("--room-version", default="10", help="default 10")
     p.add_argument(
         "--timeout",
@@ -190,6 +214,11 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         "--db",
     )
     args.variant_list = parse_list(args.variants, ("stock", "module"), "--variants")
+    args.key_setups = parse_list(
+        "direct,notary" if args.key_notary else args.keys,
+        ("direct", "notary"),
+        "--keys",
+    )
     return args
 
 
@@ -257,7 +286,7 @@ def notes_for(args: argparse.Namespace, runs: list[dict[str, Any]]) -> list[str]
         load = worst["other_load"]
         notes.append(
             f"other processes used >5% of the machine during {len(busy)} of"
-            f" {sum(1 for r in runs if r['scenario'] == 'join')} joins (worst"
+            f" {sum(1 for r in runs if r['scenario'].startswith('join'))} joins (worst"
             f" {load['share_of_machine'] * 100:.0f}%: {load['top']})"
         )
     return notes
@@ -303,7 +332,12 @@ def _results_path(args: argparse.Namespace) -> str:
 
 
 def _settings(
-    args: argparse.Namespace, variant: str, db: str, members: int, servers: int
+    args: argparse.Namespace,
+    variant: str,
+    db: str,
+    members: int,
+    servers: int,
+    keys: str = "direct",
 ) -> Settings:
     return Settings(
         variant=variant,
@@ -317,6 +351,7 @@ def _settings(
         timeout=args.timeout,
         module_config=args.module_config if variant == "module" else None,
         after_s=args.after,
+        keys=keys,
     )
 
 
@@ -326,7 +361,7 @@ def _print_records(
     for r in records:
         if r.get("error"):
             progress.line(f"{label} {r['scenario']}: FAILED: {r['error']}")
-        elif r["scenario"] == "join":
+        elif r["scenario"].startswith("join"):
             m = r["metrics"]
             progress.line(
                 f"{label}: /join {m['join_s']:.2f} s, message"
@@ -351,16 +386,24 @@ class _Run:
     runs: list[dict[str, Any]] = field(default_factory=list)
 
     def measure(
-        self, run: int, db: str, members: int, servers: int, position: int, variant: str
+        self,
+        run: int,
+        db: str,
+        members: int,
+        servers: int,
+        position: int,
+        variant: str,
+        keys: str = "direct",
     ) -> None:
         """One measurement: run it, print it, save all runs so far."""
         args = self.args
         via = members <= args.via_hs1_max
-        label = f"run {run + 1}/{args.runs} {db} {members:,} members {variant}"
+        setup = "" if keys == "direct" else f" ({keys} keys)"
+        label = f"run {run + 1}/{args.runs} {db} {members:,} members {variant}{setup}"
         self.progress.step_started(label)
-        name = f"r{run}-{db}-{members}-{variant}"
+        name = f"r{run}-{db}-{members}-{variant}-{keys}"
         records = run_measurement(
-            _settings(args, variant, db, members, servers),
+            _settings(args, variant, db, members, servers, keys),
             os.path.join(self.base, name),
             self.ca,
             run=run,
@@ -378,14 +421,14 @@ class _Run:
         self.progress.step_done(weight(members, via))
 
 
-def _run_steps(bench: _Run, steps: list[tuple[int, str, int, int, list[str]]]) -> bool:
+def _run_steps(bench: _Run, steps: list[Step]) -> bool:
     """Every measurement of the plan; True if interrupted. Stops everything."""
     from tests.fedkit.cleanup import cleanup_all
 
     try:
-        for run, db, members, servers, order in steps:
+        for run, db, members, servers, order, keys in steps:
             for position, variant in enumerate(order):
-                bench.measure(run, db, members, servers, position, variant)
+                bench.measure(run, db, members, servers, position, variant, keys)
         bench.progress.finish()
     except (KeyboardInterrupt, SystemExit):
         bench.progress.line("interrupted: stopping everything")
@@ -434,9 +477,11 @@ def main(argv: list[str] | None = None) -> int:
     json_path = _results_path(args)
     machine = machine_info(with_postgres="postgres" in args.dbs)
     print(f"Machine: {describe_machine(machine)}", file=sys.stderr)
-    steps = plan(args.runs, args.dbs, args.sizes_list, args.variant_list)
+    steps = plan(
+        args.runs, args.dbs, args.sizes_list, args.variant_list, args.key_setups
+    )
     total = sum(
-        weight(m, m <= args.via_hs1_max) * len(order) for _, _, m, _, order in steps
+        weight(m, m <= args.via_hs1_max) * len(order) for _, _, m, _, order, _ in steps
     )
     progress = Progress(total)
     base = tempfile.mkdtemp(prefix="sps-bench-", dir=args.workdir)

@@ -48,9 +48,13 @@ STAGES: list[tuple[str, ...]] = [
     ),
     (
         "last key fetched",
-        r"Completed request: \d+ .* - GET matrix-federation://[^/]+/_matrix/key/v2/",
+        r"Completed request: \d+ .* - (?:GET|POST) matrix-federation://[^/]+"
+        r"/_matrix/key/v2/",
         "last",
     ),
+    # The module's key prefetch at the start of the resync is over (the keys
+    # stored: a notary's answer is checked and stored after it has arrived).
+    ("module:keys prefetched", r"Resync of {room}: prefetched signing keys"),
     ("first server failed", r"Resync of {room}: \S+ failed"),
     ("all events have full state", r"Resync of {room}: all events have full state"),
     ("updating current state", r"Updating current state for {room}"),

@@ -54,6 +54,7 @@ from bench.waits import (
 from tests.fedkit.certs import KitCA
 from tests.fedkit.fakepeer.control_client import FakePeer
 from tests.fedkit.homeserver import Homeserver, start_all
+from tests.fedkit.hsconfig import trusted_key_servers
 from tests.fedkit.matrix_client import Client
 
 MIB = measure.MIB
@@ -111,6 +112,15 @@ class Settings:
     timeout: float | None = None
     #: Seconds the joiner is watched after its full member list (0: not).
     after_s: float = 0.0
+    #: How the homeservers get signing keys: "direct" (from each server: no
+    #: trusted key servers, the kit's default) or "notary" (the fake peer's
+    #: notary as their one trusted key server).
+    keys: str = "direct"
+
+    @property
+    def scenario_suffix(self) -> str:
+        """Appended to the records' scenario: notary measurements apart."""
+        return "" if self.keys == "direct" else f"/{self.keys}"
 
     @property
     def resync_timeout(self) -> float:
@@ -159,8 +169,12 @@ def run_measurement(
 
     Errors (other than Ctrl-C) are recorded in the records' ``error`` and the
     logs copied to ``logs_dir``; everything started is stopped before returning."""
-    join_rec = _base_record(s, "join", run, order)
-    res_rec = _base_record(s, "resident", run, order) if s.resident else None
+    join_rec = _base_record(s, "join" + s.scenario_suffix, run, order)
+    res_rec = (
+        _base_record(s, "resident" + s.scenario_suffix, run, order)
+        if s.resident
+        else None
+    )
     servers: dict[str, Homeserver] = {}
     peer = FakePeer(os.path.join(workdir, "fakepeer"), ca.directory)
     with contextlib.ExitStack() as stack:
@@ -268,7 +282,7 @@ def _measure(
     room = _build_room(s, peer, rec, phase)
     setup: dict[str, Any] = {}
     rec["setup"] = setup
-    _start_homeservers(s, workdir, ca, servers, stack, setup, phase)
+    _start_homeservers(s, workdir, ca, peer, servers, stack, setup, phase)
     cast = _hs1_joins_first(s, room, servers, stack, setup, phase)
     since = None
     if cast.alice is not None:
@@ -310,14 +324,21 @@ def _start_homeservers(
     s: Settings,
     workdir: str,
     ca: KitCA,
+    peer: FakePeer,
     servers: dict[str, Homeserver],
     stack: contextlib.ExitStack,
     setup: dict[str, Any],
     phase: Phase,
 ) -> None:
-    """Start hs2 (and hs1 when joining via it) into ``servers``; ``start_s``."""
+    """Start hs2 (and hs1 when joining via it) into ``servers``; ``start_s``.
+    With ``keys="notary"`` they trust the fake peer's notary for keys."""
     phase("starting homeservers")
     names = ["hs1", "hs2"] if s.via_hs1 else ["hs2"]
+    extra: dict[str, Any] = {}
+    if s.keys == "notary":
+        notary = peer.notary()
+        extra = trusted_key_servers(notary)
+        setup["notary"] = notary["server_name"]
     for name in names:
         hs = Homeserver(
             os.path.join(workdir, name),
@@ -326,6 +347,7 @@ def _start_homeservers(
             db=s.db,  # type: ignore[arg-type]
             with_module=s.variant == "module",
             module_config=s.module_config,
+            extra_config=extra,
         )
         stack.callback(hs.cleanup)
         servers[name] = hs

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from synapse.module_api import ModuleApi
 
+from synapse_partial_state.compat.keyfetch import KeyFetchOutcome, fetch_keys_ahead
 from synapse_partial_state.compat.patching import (
     PatchRecord,
     homeserver,
@@ -329,40 +330,26 @@ class ResyncOps:
 
     async def prefetch_server_keys(
         self, servers: Collection[str], concurrency: int
-    ) -> tuple[int, int]:
-        """Fetch the signing keys of ``servers`` from the servers themselves, at
-        most ``concurrency`` at once, into Synapse's key store, so that checking
-        the signatures of the room's state later finds them locally instead of
-        fetching them in waves. Uses ``ServerKeyFetcher.get_server_verify_keys_v2_direct``
-        (which stores what it gets); failures are left for the normal path.
-        Returns (servers fetched, servers failed)."""
-        from synapse.crypto.keyring import ServerKeyFetcher
-        from twisted.internet.defer import DeferredSemaphore
+    ) -> KeyFetchOutcome:
+        """Fetch the signing keys of ``servers`` into Synapse's key store, so that
+        checking the signatures of the room's state later finds them locally
+        instead of fetching them in waves: from the trusted key servers (notaries)
+        Synapse is configured with, many servers per request, then from the
+        servers the notaries did not vouch for themselves, at most
+        ``concurrency`` at once (:func:`~synapse_partial_state.compat.keyfetch.fetch_keys_ahead`,
+        through the keyring's ``PerspectivesKeyFetcher`` and ``ServerKeyFetcher``,
+        which check and store what they get); failures are left for the normal
+        path."""
+        from synapse.crypto.keyring import PerspectivesKeyFetcher, ServerKeyFetcher
 
         fetchers = self._hs.get_keyring()._key_fetchers
-        fetcher = next((f for f in fetchers if isinstance(f, ServerKeyFetcher)), None)
-        if fetcher is None:
-            return 0, 0
-        semaphore = DeferredSemaphore(concurrency)
-        outcome = {"ok": 0, "failed": 0}
-
-        async def one(server: str) -> None:
-            from synapse.logging.context import make_deferred_yieldable
-
-            await make_deferred_yieldable(semaphore.acquire())
-            try:
-                await fetcher.get_server_verify_keys_v2_direct(server)
-                outcome["ok"] += 1
-            except Exception as e:  # a dead server: verification will say so later
-                logger.debug("Key prefetch from %s failed: %s", server, e)
-                outcome["failed"] += 1
-            finally:
-                semaphore.release()
-
-        from synapse.util.async_helpers import yieldable_gather_results
-
-        await yieldable_gather_results(one, servers)
-        return outcome["ok"], outcome["failed"]
+        notaries = next(
+            (f for f in fetchers if isinstance(f, PerspectivesKeyFetcher)), None
+        )
+        direct = next((f for f in fetchers if isinstance(f, ServerKeyFetcher)), None)
+        return await fetch_keys_ahead(
+            servers, notaries, direct, self.now_ms(), concurrency
+        )
 
     def start_resync(self, room_id: str) -> None:
         """Start a resync the way Synapse does after a join (its de-duplication

@@ -11,9 +11,13 @@ and lets Synapse's check start once they are stored (waiting at most
 
 The state at a join carries members of every server in the room: checking their
 signatures needs every server's keys. :class:`KeyPrefetch` fetches them at the
-start of a resync, at most :data:`KEY_PREFETCH_CONCURRENCY` servers at once, so
-that they are stored by the time the state has downloaded, instead of being
-fetched in waves during the check.
+start of a resync, so that they are stored by the time the state has downloaded,
+instead of being fetched in waves during the check.
+
+Both ask Synapse's trusted key servers (notaries) first, if it has any, a few
+hundred servers per request, and the servers themselves for the keys no notary
+vouched for, at most :data:`KEY_PREFETCH_CONCURRENCY` (:data:`JOIN_KEY_CONCURRENCY`)
+at once (:mod:`synapse_partial_state.compat.keyfetch`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from synapse.module_api import ModuleApi, make_deferred_yieldable
 from twisted.internet import defer
 
+from synapse_partial_state.compat.keyfetch import KeyFetchOutcome
 from synapse_partial_state.compat.make_join import servers_with_stored_keys
 from synapse_partial_state.compat.resync import ResyncOps
 from synapse_partial_state.compat.runtime import wake_waiter
@@ -106,15 +111,15 @@ class JoinKeyPrefetch:
         started = self._ops.now_ms()
         stored = await self._stored_keys(servers, started)
         missing = [s for s in servers if s not in stored]
-        ok, failed = await self._ops.prefetch_server_keys(missing, JOIN_KEY_CONCURRENCY)
+        got = await self._ops.prefetch_server_keys(missing, JOIN_KEY_CONCURRENCY)
         logger.info(
             "Join of %s: prefetched signing keys of %d server(s) named by the "
-            "resident in %.2f s (%d already stored, %d failed)",
+            "resident in %.2f s (%s, %d already stored)",
             room_id,
-            ok,
+            got.fetched,
             (self._ops.now_ms() - started) / 1000,
+            describe(got),
             len(stored),
-            failed,
         )
 
 
@@ -149,18 +154,26 @@ class KeyPrefetch:
         started = self._ops.now_ms()
         # Those fetched during the join (and of other rooms) are not asked again.
         stored = await servers_with_stored_keys(self._api, servers, started)
-        ok, failed = await self._ops.prefetch_server_keys(
+        got = await self._ops.prefetch_server_keys(
             [s for s in servers if s not in stored], KEY_PREFETCH_CONCURRENCY
         )
         logger.info(
             "Resync of %s: prefetched signing keys of %d server(s) in %.2f s "
-            "(%d already stored, %d failed)",
+            "(%s, %d already stored)",
             room_id,
-            ok,
+            got.fetched,
             (self._ops.now_ms() - started) / 1000,
+            describe(got),
             len(stored),
-            failed,
         )
+
+
+def describe(got: KeyFetchOutcome) -> str:
+    """How a prefetch's keys came, for its log line."""
+    return (
+        f"{got.from_notary} from notaries in {got.notary_requests} request(s), "
+        f"{got.direct} from the servers, {got.failed} failed"
+    )
 
 
 async def wait_at_most(d: defer.Deferred[None], seconds: float, ops: ResyncOps) -> None:

@@ -426,6 +426,26 @@ class LogParsers(unittest.TestCase):
             "resync complete", measure.stage_times(lines, T0, ROOM, until=T0 + 5.5)
         )
 
+    def test_a_notary_query_is_a_key_fetch(self) -> None:
+        query = line(
+            4.5,
+            "synapse.http.matrixfederationclient - 371 - INFO - PerspectivesKeyFetcher-0"
+            " - {POST-O-9} [127.0.0.1:24999] Completed request: 200 OK in 0.05 secs,"
+            " got 9000 bytes - POST matrix-federation://127.0.0.1:24999"
+            "/_matrix/key/v2/query",
+        )
+        prefetched = line(
+            4.75,
+            "synapse_partial_state.joining.keys - 160 - INFO - sps_prefetch_keys-0 -"
+            f" Resync of {ROOM}: prefetched signing keys of 199 server(s) in 3.50 s"
+            " (199 from notaries in 1 request(s), 0 from the servers, 0 failed,"
+            " 1 already stored)",
+        )
+        stages = measure.stage_times([OUT_KEY, query, SYNCING, prefetched], T0, ROOM)
+        self.assertEqual(stages["last key fetched"], 4.5)
+        self.assertEqual(stages["module:keys prefetched"], 4.75)
+        self.assertEqual(measure.endpoint_of("/_matrix/key/v2/query"), "key/query")
+
     def test_new_stage_is_one_entry(self) -> None:
         stages = [
             *measure.STAGES,
@@ -497,6 +517,21 @@ class CliHelpers(unittest.TestCase):
             for size in (1000, 10000):
                 firsts = [s[4][0] for s in steps if s[1] == db and s[2] == size]
                 self.assertEqual(sorted(firsts), ["module", "stock"])
+
+    def test_plan_with_both_key_setups(self) -> None:
+        steps = cli.plan(
+            1, ["sqlite"], [(2000, 200)], ["stock", "module"], ["direct", "notary"]
+        )
+        self.assertEqual(
+            [(s[5], s[4][0]) for s in steps],
+            [("direct", "stock"), ("notary", "module")],
+        )
+        args = cli.resolve(cli.build_parser().parse_args(["--quick", "--key-notary"]))
+        self.assertEqual(args.key_setups, ["direct", "notary"])
+        args = cli.resolve(cli.build_parser().parse_args(["--quick"]))
+        self.assertEqual(args.key_setups, ["direct"])
+        with self.assertRaises(ValueError):
+            cli.resolve(cli.build_parser().parse_args(["--keys", "perspectives"]))
 
     def test_quick_defaults(self) -> None:
         args = cli.resolve(cli.build_parser().parse_args(["--quick"]))

@@ -3,7 +3,8 @@
 The config follows ``/work/shared/FEDERATION-NOTES.md``: two loopback listeners
 (federation over TLS, client over plain HTTP), IP-SAN certificates from a
 :class:`~tests.fedkit.certs.KitCA` trusted through ``federation_custom_ca_list``,
-loopback allowed, no notary key servers, rate limits raised, shared-secret
+loopback allowed, no notary key servers (:func:`trusted_key_servers` for
+a fake peer's notary), rate limits raised, shared-secret
 registration, cheap bcrypt.
 
 These are plain functions of what they need; :class:`~tests.fedkit.homeserver.Homeserver`
@@ -186,6 +187,19 @@ def _rate_limits() -> dict[str, Any]:
             "concurrent": 1000,
         },
         "federation_rr_transactions_per_room_per_second": 10000,
+    }
+
+
+def trusted_key_servers(*notaries: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``extra_config`` that makes a homeserver ask these notaries for other
+    servers' keys, each ``{"server_name", "verify_keys": {key id: base64}}`` (as
+    :meth:`~tests.fedkit.fakepeer.control_client.FakePeer.notary` gives), instead
+    of the kit's default of none."""
+    return {
+        "trusted_key_servers": [
+            {"server_name": n["server_name"], "verify_keys": dict(n["verify_keys"])}
+            for n in notaries
+        ]
     }
 
 

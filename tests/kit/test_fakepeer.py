@@ -443,7 +443,7 @@ class SendJoinTests(PeerTestCase):
             a,
             "POST",
             "/_matrix/key/v2/query",
-            json={"server_keys": {a: {}, b: {}, "unknown.example": {}}},
+            json={"server_keys": {a: {}, b: {}, "127.0.0.1:1": {}}},
         )
         keys = {k["server_name"]: k for k in resp.json()["server_keys"]}
         self.assertEqual(set(keys), {a, b})

@@ -7,6 +7,8 @@ drive it over its plain-HTTP JSON control API, or use the synchronous wrapper
 Modules:
 
 * ``keys``: per-server ed25519 signing keys and key-server responses.
+* ``notary``: every fake server as a notary (``/_matrix/key/v2/query``), and a
+  dedicated notary for a homeserver's ``trusted_key_servers``.
 * ``signing``: X-Matrix request signing/parsing and event hashing/signing.
 * ``rooms``: the in-memory room DAG and state tracking.
 * ``synth``: the fast synthetic room builder.

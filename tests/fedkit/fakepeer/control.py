@@ -195,6 +195,10 @@ class ControlAPI(Resource):
         srv.start()
         return srv.to_json()
 
+    @route("POST", "/control/notary")
+    async def notary(self, request: Request, p: dict[str, str], body: Any) -> Any:
+        return self.peer.notary.dedicated_server()
+
     @route("GET", "/control/rooms")
     async def rooms(self, request: Request, p: dict[str, str], body: Any) -> Any:
         return {"rooms": [self.peer.room_summary(r) for r in self.peer.rooms.values()]}

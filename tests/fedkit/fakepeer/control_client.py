@@ -182,6 +182,13 @@ class FakePeer:
         """``POST /control/servers``: new fake servers; returns their names."""
         return self._call("POST", "/control/servers", {"count": count})["servers"]
 
+    def notary(self) -> dict[str, Any]:
+        """``POST /control/notary``: the peer's dedicated notary (a fake server in
+        no room, made on the first call): ``{"server_name", "verify_keys"}``, as
+        a ``trusted_key_servers`` entry
+        (:func:`tests.fedkit.hsconfig.trusted_key_servers`)."""
+        return self._call("POST", "/control/notary", {})
+
     def stop_server(self, name: str) -> dict[str, Any]:
         """``POST /control/servers/{name}/stop``."""
         return self._call("POST", f"/control/servers/{_q(name)}/stop", {})

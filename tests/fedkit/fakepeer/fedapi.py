@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
 
+from .notary import QueryError, parse_batch_query
 from .rooms import MEMBER, Room, StoredEvent, dumps, server_of
 from .signing import add_signature, corrupt_signatures, event_id_of
 
@@ -184,26 +185,30 @@ class FederationAPI:
 
     @route("POST", "/_matrix/key/v2/query")
     async def key_query(self, ctx: Ctx) -> Result:
-        body = ctx.json() or {}
-        names = list((body.get("server_keys") or {}).keys())
-        return ok({"server_keys": self._notarise(ctx, names)})
+        """The notary's batch answer (see :mod:`.notary`)."""
+        try:
+            wanted = parse_batch_query(ctx.json(), self._now())
+        except (QueryError, ValueError) as e:
+            return err(400, "M_BAD_JSON", str(e))
+        assert ctx.server.key is not None
+        return 200, await self.peer.notary.answer(ctx.server.key, wanted)
 
     @route("GET", "/_matrix/key/v2/query/{server_name}")
     async def key_query_one(self, ctx: Ctx) -> Result:
-        return ok({"server_keys": self._notarise(ctx, [ctx.params["server_name"]])})
+        """The notary's answer for one server (``minimum_valid_until_ts`` in the
+        query string, else now)."""
+        minimum = ctx.arg("minimum_valid_until_ts")
+        try:
+            at_least = int(minimum) if minimum is not None else self._now()
+        except ValueError:
+            return err(400, "M_INVALID_PARAM", "minimum_valid_until_ts: not an integer")
+        assert ctx.server.key is not None
+        wanted = {ctx.params["server_name"]: (at_least, True)}
+        return 200, await self.peer.notary.answer(ctx.server.key, wanted)
 
     @route("GET", "/_matrix/key/v2/query/{server_name}/{key_id}")
     async def key_query_one_id(self, ctx: Ctx) -> Result:
         return await self.key_query_one(ctx)
-
-    def _notarise(self, ctx: Ctx, names: list[str]) -> list[Any]:
-        assert ctx.server.key is not None
-        out = []
-        for name in names:
-            srv = self.peer.servers.get(name)
-            if srv is not None and srv.key is not None:
-                out.append(srv.key.notarised(ctx.server.key))
-        return out
 
     @route("GET", "/_matrix/federation/v1/version")
     async def version(self, ctx: Ctx) -> Result:

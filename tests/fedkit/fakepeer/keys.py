@@ -28,6 +28,8 @@ class ServerKey:
         self.key_id = f"{self.signing_key.alg}:{self.signing_key.version}"
         self._key_response: dict[str, Any] | None = None
         self._key_response_bytes: bytes | None = None
+        #: notary name -> this server's key response countersigned by it
+        self._notarised: dict[str, bytes] = {}
 
     def key_response(self) -> dict[str, Any]:
         """The self-signed ``/_matrix/key/v2/server`` body (cached)."""
@@ -49,9 +51,25 @@ class ServerKey:
             self._key_response_bytes = json.dumps(self.key_response()).encode()
         return self._key_response_bytes
 
-    def notarised(self, notary: ServerKey) -> dict[str, Any]:
-        """This server's key response countersigned by ``notary``."""
-        body = json.loads(self.key_response_bytes())
-        if notary.server_name == self.server_name:
-            return body
-        return sign_json(body, notary.server_name, notary.signing_key)
+    def verify_keys_json(self) -> dict[str, str]:
+        """``{key id: unpadded base64 verify key}``: what a homeserver that trusts
+        this server as a notary puts in ``trusted_key_servers``."""
+        return {self.key_id: encode_verify_key_base64(self.verify_key)}
+
+    def notarised_bytes(self, notary: ServerKey) -> bytes:
+        """This server's key response countersigned by ``notary``, as JSON bytes
+        (cached per notary)."""
+        cached = self._notarised.get(notary.server_name)
+        if cached is None:
+            cached = notarise(self.key_response(), notary)
+            self._notarised[notary.server_name] = cached
+        return cached
+
+
+def notarise(key_response: dict[str, Any], notary: ServerKey) -> bytes:
+    """A server's self-signed key response countersigned by ``notary`` (as is,
+    when it is the notary's own), as JSON bytes."""
+    body = json.loads(json.dumps(key_response))
+    if notary.server_name != key_response.get("server_name"):
+        body = sign_json(body, notary.server_name, notary.signing_key)
+    return json.dumps(body).encode()

@@ -19,6 +19,7 @@ from .fedapi import Ctx, FederationAPI
 from .httpclient import FederationClient, q
 from .incoming import IncomingHandler
 from .keys import ServerKey
+from .notary import Notary
 from .rooms import MEMBER, Room, StoredEvent, server_of
 from .server import FakeServer, TLSServerContextFactory
 from .signing import event_id_of
@@ -51,6 +52,7 @@ class Peer:
         self.client = FederationClient(reactor, self.ca.cert_path)
         self.fed = FederationAPI(self)
         self.incoming = IncomingHandler(self)
+        self.notary = Notary(self)
         self._txn_ids = itertools.count(1)
         self._pending: set[defer.Deferred[Any]] = set()
 

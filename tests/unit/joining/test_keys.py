@@ -10,6 +10,7 @@ from typing import Any
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
+from synapse_partial_state.compat.keyfetch import KeyFetchOutcome
 from synapse_partial_state.joining.keys import JOIN_KEY_WAIT_S, JoinKeyPrefetch
 
 ROOM = "!r:x"
@@ -26,7 +27,7 @@ class _Ops:
     def __init__(self, clock: task.Clock) -> None:
         self.clock = clock
         self.asked: list[list[str]] = []
-        self.fetching: defer.Deferred[tuple[int, int]] = defer.Deferred()
+        self.fetching: defer.Deferred[KeyFetchOutcome] = defer.Deferred()
 
     def now_ms(self) -> int:
         return int(self.clock.seconds() * 1000)
@@ -36,7 +37,7 @@ class _Ops:
 
     async def prefetch_server_keys(
         self, servers: Iterable[str], concurrency: int
-    ) -> tuple[int, int]:
+    ) -> KeyFetchOutcome:
         self.asked.append(list(servers))
         return await self.fetching
 
@@ -65,7 +66,7 @@ class JoinKeyPrefetchTests(unittest.TestCase):
         self.assertNoResult(checked)
         self.clock.advance(JOIN_KEY_WAIT_S / 2)
         self.assertNoResult(checked)
-        self.ops.fetching.callback((1, 0))
+        self.ops.fetching.callback(KeyFetchOutcome(direct=1))
         self.successResultOf(checked)
 
     def test_the_check_waits_at_most_join_key_wait_s(self) -> None:
