@@ -28,10 +28,8 @@ from typing import Any
 import attr
 from synapse.logging.context import make_deferred_yieldable
 from synapse.util.async_helpers import ObservableDeferred
-from twisted.internet import defer
-from twisted.python.failure import Failure
 
-from synapse_partial_state.compat.runtime import wake_waiter
+from synapse_partial_state.compat.runtime import TIMED_OUT, within
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +37,6 @@ logger = logging.getLogger(__name__)
 #: resync before answering with what is here (seconds; the default of
 #: ``clients.history_wait_seconds``).
 FOREGROUND_BACKFILL_BUDGET_S = 0.5
-
-_TIMED_OUT = object()
 
 
 @attr.s(auto_attribs=True, slots=True)
@@ -100,20 +96,9 @@ async def backfill_within_budget(
         hs.run_as_background_process("sps_history_backfill", backfill),
         consumeErrors=True,
     )
-    waiter: defer.Deferred[Any] = defer.Deferred()
     # A failed backfill (Synapse logs it) counts as none: the page goes ahead.
-    running.observe().addBoth(
-        lambda result: wake_waiter(
-            waiter, None if isinstance(result, Failure) else result
-        )
-    )
-    call = hs.get_reactor().callLater(budget.seconds, wake_waiter, waiter, _TIMED_OUT)
-    try:
-        result = await make_deferred_yieldable(waiter)
-    finally:
-        if call.active():
-            call.cancel()
-    if result is not _TIMED_OUT:
+    result = await within(running.observe(), budget.seconds, hs.get_reactor().callLater)
+    if result is not TIMED_OUT:
         return bool(result)
     budget.behind = running
     logger.info(

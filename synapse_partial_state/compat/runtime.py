@@ -7,6 +7,7 @@ on or fired; these are its own helpers (``synapse.logging.context``,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from synapse.logging.context import PreserveLoggingContext, make_deferred_yieldable
@@ -14,11 +15,13 @@ from synapse.util.async_helpers import concurrently_execute, yieldable_gather_re
 from synapse.util.iterutils import sorted_topologically
 
 __all__ = [
+    "TIMED_OUT",
     "PreserveLoggingContext",
     "concurrently_execute",
     "make_deferred_yieldable",
     "sorted_topologically",
     "wake_waiter",
+    "within",
     "yieldable_gather_results",
 ]
 
@@ -29,3 +32,31 @@ def wake_waiter(d: Any, value: object = None) -> None:
     if not d.called:
         with PreserveLoggingContext():
             d.callback(value)
+
+
+#: What :func:`within` returns when the time ran out.
+TIMED_OUT = object()
+
+
+async def within(
+    d: Any, seconds: float, call_later: Callable[[float, Callable[[], object]], Any]
+) -> Any:
+    """``d``'s result (None if it failed), or :data:`TIMED_OUT` after
+    ``seconds`` (``call_later``: the reactor's or Synapse clock's). ``d`` keeps
+    its result for its other callbacks; it is not cancelled."""
+    from twisted.internet import defer
+    from twisted.python.failure import Failure
+
+    waiter: defer.Deferred[Any] = defer.Deferred()
+
+    def passthrough(result: object) -> object:
+        wake_waiter(waiter, None if isinstance(result, Failure) else result)
+        return result
+
+    d.addBoth(passthrough)
+    call = call_later(seconds, lambda: wake_waiter(waiter, TIMED_OUT))
+    try:
+        return await make_deferred_yieldable(waiter)
+    finally:
+        if call.active():
+            call.cancel()

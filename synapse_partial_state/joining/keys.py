@@ -25,13 +25,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 
-from synapse.module_api import ModuleApi, make_deferred_yieldable
+from synapse.module_api import ModuleApi
 from twisted.internet import defer
 
 from synapse_partial_state.compat.keyfetch import KeyFetchOutcome
 from synapse_partial_state.compat.make_join import servers_with_stored_keys
 from synapse_partial_state.compat.resync import ResyncOps
-from synapse_partial_state.compat.runtime import wake_waiter
+from synapse_partial_state.compat.runtime import wake_waiter, within
 
 logger = logging.getLogger(__name__)
 
@@ -178,19 +178,4 @@ def describe(got: KeyFetchOutcome) -> str:
 
 async def wait_at_most(d: defer.Deferred[None], seconds: float, ops: ResyncOps) -> None:
     """Wait for ``d`` (without consuming its result), or ``seconds``."""
-    waiter: defer.Deferred[None] = defer.Deferred()
-
-    def done() -> None:
-        wake_waiter(waiter)
-
-    def passthrough(result: object) -> object:
-        done()
-        return result
-
-    d.addBoth(passthrough)
-    call = ops.call_later(seconds, done)
-    try:
-        await make_deferred_yieldable(waiter)
-    finally:
-        if call.active():
-            call.cancel()
+    await within(d, seconds, ops.call_later)
