@@ -69,6 +69,23 @@ class WorkerCase(FederationTestCase):
             "hs2", module_config=module_config, extra_config=FAST["extra_config"]
         )
 
+    def assert_complete_everywhere(
+        self, hs: WorkerHomeserver, user: Client, path: str, expected: int
+    ) -> None:
+        """Every process serving clients answers ``path`` (a ``joined_members``)
+        without the syncing marker (the room's partial flag clear there, as
+        replicated), with ``expected`` members."""
+        for name in CLIENT_PROCESSES:
+            direct = self.client_at(hs, name, user)
+
+            def complete(direct: Client = direct) -> Any:
+                status, body = direct.get(path, timeout=60)
+                self.assertEqual(status, 200, body)
+                return SYNCING_FIELD not in body and body
+
+            body = wait_until(complete, 30, f"{name}: the room not partial")
+            self.assertEqual(len(body["joined"]), expected, name)
+
     def client_at(self, hs: WorkerHomeserver, process: str, client: Client) -> Client:
         """``client``'s user talking to one process directly (no nginx)."""
         url = hs.main_url if process == "main" else hs.workers[process].url
@@ -172,16 +189,7 @@ class ModuleJoinerOnWorkers(WorkerCase):
         # Every process serving clients sees the room's partial flag clear:
         # with members_during_resync=partial, a process that still thought it
         # partial would answer from the partial state, marked syncing.
-        for name in CLIENT_PROCESSES:
-            direct = self.client_at(hs2, name, bob)
-
-            def complete(direct: Client = direct) -> Any:
-                status, body = direct.get(path, timeout=60)
-                self.assertEqual(status, 200, body)
-                return SYNCING_FIELD not in body and body
-
-            body = wait_until(complete, 30, f"{name}: the room not partial")
-            self.assertEqual(len(body["joined"]), expected, name)
+        self.assert_complete_everywhere(hs2, bob, path, expected)
 
         status, progress = bob.get(progress_path(room_id))
         self.assertEqual((status, progress["syncing"]), (200, False), progress)
@@ -342,16 +350,7 @@ class WorkerRestartedMidResync(WorkerCase):
             rf"Resync of {re.escape(room_id)} complete", timeout=180, since=since
         )
         expected = room["member_count"] + 1
-        for name in CLIENT_PROCESSES:
-            direct = self.client_at(hs2, name, bob)
-
-            def complete(direct: Client = direct) -> Any:
-                status, body = direct.get(path, timeout=60)
-                self.assertEqual(status, 200, body)
-                return SYNCING_FIELD not in body and body
-
-            body = wait_until(complete, 30, f"{name}: the room not partial")
-            self.assertEqual(len(body["joined"]), expected, name)
+        self.assert_complete_everywhere(hs2, bob, path, expected)
         sync = bob.sync(filter=Client.lazy_loading_filter(room_id))
         self.assertIn(room_id, sync["rooms"]["join"])
         self.assertIsNot(sync["rooms"]["join"][room_id].get(SYNCING_FIELD), True)
