@@ -20,7 +20,7 @@ from tests.blackbox.endpoints import ADMIN, full_status
 from tests.blackbox.resync_case import FAST, STATE_PATHS, resident_state, wait_until
 from tests.blackbox.test_device_lists import DeviceListCase
 from tests.fedkit.matrix_client import Client
-from tests.fedkit.testcase import FederationTestCase, selected_databases
+from tests.fedkit.testcase import FederationTestCase
 from tests.fedkit.workers import WorkerHomeserver, unavailable_reason
 
 #: Processes serving the client API (each checked on its own listener).
@@ -53,8 +53,6 @@ class WorkerCase(FederationTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        if "postgres" not in selected_databases():
-            self.skipTest("workers need PostgreSQL, not in SPS_TEST_DATABASES")
         reason = unavailable_reason()
         if reason is not None:
             self.skipTest(reason)

@@ -260,6 +260,10 @@ def postgres_reachable() -> bool:
 
 def unavailable_reason() -> str | None:
     """Why a worker deployment cannot run here (None: it can)."""
+    from tests.fedkit.testcase import selected_databases
+
+    if "postgres" not in selected_databases():
+        return "workers need PostgreSQL, not in SPS_TEST_DATABASES"
     try:
         import hiredis  # noqa: F401
         import txredisapi  # noqa: F401

@@ -7,7 +7,7 @@ import psutil
 
 from tests.fedkit.homeserver import HomeserverStartError
 from tests.fedkit.postgres import postgres_database_exists
-from tests.fedkit.testcase import FederationTestCase, selected_databases
+from tests.fedkit.testcase import FederationTestCase
 from tests.fedkit.workers import WorkerHomeserver, unavailable_reason
 from tests.kit.test_kit import _wait_gone
 
@@ -35,8 +35,6 @@ class WorkerKitTests(FederationTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        if "postgres" not in selected_databases():
-            self.skipTest("workers need PostgreSQL, not in SPS_TEST_DATABASES")
         reason = unavailable_reason()
         if reason is not None:
             self.skipTest(reason)
