@@ -87,7 +87,7 @@ def chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
 
 def install_bulk_finish(api: ModuleApi, verdict: BulkGate) -> BulkFinish | None:
     """The bulk finish, where this process persists events and the bulk gate's
-    ``verdict`` (:func:`.gate.check_bulk_gate`) allows it; None elsewhere."""
+    ``verdict`` (:func:`.gate.configured`) allows it; None elsewhere."""
     hs = homeserver(api)
     if hs.get_storage_controllers().persistence is None:
         return None

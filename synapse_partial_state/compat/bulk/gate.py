@@ -44,16 +44,9 @@ class BulkGate:
     reason: str | None = None
 
 
-def check_bulk_gate(enabled: bool = True) -> BulkGate:
-    """Decide whether the bulk writers run here: on this release and schema
-    (warns when not: call it once per process, see :func:`configured`), and
-    with ``enabled`` from the config."""
-    return configured(release_verdict(), enabled)
-
-
 def configured(release: BulkGate, enabled: bool) -> BulkGate:
     """One writer's verdict: the release's (:func:`release_verdict`, decided
-    once for every writer), unless its setting turns it off."""
+    once for every writer: it warns on an untested release), unless its setting turns it off."""
     if not enabled:
         logger.info("synapse_partial_state: %s", BULK_OFF_CONFIG)
         return BulkGate(False, BULK_OFF_CONFIG)

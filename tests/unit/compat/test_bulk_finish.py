@@ -124,7 +124,9 @@ class InstallTests(unittest.TestCase):
             mock.patch.object(finish, "homeserver", return_value=fake_hs(store)),
             mock.patch.object(gate, "synapse_version", return_value=version),
         ):
-            finish.install_bulk_finish(api, gate.check_bulk_gate(enabled))
+            finish.install_bulk_finish(
+                api, gate.configured(gate.release_verdict(), enabled)
+            )
         return store
 
     def wrapped(self, store: EventsStore) -> bool:

@@ -70,7 +70,7 @@ class GateDecidesTheWriter(unittest.TestCase):
                 outliers, "BulkOutlierWriter", side_effect=lambda hs: built.append(hs)
             ),
         ):
-            verdict = gate.check_bulk_gate(enabled)
+            verdict = gate.configured(gate.release_verdict(), enabled)
             outliers.bulk_outlier_writer("hs", verdict)  # type: ignore[arg-type]
         return verdict, built
 
