@@ -311,6 +311,11 @@ class WorkerHomeserver(Homeserver):
         # unlikely.
         self.redis_dbid = random.randrange(1, 16)
         self.workers: dict[str, WorkerProcess] = {}
+        #: Who serves the federation paths: ``"workers"`` (the federation
+        #: workers, as Synapse's documentation routes them) or ``"main"`` (the
+        #: main process alone, as a single-process homeserver would);
+        #: :meth:`route_federation` switches it on a running deployment.
+        self.federation_to = "workers"
         super().__init__(workdir, name, ca, **kw)
 
     # -- ports and files -----------------------------------------------------
@@ -408,10 +413,12 @@ class WorkerHomeserver(Homeserver):
             os.makedirs(os.path.join(self.nginx_dir, sub), exist_ok=True)
         d = self.nginx_dir
         w = self.workers
-        fed = "".join(
-            f"        server 127.0.0.1:{w[n].http_port};\n"
-            for n in self.FEDERATION_WORKERS
+        fed_ports = (
+            [w[n].http_port for n in self.FEDERATION_WORKERS]
+            if self.federation_to == "workers"
+            else [self.main_http_port]
         )
+        fed = "".join(f"        server 127.0.0.1:{port};\n" for port in fed_ports)
         user = "user root;\n" if os.geteuid() == 0 else ""
         locations = (
             _location_block(FEDERATION_READER_PATHS, "federation_reader")
@@ -440,8 +447,8 @@ http {{
     proxy_set_header Host $host;
     proxy_set_header X-Forwarded-For $remote_addr;
     proxy_set_header X-Forwarded-Proto $scheme;
-    proxy_read_timeout 600s;
-    proxy_send_timeout 600s;
+    proxy_read_timeout 1800s;
+    proxy_send_timeout 1800s;
 
     upstream main {{ server 127.0.0.1:{self.main_http_port}; }}
     upstream federation_reader {{
@@ -564,6 +571,58 @@ http {{
             self.nginx_dir,
             self._nginx_output,
         )
+
+    def route_federation(self, to: str, timeout: float = 30) -> None:
+        """Send the federation reader and inbound paths to ``to``
+        (``"workers"`` or ``"main"``) from now on: nginx's configuration is
+        rewritten and reloaded (requests in flight finish where they are)."""
+        if to not in ("workers", "main"):
+            raise ValueError(f"route_federation to {to!r}: 'workers' or 'main'")
+        binary = nginx_binary()
+        if binary is None or self._nginx is None or self._nginx.poll() is not None:
+            raise RuntimeError(f"{self.name}: nginx is not running")
+        self.federation_to = to
+        self._write_nginx_config()
+        subprocess.run(
+            [binary, "-p", self.nginx_dir, "-c", "nginx.conf", "-s", "reload"],
+            check=True,
+            capture_output=True,
+            timeout=timeout,
+        )
+        # nginx answers with the new configuration once its new worker runs:
+        # ask until a federation reader path reaches the expected process.
+        expected = set(self.FEDERATION_WORKERS) if to == "workers" else {"main"}
+        deadline = time.monotonic() + timeout
+        session = requests.Session()
+        session.trust_env = False
+        try:
+            while True:
+                offset = process.file_size(os.path.join(self.nginx_dir, "access.log"))
+                session.get(
+                    f"{self.federation_url}/_matrix/federation/v1/version",
+                    verify=self.ca.cert_path,
+                    timeout=10,
+                )
+                time.sleep(0.1)  # nginx logs a request once it has answered
+                served_by = self._upstreams_since(offset)
+                if served_by and served_by <= expected:
+                    return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.name}: federation not routed to {to}")
+                time.sleep(0.2)
+        finally:
+            session.close()
+
+    def _upstreams_since(self, offset: int) -> set[str]:
+        """The processes nginx's access log names after byte ``offset``."""
+        path = os.path.join(self.nginx_dir, "access.log")
+        with open(path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode("utf8", "replace")
+        names = set()
+        for port in re.findall(r"upstream=127\.0\.0\.1:(\d+)", text):
+            names.add(self.process_of_port(int(port)) or port)
+        return names
 
     def _nginx_tail(self) -> str:
         return process.output_tail(

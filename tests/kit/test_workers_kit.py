@@ -3,7 +3,11 @@ reachable through nginx, and stopped, also when the start fails."""
 
 from __future__ import annotations
 
+import re
+import time
+
 import psutil
+import requests
 
 from tests.fedkit.homeserver import HomeserverStartError
 from tests.fedkit.postgres import postgres_database_exists
@@ -53,6 +57,15 @@ class WorkerKitTests(FederationTestCase):
         self.assertNotEqual(hs.pids[hs.CLIENT_WORKER], old)
         self.assertIn(room_id, alice.joined_rooms())
 
+        # Federation routed to the main process alone, then back to the
+        # federation workers (the worker benchmark's two set-ups).
+        hs.route_federation("main")
+        self.assertEqual(self._version_served_by(hs), {"main"})
+        hs.route_federation("workers")
+        self.assertLessEqual(self._version_served_by(hs), set(hs.FEDERATION_WORKERS))
+        with self.assertRaises(ValueError):
+            hs.route_federation("everywhere")
+
         pids = hs.pids
         ports = {hs.federation_port, hs.client_port, hs.main_http_port}
         hs.cleanup()
@@ -62,6 +75,24 @@ class WorkerKitTests(FederationTestCase):
         self.assertFalse(ports & _listening_ports())
         assert hs.database_name is not None
         self.assertFalse(postgres_database_exists(hs.database_name))
+
+    def _version_served_by(self, hs: WorkerHomeserver) -> set[str]:
+        """Who answered four federation ``/version`` requests, per nginx."""
+        before = len(hs.access_log().splitlines())
+        for _ in range(4):
+            r = requests.get(
+                f"{hs.federation_url}/_matrix/federation/v1/version",
+                verify=hs.ca.cert_path,
+                timeout=10,
+            )
+            self.assertEqual(r.status_code, 200)
+        time.sleep(0.3)
+        served = set()
+        for line in hs.access_log().splitlines()[before:]:
+            m = re.search(r"upstream=127\.0\.0\.1:(\d+)", line)
+            if m and "/version" in line:
+                served.add(hs.process_of_port(int(m.group(1))) or m.group(1))
+        return served
 
     def test_a_worker_failing_to_start_stops_everything(self) -> None:
         hs = self.make_worker_homeserver("hs", with_module=False, start=False)

@@ -43,7 +43,8 @@ Acting as a joining server / making requests
   -> {server, user_id, event_id, join_event, make_join: {status, body, seconds} | null
   (null: template given), send_join: {status, body?, bytes, seconds, uri, summary} | null}
   ``POST /control/federation_request`` {server, destination, method, path (encoded,
-  with query), content?, timeout?} -> {status, body, bytes, seconds}
+  with query), content?, timeout?, include_body=true} -> {status, body (null when
+  include_body is false: the answer is only counted), bytes, seconds}
 
 Misbehaviour
   ``POST /control/behaviour`` {server="*", path_regex, action: delay|error|hang|drop|

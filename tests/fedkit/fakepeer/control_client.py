@@ -45,6 +45,15 @@ class FakePeer:
         self._session = requests.Session()
         self._atexit_registered = False
 
+    def another_client(self) -> FakePeer:
+        """Another control client of this running peer, with an HTTP session of
+        its own (``requests`` sessions are not meant to be shared by threads);
+        it cannot stop the peer."""
+        other = FakePeer(self.workdir, self.ca_dir, self.verify_requests)
+        other.control_port = self.control_port
+        other.pid = self.pid
+        return other
+
     # ------------------------------------------------------------------
     # lifecycle
 
@@ -121,6 +130,7 @@ class FakePeer:
         proc, self._proc = self._proc, None
         self.control_port = None
         if proc is None:
+            self._session.close()
             return
         if proc.poll() is None:
             try:
@@ -396,8 +406,10 @@ class FakePeer:
         path: str,
         content: Any = None,
         timeout: float = 300,
+        include_body: bool = True,
     ) -> dict[str, Any]:
-        """``POST /control/federation_request``: a signed request from ``server``."""
+        """``POST /control/federation_request``: a signed request from ``server``
+        (``include_body=False``: the answer's ``body`` is None, only counted)."""
         body = {
             "server": server,
             "destination": destination,
@@ -405,8 +417,11 @@ class FakePeer:
             "path": path,
             "content": content,
             "timeout": timeout,
+            "include_body": include_body,
         }
-        return self._call("POST", "/control/federation_request", body)
+        return self._call(
+            "POST", "/control/federation_request", body, timeout=timeout + 60
+        )
 
     def add_behaviour(
         self,
