@@ -257,6 +257,12 @@ def wave(
             }
             for step in STEPS
         },
+        # The slowest joiner's wait for its send_join and its /state (issue #14).
+        "slowest_send_join_and_state_s": round(
+            max(j["send_join"] + j["state"] for j in joins), 3
+        ),
+        "serving_cpu_s": round(sum(u["cpu_s"] for u in usage.values()), 2),
+        "joiners_seen": [{k: round(v, 3) for k, v in j.items()} for j in joins],
         "answer_mib": {
             step: round(statistics.median(j[f"{step}_bytes"] for j in joins) / MIB, 2)
             for step in STEPS
@@ -326,8 +332,8 @@ def table(records: list[dict[str, Any]]) -> str:
     """One line per (variant, routing); then module/stock per routing."""
     head = (
         f"{'variant':<7} {'routing':<8} {'wave s':>7} {'joins/min':>9} "
-        f"{'send_join':>15} {'state_ids':>15} {'state':>15} "
-        f"{'peak RSS MiB (CPU s) main / federation1 / federation2'}"
+        f"{'send_join':>15} {'state_ids':>15} {'state':>15} {'slowest sj+st':>13} "
+        f"{'CPU s':>6} {'peak RSS MiB (CPU s) main / federation1 / federation2'}"
     )
     lines = [
         "median / slowest seconds per request, as the joiners saw them",
@@ -348,9 +354,13 @@ def table(records: list[dict[str, Any]]) -> str:
             f"{p['peak_rss_mib']:.0f} ({p['cpu_s']:.1f})"
             for p in r["processes"].values()
         )
+        slowest = r.get("slowest_send_join_and_state_s")
+        cpu = r.get("serving_cpu_s")
         lines.append(
             f"{r['variant']:<7} {r['routing']:<8} {r['wave_s']:>7.1f} "
-            f"{r['joiners_per_minute']:>9.1f} {reqs} {procs}"
+            f"{r['joiners_per_minute']:>9.1f} {reqs} "
+            f"{'-' if slowest is None else f'{slowest:.2f}':>13} "
+            f"{'-' if cpu is None else f'{cpu:.1f}':>6} {procs}"
         )
     for routing in ("main", "workers"):
         s, m = by_key.get(("stock", routing)), by_key.get(("module", routing))
@@ -359,8 +369,14 @@ def table(records: list[dict[str, Any]]) -> str:
         peak = max(p["peak_rss_mib"] for p in m["processes"].values()) / max(
             p["peak_rss_mib"] for p in s["processes"].values()
         )
-        lines.append(
+        line = (
             f"module/stock, federation on {routing}: wave time "
             f"{m['wave_s'] / s['wave_s']:.2f}x, highest peak RSS {peak:.2f}x"
         )
+        key = "slowest_send_join_and_state_s"
+        if key in m and key in s:
+            line += f", slowest joiner {m[key] / s[key]:.2f}x"
+        if "serving_cpu_s" in m and "serving_cpu_s" in s:
+            line += f", CPU {m['serving_cpu_s'] / s['serving_cpu_s']:.2f}x"
+        lines.append(line)
     return "\n".join(lines)

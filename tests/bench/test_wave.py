@@ -1,0 +1,79 @@
+"""The worker benchmark's table (pure: sample records, no homeserver)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import unittest
+from typing import Any
+
+_SCRIPTS_DEV = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    "scripts-dev",
+)
+if _SCRIPTS_DEV not in sys.path:
+    sys.path.insert(0, _SCRIPTS_DEV)
+
+from bench import wave  # noqa: E402
+
+
+def _record(
+    variant: str, routing: str, wave_s: float, rss: float, cpu: float = 10.0
+) -> dict[str, Any]:
+    return {
+        "variant": variant,
+        "routing": routing,
+        "wave_s": wave_s,
+        "joiners_per_minute": round(60 * 20 / wave_s, 1),
+        "requests": {step: {"median_s": 1.0, "max_s": 2.0} for step in wave.STEPS},
+        "slowest_send_join_and_state_s": wave_s / 10,
+        "serving_cpu_s": cpu,
+        "processes": {
+            "main": {"peak_rss_mib": rss, "cpu_s": 4.0},
+            "federation1": {"peak_rss_mib": rss / 2, "cpu_s": 3.0},
+            "federation2": {"peak_rss_mib": rss / 2, "cpu_s": 3.0},
+        },
+    }
+
+
+class WaveTableTests(unittest.TestCase):
+    def test_a_line_per_wave_and_the_ratios_per_routing(self) -> None:
+        text = wave.table(
+            [
+                _record("stock", "main", 100.0, 1000.0),
+                _record("stock", "workers", 80.0, 800.0),
+                _record("module", "main", 20.0, 400.0, cpu=2.0),
+                _record("module", "workers", 20.0, 600.0, cpu=5.0),
+            ]
+        )
+        lines = text.splitlines()
+        self.assertEqual(
+            [ln.split()[:2] for ln in lines[3:7]],
+            [
+                ["stock", "main"],
+                ["stock", "workers"],
+                ["module", "main"],
+                ["module", "workers"],
+            ],
+        )
+        self.assertIn("10.00   10.0 1000 (4.0) / 500 (3.0) / 500 (3.0)", lines[3])
+        self.assertIn(
+            "federation on main: wave time 0.20x, highest peak RSS 0.40x,"
+            " slowest joiner 0.20x, CPU 0.20x",
+            text,
+        )
+        self.assertIn(
+            "federation on workers: wave time 0.25x, highest peak RSS 0.75x,"
+            " slowest joiner 0.25x, CPU 0.50x",
+            text,
+        )
+
+    def test_a_failed_wave_is_shown_and_has_no_ratio(self) -> None:
+        failed = {"variant": "stock", "routing": "main", "error": "Boom: no"}
+        text = wave.table([failed, _record("module", "main", 20.0, 400.0)])
+        self.assertIn("stock   main     error: Boom: no", text)
+        self.assertNotIn("module/stock", text)
+
+
+if __name__ == "__main__":
+    unittest.main()
