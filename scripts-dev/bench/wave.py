@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import shutil
 import statistics
 import sys
@@ -213,18 +212,18 @@ def wave(
     """The wave: every joiner at once; the serving processes watched."""
     _phase(f"federation routed to {routing}; waiting for hs1 to be idle")
     hs.route_federation(routing)
-    samplers = {name: _sampler(hs, name) for name in SERVING}
+    everyone = {name: _sampler(hs, name) for name in ("main", *hs.workers)}
+    samplers = {name: everyone[name] for name in SERVING}
     # (After a big resync Synapse stays busy for minutes: user directory, room
     # statistics; the wave waits for that, stock and module alike.)
-    everyone = [_sampler(hs, name) for name in ("main", *hs.workers)]
     idle_s = measure.wait_until_idle(
-        lambda: sum(s.cpu_seconds() for s in everyone), max_wait=600
+        lambda: sum(s.cpu_seconds() for s in everyone.values()), max_wait=600
     )
     cpu0 = {}
     for name, sampler in samplers.items():
         sampler.reset_rss_peak()
         cpu0[name] = sampler.cpu_seconds()
-    log_lines = len(hs.access_log().splitlines())
+    log_offset = hs.access_log_offset()
     _phase(f"a wave of {len(names)} joiners, federation on {routing}")
     t0 = time.monotonic()
     with ThreadPoolExecutor(max_workers=len(names)) as pool:
@@ -242,7 +241,8 @@ def wave(
         }
         for name, s in samplers.items()
     }
-    served = _served_by(hs, log_lines)
+    # Which processes nginx sent the wave's federation requests to.
+    served = hs.upstreams(r"/_matrix/federation/(?!v1/version)", since=log_offset)
     expected = {"main"} if routing == "main" else set(hs.FEDERATION_WORKERS)
     if not served or not served <= expected:
         raise RuntimeError(f"the wave was served by {served}, not {expected}")
@@ -315,17 +315,6 @@ def _one_joiner(
         return got
     finally:
         client.stop()
-
-
-def _served_by(hs: WorkerHomeserver, after_line: int) -> set[str]:
-    """Which processes nginx sent the wave's federation requests to."""
-    names = set()
-    for line in hs.access_log().splitlines()[after_line:]:
-        if "/_matrix/federation/" not in line or "/version" in line:
-            continue
-        for port in re.findall(r"upstream=127\.0\.0\.1:(\d+)", line):
-            names.add(hs.process_of_port(int(port)) or port)
-    return names
 
 
 def table(records: list[dict[str, Any]]) -> str:

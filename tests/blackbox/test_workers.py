@@ -92,26 +92,16 @@ class WorkerCase(FederationTestCase):
         wait a little for the line)."""
 
         def routed() -> bool:
-            got = self.upstreams_of(hs, path_regex)
+            got = hs.upstreams(path_regex)
             return bool(got) and got <= processes
 
         try:
             wait_until(routed, 10, f"{path_regex} routed to {processes}")
         except TimeoutError:
             self.fail(
-                f"{path_regex}: routed to {self.upstreams_of(hs, path_regex)},"
+                f"{path_regex}: routed to {hs.upstreams(path_regex)},"
                 f" not within {processes}"
             )
-
-    def upstreams_of(self, hs: WorkerHomeserver, path_regex: str) -> set[str]:
-        """Which processes nginx sent the requests matching ``path_regex`` to."""
-        names = set()
-        for line in hs.access_log().splitlines():
-            if re.search(rf"\"[A-Z]+ {path_regex}", line):
-                m = re.search(r"upstream=127\.0\.0\.1:(\d+)", line)
-                if m:
-                    names.add(hs.process_of_port(int(m.group(1))) or m.group(1))
-        return names
 
 
 class ModuleJoinerOnWorkers(WorkerCase):
@@ -303,7 +293,7 @@ class StockJoinerModuleResidentOnWorkers(WorkerCase):
         via = re.findall(r"Syncing state for room .* via \S+", hs2.read_log())
         for endpoint in ("state_ids", "state"):
             path = rf"/_matrix/federation/v1/{endpoint}/{quoted}"
-            if not self.upstreams_of(hs1, path):
+            if not hs1.upstreams(path):
                 self.fail(f"hs1 never asked for /{endpoint} (hs2 resynced: {via})")
             self.assert_routed(hs1, path, set(hs1.FEDERATION_WORKERS))
 

@@ -85,6 +85,9 @@ FEDERATION_READER_PATHS = (
     r"^/_matrix/federation/v1/hierarchy/",
 )
 
+#: A federation path every process answers (routing checks ask it).
+VERSION_PATH = "/_matrix/federation/v1/version"
+
 #: Inbound transactions: balanced by source address, so that one remote
 #: server's transactions go to one process.
 FEDERATION_INBOUND_PATHS = (r"^/_matrix/federation/v1/send/",)
@@ -597,14 +600,14 @@ http {{
         session.trust_env = False
         try:
             while True:
-                offset = process.file_size(os.path.join(self.nginx_dir, "access.log"))
+                offset = self.access_log_offset()
                 session.get(
-                    f"{self.federation_url}/_matrix/federation/v1/version",
+                    f"{self.federation_url}{VERSION_PATH}",
                     verify=self.ca.cert_path,
                     timeout=10,
                 )
                 time.sleep(0.1)  # nginx logs a request once it has answered
-                served_by = self._upstreams_since(offset)
+                served_by = self.upstreams(VERSION_PATH, since=offset)
                 if served_by and served_by <= expected:
                     return
                 if time.monotonic() > deadline:
@@ -612,17 +615,6 @@ http {{
                 time.sleep(0.2)
         finally:
             session.close()
-
-    def _upstreams_since(self, offset: int) -> set[str]:
-        """The processes nginx's access log names after byte ``offset``."""
-        path = os.path.join(self.nginx_dir, "access.log")
-        with open(path, "rb") as f:
-            f.seek(offset)
-            text = f.read().decode("utf8", "replace")
-        names = set()
-        for port in re.findall(r"upstream=127\.0\.0\.1:(\d+)", text):
-            names.add(self.process_of_port(int(port)) or port)
-        return names
 
     def _nginx_tail(self) -> str:
         return process.output_tail(
@@ -700,9 +692,33 @@ http {{
         path = self.log_path if name == "main" else self.workers[name].log_path
         return process.wait_for_line(path, re.compile(regex), timeout, since, name)
 
-    def access_log(self) -> str:
-        """nginx's access log: one line per request, with the upstream."""
-        return process.read_text(os.path.join(self.nginx_dir, "access.log"))
+    @property
+    def access_log_path(self) -> str:
+        return os.path.join(self.nginx_dir, "access.log")
+
+    def access_log(self, since: int = 0) -> str:
+        """nginx's access log after byte ``since``: one line per request, with
+        the upstream that answered it."""
+        if since == 0:
+            return process.read_text(self.access_log_path)
+        with open(self.access_log_path, "rb") as f:
+            f.seek(since)
+            return f.read().decode("utf8", "replace")
+
+    def access_log_offset(self) -> int:
+        """Size of nginx's access log now, as ``since`` for :meth:`upstreams`."""
+        return process.file_size(self.access_log_path)
+
+    def upstreams(self, path_regex: str, since: int = 0) -> set[str]:
+        """The processes (``main`` or a worker name) nginx sent the requests
+        whose path starts with a match of ``path_regex`` to, after byte
+        ``since`` of its access log (nginx logs a request once answered)."""
+        names = set()
+        for line in self.access_log(since).splitlines():
+            if re.search(rf"\"[A-Z]+ {path_regex}", line):
+                for port in re.findall(r"upstream=127\.0\.0\.1:(\d+)", line):
+                    names.add(self.process_of_port(int(port)) or port)
+        return names
 
     def process_of_port(self, port: int) -> str | None:
         """Which process (``main`` or a worker name) listens on ``port``."""

@@ -3,7 +3,6 @@ reachable through nginx, and stopped, also when the start fails."""
 
 from __future__ import annotations
 
-import re
 import time
 
 import psutil
@@ -12,7 +11,7 @@ import requests
 from tests.fedkit.homeserver import HomeserverStartError
 from tests.fedkit.postgres import postgres_database_exists
 from tests.fedkit.testcase import FederationTestCase
-from tests.fedkit.workers import WorkerHomeserver, unavailable_reason
+from tests.fedkit.workers import VERSION_PATH, WorkerHomeserver, unavailable_reason
 from tests.kit.test_kit import _wait_gone
 
 PROCESSES = {
@@ -78,21 +77,16 @@ class WorkerKitTests(FederationTestCase):
 
     def _version_served_by(self, hs: WorkerHomeserver) -> set[str]:
         """Who answered four federation ``/version`` requests, per nginx."""
-        before = len(hs.access_log().splitlines())
+        offset = hs.access_log_offset()
         for _ in range(4):
             r = requests.get(
-                f"{hs.federation_url}/_matrix/federation/v1/version",
+                f"{hs.federation_url}{VERSION_PATH}",
                 verify=hs.ca.cert_path,
                 timeout=10,
             )
             self.assertEqual(r.status_code, 200)
         time.sleep(0.3)
-        served = set()
-        for line in hs.access_log().splitlines()[before:]:
-            m = re.search(r"upstream=127\.0\.0\.1:(\d+)", line)
-            if m and "/version" in line:
-                served.add(hs.process_of_port(int(m.group(1))) or m.group(1))
-        return served
+        return hs.upstreams(VERSION_PATH, since=offset)
 
     def test_a_worker_failing_to_start_stops_everything(self) -> None:
         hs = self.make_worker_homeserver("hs", with_module=False, start=False)
