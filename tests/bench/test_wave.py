@@ -1,11 +1,19 @@
-"""The worker benchmark's table (pure: sample records, no homeserver)."""
+"""The worker benchmark (``scripts-dev/bench/wave``): its table on sample
+records, and the command itself at its smallest (``--quick``: real worker
+deployments, stock and module, 2,000 members, 5 joiners), which must keep
+producing every figure the README relies on."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import unittest
 from typing import Any
+
+from twisted.trial import unittest as trial_unittest
 
 _SCRIPTS_DEV = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -15,6 +23,10 @@ if _SCRIPTS_DEV not in sys.path:
     sys.path.insert(0, _SCRIPTS_DEV)
 
 from bench import wave  # noqa: E402
+
+from tests.fedkit.workers import unavailable_reason  # noqa: E402
+
+WAVE = os.path.join(_SCRIPTS_DEV, "bench", "wave")
 
 
 def _record(
@@ -73,6 +85,54 @@ class WaveTableTests(unittest.TestCase):
         text = wave.table([failed, _record("module", "main", 20.0, 400.0)])
         self.assertIn("stock   main     error: Boom: no", text)
         self.assertNotIn("module/stock", text)
+
+
+class WaveSmoke(trial_unittest.TestCase):
+    def setUp(self) -> None:
+        reason = unavailable_reason()
+        if reason is not None:
+            self.skipTest(reason)
+
+    def test_quick_run_reports_every_figure_for_both_variants(self) -> None:
+        with tempfile.TemporaryDirectory(prefix="sps-wave-smoke-") as tmp:
+            out = os.path.join(tmp, "wave.json")
+            proc = subprocess.run(
+                [sys.executable, WAVE, "--quick", "--out", out, "--workdir", tmp],
+                capture_output=True,
+                text=True,
+                timeout=900,
+                cwd=os.path.dirname(_SCRIPTS_DEV),
+            )
+            self.assertEqual(proc.returncode, 0, proc.stderr[-4000:])
+            with open(out) as f:
+                results = json.load(f)
+        records = {(r["variant"], r["routing"]): r for r in results["records"]}
+        self.assertEqual(
+            set(records),
+            {(v, r) for v in ("stock", "module") for r in ("main", "workers")},
+        )
+        for (variant, routing), rec in records.items():
+            what = f"{variant} on {routing}"
+            self.assertNotIn("error", rec, what)
+            self.assertEqual(rec["joiners"], 5, what)
+            self.assertEqual(len(rec["joiners_seen"]), 5, what)
+            self.assertGreater(rec["wave_s"], 0, what)
+            for step in wave.STEPS:
+                self.assertGreater(rec["requests"][step]["median_s"], 0, what)
+                self.assertGreaterEqual(
+                    rec["requests"][step]["max_s"],
+                    rec["requests"][step]["median_s"],
+                    what,
+                )
+                self.assertGreater(rec["answer_mib"][step], 0, what)
+            self.assertEqual(set(rec["processes"]), set(wave.SERVING), what)
+            for usage in rec["processes"].values():
+                self.assertGreater(usage["peak_rss_mib"], 0, what)
+            # nginx sent the wave where the routing says, and nowhere else.
+            expected = ["main"] if routing == "main" else ["federation1", "federation2"]
+            self.assertEqual(rec["served_by"], expected, what)
+        self.assertIn("module/stock, federation on main", proc.stdout)
+        self.assertIn("module/stock, federation on workers", proc.stdout)
 
 
 if __name__ == "__main__":
