@@ -49,6 +49,12 @@ class ResidentConfig:
     summary: bool = True
     #: Cap on the number of extra member events added to one answer.
     max_extra_members: int = 300
+    #: While this process answers a ``/send_join``, the federation sender's
+    #: sending of new events to other servers waits for the answer to be sent,
+    #: at most this long (0: it does not wait). In one process both share a
+    #: reactor, and a big room's fan-out (the join to every server in the room)
+    #: would otherwise delay the answer the joining user waits for.
+    fanout_hold_seconds: float = 2.0
     #: Cached, streamed ``/state`` and ``/state_ids`` answers.
     state_cache: StateCacheConfig = StateCacheConfig()
 
@@ -214,6 +220,9 @@ def _parse_resident(r: _Reader) -> ResidentConfig:
         power_level_users=r.boolean("power_level_users", d.power_level_users),
         summary=r.boolean("summary", d.summary),
         max_extra_members=r.integer("max_extra_members", d.max_extra_members, 0, 10000),
+        fanout_hold_seconds=r.seconds(
+            "fanout_hold_seconds", d.fanout_hold_seconds, 0, 60
+        ),
         state_cache=_parse_state_cache(r.section("state_cache")),
     )
     r.finish()

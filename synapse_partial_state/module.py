@@ -68,6 +68,7 @@ from synapse_partial_state.joining.keys import JoinKeyPrefetch
 from synapse_partial_state.joining.metrics import ResyncMetrics
 from synapse_partial_state.joining.store import JobStore
 from synapse_partial_state.joining.verify import VerifierPool, default_workers
+from synapse_partial_state.resident.fanout import FanOutHold
 from synapse_partial_state.resident.metrics import StateServerMetrics
 from synapse_partial_state.resident.send_join import SendJoinEnricher
 from synapse_partial_state.resident.state import StateServer
@@ -181,6 +182,11 @@ class PartialStateModule:
             enricher.extras_for, enricher.select, enricher.response_fields
         )
         install_signing_servers_hint(enricher.signing_servers)
+        hold_s = config.resident.fanout_hold_seconds
+        if hold_s > 0:
+            send_join.install_fanout_hold(
+                api, lambda wake, later, pos: FanOutHold(wake, later, hold_s, pos)
+            )
         if not config.resident.state_cache.enabled:
             return
         server = StateServer(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextvars
 import logging
 from collections.abc import Awaitable, Callable, Collection, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attr
 from synapse.api.constants import Membership
@@ -69,6 +69,9 @@ StateSelector = Callable[
 ]
 #: (room ID, the ``prev_events`` of a join we answered with partial state).
 PartialJoinObserver = Callable[[str, list[str]], None]
+#: Called as a ``/send_join`` answer starts; what it returns is called once the
+#: answer has been sent (or has failed).
+AnswerTracker = Callable[[], Callable[[], None]]
 
 
 @attr.s(auto_attribs=True, slots=True)
@@ -78,6 +81,7 @@ class _SendJoinHooks:
     extras_provider: ExtrasProvider | None = None
     decorate_response: ResponseDecorator | None = None
     observer: PartialJoinObserver | None = None
+    answer_started: AnswerTracker | None = None
 
 
 _SEND_JOIN_HOOKS = _SendJoinHooks()
@@ -122,11 +126,25 @@ def _wrap_on_send_join_request() -> None:
             room_id: str,
             caller_supports_partial_state: bool = False,
         ) -> dict[str, Any]:
-            resp = await _native_with_extras(
-                native, self, origin, content, room_id, caller_supports_partial_state
-            )
-            if resp.get("members_omitted"):
-                await _after_partial_answer(resp, content, room_id)
+            tracker = _SEND_JOIN_HOOKS.answer_started
+            answered = tracker() if tracker is not None else None
+            try:
+                resp = await _native_with_extras(
+                    native,
+                    self,
+                    origin,
+                    content,
+                    room_id,
+                    caller_supports_partial_state,
+                )
+                if resp.get("members_omitted"):
+                    await _after_partial_answer(resp, content, room_id)
+            except BaseException:
+                if answered is not None:
+                    answered()
+                raise
+            if answered is not None:
+                after_response(answered, f"/send_join answer in {room_id}")
             return resp
 
         return on_send_join_request
@@ -151,6 +169,10 @@ def _wrap_on_send_join_request() -> None:
         duties.append(
             "once a partial answer has been sent, prepare the /state the joiner's "
             "resync asks for next, in the background"
+        )
+    if _SEND_JOIN_HOOKS.answer_started is not None:
+        duties.append(
+            "hold the federation sender's wake-ups until the answer has been sent"
         )
     record_patch_replacing(PatchRecord(_ON_SEND_JOIN_TARGET, "wrap", "; ".join(duties)))
 
@@ -359,6 +381,78 @@ def install_partial_join_observer(observer: PartialJoinObserver) -> None:
                 "know when a partial /send_join answer has been sent",
             )
         )
+
+
+class WakeupHold(Protocol):
+    """What :func:`install_fanout_hold` installs (see
+    :class:`synapse_partial_state.resident.fanout.FanOutHold`)."""
+
+    def notify(self, token: Any) -> None: ...
+
+    def answer_started(self) -> Callable[[], None]: ...
+
+
+#: (the sender's own wake-up, ``call_later(seconds, callback)``, a token's
+#: position) -> the hold that takes the wake-ups in its place.
+HoldFactory = Callable[
+    [
+        Callable[[Any], None],
+        Callable[[float, Callable[[], None]], Any],
+        Callable[[Any], int],
+    ],
+    WakeupHold,
+]
+
+
+def install_fanout_hold(api: ModuleApi, make_hold: HoldFactory) -> WakeupHold | None:
+    """Let the federation sender's wake-ups go through ``make_hold(...)``'s hold,
+    which this process's ``/send_join`` answers mark (see
+    :mod:`synapse_partial_state.resident.fanout`). None (nothing installed) when
+    this process does not send federation itself (in a worker deployment whose
+    federation sender is another process, the fan-out does not share our
+    reactor).
+
+    Wraps, on the instance, ``FederationSender.notify_new_events(max_token)``
+    (checked in 1.163.2: called by the notifier once events are persisted; it
+    keeps the largest token's stream position and starts a background pass over
+    the new events, read from the database), so the hold also covers wake-ups for
+    other rooms meanwhile; and tells :func:`_wrap_on_send_join_request` to mark
+    each answer, done once it has been written (with the request-aware servlet
+    of :func:`install_partial_join_observer`) or else once computed.
+    """
+    from synapse.util.duration import Duration
+
+    hs = homeserver(api)
+    if not hs.should_send_federation():
+        return None
+    clock = hs.get_clock()
+    holds: list[WakeupHold] = []
+
+    def wrap(native: Callable[[Any], None]) -> Callable[[Any], None]:
+        hold = make_hold(
+            native,
+            lambda s, f: clock.call_later(Duration(milliseconds=s * 1000), f),
+            lambda token: int(token.stream),
+        )
+        holds.append(hold)
+
+        def notify_new_events(max_token: Any) -> None:
+            hold.notify(max_token)
+
+        return notify_new_events
+
+    wrap_instance_method(
+        hs.get_federation_sender(),
+        "notify_new_events",
+        wrap,
+        "synapse.federation.sender.FederationSender.notify_new_events",
+        "wait while a /send_join answer is prepared and sent (bounded)",
+    )
+    if not holds:  # installed before: the first one stays
+        return None
+    _SEND_JOIN_HOOKS.answer_started = holds[0].answer_started
+    _wrap_on_send_join_request()
+    return holds[0]
 
 
 async def get_room_summary(api: ModuleApi, room_id: str) -> Mapping[str, MemberSummary]:

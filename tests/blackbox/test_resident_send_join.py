@@ -13,6 +13,7 @@ from urllib.parse import quote
 from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
 from synapse.events import make_event_from_dict
 
+from tests.blackbox.resync_case import wait_until
 from tests.fedkit.homeserver import Homeserver
 from tests.fedkit.matrix_client import Client
 from tests.fedkit.process import read_from
@@ -238,6 +239,42 @@ class PartialAnswerDisabled(_ResidentRoom):
 
 
 @on_both_databases
+class FanOutAfterTheAnswer(_ResidentRoom):
+    """The join's fan-out to the room's other servers waits for the joiner's
+    answer to be sent (``resident.fanout_hold_seconds``): in one process both
+    share the reactor, and in a big room the fan-out is thousands of requests."""
+
+    def test_other_servers_get_the_join_once_the_answer_is_sent(self) -> None:
+        self.build_room()
+        others = {m.split(":", 1)[1] for m in self.fake_members}
+        since = self.hs1.log_offset()
+        self.peer.clear_transactions()
+        result = self.partial_join(include_body=False)
+        answered_at = result["send_join"]["answered_at"]
+        event_id = result["event_id"]
+
+        def delivered() -> dict[str, float] | None:
+            got = {
+                txn["destination"]: txn["time"]
+                for txn in self.peer.transactions(origin=self.hs1.server_name)
+                for pdu in txn["body"].get("pdus", [])
+                if pdu.get("state_key") == result["join_event"]["state_key"]
+            }
+            return got if others <= set(got) else None
+
+        got = wait_until(delivered, 30, f"the join {event_id} at {others}")
+        for server in others:
+            # Nothing is lost, and nothing went out before the joiner had its
+            # answer.
+            self.assertGreaterEqual(got[server], answered_at, server)
+        # Because the sender's wake-up was held until then, not by chance.
+        self.hs1.wait_for_log(
+            r"Federation sender woken after the answers sent: \d+ wake-up",
+            timeout=10,
+            since=since,
+        )
+
+
 class WireCompatibility(FederationTestCase):
     def _join_and_talk(self, resident: Homeserver, joiner: Homeserver) -> None:
         alice = self.register(resident, "alice")

@@ -41,7 +41,8 @@ Acting as a joining server / making requests
   template=null (a make_join answer to sign instead of asking make_join),
   bad_signature=false (corrupt the join's signatures once signed)}
   -> {server, user_id, event_id, join_event, make_join: {status, body, seconds} | null
-  (null: template given), send_join: {status, body?, bytes, seconds, uri, summary} | null}
+  (null: template given), send_join: {status, body?, bytes, seconds, answered_at, uri,
+  summary} | null}
   ``POST /control/federation_request`` {server, destination, method, path (encoded,
   with query), content?, timeout?, include_body=true} -> {status, body (null when
   include_body is false: the answer is only counted), bytes, seconds}

@@ -85,9 +85,12 @@ async def join_remote(peer: Peer, body: dict[str, Any]) -> dict[str, Any]:
         else:
             uri += "?omit_members=" + str(omit)
     sj = await peer.client.request(key, remote, "PUT", uri, event, timeout=600)
+    answered_at = time.time()
     sj_body = sj.json()
     result["send_join"] = {
         "status": sj.status,
+        # when the whole answer had arrived (compare: transactions' "time")
+        "answered_at": answered_at,
         "bytes": len(sj.body),
         "seconds": sj.seconds,
         "uri": uri,

@@ -1,0 +1,1 @@
+A resident answers a `/send_join` before sending the join to the room's other servers (new `resident.fanout_hold_seconds`, default 2): at 100,000 members over 2,000 servers the answer took 2.5-6 s, mostly waiting for that fan-out on the same reactor, and now takes 0.3-0.5 s.

@@ -1,0 +1,140 @@
+"""The federation sender's wake-ups held while /send_join answers are prepared
+(pure logic, a fake clock)."""
+
+from __future__ import annotations
+
+import unittest
+from typing import Any
+
+from synapse_partial_state.resident.fanout import FanOutHold
+
+
+class _Clock:
+    """``call_later`` with a hand-driven time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.calls: list[list[Any]] = []  # [at, callback, cancelled]
+
+    def call_later(self, seconds: float, callback: Any) -> Any:
+        entry = [self.now + seconds, callback, False]
+        self.calls.append(entry)
+
+        class _Call:
+            def cancel(self) -> None:
+                entry[2] = True
+
+        return _Call()
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        for entry in list(self.calls):
+            if not entry[2] and entry[0] <= self.now:
+                entry[2] = True
+                entry[1]()
+
+    def pending(self) -> int:
+        return sum(1 for e in self.calls if not e[2])
+
+
+class FanOutHoldTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = _Clock()
+        self.woken: list[int] = []
+        self.hold = self.make(2.0)
+
+    def make(self, max_hold_s: float) -> FanOutHold:
+        return FanOutHold(self.woken.append, self.clock.call_later, max_hold_s, int)
+
+    def test_no_answer_in_progress_passes_wake_ups_on_at_once(self) -> None:
+        self.hold.notify(5)
+        self.hold.notify(6)
+        self.assertEqual(self.woken, [5, 6])
+        self.assertEqual(self.hold.held_total, 0)
+
+    def test_held_until_the_answer_is_sent_then_the_largest_token(self) -> None:
+        done = self.hold.answer_started()
+        self.hold.notify(7)
+        self.hold.notify(9)
+        self.hold.notify(8)  # out of order: the largest is what counts
+        self.assertEqual(self.woken, [])
+        done()
+        self.assertEqual(self.woken, [9])
+        self.assertEqual(self.hold.held_total, 3)
+        self.assertEqual(self.clock.pending(), 0, "the deadline is cancelled")
+        # Nothing more is held, nor woken again.
+        self.clock.advance(10)
+        self.assertEqual(self.woken, [9])
+
+    def test_released_only_when_the_last_of_overlapping_answers_is_sent(self) -> None:
+        first = self.hold.answer_started()
+        second = self.hold.answer_started()
+        self.hold.notify(3)
+        first()
+        self.assertEqual(self.woken, [])
+        self.assertEqual(self.hold.answers_in_progress, 1)
+        second()
+        self.assertEqual(self.woken, [3])
+
+    def test_an_answer_with_nothing_held_wakes_nothing(self) -> None:
+        done = self.hold.answer_started()
+        done()
+        self.assertEqual(self.woken, [])
+
+    def test_finishing_twice_counts_once(self) -> None:
+        first = self.hold.answer_started()
+        second = self.hold.answer_started()
+        first()
+        first()
+        self.assertEqual(self.hold.answers_in_progress, 1)
+        self.hold.notify(4)
+        self.assertEqual(self.woken, [])
+        second()
+        self.assertEqual(self.woken, [4])
+
+    def test_deadline_wakes_the_sender_while_answers_go_on(self) -> None:
+        done = self.hold.answer_started()
+        self.hold.notify(1)
+        self.clock.advance(1.9)
+        self.assertEqual(self.woken, [])
+        self.clock.advance(0.2)
+        self.assertEqual(self.woken, [1])
+        self.assertEqual(self.hold.deadline_releases, 1)
+        # Still answering: the next wake-up is held again, with a new deadline.
+        self.hold.notify(2)
+        self.assertEqual(self.woken, [1])
+        self.clock.advance(2.0)
+        self.assertEqual(self.woken, [1, 2])
+        done()
+        self.assertEqual(self.woken, [1, 2])
+
+    def test_a_wave_cannot_starve_the_sender(self) -> None:
+        # Answers overlapping for 10 s, a wake-up every 0.1 s: the sender still
+        # runs at least every 2 s.
+        answers = [self.hold.answer_started()]
+        for step in range(100):
+            if step % 5 == 0:
+                answers.append(self.hold.answer_started())
+                answers.pop(0)()
+            self.hold.notify(step)
+            self.clock.advance(0.1)
+        self.assertGreaterEqual(len(self.woken), 4)
+        self.assertEqual(self.woken, sorted(self.woken))
+        answers[0]()
+        self.assertEqual(self.woken[-1], 99)
+
+    def test_zero_disables(self) -> None:
+        hold = self.make(0)
+        hold.answer_started()
+        hold.notify(1)
+        self.assertEqual(self.woken, [1])
+
+    def test_a_failing_wake_up_is_logged_not_raised(self) -> None:
+        def wake(token: int) -> None:
+            raise RuntimeError("boom")
+
+        hold = FanOutHold(wake, self.clock.call_later, 2.0, int)
+        done = hold.answer_started()
+        hold.notify(1)
+        with self.assertLogs("synapse_partial_state.resident.fanout", "ERROR"):
+            done()
