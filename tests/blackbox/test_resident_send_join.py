@@ -406,6 +406,24 @@ class JoinFailingAuth(FederationTestCase):
         (server,) = peer.create_servers(1)
         mallory = f"@mallory:{server}"
         alice.ban(public, mallory)
+        # A room only members of `public` may join: a member of the fake server
+        # joins `public`, so that make_join answers it (the template names alice
+        # as the authorising user); the join is then sent for someone else.
+        restricted = alice.create_room(preset="public_chat")
+        alice.send_state(
+            restricted,
+            "m.room.join_rules",
+            "",
+            {
+                "join_rule": "restricted",
+                "allow": [{"type": "m.room_membership", "room_id": public}],
+            },
+        )
+        member = peer.join(
+            public, hs1.server_name, server=server, user_localpart="member"
+        )
+        self.assertEqual(member["send_join"]["status"], 200, member)
+        outsider = f"@outsider:{server}"
         # make_join needs an invited user in the invite-only room.
         alice.invite(private, f"@guest:{server}")
         private_state = state_map(alice, private)
@@ -434,8 +452,16 @@ class JoinFailingAuth(FederationTestCase):
                     "auth_events": plain_auth,
                 },
             },
+            # Refused by Synapse's join-restriction check, which reads the
+            # state before the join (narrowed by the module to what it uses).
+            "not in the allowed room": {
+                "room_id": restricted,
+                "user_localpart": "member",
+                "event_overrides": {"sender": outsider, "state_key": outsider},
+            },
         }
-        before = {room: state_map(alice, room) for room in (public, private)}
+        rooms = (public, private, restricted)
+        before = {room: state_map(alice, room) for room in rooms}
         answers: dict[str, dict[str, Any]] = {}
         for variant in ("module", "stock"):
             if variant == "stock":
@@ -447,7 +473,7 @@ class JoinFailingAuth(FederationTestCase):
                     remote=hs1.server_name, server=server, omit_members=True, **case
                 )
                 self.assertEqual(result["make_join"]["status"], 200, (name, result))
-                self.assertEqual(result["user_id"], mallory)
+                self.assertEqual(result["user_id"], case["event_overrides"]["sender"])
                 send_join = result["send_join"]
                 answers[f"{name}, {variant}"] = send_join
                 room_id = str(case["room_id"])
@@ -467,6 +493,11 @@ class JoinFailingAuth(FederationTestCase):
             )
             self.assertEqual(module["status"], 403, (name, module))
             self.assertEqual(module["body"]["errcode"], "M_FORBIDDEN", name)
+        # Refused by the join-restriction check (not by the auth rules).
+        self.assertIn(
+            "required rooms",
+            answers["not in the allowed room, module"]["body"]["error"],
+        )
         self.assertEqual(
             alice.state_event(public, MEMBER, mallory)["membership"], "ban"
         )
