@@ -53,7 +53,7 @@ class FanOutHold:
         self._held_count = 0
         self._held_since = 0.0
         self._deadline: Any = None
-        #: Wake-ups held since start (for the status endpoint and the tests).
+        #: Wake-ups held since start.
         self.held_total = 0
         #: Wake-ups passed on by the deadline while answers were in progress.
         self.deadline_releases = 0
