@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import contextvars
 import logging
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attr
-from synapse.api.constants import EventTypes, Membership
+from synapse.api.constants import Membership
 from synapse.module_api import ModuleApi
-from synapse.types.state import StateFilter
 
 from synapse_partial_state.compat.patching import (
     PatchRecord,
@@ -45,47 +44,10 @@ class _PartialJoin:
 
     ``extras``: the extra membership state keys (user IDs), in priority order,
     chosen once Synapse has accepted the join; None until then (and for good when
-    it refused it, or the essentials could not be read). ``summary``: the room
-    summary the heroes are taken from, read with them (None: the one native code
-    hands the selector)."""
+    it refused it, or the essentials could not be read)."""
 
     room_id: str
     extras: tuple[str, ...] | None = None
-    summary: Mapping[str, MemberSummary] | None = None
-
-
-class PrevStateReads:
-    """An event context whose unfiltered ``get_prev_state_ids()`` reads only
-    ``state_filter`` (a filtered call is passed through); anything else is the
-    context's own.
-
-    Handed to native code that reads the whole state before an event but uses
-    only a known part of it: in a 100,000-member room, a whole state group not yet
-    in Synapse's cache is 100,000 rows from the database and a second of CPU (a
-    partial ``/send_join``'s first answer after a new state event took 3.5 s, 1.2
-    s of it CPU loading it), where the part used is the non-member state and a
-    few hundred members."""
-
-    __slots__ = ("_context", "_state_filter")
-
-    def __init__(self, context: Any, state_filter: StateFilter) -> None:
-        self._context = context
-        self._state_filter = state_filter
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._context, name)
-
-    async def get_prev_state_ids(
-        self, state_filter: StateFilter | None = None
-    ) -> StateMap[str]:
-        return await self._context.get_prev_state_ids(
-            self._state_filter if state_filter is None else state_filter
-        )
-
-
-def members_and_others(user_ids: Iterable[str]) -> StateFilter:
-    """All non-member state, and the memberships of ``user_ids``."""
-    return StateFilter.freeze({EventTypes.Member: set(user_ids)}, include_others=True)
 
 
 #: Set by the ``on_send_join_request`` wrapper around the native call for a
@@ -272,7 +234,6 @@ def _wrap_on_send_membership_event() -> None:
                 and pending.room_id == room_id
             ):
                 pending.extras = await _essentials_for(room_id, event)
-                context = await _narrowed(self, room_id, event, context, pending)
             return event, context
 
         return _on_send_membership_event
@@ -284,70 +245,6 @@ def _wrap_on_send_membership_event() -> None:
         _ON_SEND_MEMBERSHIP_TARGET,
         "choose a partial join's MSC2775 essentials once Synapse has validated "
         "and stored it (a refused join reads nothing)",
-        kind="wrap",
-    )
-
-
-async def _narrowed(
-    server: FederationServer,
-    room_id: str,
-    join: EventBase,
-    context: EventContext,
-    pending: _PartialJoin,
-) -> Any:
-    """``context`` for the rest of native ``on_send_join_request``, whose one use
-    of it (checked in 1.163.2) is ``get_prev_state_ids()``, for the partial
-    state the selector picks: a :class:`PrevStateReads` reading the non-member
-    state and the memberships the selector can pick (the joiner's, the
-    essentials', and the members of the room summary it takes the heroes from,
-    read here and kept in ``pending``). The answer is the same as with the whole
-    state. The context itself for an MSC4242 join (native answers it with full
-    state) or when the summary cannot be read."""
-    from synapse.events.py_protocol import supports_msc4242_state_dag
-
-    if supports_msc4242_state_dag(join):
-        return context
-    try:
-        # Any: mypy without Synapse's own plugin mis-types @cached methods.
-        store: Any = server.store
-        summary = await store.get_room_summary(room_id)
-    except Exception:
-        logger.exception("Could not read the room summary of %s", room_id)
-        return context
-    pending.summary = summary
-    users = {join.state_key, *(pending.extras or ())}
-    for member_summary in summary.values():
-        users.update(user_id for user_id, _ in member_summary.members)
-    return PrevStateReads(context, members_and_others(users))
-
-
-def _wrap_check_join_restrictions() -> None:
-    """Wrap ``FederationEventHandler.check_join_restrictions(context, event)``
-    once, and record it: for a partial join (:data:`_PARTIAL_JOIN` set), native
-    code gets a :class:`PrevStateReads` reading the non-member state and the
-    joiner's membership, all it uses of the state before the join (checked in
-    1.163.2: the joiner's previous membership, and the join rules
-    ``check_restricted_join_rules`` reads)."""
-    from synapse.handlers import federation_event
-
-    def wrap(native: Callable[..., Any]) -> Callable[..., Any]:
-        async def check_join_restrictions(
-            self: Any, context: Any, event: EventBase
-        ) -> None:
-            if _PARTIAL_JOIN.get() is not None:
-                context = PrevStateReads(context, members_and_others([event.state_key]))
-            await native(self, context, event)
-
-        return check_join_restrictions
-
-    wrap_instance_method(
-        federation_event.FederationEventHandler,
-        "check_join_restrictions",
-        wrap,
-        "synapse.handlers.federation_event.FederationEventHandler"
-        ".check_join_restrictions",
-        "for a partial join, read only the non-member state and the joiner's "
-        "membership (all it uses), not the whole state before the join",
         kind="wrap",
     )
 
@@ -432,18 +329,13 @@ def install_send_join_hooks(
         summary: Mapping[str, MemberSummary],
     ) -> Collection[str]:
         pending = _PARTIAL_JOIN.get()
-        if pending is None:
-            return selector(join_event, prev_state_ids, summary, ())
-        # The summary whose members prev_state_ids was read for (_narrowed).
-        if pending.summary is not None:
-            summary = pending.summary
-        return selector(join_event, prev_state_ids, summary, pending.extras or ())
+        extras = pending.extras if pending is not None else None
+        return selector(join_event, prev_state_ids, summary, extras or ())
 
     _SEND_JOIN_HOOKS.extras_provider = extras_provider
     _SEND_JOIN_HOOKS.decorate_response = decorate_response
     _wrap_on_send_join_request()
     _wrap_on_send_membership_event()
-    _wrap_check_join_restrictions()
     fs._get_event_ids_for_partial_state_join = select
     record_patch(
         PatchRecord(

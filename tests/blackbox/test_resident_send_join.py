@@ -452,8 +452,8 @@ class JoinFailingAuth(FederationTestCase):
                     "auth_events": plain_auth,
                 },
             },
-            # Refused by Synapse's join-restriction check, which reads the
-            # state before the join (narrowed by the module to what it uses).
+            # Refused by Synapse's join-restriction check (the state before
+            # the join says who may join).
             "not in the allowed room": {
                 "room_id": restricted,
                 "user_localpart": "member",
