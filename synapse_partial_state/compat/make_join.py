@@ -30,6 +30,7 @@ from synapse_partial_state.compat.patching import (
     main_store,
     wrap_instance_method,
 )
+from synapse_partial_state.compat.runtime import call_later_s
 from synapse_partial_state.wire import SIGNING_SERVERS_FIELD, parse_signing_servers
 
 if TYPE_CHECKING:
@@ -124,8 +125,6 @@ def install_join_key_prefetch(
       object, once) it returns the event, as native does for an event that
       passes; every other event goes to native.
     """
-    from synapse.util.duration import Duration
-
     hs = homeserver(api)
     client = hs.get_federation_client()
     transport = client.transport_layer
@@ -171,7 +170,7 @@ def install_join_key_prefetch(
                     for key in ids:
                         _VOUCHED.pop(key, None)
 
-                clock.call_later(Duration(seconds=_VOUCHED_KEEP_S), forget)
+                call_later_s(clock, _VOUCHED_KEEP_S, forget)
             return response
 
         return _do_send_join

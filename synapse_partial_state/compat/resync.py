@@ -17,6 +17,7 @@ from synapse_partial_state.compat.patching import (
     wrap_instance_method,
 )
 from synapse_partial_state.compat.persistence import has_partial_state_events
+from synapse_partial_state.compat.runtime import call_later_s
 
 if TYPE_CHECKING:
     from synapse.events import EventBase
@@ -370,10 +371,8 @@ class ResyncOps:
         return self._clock.time_msec()
 
     def call_later(self, delay_s: float, callback: Callable[[], object]) -> Any:
-        """Synapse's clock ``call_later`` (takes a ``Duration`` since 1.144)."""
-        from synapse.util.duration import Duration
-
-        return self._clock.call_later(Duration(milliseconds=delay_s * 1000), callback)
+        """Synapse's clock ``call_later``, in seconds."""
+        return call_later_s(self._clock, delay_s, callback)
 
 
 async def partial_join_event_id(store: Any, room_id: str) -> str | None:

@@ -17,6 +17,7 @@ from synapse.util.iterutils import sorted_topologically
 __all__ = [
     "TIMED_OUT",
     "PreserveLoggingContext",
+    "call_later_s",
     "concurrently_execute",
     "make_deferred_yieldable",
     "sorted_topologically",
@@ -32,6 +33,14 @@ def wake_waiter(d: Any, value: object = None) -> None:
     if not d.called:
         with PreserveLoggingContext():
             d.callback(value)
+
+
+def call_later_s(clock: Any, delay_s: float, callback: Callable[[], object]) -> Any:
+    """Synapse's clock ``call_later`` in seconds (it takes a ``Duration`` since
+    1.144); returns the delayed call (``cancel()``, ``active()``)."""
+    from synapse.util.duration import Duration
+
+    return clock.call_later(Duration(milliseconds=delay_s * 1000), callback)
 
 
 #: What :func:`within` returns when the time ran out.

@@ -22,6 +22,7 @@ from synapse_partial_state.compat.patching import (
     record_patch_replacing,
     wrap_instance_method,
 )
+from synapse_partial_state.compat.runtime import call_later_s
 from synapse_partial_state.compat.servlets import (
     after_response,
     replace_federation_servlets,
@@ -420,8 +421,6 @@ def install_fanout_hold(api: ModuleApi, make_hold: HoldFactory) -> WakeupHold | 
     each answer, done once it has been written (with the request-aware servlet
     of :func:`install_partial_join_observer`) or else once computed.
     """
-    from synapse.util.duration import Duration
-
     hs = homeserver(api)
     if not hs.should_send_federation():
         return None
@@ -431,7 +430,7 @@ def install_fanout_hold(api: ModuleApi, make_hold: HoldFactory) -> WakeupHold | 
     def wrap(native: Callable[[Any], None]) -> Callable[[Any], None]:
         hold = make_hold(
             native,
-            lambda s, f: clock.call_later(Duration(milliseconds=s * 1000), f),
+            lambda delay_s, f: call_later_s(clock, delay_s, f),
             lambda token: int(token.stream),
         )
         holds.append(hold)

@@ -699,11 +699,7 @@ http {{
     def access_log(self, since: int = 0) -> str:
         """nginx's access log after byte ``since``: one line per request, with
         the upstream that answered it."""
-        if since == 0:
-            return process.read_text(self.access_log_path)
-        with open(self.access_log_path, "rb") as f:
-            f.seek(since)
-            return f.read().decode("utf8", "replace")
+        return process.read_from(self.access_log_path, since)
 
     def access_log_offset(self) -> int:
         """Size of nginx's access log now, as ``since`` for :meth:`upstreams`."""
