@@ -146,6 +146,22 @@ class PartialAnswerUnnamedRoom(_ResidentRoom):
         self.assertEqual(by_key[u["dave"]]["content"]["membership"], "ban")
         self.assertEqual(by_key[u["erin"]]["content"]["membership"], "leave")
         self.assertEqual(by_key[self.invitee]["content"]["membership"], "invite")
+        # Each membership is the one in the state before the join (the module
+        # reads them itself along the state group's delta chain, not through
+        # Synapse's whole state: a member who joined and then was banned or
+        # kicked has two rows in the chain, the latest wins).
+        current_ids = {
+            e["state_key"]: e["event_id"] for e in current if e["type"] == MEMBER
+        }
+        answer_ids = dict(
+            zip(
+                [p["state_key"] for p in body["state"]],
+                event_ids(body["state"], self.room_version),
+                strict=True,
+            )
+        )
+        for user_id in by_key:
+            self.assertEqual(answer_ids[user_id], current_ids[user_id], user_id)
 
         self.assert_auth_chain_minimal_and_complete(body)
 

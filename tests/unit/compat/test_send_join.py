@@ -15,6 +15,9 @@ from typing import Any
 from synapse.api.errors import Codes, SynapseError
 from synapse.federation import federation_server as fs
 from synapse.federation.transport import server as transport_server
+from synapse.handlers import federation_event
+from synapse.storage.roommember import MemberSummary
+from synapse.types.state import StateFilter
 from twisted.internet import defer
 
 from synapse_partial_state.compat import patching, send_join, servlets
@@ -37,6 +40,80 @@ class FakeEvent:
         self.room_version = SimpleNamespace(msc4242_state_dags=state_dag)
 
 
+#: The room summary the faked store gives (heroes come from its members).
+SUMMARY = {
+    "join": MemberSummary([("@alice:a", "$a"), ("@bob:c", "$b")], 7),
+    "ban": MemberSummary([("@mallory:m", "$m")], 1),
+}
+
+
+class _SummaryStore:
+    async def get_room_summary(self, room_id: str) -> dict[str, MemberSummary]:
+        return SUMMARY
+
+
+class _Context:
+    """An event context recording its prev-state reads."""
+
+    def __init__(self, state_group: int | None = 7) -> None:
+        self.reads: list[StateFilter | None] = []
+        self.rejected = False
+        self.state_group_before_event = state_group
+
+    async def get_prev_state_ids(self, state_filter: StateFilter | None = None) -> Any:
+        self.reads.append(state_filter)
+        return {("m.room.create", ""): "$create"}
+
+
+class _MemberReads:
+    """Stands for ``group_memberships`` (tested on real databases by the
+    resident's black-box tests): records what is asked, answers for @a:x."""
+
+    def __init__(self, case: unittest.TestCase) -> None:
+        self.asked: list[tuple[Any, int, set[str]]] = []
+        saved = send_join.group_memberships
+        case.addCleanup(setattr, send_join, "group_memberships", saved)
+        send_join.group_memberships = self  # type: ignore[assignment]
+
+    async def __call__(self, hs: Any, group: int, user_ids: Any) -> dict[str, str]:
+        self.asked.append((hs, group, set(user_ids)))
+        return {"@a:x": "$ax"} if "@a:x" in user_ids else {}
+
+
+class PrevStateReadsTests(unittest.TestCase):
+    def test_unfiltered_reads_are_narrowed_filtered_ones_pass(self) -> None:
+        members = _MemberReads(self)
+        context = _Context()
+        hs = object()
+        reads = send_join.PrevStateReads(context, hs, ["@a:x", "@b:y"])
+        state = run(reads.get_prev_state_ids())
+        # The non-member state through Synapse, the members by our own read.
+        self.assertEqual(
+            state, {("m.room.create", ""): "$create", ("m.room.member", "@a:x"): "$ax"}
+        )
+        self.assertEqual(members.asked, [(hs, 7, {"@a:x", "@b:y"})])
+        other = StateFilter.from_types([("m.room.create", "")])
+        run(reads.get_prev_state_ids(other))
+        self.assertEqual(context.reads, [send_join.NON_MEMBERS, other])
+        self.assertIs(reads.rejected, False)  # the rest is the context's own
+
+    def test_no_state_group_no_state(self) -> None:
+        """As Synapse's own context: an outlier's state is empty."""
+        members = _MemberReads(self)
+        context = _Context(state_group=None)
+        reads = send_join.PrevStateReads(context, object(), ["@a:x"])
+        self.assertEqual(run(reads.get_prev_state_ids()), {})
+        self.assertEqual((context.reads, members.asked), ([], []))
+
+    def test_non_members(self) -> None:
+        """What Synapse reads for the non-member part: no member at all."""
+        f = send_join.NON_MEMBERS
+        self.assertTrue(f.include_others)
+        self.assertEqual(f.types["m.room.member"], frozenset())
+        member_part, _ = f.get_member_split()
+        self.assertEqual(member_part.make_sql_filter_clause(), ("1 = 2", []))
+
+
 class SendJoinWrapperTests(unittest.TestCase):
     def setUp(self) -> None:
         groups = transport_server.SERVLET_GROUPS
@@ -48,6 +125,8 @@ class SendJoinWrapperTests(unittest.TestCase):
             fs._get_event_ids_for_partial_state_join,
             list(patching.INSTALLED_PATCHES),
             (hooks.extras_provider, hooks.decorate_response, hooks.observer),
+            federation_event.FederationEventHandler.check_join_restrictions,
+            hooks.answer_started,
         )
 
         def restore() -> None:
@@ -56,14 +135,21 @@ class SendJoinWrapperTests(unittest.TestCase):
             fs._get_event_ids_for_partial_state_join = saved[2]
             patching.INSTALLED_PATCHES[:] = saved[3]
             (hooks.extras_provider, hooks.decorate_response, hooks.observer) = saved[4]
+            federation_event.FederationEventHandler.check_join_restrictions = saved[5]  # type: ignore[method-assign]
+            hooks.answer_started = saved[6]
 
         self.addCleanup(restore)
         hooks.extras_provider = hooks.decorate_response = hooks.observer = None
+        hooks.answer_started = None
         patching.INSTALLED_PATCHES[:] = [
             p for p in patching.INSTALLED_PATCHES if p.target not in (TARGET, VALIDATE)
         ]
         self.calls: list[tuple[Any, ...]] = []
         calls = self.calls
+        #: the contexts native on_send_join_request got back from validation
+        self.contexts: list[Any] = []
+        #: the summaries the selector was given
+        self.summaries: list[Any] = []
 
         async def validate(
             server: Any,
@@ -90,14 +176,15 @@ class SendJoinWrapperTests(unittest.TestCase):
         ) -> dict[str, Any]:
             """Native's order: validate and persist, then (partial) select."""
             calls.append(("native", caller_supports_partial_state))
-            event, _ = await server._on_send_membership_event(
+            event, context = await server._on_send_membership_event(
                 origin, content, "join", room_id
             )
+            self.contexts.append(context)
             if caller_supports_partial_state:
                 selected = fs._get_event_ids_for_partial_state_join(
                     event,  # type: ignore[arg-type]
                     {},
-                    {},
+                    {"join": MemberSummary([("@native:a", "$n")], 1)},
                 )
                 calls.append(("selected", tuple(selected)))
             return {"members_omitted": caller_supports_partial_state}
@@ -123,6 +210,7 @@ class SendJoinWrapperTests(unittest.TestCase):
 
         def selector(*args: Any) -> tuple[str, ...]:
             """The partial state is the extras it is given."""
+            self.summaries.append(args[2])
             return tuple(args[3])
 
         send_join.install_send_join_hooks(extras, selector, decorate)
@@ -139,8 +227,11 @@ class SendJoinWrapperTests(unittest.TestCase):
         ``membership``, ``_on_send_membership_event`` as ``/send_leave`` and
         ``/send_knock`` do)."""
         content = content or {"state_key": "@j:b", "prev_events": ["$p", 5]}
-        # A FederationServer whose __init__ never ran: only its methods are used.
+        # A FederationServer whose __init__ never ran: only its methods and
+        # the room summary of its store are used.
         server = fs.FederationServer.__new__(fs.FederationServer)
+        server.store = _SummaryStore()  # type: ignore[assignment]
+        server.hs = object()  # type: ignore[assignment]
         if membership is not None:
             return run(
                 server._on_send_membership_event(origin, content, membership, "!r:a")
@@ -175,6 +266,60 @@ class SendJoinWrapperTests(unittest.TestCase):
         (validate,) = [p for p in patching.INSTALLED_PATCHES if p.target == VALIDATE]
         self.assertIn("MSC2775 essentials", validate.why)
         self.assertIn("validated", validate.why)
+
+    def test_partial_answer_reads_only_the_state_it_can_pick(self) -> None:
+        """Native's read of the state before the join gets the non-member state
+        and the memberships the selector can pick: the joiner's, the essentials',
+        the summary's members (whose summary the selector then gets)."""
+        self.install_all()
+        self.call(True)
+        (context,) = self.contexts
+        self.assertIsInstance(context, send_join.PrevStateReads)
+        members = _MemberReads(self)
+        inner = _Context()
+        context._context = inner
+        run(context.get_prev_state_ids())
+        self.assertEqual(inner.reads, [send_join.NON_MEMBERS])
+        ((_, group, users),) = members.asked
+        self.assertEqual(group, 7)
+        self.assertEqual(users, {"@j:b", "@hero:a", "@alice:a", "@bob:c", "@mallory:m"})
+        self.assertEqual(self.summaries, [SUMMARY])
+
+    def test_full_answers_get_the_context_itself(self) -> None:
+        self.install_all()
+        self.call(False)
+        self.assertEqual(self.contexts, [None])
+
+    def test_join_restrictions_read_the_joiners_membership_for_partial_joins(
+        self,
+    ) -> None:
+        seen: list[Any] = []
+
+        async def native(handler: Any, context: Any, event: Any) -> None:
+            await context.get_prev_state_ids()
+            seen.append(context)
+
+        federation_event.FederationEventHandler.check_join_restrictions = native  # type: ignore[method-assign,assignment]
+        self.install_all()
+        check: Any = federation_event.FederationEventHandler.check_join_restrictions
+        handler = federation_event.FederationEventHandler.__new__(
+            federation_event.FederationEventHandler
+        )
+        handler.hs = object()  # type: ignore[assignment]
+        members = _MemberReads(self)
+        full = _Context()
+        run(check(handler, full, FakeEvent("@j:b")))  # not a partial join
+        self.assertEqual(full.reads, [None])
+        narrowed = _Context()
+        token = send_join._PARTIAL_JOIN.set(send_join._PartialJoin("!r:a"))
+        try:
+            run(check(handler, narrowed, FakeEvent("@j:b")))
+        finally:
+            send_join._PARTIAL_JOIN.reset(token)
+        self.assertEqual(narrowed.reads, [send_join.NON_MEMBERS])
+        self.assertEqual([users for _, _, users in members.asked], [{"@j:b"}])
+        self.assertIs(seen[0], full)
+        self.assertIsInstance(seen[1], send_join.PrevStateReads)
 
     def test_refused_join_reads_no_essentials(self) -> None:
         """Whatever Synapse refuses (here the origin, as the room's ACL does) gets
