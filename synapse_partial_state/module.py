@@ -31,6 +31,7 @@ from synapse_partial_state.compat.clients import ClientOps
 from synapse_partial_state.compat.join_summary import install_join_summary_capture
 from synapse_partial_state.compat.make_join import (
     install_join_key_prefetch,
+    install_make_join_reads,
     install_signing_servers_hint,
     servers_with_stored_keys,
 )
@@ -182,6 +183,7 @@ class PartialStateModule:
             enricher.extras_for, enricher.select, enricher.response_fields
         )
         install_signing_servers_hint(enricher.signing_servers)
+        install_make_join_reads(api)
         hold_s = config.resident.fanout_hold_seconds
         if hold_s > 0:
             send_join.install_fanout_hold(

@@ -90,6 +90,11 @@ class PrevStateReads:
     ) -> StateMap[str]:
         if state_filter is not None:
             return await self._context.get_prev_state_ids(state_filter)
+        # An unpersisted context (a /make_join's) may hold the state in memory
+        # (resolved from several groups), which it returns whatever the filter.
+        in_memory = getattr(self._context, "state_map_before_event", None)
+        if in_memory:
+            return in_memory
         group = self._context.state_group_before_event
         if group is None:  # as EventContext: no state for an outlier
             return {}
@@ -336,20 +341,21 @@ async def _narrowed(
 
 def _wrap_check_join_restrictions() -> None:
     """Wrap ``FederationEventHandler.check_join_restrictions(context, event)``
-    once, and record it: for a partial join (:data:`_PARTIAL_JOIN` set), native
-    code gets a :class:`PrevStateReads` reading the non-member state and the
-    joiner's membership, all it uses of the state before the join (checked in
-    1.163.2: the joiner's previous membership, and the join rules
-    ``check_restricted_join_rules`` reads)."""
+    once, and record it: native code gets a :class:`PrevStateReads` reading the
+    non-member state and the joiner's membership, all it uses of the state
+    before the join (checked in 1.163.2: the joiner's previous membership, and
+    the join rules ``check_restricted_join_rules`` reads). Synapse calls it for
+    every ``/make_join`` and ``/send_join``: in a 100,000-member room whose
+    latest state group is not in Synapse's cache, each read the whole group."""
     from synapse.handlers import federation_event
 
     def wrap(native: Callable[..., Any]) -> Callable[..., Any]:
         async def check_join_restrictions(
             self: Any, context: Any, event: EventBase
         ) -> None:
-            if _PARTIAL_JOIN.get() is not None:
-                context = PrevStateReads(context, self.hs, [event.state_key])
-            await native(self, context, event)
+            await native(
+                self, PrevStateReads(context, self.hs, [event.state_key]), event
+            )
 
         return check_join_restrictions
 
@@ -359,8 +365,8 @@ def _wrap_check_join_restrictions() -> None:
         wrap,
         "synapse.handlers.federation_event.FederationEventHandler"
         ".check_join_restrictions",
-        "for a partial join, read only the non-member state and the joiner's "
-        "membership (all it uses), not the whole state before the join",
+        "read only the non-member state and the joiner's membership (all it "
+        "uses), not the whole state before the join",
         kind="wrap",
     )
 

@@ -479,6 +479,7 @@ class JoinFailingAuth(FederationTestCase):
         rooms = (public, private, restricted)
         before = {room: state_map(alice, room) for room in rooms}
         answers: dict[str, dict[str, Any]] = {}
+        templates: dict[str, dict[str, Any]] = {}
         for variant in ("module", "stock"):
             if variant == "stock":
                 hs1.with_module = False
@@ -492,6 +493,7 @@ class JoinFailingAuth(FederationTestCase):
                 self.assertEqual(result["user_id"], case["event_overrides"]["sender"])
                 send_join = result["send_join"]
                 answers[f"{name}, {variant}"] = send_join
+                templates[f"{name}, {variant}"] = result["make_join"]["body"]["event"]
                 room_id = str(case["room_id"])
                 # Nothing changed: same state, the event was not stored.
                 self.assertEqual(state_map(alice, room_id), before[room_id], name)
@@ -509,6 +511,21 @@ class JoinFailingAuth(FederationTestCase):
             )
             self.assertEqual(module["status"], 403, (name, module))
             self.assertEqual(module["body"]["errcode"], "M_FORBIDDEN", name)
+            # The module narrows what /make_join reads of the current state
+            # (the join rules, the joiner's membership): the same template.
+            self.assertEqual(
+                templates[f"{name}, module"]["content"],
+                templates[f"{name}, stock"]["content"],
+                name,
+            )
+        # In the restricted room, make_join read the whole state again, to
+        # name a local member who could invite (alice).
+        self.assertEqual(
+            templates["not in the allowed room, module"]["content"].get(
+                "join_authorised_via_users_server"
+            ),
+            alice.user_id,
+        )
         # Refused by the join-restriction check (not by the auth rules).
         self.assertIn(
             "required rooms",

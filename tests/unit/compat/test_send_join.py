@@ -290,14 +290,13 @@ class SendJoinWrapperTests(unittest.TestCase):
         self.call(False)
         self.assertEqual(self.contexts, [None])
 
-    def test_join_restrictions_read_the_joiners_membership_for_partial_joins(
-        self,
-    ) -> None:
+    def test_join_restrictions_read_the_joiners_membership(self) -> None:
+        """For every join Synapse checks (make_join, partial and full
+        send_join): the non-member state and the joiner's membership."""
         seen: list[Any] = []
 
         async def native(handler: Any, context: Any, event: Any) -> None:
-            await context.get_prev_state_ids()
-            seen.append(context)
+            seen.append(await context.get_prev_state_ids())
 
         federation_event.FederationEventHandler.check_join_restrictions = native  # type: ignore[method-assign,assignment]
         self.install_all()
@@ -309,17 +308,34 @@ class SendJoinWrapperTests(unittest.TestCase):
         members = _MemberReads(self)
         full = _Context()
         run(check(handler, full, FakeEvent("@j:b")))  # not a partial join
-        self.assertEqual(full.reads, [None])
         narrowed = _Context()
         token = send_join._PARTIAL_JOIN.set(send_join._PartialJoin("!r:a"))
         try:
-            run(check(handler, narrowed, FakeEvent("@j:b")))
+            run(check(handler, narrowed, FakeEvent("@a:x")))
         finally:
             send_join._PARTIAL_JOIN.reset(token)
+        self.assertEqual(full.reads, [send_join.NON_MEMBERS])
         self.assertEqual(narrowed.reads, [send_join.NON_MEMBERS])
-        self.assertEqual([users for _, _, users in members.asked], [{"@j:b"}])
-        self.assertIs(seen[0], full)
-        self.assertIsInstance(seen[1], send_join.PrevStateReads)
+        self.assertEqual([users for _, _, users in members.asked], [{"@j:b"}, {"@a:x"}])
+        self.assertEqual(
+            seen,
+            [
+                {("m.room.create", ""): "$create"},
+                {("m.room.create", ""): "$create", ("m.room.member", "@a:x"): "$ax"},
+            ],
+        )
+
+    def test_state_in_memory_is_returned_as_is(self) -> None:
+        """An unpersisted context (a make_join's) with its state resolved in
+        memory returns it, as Synapse's does whatever the filter."""
+        context = _Context()
+        context.state_map_before_event = {("m.room.create", ""): "$in-memory"}  # type: ignore[attr-defined]
+        members = _MemberReads(self)
+        reads = send_join.PrevStateReads(context, object(), ["@a:x"])
+        self.assertEqual(
+            run(reads.get_prev_state_ids()), {("m.room.create", ""): "$in-memory"}
+        )
+        self.assertEqual((context.reads, members.asked), ([], []))
 
     def test_refused_join_reads_no_essentials(self) -> None:
         """Whatever Synapse refuses (here the origin, as the room's ACL does) gets
