@@ -41,6 +41,7 @@ METRICS: dict[str, tuple[str, str, bool]] = {
     "resident_cpu_s": ("resident CPU during join", "s", True),
     "fed_bytes_mib": ("federation bytes in", "MiB", True),
     "send_join_s": ("resident send_join", "s", True),
+    "send_join_2_s": ("resident send_join, second", "s", True),
     "send_join_mib": ("send_join size", "MiB", True),
     "state_ids_s": ("resident /state_ids", "s", True),
     "state_ids_mib": ("/state_ids size", "MiB", True),
@@ -51,6 +52,7 @@ METRICS: dict[str, tuple[str, str, bool]] = {
     "resident_peak_rss_mib": ("resident peak RSS serving", "MiB", True),
     "resident_rss_growth_mib": ("resident RSS growth serving", "MiB", True),
     "resident_serve_cpu_s": ("resident CPU serving", "s", True),
+    "real_join_s": ("a real joiner's /join via the resident", "s", True),
 }
 
 #: Breakdown prefix -> (label template, unit).

@@ -4,7 +4,10 @@ The fake peer measures it after hs2's join (``Settings.resident``): a partial
 ``send_join`` (``omit_members=true``) against the real server that holds the room
 (hs1, or hs2 when there is no hs1); ``/state_ids`` then ``/state`` at that join
 event (as a resyncing joiner asks them), ``/state`` there again, and ``/state`` at
-a second probe join's event (a state group no one asked about: cold).
+a second probe join's event (a state group no one asked about: cold). Then a real
+homeserver of the same variant (hs3) joins the room through the resident, and its
+user's ``/join`` is timed: what a joining user waits for, end to end (hs3 is
+stopped after it, during its resync).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from urllib.parse import quote
 from bench import measure
 from tests.fedkit.fakepeer.control_client import FakePeer
 from tests.fedkit.homeserver import Homeserver
+from tests.fedkit.matrix_client import Client
 
 MIB = measure.MIB
 
@@ -28,8 +32,11 @@ def measure_resident(
     rec: dict[str, Any],
     res_rec: dict[str, Any],
     phase: Callable[[str], None],
+    start_joiner: Callable[[], Client] | None = None,
 ) -> None:
-    """The resident side: probe joins and state requests against ``res_hs``."""
+    """The resident side: probe joins and state requests against ``res_hs``;
+    then, with ``start_joiner`` (it starts a homeserver and registers a user
+    there), that user's ``/join`` through ``res_hs``."""
     res_rec["room"] = rec["room"]
     res_rec["resident_server"] = res_hs.name
     phase(f"resident side: waiting for {res_hs.name} to be idle")
@@ -53,6 +60,12 @@ def measure_resident(
 
     time.sleep(0.5)  # log flush
     _record_probe_serving(res_rec, res_hs, off, j["server"])
+    if start_joiner is not None:
+        phase(f"resident side: a real joiner (hs3) joins via {res_hs.name}")
+        joiner = start_joiner()
+        t = time.monotonic()
+        joiner.join(room_id, via=[res_hs.server_name], timeout=600)
+        rm["real_join_s"] = round(time.monotonic() - t, 3)
 
 
 def _probe_join(
@@ -118,8 +131,10 @@ def _state_requests(
         omit_members=True,
         include_body=False,
     )
-    if (j2.get("send_join") or {}).get("status") != 200:
+    sj2 = j2.get("send_join") or {}
+    if sj2.get("status") != 200:
         raise RuntimeError(f"second send_join to {res_hs.name} failed")
+    rm["send_join_2_s"] = round(sj2["seconds"], 3)
     state_request("state_cold", "state", j2["event_id"])
 
 

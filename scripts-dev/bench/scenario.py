@@ -282,7 +282,7 @@ def _measure(
     room = _build_room(s, peer, rec, phase)
     setup: dict[str, Any] = {}
     rec["setup"] = setup
-    _start_homeservers(s, workdir, ca, peer, servers, stack, setup, phase)
+    extra = _start_homeservers(s, workdir, ca, peer, servers, stack, setup, phase)
     cast = _hs1_joins_first(s, room, servers, stack, setup, phase)
     since = None
     if cast.alice is not None:
@@ -297,7 +297,20 @@ def _measure(
     if res_rec is None:
         return
     res_hs = cast.hs1 or cast.hs2
-    measure_resident(peer, cast.room_id, res_hs, rec, res_rec, phase)
+
+    def start_joiner() -> Client:
+        """hs3, of the same variant and set-up, and a user there."""
+        hs3 = _homeserver(s, workdir, ca, "hs3", extra)
+        stack.callback(hs3.cleanup)
+        servers["hs3"] = hs3
+        hs3.start()
+        carol = hs3.register_user("carol")
+        stack.callback(carol.close)
+        return carol
+
+    measure_resident(
+        peer, cast.room_id, res_hs, rec, res_rec, phase, start_joiner=start_joiner
+    )
 
 
 def _build_room(
@@ -329,9 +342,10 @@ def _start_homeservers(
     stack: contextlib.ExitStack,
     setup: dict[str, Any],
     phase: Phase,
-) -> None:
+) -> dict[str, Any]:
     """Start hs2 (and hs1 when joining via it) into ``servers``; ``start_s``.
-    With ``keys="notary"`` they trust the fake peer's notary for keys."""
+    With ``keys="notary"`` they trust the fake peer's notary for keys. Returns
+    the configuration they have on top of the kit's (for hs3 later)."""
     phase("starting homeservers")
     names = ["hs1", "hs2"] if s.via_hs1 else ["hs2"]
     extra: dict[str, Any] = {}
@@ -340,20 +354,28 @@ def _start_homeservers(
         extra = trusted_key_servers(notary)
         setup["notary"] = notary["server_name"]
     for name in names:
-        hs = Homeserver(
-            os.path.join(workdir, name),
-            name,
-            ca,
-            db=s.db,  # type: ignore[arg-type]
-            with_module=s.variant == "module",
-            module_config=s.module_config,
-            extra_config=extra,
-        )
+        hs = _homeserver(s, workdir, ca, name, extra)
         stack.callback(hs.cleanup)
         servers[name] = hs
     t = time.monotonic()
     start_all(servers.values())
     setup["start_s"] = round(time.monotonic() - t, 2)
+    return extra
+
+
+def _homeserver(
+    s: Settings, workdir: str, ca: KitCA, name: str, extra: dict[str, Any]
+) -> Homeserver:
+    """A homeserver of the measurement's variant, not started."""
+    return Homeserver(
+        os.path.join(workdir, name),
+        name,
+        ca,
+        db=s.db,  # type: ignore[arg-type]
+        with_module=s.variant == "module",
+        module_config=s.module_config,
+        extra_config=extra,
+    )
 
 
 def _hs1_joins_first(

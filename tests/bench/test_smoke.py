@@ -73,7 +73,14 @@ class BenchSmoke(unittest.TestCase):
                 self.assertTrue(any(k.startswith("cores:") for k in m), what)
                 self.assertGreater(m["full_members_s"], m["stage:resync started"])
             else:
-                for key in ("send_join_s", "state_ids_s", "state_s", "state_cold_s"):
+                for key in (
+                    "send_join_s",
+                    "send_join_2_s",
+                    "state_ids_s",
+                    "state_s",
+                    "state_cold_s",
+                    "real_join_s",
+                ):
                     self.assertGreater(m[key], 0, f"{what}: {key}")
                 self.assertGreater(m["resident_peak_rss_mib"], 0, what)
                 self.assertGreaterEqual(m["resident_rss_growth_mib"], 0, what)
