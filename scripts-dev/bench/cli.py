@@ -150,6 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
         " the issue's 'minute after' is --after 120 (default 0: not watched)",
     )
     p.add_argument(
+        "--resident-idle-max",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="before the resident-side probes, wait until the resident is idle"
+        " (under 0.15 cores for 2 s), at most S seconds: after a big resync"
+        " Synapse works through the room's new members for minutes (user"
+        " directory, statistics, presence), and the probes should measure a"
+        " server holding the room, not one still busy joining it (default 600)",
+    )
+    p.add_argument(
         "--keys",
         default="direct",
         help="how the homeservers get other servers' signing keys: direct (from"
@@ -352,6 +363,7 @@ def _settings(
         module_config=args.module_config if variant == "module" else None,
         after_s=args.after,
         keys=keys,
+        resident_idle_max_s=args.resident_idle_max,
     )
 
 

@@ -33,6 +33,7 @@ def measure_resident(
     res_rec: dict[str, Any],
     phase: Callable[[str], None],
     start_joiner: Callable[[], Client] | None = None,
+    idle_max_s: float = 600.0,
 ) -> None:
     """The resident side: probe joins and state requests against ``res_hs``;
     then, with ``start_joiner`` (it starts a homeserver and registers a user
@@ -40,7 +41,9 @@ def measure_resident(
     res_rec["room"] = rec["room"]
     res_rec["resident_server"] = res_hs.name
     phase(f"resident side: waiting for {res_hs.name} to be idle")
-    res_rec["idle_wait_s"] = round(measure.wait_until_idle(res_hs.cpu_seconds), 1)
+    res_rec["idle_wait_s"] = round(
+        measure.wait_until_idle(res_hs.cpu_seconds, max_wait=idle_max_s), 1
+    )
     phase(f"resident side: partial send_join to {res_hs.name}")
     off = res_hs.log_offset()
     # Memory and CPU the resident spends serving the probe joins and the state

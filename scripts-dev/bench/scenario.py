@@ -116,6 +116,8 @@ class Settings:
     #: trusted key servers, the kit's default) or "notary" (the fake peer's
     #: notary as their one trusted key server).
     keys: str = "direct"
+    #: Seconds the resident-side probes wait at most for the resident to be idle.
+    resident_idle_max_s: float = 600.0
 
     @property
     def scenario_suffix(self) -> str:
@@ -309,7 +311,14 @@ def _measure(
         return carol
 
     measure_resident(
-        peer, cast.room_id, res_hs, rec, res_rec, phase, start_joiner=start_joiner
+        peer,
+        cast.room_id,
+        res_hs,
+        rec,
+        res_rec,
+        phase,
+        start_joiner=start_joiner,
+        idle_max_s=s.resident_idle_max_s,
     )
 
 
