@@ -29,6 +29,11 @@ from synapse_partial_state.compat.bulk.gate import BulkGate
 from synapse_partial_state.compat.bulk.outliers import bulk_outlier_writer
 from synapse_partial_state.compat.clients import ClientOps
 from synapse_partial_state.compat.join_summary import install_join_summary_capture
+from synapse_partial_state.compat.joined_hosts import (
+    JoinedHostsOps,
+    handles_federation,
+    install_un_partial_observer,
+)
 from synapse_partial_state.compat.make_join import (
     install_join_key_prefetch,
     install_make_join_reads,
@@ -73,6 +78,7 @@ from synapse_partial_state.resident.fanout import FanOutHold
 from synapse_partial_state.resident.metrics import StateServerMetrics
 from synapse_partial_state.resident.send_join import SendJoinEnricher
 from synapse_partial_state.resident.state import StateServer
+from synapse_partial_state.resident.warm import JoinedHostsWarmer
 from synapse_partial_state.status import STATUS_PATH, StatusResource
 
 logger = logging.getLogger(__name__)
@@ -189,6 +195,12 @@ class PartialStateModule:
             send_join.install_fanout_hold(
                 api, lambda wake, later, pos: FanOutHold(wake, later, hold_s, pos)
             )
+        if config.resident.warm_hosts_min_members > 0 and handles_federation(api):
+            warmer = JoinedHostsWarmer(
+                JoinedHostsOps(api), config.resident.warm_hosts_min_members
+            )
+            install_un_partial_observer(api, warmer.on_room_resynced)
+            warmer.start()
         if not config.resident.state_cache.enabled:
             return
         server = StateServer(

@@ -1,0 +1,128 @@
+"""The joined-hosts warmer (pure logic: fake ops, a hand-driven clock)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from synapse_partial_state.resident.warm import JoinedHostsWarmer
+
+
+class _Ops:
+    """Rooms with member counts; ``warm`` waits on a Deferred per call."""
+
+    def __init__(self, members: dict[str, int], big: list[str]) -> None:
+        self.members = members
+        self.big = big
+        self.later: list[tuple[float, Callable[[], None]]] = []
+        self.warming: list[tuple[str, defer.Deferred[bool]]] = []
+        self.listed_with: list[int] = []
+
+    async def rooms_to_warm(self, min_members: int) -> list[str]:
+        self.listed_with.append(min_members)
+        return list(self.big)
+
+    async def joined_members(self, room_id: str) -> int:
+        if room_id not in self.members:
+            raise RuntimeError("no such room")
+        return self.members[room_id]
+
+    async def warm(self, room_id: str) -> bool:
+        d: defer.Deferred[bool] = defer.Deferred()
+        self.warming.append((room_id, d))
+        return await d
+
+    def run_in_background(self, f: Callable[[], Awaitable[None]]) -> None:
+        defer.ensureDeferred(f())  # type: ignore[arg-type]
+
+    def call_later(self, delay_s: float, callback: Callable[[], None]) -> Any:
+        self.later.append((delay_s, callback))
+
+    def finish(self, result: bool = True) -> str:
+        room_id, d = self.warming[-1]
+        d.callback(result)
+        return room_id
+
+    def fail(self) -> str:
+        room_id, d = self.warming[-1]
+        d.errback(RuntimeError("database gone"))
+        return room_id
+
+
+class WarmerTests(unittest.TestCase):
+    def make(
+        self, min_members: int = 1000, **ops: Any
+    ) -> tuple[_Ops, JoinedHostsWarmer]:
+        fake = _Ops(
+            ops.get("members", {"!big:a": 5000, "!huge:a": 90000, "!small:a": 10}),
+            ops.get("big", ["!huge:a", "!big:a"]),
+        )
+        return fake, JoinedHostsWarmer(fake, min_members, start_delay_s=7)
+
+    def test_start_waits_then_warms_the_big_rooms_one_at_a_time(self) -> None:
+        ops, warmer = self.make()
+        warmer.start()
+        self.assertEqual(ops.warming, [])
+        [(delay, callback)] = ops.later
+        self.assertEqual(delay, 7)
+        callback()
+        self.assertEqual(ops.listed_with, [1000])
+        # One room at a time, largest first (the order rooms_to_warm gives).
+        self.assertEqual([r for r, _ in ops.warming], ["!huge:a"])
+        self.assertEqual(ops.finish(), "!huge:a")
+        self.assertEqual([r for r, _ in ops.warming], ["!huge:a", "!big:a"])
+        ops.finish()
+        self.assertEqual(warmer.warmed, ["!huge:a", "!big:a"])
+
+    def test_resynced_rooms_below_the_threshold_are_left_alone(self) -> None:
+        ops, warmer = self.make()
+        warmer.on_room_resynced("!small:a")
+        self.assertEqual(ops.warming, [])
+        warmer.on_room_resynced("!big:a")
+        self.assertEqual([r for r, _ in ops.warming], ["!big:a"])
+        ops.finish()
+        self.assertEqual(warmer.warmed, ["!big:a"])
+
+    def test_a_room_queued_twice_while_another_warms_is_warmed_once(self) -> None:
+        ops, warmer = self.make()
+        warmer.on_room_resynced("!huge:a")
+        warmer.on_room_resynced("!big:a")
+        warmer.on_room_resynced("!big:a")
+        ops.finish()
+        ops.finish()
+        self.assertEqual([r for r, _ in ops.warming], ["!huge:a", "!big:a"])
+        self.assertEqual(warmer.warmed, ["!huge:a", "!big:a"])
+        # Idle again: a later resync starts a new pass.
+        warmer.on_room_resynced("!huge:a")
+        self.assertEqual(len(ops.warming), 3)
+
+    def test_a_room_that_cannot_be_warmed_or_fails_does_not_stop_the_rest(
+        self,
+    ) -> None:
+        ops, warmer = self.make(members={"!a:x": 2000, "!b:x": 2000, "!c:x": 2000})
+        with self.assertLogs("synapse_partial_state.resident.warm") as logs:
+            for room_id in ("!a:x", "!gone:x", "!b:x", "!c:x"):
+                warmer.on_room_resynced(room_id)
+            ops.finish(False)  # !a:x: several forward extremities, say
+            # !gone:x: joined_members raised; logged, skipped.
+            ops.fail()  # !b:x
+            ops.finish()  # !c:x
+        self.assertEqual([r for r, _ in ops.warming], ["!a:x", "!b:x", "!c:x"])
+        self.assertEqual(warmer.warmed, ["!c:x"])
+        errors = [r.getMessage() for r in logs.records if r.levelname == "ERROR"]
+        self.assertEqual(
+            errors,
+            [
+                "Could not work out the servers in !gone:x ahead",
+                "Could not work out the servers in !b:x ahead",
+            ],
+        )
+
+    def test_zero_disables_it(self) -> None:
+        ops, warmer = self.make(min_members=0)
+        warmer.start()
+        warmer.on_room_resynced("!huge:a")
+        self.assertEqual((ops.later, ops.warming), ([], []))
