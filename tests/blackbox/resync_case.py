@@ -32,6 +32,12 @@ FAST = {
     },
 }
 
+#: Servers in the room of a test whose servers all fail (``join_while_state_fails``,
+#: a 502 for every state request): Synapse's federation client retries a 502
+#: three times (0.5, 1 and 2 s apart), so each failed round of the resync takes
+#: about 4 s per server; two servers keep a round short and still fail over.
+DOWN_SERVERS = 2
+
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
     deadline = time.monotonic() + timeout

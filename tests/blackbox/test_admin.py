@@ -11,7 +11,7 @@ from urllib.parse import quote
 import requests
 
 from tests.blackbox.endpoints import ADMIN, STATUS
-from tests.blackbox.resync_case import STATE_PATHS, ResyncCase, wait_until
+from tests.blackbox.resync_case import DOWN_SERVERS, STATE_PATHS, ResyncCase, wait_until
 from tests.fedkit.testcase import FederationTestCase, on_both_databases
 
 #: Where the admin API was before it moved under Synapse's admin prefix.
@@ -126,6 +126,8 @@ class WhereTheEndpointsAnswer(FederationTestCase):
 
 @on_both_databases
 class AdminApi(ResyncCase):
+    SERVERS = DOWN_SERVERS
+
     def test_list_retry_abort_and_auth(self) -> None:
         self.setup_room(module_config={"resync": {"initial_backoff_seconds": 60}})
         rule = self.peer.add_behaviour(STATE_PATHS, "error", status=502)
@@ -159,6 +161,8 @@ class AdminApi(ResyncCase):
 
 @on_both_databases
 class AdminAbortAndPurge(ResyncCase):
+    SERVERS = DOWN_SERVERS
+
     def test_admin_abort_refused_while_local_users_are_in_the_room(self) -> None:
         self.setup_room()
         self.join_while_state_fails()

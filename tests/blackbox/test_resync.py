@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import quote
 
 from tests.blackbox.resync_case import (
+    DOWN_SERVERS,
     EVENT_PATH,
     STATE_PATH,
     STATE_PATHS,
@@ -44,6 +45,8 @@ class Failover(ResyncCase):
 
 @on_both_databases
 class EveryServerDownThenBack(ResyncCase):
+    SERVERS = DOWN_SERVERS
+
     def test_retries_until_a_server_answers(self) -> None:
         self.setup_room()
         rule = self.peer.add_behaviour(STATE_PATHS, "error", status=502)
@@ -68,6 +71,8 @@ class EveryServerDownThenBack(ResyncCase):
 
 @on_both_databases
 class RestartMidResync(ResyncCase):
+    SERVERS = DOWN_SERVERS
+
     def test_joiner_restart_resumes_from_its_job_row(self) -> None:
         self.setup_room()
         rule = self.peer.add_behaviour(STATE_PATHS, "error", status=502)
@@ -146,6 +151,8 @@ class RestartMidStore(ResyncCase):
 
 @on_both_databases
 class LeaveMidResync(ResyncCase):
+    SERVERS = DOWN_SERVERS
+
     def test_last_local_leave_aborts_and_rejoin_works(self) -> None:
         self.setup_room()
         since = self.hs2.log_offset()
@@ -216,6 +223,8 @@ class AbortKeepsWhatUsersNeed(ResyncCase):
     """The last local member leaves or is removed mid-resync: the incomplete
     room is purged only when that takes nothing from a local user."""
 
+    SERVERS = DOWN_SERVERS
+
     def test_a_pending_invite_of_another_local_user_keeps_the_room(self) -> None:
         self.setup_room()
         rule = self.join_while_state_fails()
@@ -263,6 +272,8 @@ def invites(client: Any) -> dict[str, Any]:
 
 @on_both_databases
 class UnexpectedError(ResyncCase):
+    SERVERS = DOWN_SERVERS
+
     def test_a_database_fault_mid_resync_is_survived(self) -> None:
         """An error that is no remote server's (here: the database refuses the
         engine's writes) does not end the resync for the life of the process:

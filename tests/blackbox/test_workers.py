@@ -17,7 +17,13 @@ from urllib.parse import quote
 
 from synapse_partial_state.wire import SIGNING_SERVERS_FIELD, SYNCING_FIELD
 from tests.blackbox.endpoints import ADMIN, full_status
-from tests.blackbox.resync_case import FAST, STATE_PATHS, resident_state, wait_until
+from tests.blackbox.resync_case import (
+    DOWN_SERVERS,
+    FAST,
+    STATE_PATHS,
+    resident_state,
+    wait_until,
+)
 from tests.blackbox.test_device_lists import DeviceListCase
 from tests.fedkit.matrix_client import Client
 from tests.fedkit.testcase import FederationTestCase
@@ -301,7 +307,7 @@ class StockJoinerModuleResidentOnWorkers(WorkerCase):
 class WorkerRestartedMidResync(WorkerCase):
     def test_restarted_workers_see_the_room_partial_then_complete(self) -> None:
         peer = self.make_fake_peer()
-        room = peer.create_room(members=60, servers=3, name="Restart room")
+        room = peer.create_room(members=60, servers=DOWN_SERVERS, name="Restart room")
         room_id, resident = room["room_id"], room["resident"]
         hs2 = self.worker_joiner(partial_members=True)
         bob = self.register(hs2, "bob")
@@ -420,7 +426,7 @@ class LeaveMidResyncOnWorkers(WorkerCase):
         federation sender *worker* to send the leave, purges the room; a rejoin
         then completes."""
         peer = self.make_fake_peer()
-        room = peer.create_room(members=40, servers=3, name="Leave room")
+        room = peer.create_room(members=40, servers=DOWN_SERVERS, name="Leave room")
         room_id, resident = room["room_id"], room["resident"]
         hs2 = self.worker_joiner()
         bob = self.register(hs2, "bob")
