@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import attr
+import yaml
 
 from synapse_partial_state import PartialStateModule
 from synapse_partial_state.config import PartialStateConfig, ResidentConfig
@@ -13,6 +17,37 @@ class ParseConfigTests(ConfigAssertions):
     def test_empty_gives_defaults(self) -> None:
         self.assertEqual(PartialStateModule.parse_config({}), PartialStateConfig())
         self.assertEqual(PartialStateModule.parse_config(None), PartialStateConfig())
+
+    def test_readme_config_is_valid_and_gives_the_defaults(self) -> None:
+        """The module config the README documents parses, and is the defaults (it
+        says "default: ..." for each option)."""
+        readme = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
+        with open(readme, encoding="utf-8") as f:
+            blocks = re.findall(r"```yaml\n(.*?)```", f.read(), re.S)
+        configs = [
+            module.get("config")
+            for block in blocks
+            if "PartialStateModule" in block
+            for module in (yaml.safe_load(block) or {}).get("modules", [])
+            if module["module"] == "synapse_partial_state.PartialStateModule"
+        ]
+        self.assertTrue(configs, "no module config in the README")
+        for documented in configs:
+            self.assertEqual(
+                PartialStateModule.parse_config(documented), PartialStateConfig()
+            )
+
+    def test_warm_hosts_min_members(self) -> None:
+        self.assertEqual(PartialStateConfig().resident.warm_hosts_min_members, 10000)
+        config = PartialStateModule.parse_config(
+            {"resident": {"warm_hosts_min_members": 0}}
+        )
+        self.assertEqual(config.resident.warm_hosts_min_members, 0)
+        self.assert_rejected(
+            {"resident": {"warm_hosts_min_members": -5}},
+            "'resident.warm_hosts_min_members'",
+            "-5 (int)",
+        )
 
     def test_config_is_frozen(self) -> None:
         config = PartialStateModule.parse_config({})
