@@ -128,7 +128,7 @@ class PartialStateModule:
             api, bulk_gate.configured(release, config.resync.bulk_finish)
         )
         # Wherever this process serves the client API (main or workers).
-        self._wire_clients(api, config)
+        summaries = self._wire_clients(api, config)
         if config.resident.enabled:
             self._wire_resident(api, config)
         # Wherever this process writes device lists (the main process unless
@@ -153,11 +153,13 @@ class PartialStateModule:
                     self.device_lists.on_room_abandoned,
                     before_purge=self.device_lists.before_purge,
                 )
+            engine.add_complete_listener(summaries.forget)
+            engine.add_abandon_listener(summaries.forget)
             return engine
         return None
 
     @staticmethod
-    def _wire_clients(api: ModuleApi, config: PartialStateConfig) -> None:
+    def _wire_clients(api: ModuleApi, config: PartialStateConfig) -> JoinSummaries:
         """The syncing signal in ``/sync``, the progress endpoint (reading the
         job table, which any process can), members and space children read from
         partial state."""
@@ -180,6 +182,7 @@ class PartialStateModule:
         install_backfill(patching.homeserver(api))
         endpoint = PartialStateEndpoint(api, ops, jobs)
         mount_client_api(endpoint.routes())
+        return summaries
 
     @staticmethod
     def _wire_resident(api: ModuleApi, config: PartialStateConfig) -> None:

@@ -95,6 +95,10 @@ def _save_txn(
     )
 
 
+def _forget_txn(txn: LoggingTransaction, room_id: str) -> None:
+    txn.execute("DELETE FROM sps_join_summaries WHERE room_id = ?", (room_id,))
+
+
 def _get_txn(txn: LoggingTransaction, room_id: str) -> tuple[str, str] | None:
     txn.execute(
         "SELECT join_event_id, summary FROM sps_join_summaries WHERE room_id = ?",
@@ -131,6 +135,14 @@ class JoinSummaries:
         now = int(time.time() * 1000)
         await self._api.run_db_interaction(
             "sps_save_join_summary", _save_txn, room_id, join_event_id, body, now
+        )
+
+    async def forget(self, room_id: str) -> None:
+        """Drop the room's summary: its resync is complete (Synapse's own
+        summary is exact from then on) or the room was given up."""
+        await self._jobs.ensure_schema()
+        await self._api.run_db_interaction(
+            "sps_forget_join_summary", _forget_txn, room_id
         )
 
     async def get(self, room_id: str, join_event_id: str) -> ResidentSummary | None:

@@ -62,6 +62,7 @@ class ResyncEngine:
         self._kept: set[str] = set()
         #: called with the room ID once a room is given up and purged
         self._abandon_listeners: list[Callable[[str], Awaitable[None]]] = []
+        self._complete_listeners: list[Callable[[str], Awaitable[None]]] = []
         #: called with the room ID just before a given-up room is purged
         self._before_purge_listeners: list[Callable[[str], Awaitable[None]]] = []
         self._store = JobStore(api)
@@ -380,6 +381,7 @@ class ResyncEngine:
         self._metrics.completed((now - job.created_ts) / 1000)
         if self._fetcher is not None:
             self._fetcher.forget(job.room_id)
+        await self._tell(self._complete_listeners, job.room_id)
         logger.info(
             "Resync of %s complete in %.1f s (%d state events stored, %d events "
             "brought to full state, %d failed round(s))",
@@ -428,6 +430,10 @@ class ResyncEngine:
         self._abandon_listeners.append(listener)
         if before_purge is not None:
             self._before_purge_listeners.append(before_purge)
+
+    def add_complete_listener(self, listener: Callable[[str], Awaitable[None]]) -> None:
+        """Call ``listener(room_id)`` once a room's resync is complete."""
+        self._complete_listeners.append(listener)
 
     async def _tell_abandoned(self, room_id: str) -> None:
         await self._tell(self._abandon_listeners, room_id)

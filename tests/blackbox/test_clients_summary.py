@@ -90,10 +90,28 @@ class ResidentSummary(FederationTestCase):
         self.assertLess(len(members["joined"]), joined)  # the members known so far
         self.assertEqual(members[SUMMARY_FIELD]["m.joined_member_count"], joined)
         self.assertEqual(members[SUMMARY_FIELD]["m.invited_member_count"], INVITED)
+        self.assertEqual(self.stored_summaries(), [(self.room_id,)])
 
         self.thaw()
         wait_until(lambda: self.progress() == {"syncing": False}, 120, "complete")
         self.assertEqual(len(self.bob.joined_members(self.room_id)), joined)
+        # Complete: Synapse's own summary is exact; the resident's is dropped.
+        wait_until(lambda: not self.stored_summaries(), 30, "the summary dropped")
+
+    def test_summary_dropped_with_an_abandoned_room(self) -> None:
+        """bob leaves while the resync waits: the room is given up and purged,
+        and its resident summary goes with it."""
+        self.build_room(resident_module=True)
+        self.join_frozen()
+        self.assertIs(self.progress()["syncing"], True)
+        wait_until(self.stored_summaries, 30, "the summary stored")
+        self.bob.leave(self.room_id)
+        self.thaw()
+        wait_until(lambda: not self.stored_summaries(), 60, "the summary dropped")
+        self.assertNotIn(self.room_id, self.bob.joined_rooms())
+
+    def stored_summaries(self) -> list[tuple[str, ...]]:
+        return self.hs2.sql("SELECT room_id FROM sps_join_summaries")
 
     def test_stock_resident_local_counts(self) -> None:
         """A stock resident sends no summary: while partial, the counts are
