@@ -5,7 +5,7 @@ stopped being partial-stated (checked in 1.163.2)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from synapse.module_api import ModuleApi
@@ -16,6 +16,7 @@ from synapse_partial_state.compat.patching import (
     wrap_instance_method,
 )
 from synapse_partial_state.compat.runtime import call_later_s
+from synapse_partial_state.compat.web import http_listeners
 
 logger = logging.getLogger(__name__)
 
@@ -72,20 +73,13 @@ def handles_federation(api: ModuleApi) -> bool:
     """Whether this process answers federation requests (an HTTP listener with
     the ``federation`` resource) or sends to other servers: where Synapse asks for
     a room's hosts."""
-    config = homeserver(api).config
-    if config.worker.send_federation:
+    if homeserver(api).config.worker.send_federation:
         return True
-    listeners: Iterable[Any] = (
-        config.server.listeners
-        if config.worker.worker_app is None
-        else config.worker.worker_listeners
+    return any(
+        "federation" in resource.names
+        for listener in http_listeners(api)
+        for resource in listener.http_options.resources
     )
-    for listener in listeners:
-        if listener.type != "http" or listener.http_options is None:
-            continue
-        if any("federation" in r.names for r in listener.http_options.resources):
-            return True
-    return False
 
 
 def install_un_partial_observer(api: ModuleApi, on_room: Callable[[str], None]) -> None:

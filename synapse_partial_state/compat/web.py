@@ -190,6 +190,22 @@ def mount_client_api(routes: Sequence[ClientRoute]) -> bool:
     return True
 
 
+def http_listeners(api: ModuleApi) -> list[Any]:
+    """This process's HTTP listeners (the main process's ``listeners`` or a
+    worker's ``worker_listeners``), each with its ``http_options``."""
+    config = homeserver(api).config
+    listeners: Iterable[Any] = (
+        config.server.listeners
+        if config.worker.worker_app is None
+        else config.worker.worker_listeners
+    )
+    return [
+        listener
+        for listener in listeners
+        if listener.type == "http" and listener.http_options is not None
+    ]
+
+
 def client_site_tags(api: ModuleApi) -> frozenset[str]:
     """The site tags of this process's HTTP listeners that serve the client API.
 
@@ -198,16 +214,8 @@ def client_site_tags(api: ModuleApi) -> frozenset[str]:
     several listeners may share: a tag counts only if *every* HTTP listener carrying
     it serves ``client``, so that a shared tag never exposes the endpoints on a
     federation-only listener."""
-    config = homeserver(api).config
-    listeners: Iterable[Any] = (
-        config.server.listeners
-        if config.worker.worker_app is None
-        else config.worker.worker_listeners
-    )
     serves: dict[str, bool] = {}
-    for listener in listeners:
-        if listener.type != "http" or listener.http_options is None:
-            continue
+    for listener in http_listeners(api):
         client = any("client" in r.names for r in listener.http_options.resources)
         tag = listener.get_site_tag()
         serves[tag] = serves.get(tag, True) and client

@@ -62,6 +62,7 @@ class ResyncEngine:
         self._kept: set[str] = set()
         #: called with the room ID once a room is given up and purged
         self._abandon_listeners: list[Callable[[str], Awaitable[None]]] = []
+        #: called with the room ID once a room's resync is complete
         self._complete_listeners: list[Callable[[str], Awaitable[None]]] = []
         #: called with the room ID just before a given-up room is purged
         self._before_purge_listeners: list[Callable[[str], Awaitable[None]]] = []
