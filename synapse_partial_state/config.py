@@ -91,6 +91,12 @@ class ResyncConfig:
     #: ``_auth_and_persist_outliers``, 100 events per transaction). Runs only on
     #: the Synapse releases its differential tests passed on.
     bulk_writer: bool = True
+    #: Let Synapse's user directory, room statistics and presence work through
+    #: a big room's membership changes in batches (events read ahead, a public
+    #: room's new members written to the user directory in bulk; off: one at a
+    #: time, as stock). Runs only on the Synapse releases its differential
+    #: tests passed on.
+    bulk_state_deltas: bool = True
 
 
 #: Values of ``clients.members_during_resync``.
@@ -263,6 +269,7 @@ def _parse_resync(r: _Reader) -> ResyncConfig:
         verify_workers=r.integer("verify_workers", d.verify_workers, -1, 64),
         bulk_finish=r.boolean("bulk_finish", d.bulk_finish),
         bulk_writer=r.boolean("bulk_writer", d.bulk_writer),
+        bulk_state_deltas=r.boolean("bulk_state_deltas", d.bulk_state_deltas),
     )
     r.finish()
     if parsed.max_backoff_seconds < parsed.initial_backoff_seconds:

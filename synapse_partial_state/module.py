@@ -24,6 +24,7 @@ from synapse_partial_state.compat.backfill import (
     skip_reuse_while_backfilling,
 )
 from synapse_partial_state.compat.bulk import gate as bulk_gate
+from synapse_partial_state.compat.bulk.deltas import install_delta_batching
 from synapse_partial_state.compat.bulk.finish import install_bulk_finish
 from synapse_partial_state.compat.bulk.gate import BulkGate
 from synapse_partial_state.compat.bulk.outliers import bulk_outlier_writer
@@ -126,6 +127,10 @@ class PartialStateModule:
         release = bulk_gate.release_verdict()
         install_bulk_finish(
             api, bulk_gate.configured(release, config.resync.bulk_finish)
+        )
+        # Wherever Synapse's user directory, stats or presence handle deltas.
+        install_delta_batching(
+            bulk_gate.configured(release, config.resync.bulk_state_deltas)
         )
         # Wherever this process serves the client API (main or workers).
         summaries = self._wire_clients(api, config)

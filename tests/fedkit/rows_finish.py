@@ -165,8 +165,14 @@ def invalidations(hs: Homeserver, room_id: str, norm: Normaliser) -> dict[str, R
 def user_directory_rows(
     hs: Homeserver, room_id: str, norm: Normaliser
 ) -> dict[str, Rows]:
-    """The user directory's rows for the room (filled after the finish, by
-    Synapse's user directory handler reading the deltas)."""
+    """The user directory's rows for the room's members (filled after the
+    finish, by Synapse's user directory handler reading the deltas), and the
+    room's statistics (its stats handler reads the same deltas)."""
+    members = (
+        " IN (SELECT state_key FROM current_state_events"
+        " WHERE room_id = ? AND type = 'm.room.member')"
+    )
+    search = "vector::text" if hs.db == "postgres" else "value"
     return {
         "users_in_public_rooms": norm.rows(
             hs.sql(
@@ -176,9 +182,31 @@ def user_directory_rows(
         ),
         "user_directory": norm.rows(
             hs.sql(
-                "SELECT d.user_id, d.display_name, d.avatar_url FROM user_directory AS d"
-                " WHERE d.user_id IN (SELECT state_key FROM current_state_events"
-                " WHERE room_id = ? AND type = 'm.room.member')",
+                "SELECT user_id, display_name, avatar_url FROM user_directory"
+                " WHERE user_id" + members,
+                (room_id,),
+            )
+        ),
+        # (remote users only: a local user's entry holds its server's name)
+        "user_directory_search": norm.rows(
+            hs.sql(
+                f"SELECT user_id, {search} FROM user_directory_search"
+                " WHERE user_id NOT LIKE ? AND user_id" + members,
+                (f"%:{hs.server_name}", room_id),
+            )
+        ),
+        "user_directory_stale_remote_users": norm.rows(
+            hs.sql(
+                "SELECT user_id, retry_counter"
+                " FROM user_directory_stale_remote_users WHERE user_id" + members,
+                (room_id,),
+            )
+        ),
+        "room_stats_current": norm.rows(
+            hs.sql(
+                "SELECT current_state_events, joined_members, invited_members,"
+                " left_members, banned_members, knocked_members, local_users_in_room"
+                " FROM room_stats_current WHERE room_id = ?",
                 (room_id,),
             )
         ),

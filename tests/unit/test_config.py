@@ -196,6 +196,18 @@ class ParseConfigTests(ConfigAssertions):
             {"resync": {"bulk_finish": 1}}, "'resync.bulk_finish'", "1 (int)"
         )
 
+    def test_bulk_state_deltas(self) -> None:
+        self.assertTrue(PartialStateModule.parse_config({}).resync.bulk_state_deltas)
+        config = PartialStateModule.parse_config(
+            {"resync": {"bulk_state_deltas": False}}
+        )
+        self.assertFalse(config.resync.bulk_state_deltas)
+        self.assert_rejected(
+            {"resync": {"bulk_state_deltas": "no"}},
+            "'resync.bulk_state_deltas'",
+            "'no' (str)",
+        )
+
     def test_fast_state_fetch_given_string(self) -> None:
         self.assert_rejected(
             {"resync": {"fast_state_fetch": "yes"}},

@@ -1,0 +1,351 @@
+"""The minute after: Synapse's current-state delta handlers, batched.
+
+When a big room's state becomes full, Synapse's current state gains one delta
+per member (100,000 at 100,000 members), and three handlers then work through
+them, one delta at a time: the user directory, the room statistics and
+presence. Each reads the delta's event (and the event it replaced) with its own
+``get_event`` call, one database round trip per delta once the events have left
+Synapse's event cache; the user directory then writes every remote member of a
+public room with two transactions of its own (its profile, its
+``users_in_public_rooms`` row), and the statistics read the room's
+``completed_delta_stream_id`` once per delta. At 100,000 members that kept a
+joining homeserver busy for minutes after its resync, stock and module alike,
+with its reactor mostly waiting for the database.
+
+Here, while a handler works through a list of deltas, the events of the next
+:data:`WINDOW` deltas are read with one ``get_events`` (:class:`DeltaReadingStore`,
+which the handlers see as their ``store``: everything else passes through), the
+statistics' per-room token is read once per list, and the user directory writes
+runs of remote members joining the same public room with Synapse's own batched
+statements (``_update_profiles_in_user_dir_txn`` with many profiles,
+``add_users_in_public_rooms`` with many users): the rows its per-delta path
+writes (:class:`UserDirectoryBatcher`). Every other delta goes through
+Synapse's own handler, in order.
+
+Installed on the handler classes (``UserDirectoryHandler._handle_deltas``,
+``StatsHandler._handle_deltas``, ``PresenceHandler._handle_state_delta``),
+checked against Synapse 1.163.2 by the differential test in
+``tests/blackbox/test_bulk_finish.py`` (the same user-directory and statistics
+rows as Synapse's own handlers); elsewhere :mod:`.gate` keeps it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any
+
+from synapse.api.constants import EventTypes, Membership
+
+from synapse_partial_state.compat.bulk.gate import BulkGate
+from synapse_partial_state.compat.patching import wrap_instance_method
+
+logger = logging.getLogger(__name__)
+
+#: Deltas whose events one ``get_events`` call reads ahead.
+WINDOW = 500
+#: Members per user-directory transaction.
+WRITE_BATCH = 1000
+#: Runs at least this long are logged at INFO.
+LOG_MIN_RUN = 100
+
+
+class DeltaReadingStore:
+    """A delta handler's view of the main store.
+
+    Outside :meth:`reading` it is the store. Inside, ``get_event(event_id)``
+    (with at most ``allow_none``) of an event named by the deltas being handled
+    is served from a window of events read ahead with one ``get_events`` call
+    (the same events ``get_event`` returns: redacted as stored, rejected ones
+    left out; for an event the window does not hold, the store's own
+    ``get_event`` answers, with its errors), and
+    ``get_earliest_token_for_stats`` is read once per room."""
+
+    def __init__(self, store: Any, window: int = WINDOW) -> None:
+        self._store = store
+        self._window_size = window
+        self._positions: dict[str, int] = {}
+        self._order: list[str] = []
+        self._window: dict[str, Any] = {}
+        self._window_ids: frozenset[str] = frozenset()
+        self._tokens: dict[tuple[str, str], int | None] | None = None
+        #: ``get_events`` calls made for windows (for tests and the log).
+        self.window_reads = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    @contextlib.contextmanager
+    def reading(self, deltas: Sequence[Any]) -> Iterator[None]:
+        """While handling ``deltas`` (objects with ``event_id`` and
+        ``prev_event_id``), in order."""
+        saved = (
+            self._positions,
+            self._order,
+            self._window,
+            self._window_ids,
+            self._tokens,
+        )
+        order: list[str] = []
+        positions: dict[str, int] = {}
+        for delta in deltas:
+            for event_id in (delta.event_id, delta.prev_event_id):
+                if event_id is not None and event_id not in positions:
+                    positions[event_id] = len(order)
+                    order.append(event_id)
+        self._positions, self._order = positions, order
+        self._window, self._window_ids, self._tokens = {}, frozenset(), {}
+        try:
+            yield
+        finally:
+            (
+                self._positions,
+                self._order,
+                self._window,
+                self._window_ids,
+                self._tokens,
+            ) = saved
+
+    async def get_event(self, event_id: str, *args: Any, **kwargs: Any) -> Any:
+        position = self._positions.get(event_id)
+        if position is None or args or set(kwargs) - {"allow_none"}:
+            return await self._store.get_event(event_id, *args, **kwargs)
+        if event_id not in self._window_ids:
+            ids = self._order[position : position + self._window_size]
+            self._window = {}  # let the previous window go first
+            self._window = await self._store.get_events(ids)
+            self._window_ids = frozenset(ids)
+            self.window_reads += 1
+        event = self._window.get(event_id)
+        if event is None:
+            return await self._store.get_event(event_id, **kwargs)
+        return event
+
+    async def get_earliest_token_for_stats(self, stats_type: str, id: str) -> Any:
+        if self._tokens is None:
+            return await self._store.get_earliest_token_for_stats(stats_type, id)
+        key = (stats_type, id)
+        if key not in self._tokens:
+            self._tokens[key] = await self._store.get_earliest_token_for_stats(
+                stats_type, id
+            )
+        return self._tokens[key]
+
+
+def reading_store(handler: Any) -> DeltaReadingStore:
+    """``handler.store``, made a :class:`DeltaReadingStore` (once)."""
+    store = handler.store
+    if not isinstance(store, DeltaReadingStore):
+        store = handler.store = DeltaReadingStore(store)
+    return store
+
+
+def membership(event: Any) -> Any:
+    """The ``membership`` of an event's content (None without an event)."""
+    return None if event is None else event.content.get("membership")
+
+
+def profile_of(event: Any) -> tuple[str | None, str | None]:
+    """(display name, avatar URL) as the user directory keeps them: a value
+    that is not a string is None."""
+    name = event.content.get("displayname")
+    avatar = event.content.get("avatar_url")
+    return (
+        name if isinstance(name, str) else None,
+        avatar if isinstance(avatar, str) else None,
+    )
+
+
+class UserDirectoryBatcher:
+    """``UserDirectoryHandler._handle_deltas`` with runs of public joins in bulk.
+
+    A *public join* is a membership delta of a remote user whose event says
+    ``join`` while the event it replaced (if any, and stored) does not: what
+    Synapse's handler calls ``MatchChange.now_true``. For each, in a room that is
+    world-readable or publicly joinable, Synapse writes the user's profile from
+    the event (``update_profile_in_user_dir``) and a ``users_in_public_rooms``
+    row, two transactions per member. Consecutive public joins of one room by
+    distinct users (a *run*) touch distinct rows and read nothing the others
+    write, so they are written together with the same statements over many
+    rows. A run in a private room, a single public join, and every other delta
+    go through Synapse's handler, in the order they came.
+    """
+
+    def __init__(
+        self,
+        handler: Any,
+        native: Callable[[list[Any]], Awaitable[None]],
+        write_profiles: Callable[
+            [list[tuple[str, str | None, str | None]]], Awaitable[None]
+        ],
+    ) -> None:
+        self._handler = handler
+        self._native = native
+        self._write_profiles = write_profiles
+        #: Members written in bulk, and runs (for tests and the log).
+        self.bulk_members = 0
+        self.bulk_runs = 0
+
+    async def _public_join(self, delta: Any) -> Any:
+        """The delta's event if the delta is a remote user's public join, else None."""
+        if (
+            delta.event_type != EventTypes.Member
+            or delta.event_id is None
+            or self._handler.is_mine_id(delta.state_key)
+        ):
+            return None
+        store = self._handler.store
+        event = await store.get_event(delta.event_id, allow_none=True)
+        if membership(event) != Membership.JOIN:
+            return None
+        if delta.prev_event_id is not None:
+            prev = await store.get_event(delta.prev_event_id, allow_none=True)
+            if membership(prev) == Membership.JOIN:
+                return None
+        return event
+
+    async def handle(self, deltas: Sequence[Any]) -> None:
+        run: list[tuple[Any, Any]] = []  # (delta, event), one room, distinct users
+        users: set[str] = set()
+        others: list[Any] = []  # deltas for Synapse's handler, in order
+        for delta in deltas:
+            event = await self._public_join(delta)
+            if event is not None and (
+                run and (delta.room_id != run[0][0].room_id or delta.state_key in users)
+            ):
+                await self._flush(run)
+                run, users = [], set()
+            if event is None:
+                if run:
+                    await self._flush(run)
+                    run, users = [], set()
+                others.append(delta)
+                continue
+            if others:
+                await self._native(others)
+                others = []
+            run.append((delta, event))
+            users.add(delta.state_key)
+        if run:
+            await self._flush(run)
+        if others:
+            await self._native(others)
+
+    async def _flush(self, run: list[tuple[Any, Any]]) -> None:
+        room_id = run[0][0].room_id
+        store = self._handler.store
+        if len(run) < 2 or not await store.is_room_world_readable_or_publicly_joinable(
+            room_id
+        ):
+            await self._native([delta for delta, _ in run])
+            return
+        started = time.monotonic()
+        for start in range(0, len(run), WRITE_BATCH):
+            part = run[start : start + WRITE_BATCH]
+            await self._write_profiles(
+                [(delta.state_key, *profile_of(event)) for delta, event in part]
+            )
+            await store.add_users_in_public_rooms(
+                room_id, [delta.state_key for delta, _ in part]
+            )
+        self.bulk_members += len(run)
+        self.bulk_runs += 1
+        logger.log(
+            logging.INFO if len(run) >= LOG_MIN_RUN else logging.DEBUG,
+            "User directory: %d members joining %s written in bulk in %.2f s",
+            len(run),
+            room_id,
+            time.monotonic() - started,
+        )
+
+
+def profile_writer(
+    store: Any,
+) -> Callable[[list[tuple[str, str | None, str | None]]], Awaitable[None]]:
+    """Synapse's own profile statements (``update_profile_in_user_dir``) over
+    many users in one transaction."""
+    from synapse.storage.databases.main.user_directory import _UserDirProfile
+
+    async def write(profiles: list[tuple[str, str | None, str | None]]) -> None:
+        await store.db_pool.runInteraction(
+            "sps_update_profiles_in_user_dir",
+            store._update_profiles_in_user_dir_txn,
+            [
+                _UserDirProfile(user_id, name, avatar)
+                for user_id, name, avatar in profiles
+            ],
+        )
+
+    return write
+
+
+def install_delta_batching(verdict: BulkGate) -> bool:
+    """Batch the delta handlers' reads and the user directory's writes where the
+    bulk gate's ``verdict`` allows (False where it does not)."""
+    if not verdict.allowed:
+        return False
+    from synapse.handlers.presence import PresenceHandler
+    from synapse.handlers.stats import StatsHandler
+    from synapse.handlers.user_directory import UserDirectoryHandler
+
+    def user_directory(native: Callable[..., Awaitable[None]]) -> Callable[..., Any]:
+        async def _handle_deltas(self: Any, deltas: list[Any]) -> None:
+            store = reading_store(self)
+            batcher = self.__dict__.get("_sps_batcher")
+            if batcher is None:
+                batcher = self._sps_batcher = UserDirectoryBatcher(
+                    self,
+                    lambda part: native(self, part),
+                    profile_writer(store._store),
+                )
+            with store.reading(deltas):
+                await batcher.handle(deltas)
+
+        return _handle_deltas
+
+    def stats(native: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+        async def _handle_deltas(self: Any, deltas: Any) -> Any:
+            deltas = list(deltas)
+            store = reading_store(self)
+            with store.reading(deltas):
+                return await native(self, deltas)
+
+        return _handle_deltas
+
+    def presence(native: Callable[..., Awaitable[None]]) -> Callable[..., Any]:
+        async def _handle_state_delta(self: Any, room_id: str, deltas: Any) -> None:
+            store = reading_store(self)
+            with store.reading(deltas):
+                await native(self, room_id, deltas)
+
+        return _handle_state_delta
+
+    module = "synapse.handlers."
+    wrap_instance_method(
+        UserDirectoryHandler,
+        "_handle_deltas",
+        user_directory,
+        module + "user_directory.UserDirectoryHandler._handle_deltas",
+        "events read a window ahead; a public room's new remote members written "
+        "in bulk (Synapse's own statements over many rows)",
+        kind="wrap",
+    )
+    wrap_instance_method(
+        StatsHandler,
+        "_handle_deltas",
+        stats,
+        module + "stats.StatsHandler._handle_deltas",
+        "events read a window ahead; a room's stats token read once per batch",
+        kind="wrap",
+    )
+    wrap_instance_method(
+        PresenceHandler,
+        "_handle_state_delta",
+        presence,
+        module + "presence.PresenceHandler._handle_state_delta",
+        "events read a window ahead",
+        kind="wrap",
+    )
+    return True

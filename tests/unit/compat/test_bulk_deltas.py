@@ -1,0 +1,285 @@
+"""The batched delta handlers (pure logic: a fake store and handler).
+
+What Synapse's own handlers then write is checked against Synapse's per-delta
+path by the differential test in tests/blackbox/test_bulk_finish.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attr
+from synapse.api.errors import NotFoundError
+from twisted.trial import unittest
+
+from synapse_partial_state.compat.bulk import deltas as bulk_deltas
+from synapse_partial_state.compat.bulk.deltas import (
+    DeltaReadingStore,
+    UserDirectoryBatcher,
+    profile_of,
+)
+from tests.unit.sync_run import run
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Delta:
+    room_id: str
+    event_type: str
+    state_key: str
+    event_id: str | None
+    prev_event_id: str | None = None
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Event:
+    event_id: str
+    content: dict[str, Any]
+
+
+class FakeStore:
+    """Events by ID (rejected ones are simply absent); records every read."""
+
+    def __init__(self, events: dict[str, dict[str, Any]], public: set[str]) -> None:
+        self.events = {k: Event(k, v) for k, v in events.items()}
+        self.public = public
+        self.single_reads: list[str] = []
+        self.batch_reads: list[list[str]] = []
+        self.token_reads: list[tuple[str, str]] = []
+        self.public_rooms: list[tuple[str, list[str]]] = []
+        self.other = "passed through"
+
+    async def get_event(
+        self, event_id: str, allow_none: bool = False, check_room_id: Any = None
+    ) -> Any:
+        self.single_reads.append(event_id)
+        event = self.events.get(event_id)
+        if event is None and not allow_none:
+            raise NotFoundError(event_id)
+        return event
+
+    async def get_events(self, event_ids: list[str]) -> dict[str, Any]:
+        self.batch_reads.append(list(event_ids))
+        return {e: self.events[e] for e in event_ids if e in self.events}
+
+    async def get_earliest_token_for_stats(self, kind: str, id: str) -> int:
+        self.token_reads.append((kind, id))
+        return 7
+
+    async def is_room_world_readable_or_publicly_joinable(self, room_id: str) -> bool:
+        return room_id in self.public
+
+    async def add_users_in_public_rooms(self, room_id: str, users: list[str]) -> None:
+        self.public_rooms.append((room_id, list(users)))
+
+
+class FakeHandler:
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def is_mine_id(self, user_id: str) -> bool:
+        return user_id.endswith(":here")
+
+
+def join(n: int, **content: Any) -> dict[str, Any]:
+    return {"membership": "join", "displayname": f"user {n}", **content}
+
+
+class ReadingStoreTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.store = FakeStore(
+            {f"$e{i}": join(i) for i in range(10)} | {"$p3": {"membership": "leave"}},
+            set(),
+        )
+        self.view = DeltaReadingStore(self.store, window=4)
+        self.deltas = [
+            Delta("!r", "m.room.member", f"@u{i}:there", f"$e{i}") for i in range(10)
+        ]
+        self.deltas[3] = attr.evolve(self.deltas[3], prev_event_id="$p3")
+
+    def test_events_read_a_window_ahead(self) -> None:
+        with self.view.reading(self.deltas):
+            got = [run(self.view.get_event(f"$e{i}")) for i in range(10)]
+            self.assertEqual(
+                run(self.view.get_event("$p3")).content["membership"], "leave"
+            )
+        self.assertEqual([e.event_id for e in got], [f"$e{i}" for i in range(10)])
+        # Windows of 4 IDs in delta order (event, then the event it replaced).
+        self.assertEqual(
+            self.store.batch_reads,
+            [
+                ["$e0", "$e1", "$e2", "$e3"],
+                ["$e4", "$e5", "$e6", "$e7"],
+                ["$e8", "$e9"],
+                ["$p3", "$e4", "$e5", "$e6"],  # $p3 asked for last
+            ],
+        )
+        self.assertEqual(self.store.single_reads, [])
+
+    def test_outside_reading_and_other_ids_go_to_the_store(self) -> None:
+        run(self.view.get_event("$e1"))
+        with self.view.reading(self.deltas[:2]):
+            run(self.view.get_event("$e5", allow_none=True))  # not in these deltas
+            run(self.view.get_event("$e0", check_room_id="!r"))  # other arguments
+        self.assertEqual(self.store.single_reads, ["$e1", "$e5", "$e0"])
+        self.assertEqual(self.store.batch_reads, [])
+        self.assertEqual(self.view.other, "passed through")
+
+    def test_missing_event_answered_by_the_store(self) -> None:
+        """A rejected or unknown event: None with allow_none, else the store's
+        own error."""
+        deltas = [Delta("!r", "m.room.member", "@x:there", "$gone")]
+        with self.view.reading(deltas):
+            self.assertIsNone(run(self.view.get_event("$gone", allow_none=True)))
+            with self.assertRaises(NotFoundError):
+                run(self.view.get_event("$gone"))
+        self.assertEqual(self.store.single_reads, ["$gone", "$gone"])
+
+    def test_stats_token_read_once_per_room_and_batch(self) -> None:
+        with self.view.reading(self.deltas):
+            for _ in range(3):
+                self.assertEqual(
+                    run(self.view.get_earliest_token_for_stats("room", "!r")), 7
+                )
+        with self.view.reading(self.deltas):
+            run(self.view.get_earliest_token_for_stats("room", "!r"))
+        run(self.view.get_earliest_token_for_stats("room", "!r"))
+        self.assertEqual(self.store.token_reads, [("room", "!r")] * 3)
+
+    def test_nested_reading_restores_the_outer_one(self) -> None:
+        with self.view.reading(self.deltas[:2]):
+            with self.view.reading(self.deltas[5:6]):
+                run(self.view.get_event("$e5"))
+            run(self.view.get_event("$e1"))
+            run(self.view.get_event("$e5"))  # not in the outer deltas
+        self.assertEqual(self.store.batch_reads, [["$e5"], ["$e1"]])
+        self.assertEqual(self.store.single_reads, ["$e5"])
+
+
+class BatcherTests(unittest.TestCase):
+    def setUp(self) -> None:
+        events: dict[str, dict[str, Any]] = {f"$j{i}": join(i) for i in range(20)}
+        events |= {
+            "$leave": {"membership": "leave"},
+            "$oldjoin": join(99),
+            "$local": join(50),
+            "$jr": {"join_rule": "public"},
+            "$odd": {
+                "membership": "join",
+                "displayname": 42,
+                "avatar_url": "mxc://x/y",
+            },
+        }
+        self.store = FakeStore(events, {"!pub", "!pub2"})
+        self.handler = FakeHandler(DeltaReadingStore(self.store))
+        self.native: list[list[str]] = []
+        self.profiles: list[list[tuple[str, str | None, str | None]]] = []
+
+        async def native(part: list[Delta]) -> None:
+            self.native.append([d.event_id or "-" for d in part])
+
+        async def write(profiles: list[tuple[str, str | None, str | None]]) -> None:
+            self.profiles.append(profiles)
+
+        self.batcher = UserDirectoryBatcher(self.handler, native, write)
+
+    def handle(self, deltas: list[Delta]) -> None:
+        with self.handler.store.reading(deltas):
+            run(self.batcher.handle(deltas))
+
+    @staticmethod
+    def j(i: int, room: str = "!pub", user: str | None = None, **kw: Any) -> Delta:
+        return Delta(room, "m.room.member", user or f"@u{i}:there", f"$j{i}", **kw)
+
+    def test_public_joins_written_in_bulk(self) -> None:
+        self.handle([self.j(i) for i in range(5)])
+        self.assertEqual(self.native, [])
+        self.assertEqual(
+            self.profiles, [[(f"@u{i}:there", f"user {i}", None) for i in range(5)]]
+        )
+        self.assertEqual(
+            self.store.public_rooms, [("!pub", [f"@u{i}:there" for i in range(5)])]
+        )
+        self.assertEqual((self.batcher.bulk_members, self.batcher.bulk_runs), (5, 1))
+
+    def test_written_in_transactions_of_write_batch(self) -> None:
+        self.patch(bulk_deltas, "WRITE_BATCH", 2)
+        self.handle([self.j(i) for i in range(5)])
+        self.assertEqual([len(p) for p in self.profiles], [2, 2, 1])
+        self.assertEqual([len(u) for _, u in self.store.public_rooms], [2, 2, 1])
+
+    def test_everything_else_goes_to_synapse_in_order(self) -> None:
+        """Non-joins, local users, re-joins over a join and single joins go to
+        Synapse's handler; runs are cut around them, and Synapse's calls come
+        in the deltas' order."""
+        deltas = [
+            self.j(0),
+            self.j(1),
+            Delta("!pub", "m.room.join_rules", "", "$jr"),
+            self.j(2),
+            Delta("!pub", "m.room.member", "@gone:there", "$leave"),
+            Delta("!pub", "m.room.member", "@me:here", "$local"),
+            self.j(3, prev_event_id="$oldjoin"),  # a profile change, not a join
+            self.j(4, prev_event_id="$leave"),  # a re-join: a join
+            self.j(5),
+            Delta("!pub", "m.room.member", "@del:there", None, "$j6"),  # deleted
+        ]
+        self.handle(deltas)
+        self.assertEqual(
+            self.native,
+            [["$jr"], ["$j2"], ["$leave", "$local", "$j3"], ["-"]],
+        )
+        self.assertEqual(
+            [[p[0] for p in batch] for batch in self.profiles],
+            [["@u0:there", "@u1:there"], ["@u4:there", "@u5:there"]],
+        )
+
+    def test_runs_cut_by_room_and_repeated_user(self) -> None:
+        self.handle(
+            [
+                self.j(0),
+                self.j(1),
+                self.j(2, room="!pub2"),
+                self.j(3, room="!pub2"),
+                self.j(4, room="!pub2", user="@u3:there"),  # u3 again
+                self.j(5, room="!pub2"),
+            ]
+        )
+        self.assertEqual(
+            self.store.public_rooms,
+            [
+                ("!pub", ["@u0:there", "@u1:there"]),
+                ("!pub2", ["@u2:there", "@u3:there"]),
+                ("!pub2", ["@u3:there", "@u5:there"]),
+            ],
+        )
+        self.assertEqual(self.native, [])
+
+    def test_private_room_run_goes_to_synapse(self) -> None:
+        self.handle([self.j(i, room="!private") for i in range(3)] + [self.j(3)])
+        self.assertEqual(self.native, [["$j0", "$j1", "$j2"], ["$j3"]])
+        self.assertEqual(self.profiles, [])
+
+    def test_unknown_or_rejected_event_goes_to_synapse(self) -> None:
+        deltas = [
+            self.j(0),
+            Delta("!pub", "m.room.member", "@x:there", "$nope"),
+            self.j(1),
+        ]
+        self.handle(deltas)
+        self.assertEqual(self.native, [["$j0"], ["$nope"], ["$j1"]])
+
+    def test_profile_values_that_are_not_strings_are_none(self) -> None:
+        self.assertEqual(
+            profile_of(Event("$odd", {"displayname": 42, "avatar_url": "mxc://x/y"})),
+            (None, "mxc://x/y"),
+        )
+        self.assertEqual(profile_of(Event("$e", {})), (None, None))
+        self.handle([self.j(0), Delta("!pub", "m.room.member", "@odd:there", "$odd")])
+        self.assertEqual(
+            self.profiles,
+            [[("@u0:there", "user 0", None), ("@odd:there", None, "mxc://x/y")]],
+        )
+
+    def test_events_read_in_windows(self) -> None:
+        self.handle([self.j(i) for i in range(20)])
+        self.assertEqual(len(self.store.batch_reads), 1)
+        self.assertEqual(self.store.single_reads, [])
