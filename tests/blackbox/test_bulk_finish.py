@@ -26,10 +26,16 @@ from tests.fedkit.rows_finish import (
     local_join_event,
     user_directory_rows,
 )
-from tests.fedkit.testcase import FederationTestCase, on_room_versions
+from tests.fedkit.testcase import (
+    FederationTestCase,
+    on_both_databases,
+    on_room_versions,
+)
 
 BULK_LINE = r"Current state of {room}: writing \d+ remote members in bulk"
-USER_DIRECTORY_LINE = r"User directory: \d+ members joining {room} written in bulk"
+USER_DIRECTORY_LINE = (
+    r"User directory: \d+ members joining {room} \((public|private)\) written in bulk"
+)
 
 
 def config(bulk: bool) -> dict[str, Any]:
@@ -80,6 +86,7 @@ class _EagerLongPoll(threading.Thread):
 class BulkFinishCase(FederationTestCase):
     MEMBERS = 150
     SERVERS = 4
+    JOIN_RULE = "public"
 
     def setup_room(self) -> None:
         self.peer = self.make_fake_peer()
@@ -94,6 +101,7 @@ class BulkFinishCase(FederationTestCase):
             invites=4,
             power_users=2,
             room_version=self.ROOM_VERSION or "10",
+            join_rule=self.JOIN_RULE,
         )
         self.room_id: str = self.room["room_id"]
         self.resident: str = self.room["resident"]
@@ -339,6 +347,55 @@ class BulkFinishRows(BulkFinishCase):
             answers.append(norm.rows((e,) for e in answer["body"]["pdu_ids"]))
         self.assertEqual(answers[0], answers[1])
         self.assertGreater(len(answers[1]), self.MEMBERS)
+
+
+@on_both_databases
+class BulkDeltasPrivateRoom(BulkFinishCase):
+    JOIN_RULE = "invite"
+
+    def test_private_room_user_directory_as_synapse(self) -> None:
+        """An invite-only room (both joiners' users invited by the resident):
+        at the finish, Synapse's user directory marks each member's profile
+        stale, schedules its refresh and records that the local user shares a
+        private room with them, walking the whole member list per member on
+        ``off``, once per run on ``on``. The same rows."""
+        self.setup_room()
+        off, on = self.joiners()
+        for bob in (self.bob_off, self.bob_on):
+            self.peer.send_event(
+                self.room_id,
+                "m.room.member",
+                {"membership": "invite"},
+                state_key=bob.user_id,
+                destinations=[],
+            )
+        since_off, since_on = off.log_offset(), on.log_offset()
+        self.bob_off.join(self.room_id, via=[self.resident])
+        self.bob_on.join(self.room_id, via=[self.resident])
+        self.wait_complete(off, since_off)
+        self.wait_complete(on, since_on)
+        norm_off, norm_on = self.normalisers(off, on)
+        wait_until(
+            lambda: (
+                user_directory_rows(off, self.room_id, norm_off)
+                == user_directory_rows(on, self.room_id, norm_on)
+            ),
+            60,
+            "the same user directory rows",
+        )
+        rows = user_directory_rows(on, self.room_id, norm_on)
+        self.assertEqual(rows["users_in_public_rooms"], {})
+        self.assertGreater(len(rows["users_who_share_private_rooms"]), self.MEMBERS / 2)
+        self.assertGreater(
+            len(rows["user_directory_stale_remote_users"]), self.MEMBERS / 2
+        )
+        line = re.compile(
+            USER_DIRECTORY_LINE.replace("(public|private)", "private").format(
+                room=re.escape(self.room_id)
+            )
+        )
+        self.assertTrue(line.search(on.read_log()), "on's user directory not in bulk")
+        self.assertIsNone(line.search(off.read_log()), "off's user directory in bulk")
 
 
 class BulkFinishCrash(BulkFinishCase):

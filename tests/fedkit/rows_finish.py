@@ -195,6 +195,13 @@ def user_directory_rows(
                 (f"%:{hs.server_name}", room_id),
             )
         ),
+        "users_who_share_private_rooms": norm.rows(
+            hs.sql(
+                "SELECT user_id, other_user_id FROM users_who_share_private_rooms"
+                " WHERE room_id = ?",
+                (room_id,),
+            )
+        ),
         "user_directory_stale_remote_users": norm.rows(
             hs.sql(
                 "SELECT user_id, retry_counter"

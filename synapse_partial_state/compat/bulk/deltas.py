@@ -16,11 +16,10 @@ Here, while a handler works through a list of deltas, the events of the next
 :data:`WINDOW` deltas are read with one ``get_events`` (:class:`DeltaReadingStore`,
 which the handlers see as their ``store``: everything else passes through), the
 statistics' per-room token is read once per list, and the user directory writes
-runs of remote members joining the same public room with Synapse's own batched
-statements (``_update_profiles_in_user_dir_txn`` with many profiles,
-``add_users_in_public_rooms`` with many users): the rows its per-delta path
-writes (:class:`UserDirectoryBatcher`). Every other delta goes through
-Synapse's own handler, in order.
+runs of remote members joining the same room with Synapse's own statements over
+many rows (:class:`UserDirectoryBatcher`; in a private room, where Synapse walks
+the whole member list once per new member, the walk is done once per run).
+Every other delta goes through Synapse's own handler, in order.
 
 Installed on the handler classes (``UserDirectoryHandler._handle_deltas``,
 ``StatsHandler._handle_deltas``, ``PresenceHandler._handle_state_delta``),
@@ -158,38 +157,82 @@ def profile_of(event: Any) -> tuple[str | None, str | None]:
     )
 
 
-class UserDirectoryBatcher:
-    """``UserDirectoryHandler._handle_deltas`` with runs of public joins in bulk.
+class UserDirectoryWrites:
+    """Synapse's own user-directory statements, over many users at once."""
 
-    A *public join* is a membership delta of a remote user whose event says
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    async def profiles(
+        self, profiles: list[tuple[str, str | None, str | None]]
+    ) -> None:
+        """``update_profile_in_user_dir`` of each (user, name, avatar): its
+        transaction function takes many."""
+        from synapse.storage.databases.main.user_directory import _UserDirProfile
+
+        await self._store.db_pool.runInteraction(
+            "sps_update_profiles_in_user_dir",
+            self._store._update_profiles_in_user_dir_txn,
+            [_UserDirProfile(user, name, avatar) for user, name, avatar in profiles],
+        )
+
+    async def stale(self, user_ids: list[str], next_try_at_ms: int) -> None:
+        """``set_remote_user_profile_in_user_dir_stale(user, next_try_at_ms, 0)``
+        of each remote user: the same upsert, of many rows."""
+        from synapse.types import get_domain_from_id
+
+        await self._store.db_pool.simple_upsert_many(
+            table="user_directory_stale_remote_users",
+            key_names=("user_id",),
+            key_values=[(user_id,) for user_id in user_ids],
+            value_names=("next_try_at_ts", "retry_counter", "user_server_name"),
+            value_values=[
+                (next_try_at_ms, 0, get_domain_from_id(user_id)) for user_id in user_ids
+            ],
+            desc="sps_set_remote_user_profiles_in_user_dir_stale",
+        )
+
+
+class UserDirectoryBatcher:
+    """``UserDirectoryHandler._handle_deltas`` with runs of joins in bulk.
+
+    A *join* here is a membership delta of a remote user whose event says
     ``join`` while the event it replaced (if any, and stored) does not: what
-    Synapse's handler calls ``MatchChange.now_true``. For each, in a room that is
-    world-readable or publicly joinable, Synapse writes the user's profile from
-    the event (``update_profile_in_user_dir``) and a ``users_in_public_rooms``
-    row, two transactions per member. Consecutive public joins of one room by
-    distinct users (a *run*) touch distinct rows and read nothing the others
-    write, so they are written together with the same statements over many
-    rows. A run in a private room, a single public join, and every other delta
-    go through Synapse's handler, in the order they came.
+    Synapse's handler calls ``MatchChange.now_true``. Consecutive joins of one
+    room by distinct users (a *run*) touch distinct rows and read nothing the
+    others write, so they are written together with the same statements over
+    many rows. For each, Synapse's handler (1.163.2):
+
+    * in a room that is world-readable or publicly joinable: writes the user's
+      profile from the event (``update_profile_in_user_dir``) and a
+      ``users_in_public_rooms`` row, two transactions per member;
+    * in any other room: marks the user's profile stale (to be fetched from its
+      server in a minute), schedules that refresh for the user's server and a
+      general one, and records that every local user of the room (those the
+      directory includes) now shares a private room with the user; for that it
+      walks the room's whole member list, per member (quadratic). A run walks
+      it once, marks every profile stale in one statement and schedules one
+      refresh per server.
+
+    A single join and every other delta go through Synapse's handler, in the
+    order they came.
     """
 
     def __init__(
         self,
         handler: Any,
         native: Callable[[list[Any]], Awaitable[None]],
-        write_profiles: Callable[
-            [list[tuple[str, str | None, str | None]]], Awaitable[None]
-        ],
+        writes: Any,
     ) -> None:
         self._handler = handler
         self._native = native
-        self._write_profiles = write_profiles
+        self._writes = writes
         #: Members written in bulk, and runs (for tests and the log).
         self.bulk_members = 0
         self.bulk_runs = 0
 
-    async def _public_join(self, delta: Any) -> Any:
-        """The delta's event if the delta is a remote user's public join, else None."""
+    async def _join(self, delta: Any) -> Any:
+        """The delta's event if the delta is a remote user's join, else None."""
         if (
             delta.event_type != EventTypes.Member
             or delta.event_id is None
@@ -211,7 +254,7 @@ class UserDirectoryBatcher:
         users: set[str] = set()
         others: list[Any] = []  # deltas for Synapse's handler, in order
         for delta in deltas:
-            event = await self._public_join(delta)
+            event = await self._join(delta)
             if event is not None and (
                 run and (delta.room_id != run[0][0].room_id or delta.state_key in users)
             ):
@@ -234,51 +277,73 @@ class UserDirectoryBatcher:
             await self._native(others)
 
     async def _flush(self, run: list[tuple[Any, Any]]) -> None:
-        room_id = run[0][0].room_id
-        store = self._handler.store
-        if len(run) < 2 or not await store.is_room_world_readable_or_publicly_joinable(
-            room_id
-        ):
+        if len(run) < 2:
             await self._native([delta for delta, _ in run])
             return
+        room_id = run[0][0].room_id
         started = time.monotonic()
+        store = self._handler.store
+        if await store.is_room_world_readable_or_publicly_joinable(room_id):
+            kind = "public"
+            await self._public(room_id, run)
+        else:
+            kind = "private"
+            await self._private(room_id, [delta.state_key for delta, _ in run])
+        self.bulk_members += len(run)
+        self.bulk_runs += 1
+        logger.log(
+            logging.INFO if len(run) >= LOG_MIN_RUN else logging.DEBUG,
+            "User directory: %d members joining %s (%s) written in bulk in %.2f s",
+            len(run),
+            room_id,
+            kind,
+            time.monotonic() - started,
+        )
+
+    async def _public(self, room_id: str, run: list[tuple[Any, Any]]) -> None:
+        store = self._handler.store
         for start in range(0, len(run), WRITE_BATCH):
             part = run[start : start + WRITE_BATCH]
-            await self._write_profiles(
+            await self._writes.profiles(
                 [(delta.state_key, *profile_of(event)) for delta, event in part]
             )
             await store.add_users_in_public_rooms(
                 room_id, [delta.state_key for delta, _ in part]
             )
-        self.bulk_members += len(run)
-        self.bulk_runs += 1
-        logger.log(
-            logging.INFO if len(run) >= LOG_MIN_RUN else logging.DEBUG,
-            "User directory: %d members joining %s written in bulk in %.2f s",
-            len(run),
-            room_id,
-            time.monotonic() - started,
+
+    async def _private(self, room_id: str, joined: list[str]) -> None:
+        from synapse.handlers.user_directory import USER_DIRECTORY_STALE_REFRESH_TIME
+        from synapse.types import get_domain_from_id
+        from synapse.util.duration import Duration
+
+        handler = self._handler
+        store = handler.store
+        refresh = USER_DIRECTORY_STALE_REFRESH_TIME
+        next_try_at_ms = handler.clock.time_msec() + refresh.as_millis()
+        for start in range(0, len(joined), WRITE_BATCH):
+            part = joined[start : start + WRITE_BATCH]
+            await self._writes.stale(part, next_try_at_ms)
+        for server in sorted({get_domain_from_id(user_id) for user_id in joined}):
+            handler.clock.call_later(
+                refresh + Duration(seconds=1),
+                handler.kick_off_remote_profile_refresh_process_for_remote_server,
+                server,
+            )
+        handler.clock.call_later(
+            refresh * 2 + Duration(seconds=1),
+            handler.kick_off_remote_profile_refresh_process,
         )
-
-
-def profile_writer(
-    store: Any,
-) -> Callable[[list[tuple[str, str | None, str | None]]], Awaitable[None]]:
-    """Synapse's own profile statements (``update_profile_in_user_dir``) over
-    many users in one transaction."""
-    from synapse.storage.databases.main.user_directory import _UserDirProfile
-
-    async def write(profiles: list[tuple[str, str | None, str | None]]) -> None:
-        await store.db_pool.runInteraction(
-            "sps_update_profiles_in_user_dir",
-            store._update_profiles_in_user_dir_txn,
-            [
-                _UserDirProfile(user_id, name, avatar)
-                for user_id, name, avatar in profiles
-            ],
-        )
-
-    return write
+        local_users = [
+            user_id
+            for user_id in await store.get_users_in_room(room_id)
+            if handler.is_mine_id(user_id)
+            and await store.should_include_local_user_in_dir(user_id)
+        ]
+        pairs = [(local, user_id) for user_id in joined for local in local_users]
+        for start in range(0, len(pairs), WRITE_BATCH):
+            await store.add_users_who_share_private_room(
+                room_id, pairs[start : start + WRITE_BATCH]
+            )
 
 
 def install_delta_batching(verdict: BulkGate) -> bool:
@@ -298,7 +363,7 @@ def install_delta_batching(verdict: BulkGate) -> bool:
                 batcher = self._sps_batcher = UserDirectoryBatcher(
                     self,
                     lambda part: native(self, part),
-                    profile_writer(store._store),
+                    UserDirectoryWrites(store._store),
                 )
             with store.reading(deltas):
                 await batcher.handle(deltas)
@@ -328,8 +393,8 @@ def install_delta_batching(verdict: BulkGate) -> bool:
         "_handle_deltas",
         user_directory,
         module + "user_directory.UserDirectoryHandler._handle_deltas",
-        "events read a window ahead; a public room's new remote members written "
-        "in bulk (Synapse's own statements over many rows)",
+        "events read a window ahead; a room's new remote members written in "
+        "bulk (Synapse's own statements over many rows)",
         kind="wrap",
     )
     wrap_instance_method(

@@ -46,6 +46,9 @@ class FakeStore:
         self.token_reads: list[tuple[str, str]] = []
         self.public_rooms: list[tuple[str, list[str]]] = []
         self.other = "passed through"
+        self.members: dict[str, list[str]] = {}
+        self.room_reads = 0
+        self.private_pairs: list[tuple[str, list[tuple[str, str]]]] = []
 
     async def get_event(
         self, event_id: str, allow_none: bool = False, check_room_id: Any = None
@@ -70,13 +73,59 @@ class FakeStore:
     async def add_users_in_public_rooms(self, room_id: str, users: list[str]) -> None:
         self.public_rooms.append((room_id, list(users)))
 
+    async def get_users_in_room(self, room_id: str) -> list[str]:
+        self.room_reads += 1
+        return self.members.get(room_id, [])
+
+    async def should_include_local_user_in_dir(self, user_id: str) -> bool:
+        return user_id != "@bot:here"
+
+    async def add_users_who_share_private_room(
+        self, room_id: str, pairs: list[tuple[str, str]]
+    ) -> None:
+        self.private_pairs.append((room_id, list(pairs)))
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.later: list[tuple[float, Any, tuple[Any, ...]]] = []
+
+    def time_msec(self) -> int:
+        return 1_000_000
+
+    def call_later(self, delay: Any, callback: Any, *args: Any) -> None:
+        self.later.append((delay.as_secs(), callback, args))
+
 
 class FakeHandler:
     def __init__(self, store: Any) -> None:
         self.store = store
+        self.clock = FakeClock()
 
     def is_mine_id(self, user_id: str) -> bool:
         return user_id.endswith(":here")
+
+    def kick_off_remote_profile_refresh_process_for_remote_server(
+        self, server: str
+    ) -> None:
+        pass
+
+    def kick_off_remote_profile_refresh_process(self) -> None:
+        pass
+
+
+class FakeWrites:
+    def __init__(self) -> None:
+        self.profiles_written: list[list[tuple[str, str | None, str | None]]] = []
+        self.stale_written: list[tuple[list[str], int]] = []
+
+    async def profiles(
+        self, profiles: list[tuple[str, str | None, str | None]]
+    ) -> None:
+        self.profiles_written.append(profiles)
+
+    async def stale(self, user_ids: list[str], next_try_at_ms: int) -> None:
+        self.stale_written.append((list(user_ids), next_try_at_ms))
 
 
 def join(n: int, **content: Any) -> dict[str, Any]:
@@ -171,15 +220,13 @@ class BatcherTests(unittest.TestCase):
         self.store = FakeStore(events, {"!pub", "!pub2"})
         self.handler = FakeHandler(DeltaReadingStore(self.store))
         self.native: list[list[str]] = []
-        self.profiles: list[list[tuple[str, str | None, str | None]]] = []
+        self.writes = FakeWrites()
+        self.profiles = self.writes.profiles_written
 
         async def native(part: list[Delta]) -> None:
             self.native.append([d.event_id or "-" for d in part])
 
-        async def write(profiles: list[tuple[str, str | None, str | None]]) -> None:
-            self.profiles.append(profiles)
-
-        self.batcher = UserDirectoryBatcher(self.handler, native, write)
+        self.batcher = UserDirectoryBatcher(self.handler, native, self.writes)
 
     def handle(self, deltas: list[Delta]) -> None:
         with self.handler.store.reading(deltas):
@@ -253,10 +300,69 @@ class BatcherTests(unittest.TestCase):
         )
         self.assertEqual(self.native, [])
 
-    def test_private_room_run_goes_to_synapse(self) -> None:
-        self.handle([self.j(i, room="!private") for i in range(3)] + [self.j(3)])
-        self.assertEqual(self.native, [["$j0", "$j1", "$j2"], ["$j3"]])
+    def test_private_room_run(self) -> None:
+        """A private room: every profile marked stale in one statement, one
+        refresh per server (and one general), the room's member list read
+        once, and a pair for every (included local user, new member)."""
+        self.store.members["!private"] = [
+            "@u0:there",
+            "@u1:there",
+            "@u2:else",
+            "@me:here",
+            "@bot:here",
+            "@you:here",
+        ]
+        deltas = [
+            self.j(0, room="!private"),
+            self.j(1, room="!private"),
+            self.j(2, room="!private", user="@u2:else"),
+            self.j(3),  # a single public join afterwards: Synapse's
+        ]
+        self.handle(deltas)
+        self.assertEqual(self.native, [["$j3"]])
         self.assertEqual(self.profiles, [])
+        self.assertEqual(
+            self.writes.stale_written,
+            [(["@u0:there", "@u1:there", "@u2:else"], 1_000_000 + 60_000)],
+        )
+        handler = self.handler
+        self.assertEqual(
+            handler.clock.later,
+            [
+                (
+                    61,
+                    handler.kick_off_remote_profile_refresh_process_for_remote_server,
+                    ("else",),
+                ),
+                (
+                    61,
+                    handler.kick_off_remote_profile_refresh_process_for_remote_server,
+                    ("there",),
+                ),
+                (121, handler.kick_off_remote_profile_refresh_process, ()),
+            ],
+        )
+        self.assertEqual(self.store.room_reads, 1)
+        self.assertEqual(
+            self.store.private_pairs,
+            [
+                (
+                    "!private",
+                    [
+                        (local, user)
+                        for user in ("@u0:there", "@u1:there", "@u2:else")
+                        for local in ("@me:here", "@you:here")
+                    ],
+                )
+            ],
+        )
+
+    def test_private_pairs_in_batches(self) -> None:
+        self.patch(bulk_deltas, "WRITE_BATCH", 4)
+        self.store.members["!private"] = ["@me:here", "@you:here"]
+        self.handle([self.j(i, room="!private") for i in range(5)])
+        self.assertEqual([len(p) for _, p in self.store.private_pairs], [4, 4, 2])
+        self.assertEqual([len(u) for u, _ in self.writes.stale_written], [4, 1])
 
     def test_unknown_or_rejected_event_goes_to_synapse(self) -> None:
         deltas = [
