@@ -7,6 +7,7 @@ hands their callbacks to the compat layer's ``install_*`` functions.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -18,7 +19,7 @@ from synapse_partial_state.clients import syncing
 from synapse_partial_state.clients.endpoint import PartialStateEndpoint
 from synapse_partial_state.clients.members import MembersDuringResync
 from synapse_partial_state.clients.summary import JoinSummaries
-from synapse_partial_state.compat import patching, send_join, servlets
+from synapse_partial_state.compat import memory, patching, send_join, servlets
 from synapse_partial_state.compat.backfill import (
     install_backfill,
     skip_reuse_while_backfilling,
@@ -160,6 +161,9 @@ class PartialStateModule:
                 )
             engine.add_complete_listener(summaries.forget)
             engine.add_abandon_listener(summaries.forget)
+            engine.add_complete_listener(
+                functools.partial(memory.release_after_resync, api)
+            )
             return engine
         return None
 

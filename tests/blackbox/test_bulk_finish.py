@@ -396,6 +396,12 @@ class BulkDeltasPrivateRoom(BulkFinishCase):
         )
         self.assertTrue(line.search(on.read_log()), "on's user directory not in bulk")
         self.assertIsNone(line.search(off.read_log()), "off's user directory in bulk")
+        # Freed memory is given back once the resync is complete.
+        on.wait_for_log(
+            rf"Resync of {re.escape(self.room_id)}: returned \d+ MiB of freed memory"
+            r" to the system at completion \(RSS \d+ -> \d+ MiB\)",
+            10,
+        )
 
 
 class BulkFinishCrash(BulkFinishCase):
