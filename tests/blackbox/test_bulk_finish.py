@@ -209,6 +209,21 @@ class BulkFinishCase(FederationTestCase):
             Normaliser({bob_on: LOCAL_USER, join_on: LOCAL_JOIN}, {bob_off, join_off}),
         )
 
+    def same_user_directory(
+        self, off: Homeserver, on: Homeserver, norm_off: Normaliser, norm_on: Normaliser
+    ) -> dict[str, Any]:
+        """Wait until both joiners' user directory rows for the room are the
+        same (their handlers run after the finish); return ``on``'s."""
+        wait_until(
+            lambda: (
+                user_directory_rows(off, self.room_id, norm_off)
+                == user_directory_rows(on, self.room_id, norm_on)
+            ),
+            60,
+            "the same user directory rows",
+        )
+        return user_directory_rows(on, self.room_id, norm_on)
+
     def assert_same_rows(self, off: Homeserver, on: Homeserver) -> None:
         norm_off, norm_on = self.normalisers(off, on)
         rows_off = finish_rows(off, self.room_id, norm_off)
@@ -219,15 +234,7 @@ class BulkFinishCase(FederationTestCase):
         members = rows_on["current_state_events"]
         self.assertGreater(len(members), self.MEMBERS)  # the whole room
         # The user directory is filled after the finish, from its deltas.
-        wait_until(
-            lambda: (
-                user_directory_rows(off, self.room_id, norm_off)
-                == user_directory_rows(on, self.room_id, norm_on)
-            ),
-            60,
-            "the same user directory rows",
-        )
-        directory = user_directory_rows(on, self.room_id, norm_on)
+        directory = self.same_user_directory(off, on, norm_off, norm_on)
         self.assertGreater(len(directory["users_in_public_rooms"]), self.MEMBERS / 2)
         profiles = {tuple(row[1:]) for row in directory["user_directory"]}
         self.assertIn(("Zoë Ünïcode Lovelace", "mxc://x.org/zoe"), profiles)
@@ -374,16 +381,7 @@ class BulkDeltasPrivateRoom(BulkFinishCase):
         self.bob_on.join(self.room_id, via=[self.resident])
         self.wait_complete(off, since_off)
         self.wait_complete(on, since_on)
-        norm_off, norm_on = self.normalisers(off, on)
-        wait_until(
-            lambda: (
-                user_directory_rows(off, self.room_id, norm_off)
-                == user_directory_rows(on, self.room_id, norm_on)
-            ),
-            60,
-            "the same user directory rows",
-        )
-        rows = user_directory_rows(on, self.room_id, norm_on)
+        rows = self.same_user_directory(off, on, *self.normalisers(off, on))
         self.assertEqual(rows["users_in_public_rooms"], {})
         self.assertGreater(len(rows["users_who_share_private_rooms"]), self.MEMBERS / 2)
         self.assertGreater(
