@@ -255,15 +255,14 @@ class UserDirectoryBatcher:
         others: list[Any] = []  # deltas for Synapse's handler, in order
         for delta in deltas:
             event = await self._join(delta)
-            if event is not None and (
-                run and (delta.room_id != run[0][0].room_id or delta.state_key in users)
+            if run and (
+                event is None
+                or delta.room_id != run[0][0].room_id
+                or delta.state_key in users
             ):
                 await self._flush(run)
                 run, users = [], set()
             if event is None:
-                if run:
-                    await self._flush(run)
-                    run, users = [], set()
                 others.append(delta)
                 continue
             if others:
