@@ -44,6 +44,7 @@ from synapse_partial_state.compat.make_join import (
 )
 from synapse_partial_state.compat.partial_reads import install_partial_reads
 from synapse_partial_state.compat.persistence import install_current_state_guard
+from synapse_partial_state.compat.prev_state import install_fast_prev_state
 from synapse_partial_state.compat.resident_state import (
     install_event_invalidation_hook,
 )
@@ -56,6 +57,9 @@ from synapse_partial_state.compat.state_fetch import (
     StateFetchOps,
     banned_signing_keys,
     install_state_ids_reuse,
+)
+from synapse_partial_state.compat.state_group_deltas import (
+    install_state_group_deltas,
 )
 from synapse_partial_state.compat.state_resolution import (
     install_identical_state_shortcut,
@@ -122,6 +126,10 @@ class PartialStateModule:
         """Every patch this process needs, and the engine on the main process."""
         # Wherever this process resolves state (resident, joiner, persister).
         install_identical_state_shortcut(api)
+        # Wherever this process takes in events with missing prev events.
+        install_fast_prev_state(api)
+        # Wherever this process stores state groups.
+        install_state_group_deltas(api)
         # Wherever this process persists events (current state included).
         install_current_state_guard(api)
         # The bulk writers' release check, once (it warns on an untested one).
