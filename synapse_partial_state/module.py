@@ -127,7 +127,7 @@ class PartialStateModule:
         # Wherever this process resolves state (resident, joiner, persister).
         install_identical_state_shortcut(api)
         # Wherever this process takes in events with missing prev events.
-        install_fast_prev_state(api)
+        install_fast_prev_state()
         # Wherever this process stores state groups.
         install_state_group_deltas(api)
         # Wherever this process persists events (current state included).

@@ -34,10 +34,9 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 import attr
-from synapse.module_api import ModuleApi
 from synapse.storage.database import make_in_list_sql_clause
 
-from synapse_partial_state.compat.patching import homeserver, wrap_instance_method
+from synapse_partial_state.compat.patching import wrap_instance_method
 
 logger = logging.getLogger(__name__)
 
@@ -135,35 +134,34 @@ def fetch_whole_state(missing: int, state_ids: int, auth_ids: int) -> bool:
     return missing * 10 >= state_ids + auth_ids
 
 
-def install_fast_prev_state(api: ModuleApi) -> None:
+def install_fast_prev_state() -> None:
     """``_get_state_ids_after_missing_prev_event`` with its look-ups in one
     transaction (see the module docstring).
 
     Wraps ``FederationEventHandler._get_state_ids_after_missing_prev_event`` on
-    this homeserver's instance (1.163.2; the wrapper never calls the native
-    method: it replays its steps)."""
-    hs = homeserver(api)
-    handler: Any = hs.get_federation_event_handler()
-    store: Any = hs.get_datastores().main
+    the class (1.163.2; the wrapper never calls the native method: it replays
+    its steps), so a process that never builds the handler is not made to."""
+    from synapse.handlers.federation_event import FederationEventHandler
 
     def wrap(native: Callable[..., Any]) -> Callable[..., Any]:
         async def _get_state_ids_after_missing_prev_event(
-            destination: str, room_id: str, event_id: str
+            self: Any, destination: str, room_id: str, event_id: str
         ) -> dict[tuple[str, str], str]:
             return await state_after_missing_prev(
-                handler, store, destination, room_id, event_id
+                self, self._store, destination, room_id, event_id
             )
 
         return _get_state_ids_after_missing_prev_event
 
     wrap_instance_method(
-        handler,
+        FederationEventHandler,
         "_get_state_ids_after_missing_prev_event",
         wrap,
         "synapse.handlers.federation_event.FederationEventHandler."
         "_get_state_ids_after_missing_prev_event",
         "read which state events are stored, and their types and state keys, in "
         "one transaction instead of one per 500-1,000 events",
+        kind="wrap",
     )
 
 
