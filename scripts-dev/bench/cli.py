@@ -276,6 +276,9 @@ def notes_for(args: argparse.Namespace, runs: list[dict[str, Any]]) -> list[str]
         "every measurement uses a freshly generated fake room of the same shape"
         " (fresh fake peer and homeservers); the fake peer sends a message every"
         f" {args.traffic_interval} s from a random member while hs2 joins",
+        "the homeservers finish their background updates (a fresh database's"
+        " index builds and table populations) before the join, as a homeserver"
+        " that has been running has",
     ]
     for members, _servers in args.sizes_list:
         if members <= args.via_hs1_max:
