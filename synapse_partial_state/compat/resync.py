@@ -191,10 +191,34 @@ class ResyncOps:
         in stream order (``get_partial_state_events_batch``)."""
         from synapse.storage.databases.main.events_worker import EventRedactBehaviour
 
-        batch = await self._store.get_partial_state_events_batch(room_id)
+        store = self._store
+        batch = await store.get_partial_state_events_batch(room_id)
         if not batch:
             return []
-        return await self._store.get_events_as_list(
+        events = await store.get_events_as_list(
+            batch, redact_behaviour=EventRedactBehaviour.as_is, allow_rejected=True
+        )
+        stale = [e.event_id for e in events if e.internal_metadata.is_outlier()]
+        if not stale:
+            return events
+        # A partial-state event is never an outlier in the database (it has a
+        # state group): Synapse's event cache kept the copy it held while the
+        # event was an outlier (seen in the benchmark: an event stored as an
+        # outlier, as the missing prev event of another, then pulled into the
+        # timeline by backfill). Synapse's de-partial-stating asserts on it, so
+        # the room would fail the same way at every retry while that copy
+        # lives: read those events again from the database.
+        logger.warning(
+            "Resync of %s: Synapse's event cache held %d partial-state event(s) "
+            "as outliers (%s); reading them again from the database",
+            room_id,
+            len(stale),
+            ", ".join(stale[:5]),
+        )
+        for event_id in stale:
+            store._invalidate_local_get_event_cache(event_id)
+            await store._invalidate_async_get_event_cache(event_id)
+        return await store.get_events_as_list(
             batch, redact_behaviour=EventRedactBehaviour.as_is, allow_rejected=True
         )
 
