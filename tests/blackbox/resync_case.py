@@ -119,6 +119,17 @@ class ResyncCase(FederationTestCase):
         self.wait_complete(since)
         self.assert_full_members()
 
+    def join_resync_and_see(self, body: str = "seen") -> None:
+        """bob joins, the resync completes, and a message the resident sends
+        after it reaches bob."""
+        since = self.hs2.log_offset()
+        self.bob.join(self.room_id, via=[self.resident])
+        self.wait_complete(since)
+        self.peer.send_event(
+            self.room_id, "m.room.message", {"msgtype": "m.text", "body": body}
+        )
+        self.bob.wait_for_message(self.room_id, body)
+
     def assert_full_members(self, extra: int = 1) -> None:
         members = self.bob.joined_members(self.room_id, timeout=60)
         self.assertEqual(len(members), self.room["member_count"] + extra)

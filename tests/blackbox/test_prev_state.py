@@ -53,13 +53,7 @@ class MissingPrevState(ResyncCase):
         and the one missing state event before it, fetched), and the new big
         state group is stored as a delta of those few entries."""
         self.setup_room()
-        since = self.hs2.log_offset()
-        self.bob.join(self.room_id, via=[self.resident])
-        self.wait_complete(since)
-        self.peer.send_event(
-            self.room_id, "m.room.message", {"msgtype": "m.text", "body": "seen"}
-        )
-        self.bob.wait_for_message(self.room_id, "seen")
+        self.join_resync_and_see()
         top_group = self._max_state_group()
         gap = [
             self.peer.send_event(

@@ -509,13 +509,7 @@ class IdenticalStatesAfterResync(ResyncCase):
         merged without running state resolution; the room's state stays the
         resident's and the next local event builds on both."""
         self.setup_room()
-        since = self.hs2.log_offset()
-        self.bob.join(self.room_id, via=[self.resident])
-        self.wait_complete(since)
-        self.peer.send_event(
-            self.room_id, "m.room.message", {"msgtype": "m.text", "body": "seen"}
-        )
-        self.bob.wait_for_message(self.room_id, "seen")
+        self.join_resync_and_see()
         # More events than Synapse asks for at once (get_missing_events, limit
         # 10) that hs2 never receives, then one on top: the oldest event it
         # pulls has a missing prev event, so Synapse asks for the state there
