@@ -10,7 +10,7 @@ per transaction), stores the missing ones, and reads every state event's type
 and state key (``get_metadata_for_events``, 1,000 per transaction). In a room
 of 100,000 members that is some 300 transactions, each with its own trip
 through the database thread pool: measured in the benchmark's resync (the
-engine had stored every one of those events already), 8 to 23 s per missing
+engine had stored every one of those events already), 10 to 13 s per missing
 prev event, while the resync waited for it and Synapse's finish waited
 behind it.
 
