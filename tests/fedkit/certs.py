@@ -13,6 +13,7 @@ names such as ``127.0.0.1:8448``.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import ipaddress
 import os
 from dataclasses import dataclass
@@ -96,7 +97,17 @@ class KitCA:
         _write_cert(self.cert_path, self._cert)
 
     def issue(self, name: str) -> TLSFiles:
-        """Issue (or reuse) a loopback leaf certificate stored as ``<name>.pem``."""
+        """Issue (or reuse) a loopback leaf certificate stored as ``<name>.pem``.
+
+        Processes sharing the CA directory (a test's child processes) may ask
+        for the same name at once: the check and the writes are done under a
+        lock file, or one process's key could end up next to another's
+        certificate."""
+        with open(os.path.join(self.directory, f"{name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._issue_locked(name)
+
+    def _issue_locked(self, name: str) -> TLSFiles:
         cert_path = os.path.join(self.directory, f"{name}.pem")
         key_path = os.path.join(self.directory, f"{name}.key")
         if os.path.exists(cert_path) and os.path.exists(key_path):
