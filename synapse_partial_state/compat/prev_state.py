@@ -58,11 +58,13 @@ class StoredEvent:
 
 
 def _stored_events_txn(txn: Any, event_ids: list[str]) -> dict[str, StoredEvent]:
+    from synapse.storage.engines import PostgresEngine
+
     engine = txn.database_engine
     step = (
-        IDS_PER_STATEMENT_SQLITE
-        if engine.__class__.__name__.startswith("Sqlite")
-        else IDS_PER_STATEMENT_POSTGRES
+        IDS_PER_STATEMENT_POSTGRES
+        if isinstance(engine, PostgresEngine)
+        else IDS_PER_STATEMENT_SQLITE
     )
     found: dict[str, StoredEvent] = {}
     for start in range(0, len(event_ids), step):
