@@ -420,6 +420,61 @@ class ForkDuringResync(ResyncCase):
         self.assert_full_members()
         self.assert_resident_state()
 
+    def test_a_fork_after_the_state_is_stored_is_narrowed_to_the_partial_state(
+        self,
+    ) -> None:
+        """The same fork, its state answered only once the resync has stored
+        the room's members: the state before the pulled event is narrowed to
+        what the partial state at the join holds, not to everything stored by
+        then (else Synapse resolves and writes a state of all the room's members
+        against the partial current state, in the middle of the resync: 15 s at
+        100,000 members). The room still ends as the resident has it."""
+        self.setup_room()
+        fork_point = self.peer.room(self.room_id)["last_event_id"]
+        self.peer.send_event(
+            self.room_id, "m.room.message", {"msgtype": "m.text", "body": "before"}
+        )
+        anchor = self.peer.room(self.room_id)["last_event_id"]
+        since = self.hs2.log_offset()
+        self.bob.join(self.room_id, via=[self.resident])
+        join_event_id = self.hs2.sql(
+            "SELECT join_event_id FROM partial_state_rooms WHERE room_id = ?",
+            (self.room_id,),
+        )[0][0]
+        # Held: /state_ids at any event but the resync's (the join's prev
+        # event) and the backfill seam's (the join itself).
+        rule = self.peer.add_behaviour(
+            r"^/_matrix/federation/v1/state_ids/.*[?&]event_id="
+            rf"(?!{re.escape(anchor)}|{re.escape(join_event_id)})",
+            "hold",
+        )
+        self.peer.send_event(
+            self.room_id,
+            "m.room.message",
+            {"msgtype": "m.text", "body": "forked"},
+            prev_events=[fork_point],
+        )
+        self.hs2.wait_for_log(r"stage=state_stored", timeout=60, since=since)
+        stored = self.hs2.sql(
+            "SELECT COUNT(*) FROM room_memberships WHERE room_id = ?",
+            (self.room_id,),
+        )[0][0]
+        self.assertGreaterEqual(stored, self.MEMBERS)
+        self.peer.remove_behaviour(rule)
+        found = self.hs2.wait_for_log(
+            r"state at \S+ narrowed to (\d+) of (\d+)", timeout=30, since=since
+        )
+        kept, listed = int(found.group(1)), int(found.group(2))
+        line = found.group(0)
+        # Every member is stored by now; the narrowed state keeps the partial
+        # state's few (the resident's essentials), not the MEMBERS stored.
+        self.assertGreater(listed, self.MEMBERS * 9 // 10, line)
+        self.assertLess(kept, self.MEMBERS // 4, line)
+        self.wait_complete(since)
+        self.bob.wait_for_message(self.room_id, "forked", timeout=30)
+        self.assert_full_members()
+        self.assert_resident_state()
+
 
 @on_both_databases
 class EventsDuringAHeldResync(ResyncCase):

@@ -13,10 +13,19 @@ from synapse_partial_state.compat.backfill import (
 )
 
 #: State before the join: a remote member $m1 (not stored here), the room's
-#: non-member state $pl, $hv2 (stored); its auth chain adds $m1_old.
+#: non-member state $pl, $hv2 (stored); its auth chain adds $m1_old. The
+#: partial state at the join is not known: stored events count as held.
 JOIN_STATE = (
     frozenset({"$m1", "$m2", "$pl", "$hv2"}),
     frozenset({"$m1", "$m2", "$pl", "$hv2", "$m1_old", "$create"}),
+    None,
+)
+#: The same, with the partial state at the join known: $pl, $hv2 and the
+#: member $m2 (a hero, say); $m4 is a remote member the resync has stored.
+PARTIAL_JOIN_STATE = (
+    JOIN_STATE[0] | {"$m4"},
+    JOIN_STATE[1] | {"$m4"},
+    frozenset({"$pl", "$hv2", "$m2"}),
 )
 
 
@@ -44,6 +53,27 @@ class NarrowTests(unittest.TestCase):
         got = narrow(answer, set(), JOIN_STATE)
         self.assertEqual(got["pdu_ids"], ["$m1_old"])
         self.assertEqual(got["auth_chain_ids"], [])
+
+    def test_with_the_partial_state_at_the_join_stored_members_are_left_out(
+        self,
+    ) -> None:
+        """Known partial state at the join: the state at the earlier point is as
+        partial as it, whatever the resync has stored. $m4 (stored by the
+        resync, not in the partial state) is left out with $m1 (not stored);
+        $m2 and $pl (held) are kept, and so are $hv1 and $m3 (not in the state
+        before the join), stored or not. The auth chain rule is unchanged."""
+        answer = {
+            "pdu_ids": ["$pl", "$hv1", "$m1", "$m2", "$m3", "$m4"],
+            "auth_chain_ids": ["$create", "$m1_old", "$m4"],
+        }
+        seen = {"$pl", "$m2", "$m4", "$create", "$hv2"}
+        got = narrow(answer, seen, PARTIAL_JOIN_STATE)
+        self.assertEqual(got["pdu_ids"], ["$pl", "$hv1", "$m2", "$m3"])
+        self.assertEqual(got["auth_chain_ids"], ["$create", "$m4"])
+        # Not known: $m4, stored, is kept.
+        unknown = (*PARTIAL_JOIN_STATE[:2], None)
+        got = narrow(answer, seen, unknown)
+        self.assertEqual(got["pdu_ids"], ["$pl", "$hv1", "$m2", "$m3", "$m4"])
 
     def test_other_fields_kept(self) -> None:
         got = narrow({"pdu_ids": [], "extra": 1}, set(), JOIN_STATE)
