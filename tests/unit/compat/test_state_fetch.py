@@ -36,7 +36,7 @@ class StoredNotRejectedTests(unittest.TestCase):
         self.stored = set(stored)
 
     def query(self, event_ids: list[str]) -> set[str]:
-        return state_fetch._stored_not_rejected_txn(self.txn, event_ids)
+        return state_fetch._stored_txn(self.txn, event_ids, True)
 
     def test_stored_and_not_rejected(self) -> None:
         asked = [f"$e{i}" for i in range(25)] + ["$not-stored-but-rejected"]
@@ -49,3 +49,10 @@ class StoredNotRejectedTests(unittest.TestCase):
         self.patch(state_fetch, "STORED_CHECK_BATCH_SQLITE", 3)
         asked = [f"$e{i}" for i in range(25)]
         self.assertEqual(self.query(asked), self.stored - self.rejected)
+
+    def test_have_seen_counts_rejected_events(self) -> None:
+        """``have_seen``'s form: stored events, rejected or not, in batches."""
+        self.patch(state_fetch, "STORED_CHECK_BATCH_SQLITE", 4)
+        asked = [f"$e{i}" for i in range(25)] + ["$not-stored-but-rejected"]
+        self.assertEqual(state_fetch._stored_txn(self.txn, asked, False), self.stored)
+        self.assertEqual(state_fetch._stored_txn(self.txn, ["$nope"], False), set())
