@@ -61,15 +61,18 @@ class NarrowTests(unittest.TestCase):
         partial as it, whatever the resync has stored. $m4 (stored by the
         resync, not in the partial state) is left out with $m1 (not stored);
         $m2 and $pl (held) are kept, and so are $hv1 and $m3 (not in the state
-        before the join), stored or not. The auth chain rule is unchanged."""
+        before the join), stored or not. Of the auth chain, what is before the
+        join and not held is left out ($create, $m1_old, $m4), stored or not;
+        $pl_old (replaced before the join) is kept."""
         answer = {
             "pdu_ids": ["$pl", "$hv1", "$m1", "$m2", "$m3", "$m4"],
-            "auth_chain_ids": ["$create", "$m1_old", "$m4"],
+            "auth_chain_ids": ["$create", "$m1_old", "$m4", "$pl_old"],
         }
         seen = {"$pl", "$m2", "$m4", "$create", "$hv2"}
         got = narrow(answer, seen, PARTIAL_JOIN_STATE)
         self.assertEqual(got["pdu_ids"], ["$pl", "$hv1", "$m2", "$m3"])
-        self.assertEqual(got["auth_chain_ids"], ["$create", "$m4"])
+        self.assertEqual(got["auth_chain_ids"], ["$pl_old"])
+        self.assertEqual(narrow(answer, set(), PARTIAL_JOIN_STATE), got)
         # Not known: $m4, stored, is kept.
         unknown = (*PARTIAL_JOIN_STATE[:2], None)
         got = narrow(answer, seen, unknown)
