@@ -69,13 +69,23 @@ class Unencodable(Exception):
     """A value of a type :func:`encode_value` does not write."""
 
 
-_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+def _escape(text: str) -> str:
+    if "\\" in text or "\t" in text or "\n" in text or "\r" in text:
+        return (
+            text.replace("\\", "\\\\")
+            .replace("\t", "\\t")
+            .replace("\n", "\\n")
+            .replace("\r", "\\r")
+        )
+    return text
 
 
 def encode_value(value: Any) -> str:
     """One value in ``COPY``'s text format: ``\\N`` for NULL, ``t``/``f`` for
     booleans, integers in decimal, strings with backslash, tab, newline and
     carriage return escaped. Other types raise :class:`Unencodable`."""
+    if value.__class__ is str:
+        return _escape(value)
     if value is None:
         return "\\N"
     if value is True:
@@ -85,13 +95,23 @@ def encode_value(value: Any) -> str:
     if isinstance(value, int):
         return str(int(value))
     if isinstance(value, str):
-        return value.translate(_ESCAPES)
+        return _escape(str(value))
     raise Unencodable(type(value).__name__)
 
 
 def encode_rows(rows: Iterable[Iterable[Any]]) -> str:
-    """Rows in ``COPY``'s text format (a line each, tab-separated)."""
-    return "".join("\t".join(map(encode_value, row)) + "\n" for row in rows)
+    """Rows in ``COPY``'s text format (a line each, tab-separated): the rule of
+    :func:`encode_value`, inlined for plain strings (most values; a hundred
+    thousand events' rows are millions of values)."""
+    lines = []
+    for row in rows:
+        lines.append(
+            "\t".join(
+                (_escape(v) if v.__class__ is str else encode_value(v)) for v in row
+            )
+        )
+    lines.append("")
+    return "\n".join(lines)
 
 
 Insert = Callable[[Any, str, Sequence[str], Collection[Iterable[Any]]], None]

@@ -26,6 +26,12 @@ class EncodeTests(unittest.TestCase):
         )
         self.assertEqual(copy.encode_value("é\u2028😀"), "é\u2028😀")
 
+        class Name(str):
+            pass
+
+        self.assertEqual(copy.encode_value(Name("a\tb")), "a\\tb")
+        self.assertEqual(copy.encode_rows([(Name("x\n"), 1)]), "x\\n\t1\n")
+
     def test_other_types_are_not_encoded(self) -> None:
         for value in (1.5, b"bytes", ["list"], {"a": 1}):
             with self.assertRaises(copy.Unencodable):
