@@ -79,6 +79,7 @@ import attr
 from synapse.logging.context import make_deferred_yieldable
 
 from synapse_partial_state.compat.patching import wrap_instance_method
+from synapse_partial_state.compat.state_fetch import have_seen
 
 logger = logging.getLogger(__name__)
 
@@ -338,7 +339,7 @@ def _wrap_get_room_state_ids(native: Callable[..., Any]) -> Callable[..., Any]:
         seams = _SEAMS[0]
         if join_state[2] is None:
             listed = _ids(answer, "pdu_ids") + _ids(answer, "auth_chain_ids")
-            seen = set(await seams.store.have_seen_events(room_id, listed + [event_id]))
+            seen = await have_seen(seams.store, room_id, listed + [event_id])
             narrowed = narrow(answer, seen, join_state)
         else:
             # Only what is kept is looked up (Synapse's have_seen_events of a
@@ -346,7 +347,7 @@ def _wrap_get_room_state_ids(native: Callable[..., Any]) -> Callable[..., Any]:
             # run, and filled its cache with every ID).
             narrowed = narrow(answer, set(), join_state)
             kept = _ids(narrowed, "pdu_ids") + _ids(narrowed, "auth_chain_ids")
-            seen = set(await seams.store.have_seen_events(room_id, kept + [event_id]))
+            seen = await have_seen(seams.store, room_id, kept + [event_id])
         # Fetched here, not by Synapse: it would count them against the narrowed
         # answer and, past 10 %, download the whole state at the event instead.
         # The event itself too: Synapse stores it as an outlier with the state.

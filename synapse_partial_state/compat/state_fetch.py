@@ -62,20 +62,8 @@ class StateFetchOps:
         return set(await self._store.have_events_in_timeline(event_ids))
 
     async def have_seen(self, room_id: str, event_ids: Collection[str]) -> set[str]:
-        """IDs of ``event_ids`` stored (rejected ones included), as Synapse's
-        ``have_seen_events``. A big list is looked up in one transaction:
-        Synapse's takes one per 500 IDs, one after the other, and at the start
-        of a big resync each waited behind the join's fan-out queries in the
-        database pool (200 transactions for a 100,000-event state, most of 19 s
-        in the benchmark); it would also fill its ``have_seen_event`` cache with
-        every ID."""
-        if not event_ids:
-            return set()
-        if len(event_ids) <= HAVE_SEEN_VIA_SYNAPSE_MAX:
-            return set(await self._store.have_seen_events(room_id, event_ids))
-        return await self._store.db_pool.runInteraction(
-            "sps_have_seen", _stored_txn, list(event_ids), False
-        )
+        """IDs of ``event_ids`` stored (rejected ones included): :func:`have_seen`."""
+        return await have_seen(self._store, room_id, event_ids)
 
     async def stored_not_rejected(self, event_ids: Collection[str]) -> set[str]:
         """IDs of ``event_ids`` stored and not rejected.
@@ -257,6 +245,22 @@ STORED_CHECK_BATCH_SQLITE = 500
 #: Up to this many IDs, ``have_seen`` asks Synapse's ``have_seen_events`` (one
 #: transaction, and its cache); more are looked up in one transaction here.
 HAVE_SEEN_VIA_SYNAPSE_MAX = 500
+
+
+async def have_seen(store: Any, room_id: str, event_ids: Collection[str]) -> set[str]:
+    """IDs of ``event_ids`` stored (rejected ones included), as Synapse's
+    ``have_seen_events``. A big list is looked up in one transaction:
+    Synapse's takes one per 500 IDs, one after the other, and at the start of a
+    big resync each waited behind the join's fan-out queries in the database
+    pool (200 transactions for a 100,000-event state, most of 19 s in the
+    benchmark); it would also fill its ``have_seen_event`` cache with every ID."""
+    if not event_ids:
+        return set()
+    if len(event_ids) <= HAVE_SEEN_VIA_SYNAPSE_MAX:
+        return set(await store.have_seen_events(room_id, event_ids))
+    return await store.db_pool.runInteraction(
+        "sps_have_seen", _stored_txn, list(event_ids), False
+    )
 
 
 def _stored_txn(txn: Any, event_ids: list[str], not_rejected: bool) -> set[str]:

@@ -56,3 +56,45 @@ class StoredNotRejectedTests(unittest.TestCase):
         asked = [f"$e{i}" for i in range(25)] + ["$not-stored-but-rejected"]
         self.assertEqual(state_fetch._stored_txn(self.txn, asked, False), self.stored)
         self.assertEqual(state_fetch._stored_txn(self.txn, ["$nope"], False), set())
+
+
+class HaveSeenTests(unittest.TestCase):
+    """``have_seen``: Synapse's ``have_seen_events`` for a few IDs, one
+    transaction of its own for many."""
+
+    def test_few_through_synapse_many_in_one_transaction(self) -> None:
+        from twisted.internet import defer
+
+        asked: list[tuple[str, int]] = []
+
+        class Pool:
+            async def runInteraction(
+                self, desc: str, f: object, ids: list[str], nr: bool
+            ) -> set[str]:
+                asked.append((desc, len(ids)))
+                self.not_rejected = nr
+                return {i for i in ids if i.endswith("0")}
+
+        class Store:
+            db_pool = Pool()
+
+            async def have_seen_events(self, room_id: str, ids: list[str]) -> set[str]:
+                asked.append(("synapse", len(ids)))
+                return {i for i in ids if i.endswith("0")}
+
+        few = [f"$e{i}" for i in range(state_fetch.HAVE_SEEN_VIA_SYNAPSE_MAX)]
+        many = few + ["$extra0"]
+        store = Store()
+        got = self.successResultOf(
+            defer.ensureDeferred(state_fetch.have_seen(store, "!r", few))
+        )
+        self.assertEqual(got, {i for i in few if i.endswith("0")})
+        got = self.successResultOf(
+            defer.ensureDeferred(state_fetch.have_seen(store, "!r", many))
+        )
+        self.assertIn("$extra0", got)
+        self.assertFalse(store.db_pool.not_rejected)  # rejected ones count
+        self.successResultOf(
+            defer.ensureDeferred(state_fetch.have_seen(store, "!r", []))
+        )
+        self.assertEqual(asked, [("synapse", len(few)), ("sps_have_seen", len(many))])
