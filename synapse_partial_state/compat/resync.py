@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from synapse.module_api import ModuleApi
 
+from synapse_partial_state.compat.bulk.deltas import finish_hold
 from synapse_partial_state.compat.keyfetch import KeyFetchOutcome, fetch_keys_ahead
 from synapse_partial_state.compat.patching import (
     PatchRecord,
@@ -255,14 +256,24 @@ class ResyncOps:
     async def complete(self, room_id: str) -> bool:
         """The native end of a resync: recompute current state, replay device
         lists, clear the partial flag under Synapse's linearizer, wake waiters and
-        replication. False if new partial-state events raced in (go round again)."""
+        replication. False if new partial-state events raced in (go round again).
+
+        On SQLite the user directory's bulk write of the room's members waits
+        until the flag is cleared (:class:`FinishHold`: it held the one
+        connection the clear's retries needed)."""
+        hold = finish_hold(self._store)
+        if hold is not None:
+            hold.hold(room_id)
         await self._hs.get_state_handler().update_current_state(room_id)
         if await has_partial_state_events(self._store, room_id):
             # Raced by new partial-state events (the current state was kept:
             # ``install_current_state_guard``); the clear would fail too.
             return False
         await self._hs.get_device_handler().handle_room_un_partial_stated(room_id)
-        return await self._clear_and_notify(room_id)
+        cleared = await self._clear_and_notify(room_id)
+        if cleared and hold is not None:
+            hold.release(room_id)
+        return cleared
 
     async def _clear_and_notify(self, room_id: str) -> bool:
         fed = self._hs.get_federation_handler()
@@ -328,6 +339,10 @@ class ResyncOps:
         False if a local user is joined again (the resync must go on).
         """
         from synapse.api.errors import SynapseError
+
+        hold = finish_hold(self._store)
+        if hold is not None:
+            hold.release(room_id)
 
         def txn(t: Any) -> list[str]:
             t.execute(

@@ -13,8 +13,10 @@ from twisted.trial import unittest
 
 from synapse_partial_state.compat.bulk import deltas as bulk_deltas
 from synapse_partial_state.compat.bulk.deltas import (
+    FINISH_HOLD_MAX_S,
     DeltaReadingStore,
     UserDirectoryBatcher,
+    finish_hold,
     profile_of,
 )
 from tests.unit.sync_run import run
@@ -49,6 +51,8 @@ class FakeStore:
         self.members: dict[str, list[str]] = {}
         self.room_reads = 0
         self.private_pairs: list[tuple[str, list[tuple[str, str]]]] = []
+        self.database_engine: Any = None
+        self._clock: Any = None
 
     async def get_event(
         self, event_id: str, allow_none: bool = False, check_room_id: Any = None
@@ -95,6 +99,25 @@ class FakeClock:
 
     def call_later(self, delay: Any, callback: Any, *args: Any) -> None:
         self.later.append((delay.as_secs(), callback, args))
+
+
+class HoldClock:
+    """The store's clock for :class:`FinishHold`: ``sleep`` moves time on at
+    once and calls ``on_sleep`` (which may release the room)."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.sleeps = 0
+        self.on_sleep: Any = None
+
+    def time(self) -> float:
+        return self.now
+
+    async def sleep(self, duration: Any) -> None:
+        self.now += duration.as_secs()
+        self.sleeps += 1
+        if self.on_sleep is not None:
+            self.on_sleep()
 
 
 class FakeHandler:
@@ -389,3 +412,86 @@ class BatcherTests(unittest.TestCase):
         self.handle([self.j(i) for i in range(20)])
         self.assertEqual(len(self.store.batch_reads), 1)
         self.assertEqual(self.store.single_reads, [])
+
+
+class FinishHoldTests(unittest.TestCase):
+    """On SQLite a finishing room's user-directory run waits for the finish."""
+
+    def setUp(self) -> None:
+        from synapse.storage.engines import Sqlite3Engine
+
+        self.store = FakeStore({f"$j{i}": join(i) for i in range(5)}, {"!pub"})
+        self.store.database_engine = Sqlite3Engine({"args": {"database": ":memory:"}})
+        self.clock = self.store._clock = HoldClock()
+        handler = FakeHandler(DeltaReadingStore(self.store))
+        self.written_at: list[float] = []
+
+        class Writes(FakeWrites):
+            async def profiles(inner: Any, profiles: Any) -> None:  # noqa: N805
+                self.written_at.append(self.clock.now)
+
+        async def native(part: list[Delta]) -> None:
+            pass
+
+        self.batcher = UserDirectoryBatcher(handler, native, Writes())
+        self.handler = handler
+        hold = finish_hold(self.store)
+        assert hold is not None
+        self.hold = hold
+        self.deltas = [
+            Delta("!pub", "m.room.member", f"@u{i}:there", f"$j{i}") for i in range(5)
+        ]
+
+    def handle(self) -> None:
+        with self.handler.store.reading(self.deltas):
+            run(self.batcher.handle(self.deltas))
+
+    def test_one_hold_per_store_and_none_on_postgres(self) -> None:
+        from synapse.storage.engines import PostgresEngine
+
+        self.assertIs(finish_hold(self.store), self.hold)
+        other = FakeStore({}, set())
+        other.database_engine = PostgresEngine({"args": {}})
+        self.assertIsNone(finish_hold(other))
+
+    def test_run_of_a_finishing_room_waits_for_the_release(self) -> None:
+        self.hold.hold("!pub")
+        started = self.clock.now
+
+        def release_after_two_seconds() -> None:
+            if self.clock.now - started >= 2:
+                self.hold.release("!pub")
+
+        self.clock.on_sleep = release_after_two_seconds
+        self.handle()
+        self.assertEqual(len(self.written_at), 1)
+        self.assertGreaterEqual(self.written_at[0] - started, 2)
+        self.assertLess(self.written_at[0] - started, 3)
+        self.assertFalse(self.hold.held("!pub"))
+
+    def test_other_rooms_and_released_rooms_do_not_wait(self) -> None:
+        self.hold.hold("!other")
+        self.handle()
+        self.hold.hold("!pub")
+        self.hold.release("!pub")
+        self.handle()
+        self.assertEqual(self.clock.sleeps, 0)
+        self.assertEqual(len(self.written_at), 2)
+
+    def test_a_hold_never_released_ends_after_the_maximum(self) -> None:
+        self.hold.hold("!pub")
+        started = self.clock.now
+        with self.assertLogs(bulk_deltas.logger, "WARNING") as logs:
+            self.handle()
+        self.assertIn("held its write", logs.output[0])
+        self.assertGreaterEqual(self.written_at[0] - started, FINISH_HOLD_MAX_S)
+        self.assertLess(self.written_at[0] - started, FINISH_HOLD_MAX_S + 1)
+        self.assertFalse(self.hold.held("!pub"))
+        # held from the first hold: holding again does not restart the time
+        self.hold.hold("!pub")
+        self.clock.now += FINISH_HOLD_MAX_S / 2
+        self.hold.hold("!pub")
+        self.clock.now += FINISH_HOLD_MAX_S / 2
+        with self.assertLogs(bulk_deltas.logger, "WARNING"):
+            self.handle()
+        self.assertEqual(self.written_at[1], self.clock.now)

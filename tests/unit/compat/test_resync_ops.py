@@ -83,3 +83,103 @@ class PartialStateEventsBatchTests(unittest.TestCase):
     def test_empty_batch(self) -> None:
         store = FakeStore([], cached_outliers=set())
         self.assertEqual(run(ops(store).partial_state_events_batch("!r")), [])
+
+
+class FinishingStore(FakeStore):
+    """A SQLite store whose partial-state events and flag clearing are given."""
+
+    def __init__(self, partial_events: bool, cleared: bool) -> None:
+        from synapse.storage.engines import Sqlite3Engine
+
+        super().__init__([], set())
+        self.database_engine = Sqlite3Engine({"args": {"database": ":memory:"}})
+        self._clock = type("Clock", (), {"time": lambda self: 1.0})()
+        self.partial_events = partial_events
+        self.cleared = cleared
+        store = self
+
+        class Pool:
+            async def runInteraction(self, desc: str, *a: Any) -> Any:  # noqa: N802
+                assert desc == "sps_has_partial_state_events", desc
+                return store.partial_events
+
+        self.db_pool = Pool()
+
+    async def clear_partial_state_room(self, room_id: str) -> int | None:
+        return 5 if self.cleared else None
+
+
+class FinishingHomeserver(FakeHomeserver):
+    """Records whether the room was held when the finish wrote its current
+    state."""
+
+    def __init__(self, store: FinishingStore) -> None:
+        super().__init__(store)
+        self.held_while_writing: list[bool] = []
+        hs = self
+
+        class Handler:
+            async def update_current_state(self, room_id: str) -> None:
+                from synapse_partial_state.compat.bulk.deltas import finish_hold
+
+                hold = finish_hold(store)
+                hs.held_while_writing.append(hold is not None and hold.held(room_id))
+
+            async def handle_room_un_partial_stated(self, room_id: str) -> None:
+                pass
+
+            async def on_un_partial_stated_room(self, *args: Any) -> None:
+                pass
+
+            def notify_room_un_partial_stated(self, room_id: str) -> None:
+                pass
+
+            @property
+            def state(self) -> Any:
+                return self
+
+            @property
+            def _is_partial_state_room_linearizer(self) -> Any:
+                return self
+
+            def queue(self, key: str) -> Any:
+                return self
+
+            async def __aenter__(self) -> None:
+                pass
+
+            async def __aexit__(self, *exc: Any) -> None:
+                pass
+
+        handler = Handler()
+        self.get_state_handler = self.get_device_handler = lambda: handler
+        self.get_federation_handler = self.get_notifier = lambda: handler
+        self.get_storage_controllers = lambda: handler
+
+
+class FinishHoldTests(unittest.TestCase):
+    """On SQLite the finish holds the room's user-directory write until the
+    partial-state flag is cleared (compat/bulk/deltas.FinishHold)."""
+
+    def finish(self, store: FinishingStore) -> tuple[bool, list[bool], bool]:
+        from synapse_partial_state.compat.bulk.deltas import finish_hold
+
+        hs = FinishingHomeserver(store)
+        api: Any = type("Api", (), {"_hs": hs})()
+        done = run(ResyncOps(api).complete("!r"))
+        hold = finish_hold(store)
+        assert hold is not None
+        return done, hs.held_while_writing, hold.held("!r")
+
+    def test_released_once_the_flag_is_cleared(self) -> None:
+        self.assertEqual(
+            self.finish(FinishingStore(partial_events=False, cleared=True)),
+            (True, [True], False),
+        )
+
+    def test_kept_while_the_finish_must_go_round_again(self) -> None:
+        for store in (
+            FinishingStore(partial_events=True, cleared=True),
+            FinishingStore(partial_events=False, cleared=False),
+        ):
+            self.assertEqual(self.finish(store), (False, [True], True))
