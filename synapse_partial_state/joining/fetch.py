@@ -350,6 +350,7 @@ class StateFetcher:
             pdus,
             keys,
             self._pool.worth_it(attempt.writer.size),
+            build_events=True,
         )
         try:
             for start, pending in chunks:
@@ -373,30 +374,43 @@ class StateFetcher:
         self,
         attempt: _Attempt,
         pdus: Sequence[bytes],
-        verdicts: Sequence[tuple[int, str | None]],
+        verdicts: Sequence[tuple[int, str | None, EventBase | None]],
         per_event: bool,
     ) -> tuple[list[EventBase], list[EventBase]]:
-        """(events verified in bulk, events for Synapse's per-event check)."""
+        """(events verified in bulk, events for Synapse's per-event check).
+        Each verdict comes with the event where the check built it (in a
+        thread), else the event is built here."""
         destination, room_id = attempt.destination, attempt.room_id
         room_version, writer = attempt.room_version, attempt.writer
         accepted: list[EventBase] = []
         recheck: list[EventBase] = []
-        for pdu, (verdict, event_id) in zip(pdus, verdicts, strict=True):
+        invalid = 0
+        for pdu, (verdict, event_id, built) in zip(pdus, verdicts, strict=True):
             if event_id is None or verdict == verify.INVALID:
+                invalid += 1
                 continue
             if not writer.wants(event_id):
                 continue  # not wanted, or a duplicate
-            try:
-                event = self._ops.event_from_pdu(pdu, room_version)
-            except Exception as e:
-                logger.info("Ignoring a bad pdu from %s: %s", destination, e)
-                continue
+            if built is not None:
+                event = built
+            else:
+                try:
+                    event = self._ops.event_from_pdu(pdu, room_version)
+                except Exception as e:
+                    logger.info("Ignoring a bad pdu from %s: %s", destination, e)
+                    continue
             if event.room_id != room_id or event.event_id != event_id:
                 continue
             if verdict == verify.OK and not per_event:
                 accepted.append(event)
             else:
                 recheck.append(event)
+        if invalid:
+            logger.info(
+                "Ignoring %d pdu(s) from %s that are not valid events",
+                invalid,
+                destination,
+            )
         return accepted, recheck
 
     async def _check_one_by_one(

@@ -139,13 +139,34 @@ def verify_chunk(
     is the one Synapse computes (the reference hash in v3+ rooms), None when the
     pdu does not even make an event."""
     checker = _ChunkChecker(room_version_id, keys, banned)
+    return [checker.check(raw)[:2] for raw in pdus]
+
+
+def verify_chunk_events(
+    room_version_id: str,
+    pdus: Sequence[bytes | dict[str, Any]],
+    keys: Keys,
+    banned: frozenset[str] = frozenset(),
+) -> list[tuple[int, str | None, Any]]:
+    """:func:`verify_chunk`, each verdict with the event Synapse's
+    ``event_from_pdu_json`` makes of the pdu (None where it raises: the verdict
+    is then :data:`INVALID`), for checks run in a thread of the process that
+    uses the events: they are built once, off the reactor, instead of once here
+    and again by the caller."""
+    checker = _ChunkChecker(room_version_id, keys, banned, build_events=True)
     return [checker.check(raw) for raw in pdus]
 
 
 class _ChunkChecker:
     """One room version's checks with one set of keys (decoded once each)."""
 
-    def __init__(self, room_version_id: str, keys: Keys, banned: frozenset[str]):
+    def __init__(
+        self,
+        room_version_id: str,
+        keys: Keys,
+        banned: frozenset[str],
+        build_events: bool = False,
+    ):
         # Outside the compat layer on purpose: worker processes import only this
         # file, and the bytes checked must be the ones Synapse's own classes make.
         from synapse.api.room_versions import KNOWN_ROOM_VERSIONS, EventFormatVersions
@@ -156,13 +177,27 @@ class _ChunkChecker:
         self.enforce_validity = self.room_version.enforce_key_validity
         self.keys = keys
         self.banned = banned
+        self.build_events = build_events
         self._decoded: dict[tuple[str, str], Any] = {}
 
-    def check(self, raw: bytes | dict[str, Any]) -> tuple[int, str | None]:
+    def check(self, raw: bytes | dict[str, Any]) -> tuple[int, str | None, Any]:
+        """(verdict, event ID, the event when :attr:`build_events` else None)."""
         from synapse.events import make_event_from_dict, make_event_from_json
 
         try:
-            if isinstance(raw, bytes):
+            if self.build_events:
+                # What the caller would build: Synapse's own federation parse
+                # (it strips ``unsigned``, checks depth and canonical JSON).
+                from synapse.federation.federation_base import event_from_pdu_json
+
+                if isinstance(raw, bytes):
+                    pdu = json.loads(raw)
+                else:  # Synapse's parse edits ``unsigned``: not the caller's
+                    pdu = dict(raw)
+                    if isinstance(pdu.get("unsigned"), dict):
+                        pdu["unsigned"] = dict(pdu["unsigned"])
+                event = event_from_pdu_json(pdu, self.room_version)
+            elif isinstance(raw, bytes):
                 # canonical JSON already: what make_event_from_dict would build
                 event = make_event_from_json(raw.decode("utf-8"), self.room_version)
                 pdu = json.loads(raw)
@@ -171,14 +206,15 @@ class _ChunkChecker:
                 pdu = raw
             event_id = event.event_id
         except Exception:
-            return INVALID, None
+            return INVALID, None, None
+        kept = event if self.build_events else None
         servers = required_servers(pdu, self.v1_ids, self.restricted)
         if servers is None:
-            return UNCERTAIN, event_id
+            return UNCERTAIN, event_id, kept
         verdict = self._signatures(event, servers)
         if verdict == OK and not content_hash_matches(event.get_pdu_json()):
             verdict = UNCERTAIN  # Synapse redacts; let it decide
-        return verdict, event_id
+        return verdict, event_id, kept
 
     def _signatures(self, event: Any, servers: list[str]) -> int:
         """OK when every server in ``servers`` signed ``event`` with a key held
@@ -341,16 +377,24 @@ class VerifierPool:
         pdus: Sequence[bytes | dict[str, Any]],
         keys: Keys,
         use_workers: bool = True,
-    ) -> list[tuple[int, defer.Deferred[list[tuple[int, str | None]]]]]:
+        build_events: bool = False,
+    ) -> list[tuple[int, defer.Deferred[list[Any]]]]:
         """Submit ``pdus`` in chunks: (start index, Deferred verdicts) per chunk,
         in order. The chunks are checked in parallel (in a thread when there are
         no workers or ``use_workers`` is false); await them in order to overlap
-        what follows with the checking of the rest."""
+        what follows with the checking of the rest.
+
+        A verdict is (verdict, event ID); with ``build_events``, (verdict, event
+        ID, event), the event as :func:`verify_chunk_events` builds it where the
+        chunk was checked in a thread, else None (a worker process's events
+        cannot come back: build them from the pdu)."""
         keys = dict(keys)
         out = []
         for start in range(0, len(pdus), CHUNK):
-            task = _Task(room_version_id, list(pdus[start : start + CHUNK]), keys)
-            d: defer.Deferred[list[tuple[int, str | None]]] = defer.Deferred()
+            task = _Task(
+                room_version_id, list(pdus[start : start + CHUNK]), keys, build_events
+            )
+            d: defer.Deferred[list[Any]] = defer.Deferred()
             if self.workers <= 0 or not use_workers:
                 # One thread, chunk after chunk: more threads would only fight
                 # the reactor for the GIL (ten of them, in Twisted's pool, made
@@ -365,7 +409,11 @@ class VerifierPool:
         from twisted.internet import reactor
 
         future = self._thread().submit(
-            verify_chunk, task.room_version_id, task.pdus, task.keys, self._banned
+            verify_chunk_events if task.build_events else verify_chunk,
+            task.room_version_id,
+            task.pdus,
+            task.keys,
+            self._banned,
         )
         future.add_done_callback(functools.partial(_from_pool, reactor, d))
 
@@ -404,6 +452,10 @@ class VerifierPool:
         error = None if future.cancelled() else future.exception()
         if isinstance(error, BrokenProcessPool):
             self._workers_died(task, d, retries, pool, error)
+        elif task.build_events and error is None and not future.cancelled():
+            d.callback(
+                [(verdict, event_id, None) for verdict, event_id in future.result()]
+            )
         else:
             _copy_outcome(d, future)
 
@@ -449,6 +501,8 @@ class _Task:
     room_version_id: str
     pdus: list[bytes | dict[str, Any]]
     keys: dict[tuple[str, str], tuple[bytes, int]]
+    #: the verdicts with the events (built in a thread only)
+    build_events: bool = False
 
 
 @contextlib.contextmanager

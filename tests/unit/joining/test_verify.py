@@ -39,6 +39,7 @@ from synapse_partial_state.joining.verify import (
     key_ids_needed,
     required_servers,
     verify_chunk,
+    verify_chunk_events,
 )
 
 NAMES = {
@@ -543,6 +544,58 @@ def _mixed_pdus(version: str) -> list[dict[str, Any]]:
     ]
 
 
+class VerifyChunkEventsTests(unittest.SynchronousTestCase):
+    """The events built with the verdicts (for checks run in a thread) are
+    the ones Synapse's ``event_from_pdu_json`` makes of the pdus."""
+
+    def test_same_verdicts_and_synapse_events(self) -> None:
+        for version in ("10", "11", "12"):
+            pdus = _mixed_pdus(version)
+            with_unsigned = make_pdu(version)
+            with_unsigned["unsigned"] = {"age": 5, "secret": "dropped", "age_ts": 1}
+            pdus.append(with_unsigned)
+            keys = held("a.test", "b.test")
+            expected = verify_chunk(version, copy.deepcopy(pdus), keys)
+            given = copy.deepcopy(pdus)
+            got = verify_chunk_events(version, given, keys)
+            self.assertEqual(given, pdus)  # not modified
+            self.assertEqual([(v, e) for v, e, _ in got], expected, version)
+            room_version = KNOWN_ROOM_VERSIONS[version]
+            for pdu, (v, event_id, event) in zip(pdus, got, strict=True):
+                if v == INVALID:
+                    self.assertIsNone(event)
+                    continue
+                synapse_event = event_from_pdu_json(copy.deepcopy(pdu), room_version)
+                self.assertEqual(event.event_id, event_id)
+                self.assertEqual(event.get_dict(), synapse_event.get_dict())
+                self.assertEqual(
+                    event.get_pdu_json(), synapse_event.get_pdu_json(), version
+                )
+            # ``unsigned`` stripped as Synapse strips it (no age: no age_ts)
+            self.assertNotIn("secret", got[-1][2].unsigned)
+            self.assertNotIn("age_ts", got[-1][2].unsigned)
+
+    def test_what_synapse_refuses_is_invalid_from_bytes_too(self) -> None:
+        """A pdu Synapse's federation parse refuses (a float where strict
+        canonical JSON forbids it, a negative depth) is INVALID with no event,
+        given as bytes or as a dict."""
+        import json
+
+        floaty = make_pdu("10", content={"msgtype": "m.text", "body": "x", "n": 1.5})
+        deep = make_pdu("10")
+        deep["depth"] = -1
+        good = make_pdu("10")
+        for raw in (
+            [floaty, deep, good],
+            [json.dumps(p).encode() for p in (floaty, deep, good)],
+        ):
+            got = verify_chunk_events("10", raw, held("a.test"))
+            self.assertEqual(
+                [(NAMES[v], e is None) for v, _, e in got],
+                [("INVALID", True), ("INVALID", True), ("OK", False)],
+            )
+
+
 class VerifierPoolTests(unittest.TestCase):
     def setUp(self) -> None:
         self.patch(verify, "CHUNK", 3)
@@ -640,6 +693,31 @@ class VerifierPoolTests(unittest.TestCase):
                 got.extend(await d)
             self.assertEqual(got, verify_chunk("10", pdus, keys))
             self.assertIsNone(pool._executor)  # no worker was started
+
+        return defer.ensureDeferred(go())
+
+    def test_events_come_back_from_the_thread_only(self) -> defer.Deferred[None]:
+        """With ``build_events``, a thread's verdicts carry the events; a
+        worker's cannot (None: the caller builds them)."""
+        pdus = _mixed_pdus("10")
+        keys = held("a.test", "b.test")
+        expected = verify_chunk("10", pdus, keys)
+
+        async def go() -> None:
+            for workers in (0, 1):
+                pool = self._pool(workers)
+                got = []
+                for _, d in pool.verify_chunks("10", pdus, keys, build_events=True):
+                    got.extend(await d)
+                self.assertEqual([(v, e) for v, e, _ in got], expected)
+                events = [ev for v, _, ev in got if v != INVALID]
+                if workers:
+                    self.assertEqual(events, [None] * len(events))
+                else:
+                    self.assertEqual(
+                        [ev.event_id for ev in events],
+                        [e for v, e in expected if v != INVALID],
+                    )
 
         return defer.ensureDeferred(go())
 
