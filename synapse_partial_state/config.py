@@ -75,6 +75,10 @@ class ResyncConfig:
     initial_backoff_seconds: float = 5.0
     #: Ceiling of the exponential back-off, in seconds.
     max_backoff_seconds: float = 600.0
+    #: A new resync's first request waits this long after the join, so that
+    #: the joining user's first requests (the room's first sync, a first
+    #: message) are served before the resync's heavy first steps.
+    start_delay_seconds: float = 0.4
     #: Fetch, check and store the state at the join with the engine's own bulk
     #: path (off: Synapse's per-event fetch, as stock).
     fast_state_fetch: bool = True
@@ -264,6 +268,9 @@ def _parse_resync(r: _Reader) -> ResyncConfig:
         ),
         max_backoff_seconds=r.seconds(
             "max_backoff_seconds", d.max_backoff_seconds, 1, 86400
+        ),
+        start_delay_seconds=r.seconds(
+            "start_delay_seconds", d.start_delay_seconds, 0, 60
         ),
         fast_state_fetch=r.boolean("fast_state_fetch", d.fast_state_fetch),
         verify_workers=r.integer("verify_workers", d.verify_workers, -1, 64),

@@ -134,6 +134,20 @@ class ResyncEngine:
         self._kept.discard(room_id)
         job = await self._start_job(room_id, initial_destination, other_destinations)
         self._metrics.started()
+        delay = self._config.start_delay_seconds
+        if delay > 0 and job.events_persisted == 0 and job.events_applied == 0:
+            # Just joined: the joining user's client asks for the room and
+            # sends its first message now; the resync's first steps (the
+            # state's download and parse, the key prefetch) would hold the
+            # reactor and the database under them. An admin's "retry now"
+            # ends the wait.
+            logger.info(
+                "Resync of %s: first request in %.1f s (the joining user's first "
+                "requests go first)",
+                room_id,
+                delay,
+            )
+            await self._wakeups.sleep(room_id, int(delay * 1000))
         if job.events_applied > 0 and self._fetcher is not None:
             # The join's state is stored already.
             self._fetcher.release_join_state(room_id)

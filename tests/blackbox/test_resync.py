@@ -10,9 +10,11 @@ import time
 from typing import Any
 from urllib.parse import quote
 
+from tests.blackbox.endpoints import ADMIN
 from tests.blackbox.resync_case import (
     DOWN_SERVERS,
     EVENT_PATH,
+    FAST,
     STATE_PATH,
     STATE_PATHS,
     ResyncCase,
@@ -20,6 +22,64 @@ from tests.blackbox.resync_case import (
     wait_until,
 )
 from tests.fedkit.testcase import on_both_databases, on_room_versions
+
+
+@on_both_databases
+class StartDelay(ResyncCase):
+    """A new resync's first request waits ``start_delay_seconds`` after the
+    join: the joining user's first message leaves first."""
+
+    def setup_delayed(self, seconds: float) -> None:
+        resync = {**FAST["module_config"]["resync"], "start_delay_seconds": seconds}  # type: ignore[index]
+        self.setup_room(module_config={"resync": resync})
+
+    def test_the_first_message_goes_out_before_the_resync_asks(self) -> None:
+        self.setup_delayed(2)
+        since = self.hs2.log_offset()
+        self.bob.join(self.room_id, via=[self.resident])
+        self.bob.send_message(self.room_id, "first words")
+        started = self.hs2.wait_for_log(
+            r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) .*Resync of "
+            rf"{re.escape(self.room_id)}: first request in 2.0 s",
+            since=since,
+        )
+        self.wait_complete(since)
+        self.assert_full_members()
+        ours = self.hs2.server_name
+
+        def carries(txn: dict[str, Any], body: str) -> bool:
+            return any(
+                pdu.get("content", {}).get("body") == body
+                for pdu in txn["body"].get("pdus", [])
+            )
+
+        # (to each of the room's fake servers)
+        sent = [
+            t["time"]
+            for t in self.peer.transactions(origin=ours)
+            if carries(t, "first words")
+        ]
+        self.assertTrue(sent)
+        asked = self.peer.requests(origin=ours, path_regex=STATE_PATHS)
+        self.assertTrue(asked)
+        first = min(r["time"] for r in asked)
+        self.assertLess(min(sent), first)
+        # the wait: 2 s from the engine's start (its log line) to its first request
+        logged = time.mktime(time.strptime(started.group(1), "%Y-%m-%d %H:%M:%S"))
+        self.assertGreater(first - (logged + int(started.group(2)) / 1000), 1.9)
+
+    def test_an_admins_retry_now_ends_the_wait(self) -> None:
+        self.setup_delayed(60)
+        since = self.hs2.log_offset()
+        self.bob.join(self.room_id, via=[self.resident])
+        self.hs2.wait_for_log(
+            rf"Resync of {re.escape(self.room_id)}: first request in 60.0 s",
+            since=since,
+        )
+        status, body = self.admin.post(f"{ADMIN}/{quote(self.room_id)}/retry", json={})
+        self.assertEqual(status, 200, body)
+        self.wait_complete(since, timeout=40)
+        self.assert_full_members()
 
 
 @on_both_databases

@@ -170,6 +170,18 @@ class ParseConfigTests(ConfigAssertions):
         self.assertEqual(config.resync.max_backoff_seconds, 30.0)
         self.assertTrue(config.resync.enabled)
 
+    def test_start_delay(self) -> None:
+        self.assertEqual(
+            PartialStateModule.parse_config({}).resync.start_delay_seconds, 0.4
+        )
+        config = PartialStateModule.parse_config({"resync": {"start_delay_seconds": 0}})
+        self.assertEqual(config.resync.start_delay_seconds, 0)
+        self.assert_rejected(
+            {"resync": {"start_delay_seconds": 61}},
+            "'resync.start_delay_seconds'",
+            "from 0 to 60",
+        )
+
     def test_state_fetch_options(self) -> None:
         config = PartialStateModule.parse_config({})
         self.assertTrue(config.resync.fast_state_fetch)
