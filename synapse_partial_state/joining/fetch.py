@@ -25,6 +25,7 @@ events, and leaves Synapse nothing to fetch:
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -47,6 +48,7 @@ from synapse_partial_state.joining.writer import (
 
 if TYPE_CHECKING:
     from synapse.events import EventBase
+    from twisted.internet import defer
 
     from synapse_partial_state.compat.state_fetch import StateFetchOps
 
@@ -54,6 +56,9 @@ logger = logging.getLogger(__name__)
 
 #: Up to this many missing events are fetched one by one instead of by /state.
 SINGLE_FETCH_MAX = 50
+#: Events the bulk check runs ahead of the store (a few of the bulk writer's
+#: transactions).
+CHECK_AHEAD = 4000
 #: Concurrent single-event fetches.
 FETCH_CONCURRENCY = 10
 #: Other servers asked for an event the destination could not vouch for.
@@ -345,18 +350,42 @@ class StateFetcher:
             timer.lap("key prefetch wait")
         keys = await ops.signing_keys(wanted_keys)
         per_event = await ops.needs_per_event_checks(attempt.room_id)
-        chunks = self._pool.verify_chunks(
-            attempt.room_version.identifier,
-            pdus,
-            keys,
-            self._pool.worth_it(attempt.writer.size),
-            build_events=True,
+        use_workers = self._pool.worth_it(attempt.writer.size)
+        chunks: collections.deque[tuple[int, defer.Deferred[list[Any]]]] = (
+            collections.deque()
         )
+        submitted = 0
+
+        def check_ahead(until: int) -> None:
+            """Submit the pdus up to ``until`` for checking: the check runs at
+            most :data:`CHECK_AHEAD` events ahead of the store, as the events
+            it builds wait in memory until stored (the whole state at 100,000
+            members, ~250 MiB, when it ran ahead unbounded)."""
+            nonlocal submitted
+            end = min(until, len(pdus))
+            if end <= submitted:
+                return
+            for start, pending in self._pool.verify_chunks(
+                attempt.room_version.identifier,
+                pdus[submitted:end],
+                keys,
+                use_workers,
+                build_events=True,
+            ):
+                chunks.append((submitted + start, pending))
+            submitted = end
+
+        check_ahead(CHECK_AHEAD)
         try:
-            for start, pending in chunks:
+            while chunks:
+                start, pending = chunks.popleft()
                 verdicts = await make_deferred_yieldable(pending)
-                chunk = pdus[start : start + len(verdicts)]
+                end = start + len(verdicts)
+                check_ahead(end + CHECK_AHEAD)
+                chunk = pdus[start:end]
+                pdus[start:end] = [b""] * len(chunk)  # the raw answer goes too
                 accepted, recheck = self._triage(attempt, chunk, verdicts, per_event)
+                del chunk
                 attempt.report.verified += len(accepted)
                 timer.lap("verify")
                 if recheck:

@@ -204,6 +204,64 @@ class HostileAnswerTests(_FetchCase):
         return defer.ensureDeferred(go())
 
 
+class CheckAheadTests(_FetchCase):
+    def test_the_check_runs_a_bounded_way_ahead_of_the_store(
+        self,
+    ) -> defer.Deferred[None]:
+        """The bulk check is fed the answer as the store goes, at most
+        ``CHECK_AHEAD`` events ahead (the events it builds wait in memory until
+        stored), and everything is stored in the end."""
+        from synapse_partial_state.joining import verify as verify_module
+
+        self.patch(fetch_module, "SINGLE_FETCH_MAX", 0)
+        self.patch(fetch_module, "CHECK_AHEAD", 6)
+        self.patch(verify_module, "CHUNK", 2)
+        goods = [make_pdu("10", sender=f"@u{i}:a.test") for i in range(30)]
+        ids = [event_from_pdu_json(dict(p), VERSION).event_id for p in goods]
+        prev = member("prev")
+
+        class Pool(VerifierPool):
+            submitted = 0
+            calls: list[int] = []
+
+            def verify_chunks(  # type: ignore[override]
+                self, version: str, pdus: Any, *a: Any, **kw: Any
+            ) -> Any:
+                self.submitted += len(pdus)
+                self.calls.append(len(pdus))
+                return super().verify_chunks(version, pdus, *a, **kw)
+
+        pool = Pool(0)
+        ahead: list[int] = []
+
+        class Ops(FakeOps):
+            async def persist_outliers(inner, room_id: str, events: Any) -> None:  # noqa: N805
+                ahead.append(pool.submitted - len(inner.stored & set(ids)))
+                await super().persist_outliers(room_id, events)
+
+        ops = Ops(state=ids)
+        ops.served[prev.event_id] = prev
+        ops.keys = held("a.test")
+        ops.answer = json.dumps({"pdus": goods, "auth_chain": []}).encode()
+
+        async def go() -> None:
+            fetcher = StateFetcher(ops, pool, InflightFetches())  # type: ignore[arg-type]
+            report = await fetcher.fetch_state_before(
+                DESTINATION,
+                FakeJoin(prev.event_id),  # type: ignore[arg-type]
+                ["other.test"],
+            )
+            assert report is not None
+            self.assertEqual(ops.stored, {*ids, prev.event_id})
+            self.assertEqual(report.verified, 30)
+            self.assertEqual(pool.submitted, 30)
+            self.assertEqual(pool.calls[0], 6)
+            self.assertGreater(len(pool.calls), 5)
+            self.assertLessEqual(max(ahead), 6 + 2)
+
+        return defer.ensureDeferred(go())
+
+
 class CompletenessTests(_FetchCase):
     """Every state event must end up stored and not rejected; the prev events
     stored, rejected or not."""
