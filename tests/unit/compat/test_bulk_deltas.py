@@ -276,6 +276,17 @@ class BatcherTests(unittest.TestCase):
         self.assertEqual([len(p) for p in self.profiles], [2, 2, 1])
         self.assertEqual([len(u) for _, u in self.store.public_rooms], [2, 2, 1])
 
+    def test_smaller_transactions_on_sqlite(self) -> None:
+        from synapse.storage.engines import PostgresEngine, Sqlite3Engine
+
+        self.patch(bulk_deltas, "WRITE_BATCH", 4)
+        self.patch(bulk_deltas, "SQLITE_WRITE_BATCH", 3)
+        self.store.database_engine = PostgresEngine({"args": {}})
+        self.handle([self.j(i) for i in range(5)])
+        self.store.database_engine = Sqlite3Engine({"args": {"database": ":memory:"}})
+        self.handle([self.j(i) for i in range(5, 12)])
+        self.assertEqual([len(p) for p in self.profiles], [4, 1, 3, 3, 1])
+
     def test_everything_else_goes_to_synapse_in_order(self) -> None:
         """Non-joins, local users, re-joins over a join and single joins go to
         Synapse's handler; runs are cut around them, and Synapse's calls come
