@@ -113,21 +113,21 @@ class FinishHold:
         return self._clock.time() - started
 
 
-def write_batch(store: Any) -> int:
-    """Members per user-directory transaction on ``store``'s database."""
+def _on_sqlite(store: Any) -> bool:
     from synapse.storage.engines import Sqlite3Engine
 
-    if isinstance(getattr(store, "database_engine", None), Sqlite3Engine):
-        return SQLITE_WRITE_BATCH
-    return WRITE_BATCH
+    return isinstance(store.database_engine, Sqlite3Engine)
+
+
+def write_batch(store: Any) -> int:
+    """Members per user-directory transaction on ``store``'s database."""
+    return SQLITE_WRITE_BATCH if _on_sqlite(store) else WRITE_BATCH
 
 
 def finish_hold(store: Any) -> FinishHold | None:
     """The main store's :class:`FinishHold` (one per homeserver), or None
     where the database is not SQLite."""
-    from synapse.storage.engines import Sqlite3Engine
-
-    if not isinstance(store.database_engine, Sqlite3Engine):
+    if not _on_sqlite(store):
         return None
     hold = store.__dict__.get("_sps_finish_hold")
     if hold is None:
