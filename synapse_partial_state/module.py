@@ -35,6 +35,7 @@ from synapse_partial_state.compat.joined_hosts import (
     JoinedHostsOps,
     handles_federation,
     install_un_partial_observer,
+    serves_federation,
 )
 from synapse_partial_state.compat.make_join import (
     install_join_key_prefetch,
@@ -215,22 +216,30 @@ class PartialStateModule:
             send_join.install_fanout_hold(
                 api, lambda wake, later, pos: FanOutHold(wake, later, hold_s, pos)
             )
+        server = None
+        if config.resident.state_cache.enabled:
+            server = StateServer(
+                api,
+                config.resident.state_cache,
+                metrics=StateServerMetrics(api.server_name),
+            )
+            servlets.install_state_servlets(server.serve_state, server.serve_state_ids)
+            install_event_invalidation_hook(
+                api, server.forget_event, server.forget_room
+            )
+            send_join.install_partial_join_observer(server.after_partial_join)
         if config.resident.warm_hosts_min_members > 0 and handles_federation(api):
             warmer = JoinedHostsWarmer(
-                JoinedHostsOps(api), config.resident.warm_hosts_min_members
+                JoinedHostsOps(api),
+                config.resident.warm_hosts_min_members,
+                then=(
+                    server.prepare_room
+                    if server is not None and serves_federation(api)
+                    else None
+                ),
             )
             install_un_partial_observer(api, warmer.on_room_resynced)
             warmer.start()
-        if not config.resident.state_cache.enabled:
-            return
-        server = StateServer(
-            api,
-            config.resident.state_cache,
-            metrics=StateServerMetrics(api.server_name),
-        )
-        servlets.install_state_servlets(server.serve_state, server.serve_state_ids)
-        install_event_invalidation_hook(api, server.forget_event, server.forget_room)
-        send_join.install_partial_join_observer(server.after_partial_join)
 
     @staticmethod
     def _wire_join(api: ModuleApi, pool: VerifierPool | None) -> None:

@@ -75,6 +75,12 @@ def handles_federation(api: ModuleApi) -> bool:
     a room's hosts."""
     if homeserver(api).config.worker.send_federation:
         return True
+    return serves_federation(api)
+
+
+def serves_federation(api: ModuleApi) -> bool:
+    """Whether this process answers federation requests (``/state`` among them):
+    an HTTP listener with the ``federation`` resource."""
     return any(
         "federation" in resource.names
         for listener in http_listeners(api)

@@ -150,6 +150,31 @@ class ResidentStateOps:
         """All state of a state group (Synapse's state-group cache)."""
         return await self._state.get_state_ids_for_group(state_group)
 
+    async def forward_extremities(self, room_id: str) -> list[str]:
+        """The room's forward extremities (the prev events of its next event)."""
+        return sorted(await self._store.get_latest_event_ids_in_room(room_id))
+
+    async def state_group_delta(
+        self, state_group: int
+    ) -> tuple[int | None, StateMap[str] | None]:
+        """The group this one was stored as a delta of, and the delta: Synapse's
+        ``get_state_group_delta`` (``state_group_edges`` and the group's own
+        rows); (None, None) for a group stored in full."""
+        state_store: Any = self._hs.get_datastores().state
+        delta = await state_store.get_state_group_delta(state_group)
+        return delta.prev_group, delta.delta_ids
+
+    async def state_ids_at_keys(
+        self, state_group: int, keys: Collection[tuple[str, str]]
+    ) -> StateMap[str]:
+        """A group's state at the given keys only (Synapse's state-group cache,
+        then its filtered query)."""
+        from synapse.types.state import StateFilter
+
+        return await self._state.get_state_ids_for_group(
+            state_group, StateFilter.from_types(keys)
+        )
+
     async def auth_chain_ids(
         self, room_id: str, event_ids: Collection[str]
     ) -> set[str]:

@@ -104,6 +104,52 @@ def split_state(
     return tuple(state.values()), members
 
 
+def state_by_delta(
+    base_ids: Sequence[str],
+    base_member_ids: Sequence[str],
+    replaced_at_keys: dict[tuple[str, str], str],
+    delta: dict[tuple[str, str], str],
+    adjustment: StateAdjustment,
+    event_id: str,
+) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """(all, ``m.room.member``) event IDs before ``event_id``, from a close state.
+
+    The state group stored for ``event_id`` is ``base``'s group with ``delta``
+    applied (Synapse's ``state_group_edges``: the new group's rows are the keys
+    that changed); ``replaced_at_keys`` is the base group's state at those keys.
+    Then the adjustment as in :func:`state_before`. None when the answer needs the
+    whole group (the adjusted key is not in the delta, so its event is unknown
+    here): the caller loads it."""
+    removed = {
+        old
+        for key, old in replaced_at_keys.items()
+        if delta.get(key) not in (None, old)
+    }
+    added = [new for key, new in delta.items() if replaced_at_keys.get(key) != new]
+    added_members = [
+        new
+        for key, new in delta.items()
+        if key[0] == EventTypes.Member and replaced_at_keys.get(key) != new
+    ]
+    if adjustment is not None:
+        key, replaced = adjustment
+        if delta.get(key) != event_id:
+            return None
+        if replaced_at_keys.get(key) == event_id:
+            return None  # not a change: the group's event there is the base's
+        removed.add(event_id)
+        added.remove(event_id)
+        if key[0] == EventTypes.Member:
+            added_members.remove(event_id)
+        if replaced is not None:
+            added.append(replaced)
+            if key[0] == EventTypes.Member:
+                added_members.append(replaced)
+    all_ids = tuple([e for e in base_ids if e not in removed] + added)
+    members = tuple([e for e in base_member_ids if e not in removed] + added_members)
+    return all_ids, members
+
+
 def state_body_parts(
     pdus: Sequence[bytes], auth_chain: Sequence[bytes], members_only: bool
 ) -> tuple[int, list[bytes]]:

@@ -1,10 +1,12 @@
-"""Two generic helpers of the ``/state`` server: a least-recently-used map under a
-byte budget, and single-flight computations (concurrent askers share one)."""
+"""Generic helpers of the ``/state`` server: a least-recently-used map under a
+byte budget, single-flight computations (concurrent askers share one), and work
+serialised per key."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from contextlib import asynccontextmanager
 from typing import Any, Generic, TypeVar
 
 from synapse.module_api import make_deferred_yieldable, run_in_background
@@ -117,3 +119,29 @@ class SingleFlight(Generic[K, V]):
                 waiter.errback(result)
             else:
                 waiter.callback(result)
+
+
+class OnePerKey(Generic[K]):
+    """Work on one key at a time, in arrival order (Synapse's log-context rules:
+    each holder waits for its predecessor with ``make_deferred_yieldable``)."""
+
+    def __init__(self) -> None:
+        #: The last holder's "done" per key (each has exactly one waiter: the next).
+        self._tails: dict[K, defer.Deferred[None]] = {}
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._tails
+
+    @asynccontextmanager
+    async def hold(self, key: K) -> AsyncIterator[None]:
+        previous = self._tails.get(key)
+        mine: defer.Deferred[None] = defer.Deferred()
+        self._tails[key] = mine
+        try:
+            if previous is not None:
+                await make_deferred_yieldable(previous)
+            yield
+        finally:
+            if self._tails.get(key) is mine:
+                del self._tails[key]
+            mine.callback(None)

@@ -84,8 +84,13 @@ from synapse_partial_state.resident.answer import (
     split_state,
     state_before,
     state_body_parts,
+    state_by_delta,
 )
-from synapse_partial_state.resident.cache import ByteBudgetLRU, SingleFlight
+from synapse_partial_state.resident.cache import (
+    ByteBudgetLRU,
+    OnePerKey,
+    SingleFlight,
+)
 from synapse_partial_state.resident.metrics import StateServerMetrics
 
 if TYPE_CHECKING:
@@ -134,6 +139,11 @@ class StateServer:
             config.max_size_mib * 1024 * 1024
         )
         self._flights: SingleFlight[tuple[Any, ...], Any] = SingleFlight()
+        #: Entry builds, one per room at a time.
+        self._room_builds: OnePerKey[str] = OnePerKey()
+        #: Events being loaded and encoded, by ID: the load (a flight) they are in.
+        self._loading: dict[str, int] = {}
+        self._load_counter = 0
         #: Rooms with a partial-join prewarm under way.
         self._warming_rooms: set[str] = set()
         #: The last state entry built for each room, while something holds it.
@@ -150,6 +160,7 @@ class StateServer:
             "requests": 0,
             "prewarms": 0,
             "auth_chains_by_difference": 0,
+            "states_by_delta": 0,
         }
 
     # -- invalidation ------------------------------------------------------------
@@ -304,7 +315,32 @@ class StateServer:
             "sps_state_prewarm_join", self._prewarm_join, room_id, prev_event_ids
         )
 
-    async def _prewarm_join(self, room_id: str, prev_event_ids: list[str]) -> None:
+    async def prepare_room(self, room_id: str) -> None:
+        """A big room's answers prepared before its next joiner asks: the state
+        before its forward extremity (what that joiner's resync asks for, its
+        join citing it), and that state's encoded events while at most half the
+        cache's budget is in use. Called by the joined-hosts warmer after a start
+        and after our own resync of the room; returns once prepared."""
+        if self._cache.max_bytes == 0 or room_id in self._warming_rooms:
+            return
+        extremities = await self._access.forward_extremities(room_id)
+        if len(extremities) != 1:
+            return
+        events = self._cache.bytes < self._cache.max_bytes // 2
+        self._warming_rooms.add(room_id)
+        started = time.monotonic()
+        await self._prewarm_join(room_id, extremities, events=events)
+        logger.info(
+            "state cache: prepared the state answers of %s ahead of its joiners "
+            "in %.2f s (%s)",
+            room_id,
+            time.monotonic() - started,
+            "with its events" if events else "event IDs only: the cache is half full",
+        )
+
+    async def _prewarm_join(
+        self, room_id: str, prev_event_ids: list[str], events: bool = True
+    ) -> None:
         try:
             for event_id in prev_event_ids:
                 try:
@@ -312,7 +348,7 @@ class StateServer:
                 except Exception as e:  # e.g. the room became partial-stated here
                     logger.debug("state cache: no prewarm at %s: %s", event_id, e)
                     continue
-                if self._needs_prewarm(key, entry):
+                if events and self._needs_prewarm(key, entry):
                     self.counts["prewarms"] += 1
                     await self._prewarm(key, entry)
         finally:
@@ -353,12 +389,37 @@ class StateServer:
         event_id: str,
     ) -> StateEntry:
         self.counts["entry_misses"] += 1
+        # One build per room at a time: the next one then starts from this one's
+        # result (by delta, or its auth chain by difference) instead of doing the
+        # same whole-room work beside it (a joiner's /state_ids arriving while
+        # the prewarm after its /send_join builds the state before its prev
+        # events).
+        async with self._room_builds.hold(room_id):
+            return await self._build_entry_now(
+                key, room_id, state_group, adjustment, event_id
+            )
+
+    async def _build_entry_now(
+        self,
+        key: tuple[Any, ...],
+        room_id: str,
+        state_group: int,
+        adjustment: StateAdjustment,
+        event_id: str,
+    ) -> StateEntry:
         started = time.monotonic()
-        group_state = await self._access.state_ids_of_group(state_group)
-        state = state_before(group_state, adjustment, event_id)
-        del group_state
-        all_ids, member_ids = split_state(state)
-        del state
+        ids = await self._state_by_delta(room_id, state_group, adjustment, event_id)
+        if ids is None:
+            how = "full"
+            group_state = await self._access.state_ids_of_group(state_group)
+            state = state_before(group_state, adjustment, event_id)
+            del group_state
+            all_ids, member_ids = split_state(state)
+            del state
+        else:
+            how = "delta"
+            self.counts["states_by_delta"] += 1
+            all_ids, member_ids = ids
         auth_ids = None
         base = self._latest.get(room_id)
         if base is not None:
@@ -366,10 +427,10 @@ class StateServer:
                 self._access, room_id, base.state_ids, base.auth_ids, all_ids
             )
         if auth_ids is None:
-            how = "full"
+            how += ", auth chain full"
             auth_ids = await self._access.auth_chain_ids(room_id, all_ids)
         else:
-            how = "by difference"
+            how += ", auth chain by difference"
             self.counts["auth_chains_by_difference"] += 1
         entry = StateEntry(
             room_id=room_id,
@@ -383,8 +444,8 @@ class StateServer:
         took = time.monotonic() - started
         logger.log(
             logging.INFO if took >= SLOW_BUILD_SECONDS else logging.DEBUG,
-            "state cache: built state of %s at group %d (%d state, %d auth chain "
-            "%s) in %.3fs",
+            "state cache: built state of %s at group %d (%d state, %d auth chain; "
+            "state %s) in %.3fs",
             room_id,
             state_group,
             len(all_ids),
@@ -393,6 +454,33 @@ class StateServer:
             took,
         )
         return entry
+
+    async def _state_by_delta(
+        self,
+        room_id: str,
+        state_group: int,
+        adjustment: StateAdjustment,
+        event_id: str,
+    ) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+        """(all, member) IDs from the cached entry of the group this one was
+        stored as a delta of: the delta's rows and the old group's events at
+        those keys, instead of the whole group. None when that entry is not
+        cached (or the delta does not say enough: :func:`state_by_delta`)."""
+        prev_group, delta = await self._access.state_group_delta(state_group)
+        if prev_group is None or delta is None:
+            return None
+        base = self._cache.get(("s", room_id, prev_group, None))
+        if base is None or len(delta) > INCREMENTAL_AUTH_MAX_CHANGES:
+            return None
+        replaced = await self._access.state_ids_at_keys(prev_group, list(delta))
+        return state_by_delta(
+            base.state_ids,
+            base.member_ids,
+            dict(replaced),
+            dict(delta),
+            adjustment,
+            event_id,
+        )
 
     def _remember_entry(self, key: tuple[Any, ...], entry: StateEntry) -> None:
         self._cache.put(key, entry, entry.size())
@@ -460,33 +548,101 @@ class StateServer:
         self.counts["events_cached"] += len(pieces) - len(wanted)
         self._metrics.events(cached=len(pieces) - len(wanted), loaded=0)
         missing: list[str] = []
+        #: Events another answer is loading: by its load.
+        theirs: dict[int, list[tuple[int, str]]] = {}
         took = 0.0
+        loaded_count = 0
         for start in range(0, len(wanted), LOAD_STEP):
             if start and pause is not None:
                 await pause(took)
-            step = wanted[start : start + LOAD_STEP]
+            step: list[tuple[int, str]] = []
+            for index, event_id in wanted[start : start + LOAD_STEP]:
+                if start:  # cached meanwhile, by another answer?
+                    cached = cache.get(("e", event_id))
+                    if cached is not None:
+                        pieces[index] = cached.data
+                        continue
+                load = self._loading.get(event_id)
+                if load is not None:
+                    theirs.setdefault(load, []).append((index, event_id))
+                else:
+                    step.append((index, event_id))
+            if not step:
+                continue
             began = time.monotonic()
-            loaded = await self._access.encoded_pdus([e for _, e in step])
-            for index, event_id in step:
-                data = loaded.get(event_id)
-                if data is None:
-                    missing.append(event_id)
-                    continue
-                pieces[index] = data
-                cache.put(
-                    ("e", event_id),
-                    EncodedEvent(room_id, data),
-                    len(data) + EVENT_OVERHEAD,
-                )
-            del loaded
+            loaded_count += await self._load_step(room_id, step, pieces, missing)
             took = time.monotonic() - began
-        loaded_count = len(wanted) - len(missing)
+        # Then what other answers were loading: their events are cached as they
+        # finish; any not (evicted, or not loadable) is loaded here.
+        again: list[tuple[int, str]] = []
+        for load, items in theirs.items():
+            if ("load", load) in self._flights:
+                try:
+                    await self._flights.run(("load", load), _no_second_load)
+                except Exception:
+                    pass  # loaded again below
+            for index, event_id in items:
+                cached = cache.get(("e", event_id))
+                if cached is not None:
+                    pieces[index] = cached.data
+                else:
+                    again.append((index, event_id))
+        if again:
+            loaded_count += await self._load_step(room_id, again, pieces, missing)
         answer.loaded += loaded_count
         self.counts["events_loaded"] += loaded_count
         self.counts["events_unavailable"] += len(missing)
         self._metrics.events(cached=0, loaded=loaded_count)
         out.extend(p for p in pieces if p is not None)
         return missing
+
+    async def _load_step(
+        self,
+        room_id: str,
+        step: list[tuple[int, str]],
+        pieces: list[bytes | None],
+        missing: list[str],
+    ) -> int:
+        """Load and encode ``step``'s events into ``pieces`` and the cache (those
+        that do not load into ``missing``); the number loaded. Meanwhile other
+        answers wanting these events wait for this load instead of their own."""
+        self._load_counter += 1
+        load = self._load_counter
+        ids = [event_id for _, event_id in step]
+        for event_id in ids:
+            self._loading[event_id] = load
+        cache = self._cache
+
+        async def compute() -> dict[str, bytes]:
+            try:
+                loaded = await self._access.encoded_pdus(ids)
+                for event_id, data in loaded.items():
+                    cache.put(
+                        ("e", event_id),
+                        EncodedEvent(room_id, data),
+                        len(data) + EVENT_OVERHEAD,
+                    )
+                return loaded
+            finally:
+                for event_id in ids:
+                    if self._loading.get(event_id) == load:
+                        del self._loading[event_id]
+
+        loaded = await self._flights.run(("load", load), compute)
+        count = 0
+        for index, event_id in step:
+            data = loaded.get(event_id)
+            if data is None:
+                missing.append(event_id)
+            else:
+                pieces[index] = data
+                count += 1
+        return count
+
+
+async def _no_second_load() -> dict[str, bytes]:
+    # Only ever joined while its load is in flight (checked just before).
+    raise AssertionError("state cache: a finished load was asked for again")
 
 
 async def auth_chain_by_difference(

@@ -13,7 +13,9 @@ the first joiner's ``/send_join``.
 our rooms stops being partial-stated, for rooms with at least ``min_members``
 joined members, one room at a time. It computes exactly what the first asker
 would have (the same Synapse call, at the room's current state), only earlier,
-and not while a joiner waits.
+and not while a joiner waits. Then (``then``) the ``/state`` server prepares the
+room's state answers the same way (:meth:`~synapse_partial_state.resident.state.
+StateServer.prepare_room`).
 """
 
 from __future__ import annotations
@@ -53,9 +55,15 @@ class JoinedHostsWarmer:
     docstring): at start, after ``start_delay_s``, and after each resync."""
 
     def __init__(
-        self, ops: WarmOps, min_members: int, start_delay_s: float = 10.0
+        self,
+        ops: WarmOps,
+        min_members: int,
+        start_delay_s: float = 10.0,
+        then: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self._ops = ops
+        #: Awaited with each room warmed (the state cache prepares its answers).
+        self._then = then
         self._min_members = min_members
         self._start_delay_s = start_delay_s
         #: Rooms waiting, in order (a dict as an ordered set).
@@ -120,6 +128,15 @@ class JoinedHostsWarmer:
                     members,
                     time.monotonic() - started,
                 )
+                if self._then is not None:
+                    await self._prepare_state(room_id)
         except Exception:
             # Only a head start lost: the first asker computes it as without us.
             logger.exception("Could not work out the servers in %s ahead", room_id)
+
+    async def _prepare_state(self, room_id: str) -> None:
+        assert self._then is not None
+        try:
+            await self._then(room_id)
+        except Exception:
+            logger.exception("Could not prepare the state answers of %s ahead", room_id)

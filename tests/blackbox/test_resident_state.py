@@ -277,6 +277,13 @@ class StateCache(_StateRoom):
         since = self.hs1.log_offset()
         answer = self.get_state(after_id)
         time.sleep(0.5)
+        # Its IDs came from the cached entry of the group it is a delta of.
+        (built,) = [
+            line
+            for line in self.hs1.read_log()[since:].splitlines()
+            if "state cache: built state" in line
+        ]
+        self.assertIn("state delta, auth chain by difference", built)
         (line,) = self.state_log_lines(since)
         match = re.search(r"entry=(\w+) .* loaded=(\d+) ", line)
         assert match is not None, line

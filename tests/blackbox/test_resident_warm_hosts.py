@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import quote
 
 from tests.blackbox.resync_case import ResyncCase
 from tests.fedkit.testcase import on_both_databases
@@ -21,6 +22,10 @@ WARM = {"resident": {"warm_hosts_min_members": 100}}
 
 def warmed_line(room_id: str) -> str:
     return rf"Worked out the servers in {re.escape(room_id)} \(\d+ members\)"
+
+
+def prepared_line(room_id: str) -> str:
+    return rf"state cache: prepared the state answers of {re.escape(room_id)} ahead"
 
 
 @on_both_databases
@@ -46,6 +51,23 @@ class WarmHostsAfterResyncAndRestart(ResyncCase):
         self.assertEqual(result["send_join"]["status"], 200, result)
         return result
 
+    def assert_state_ids_prepared(self, join: dict[str, Any], since: int) -> None:
+        """``/state_ids`` before the join's prev event (as a resyncing joiner
+        asks) comes from the cache: no state was built for it since ``since``."""
+        (prev,) = join["join_event"]["prev_events"]
+        answer = self.peer.federation_request(
+            join["server"],
+            self.hs2.server_name,
+            "GET",
+            f"/_matrix/federation/v1/state_ids/{quote(self.room_id, safe='')}"
+            f"?event_id={quote(prev, safe='')}",
+        )
+        self.assertEqual(answer["status"], 200, answer)
+        line = self.hs2.wait_for_log(r"state cache: /state_ids .*", since=since)
+        self.assertIn("entry=hit", line.group(0))
+        built = re.findall("state cache: built state", self.hs2.read_log()[since:])
+        self.assertEqual(built, [])
+
     def test_servers_worked_out_after_the_resync_and_after_a_restart(self) -> None:
         since = self.hs2.log_offset()
         self.bob.join(self.room_id, via=[self.resident])
@@ -55,16 +77,25 @@ class WarmHostsAfterResyncAndRestart(ResyncCase):
         expected = self.servers_in_room()
         self.assertEqual(len(expected), self.SERVERS + 1, expected)
 
+        # The state a joiner's resync asks for (before the room's forward
+        # extremity, which its join cites) is prepared too, before anyone asks.
+        self.hs2.wait_for_log(prepared_line(self.room_id), timeout=60, since=since)
+        prepared_at = self.hs2.log_offset()
+
         first = self.partial_join()
         self.assertEqual(set(first["send_join"]["body"]["servers_in_room"]), expected)
         joined = first["join_event"]["state_key"].split(":", 1)[1]
         self.assertNotIn(joined, expected)
+        self.assert_state_ids_prepared(first, prepared_at)
 
         # After a restart: once the process is up, from Synapse's room statistics.
         since = self.hs2.log_offset()
         self.hs2.restart()
         self.hs2.wait_for_log(warmed_line(self.room_id), timeout=90, since=since)
+        prepared_at = self.hs2.log_offset()
+        self.hs2.wait_for_log(prepared_line(self.room_id), timeout=60, since=since)
         second = self.partial_join()
+        self.assert_state_ids_prepared(second, prepared_at)
         self.assertEqual(
             set(second["send_join"]["body"]["servers_in_room"]), expected | {joined}
         )

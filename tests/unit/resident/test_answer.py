@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import unittest
+from typing import Any
 
 from synapse_partial_state.resident.answer import (
     blocks,
     split_state,
     state_before,
     state_body_parts,
+    state_by_delta,
 )
 from synapse_partial_state.wire import MEMBERS_ONLY_PARAM
 
@@ -56,3 +58,68 @@ class AnswerAssemblyTests(unittest.TestCase):
         with self.assertRaises(AssertionError):
             state_before(group, ((MEMBER, "@b:x"), None), "$b")
         self.assertEqual(split_state(group), (("$c", "$a2"), ("$a2",)))
+
+
+class StateByDeltaTests(unittest.TestCase):
+    """``state_by_delta`` against ``state_before`` of the whole group."""
+
+    BASE = {
+        ("m.room.create", ""): "$c",
+        ("m.room.power_levels", ""): "$pl",
+        (MEMBER, "@a:x"): "$a1",
+        (MEMBER, "@b:x"): "$b1",
+    }
+
+    def check(self, delta: dict, adjustment: Any, event_id: str) -> None:
+        group = {**self.BASE, **delta}
+        want_all, want_members = split_state(state_before(group, adjustment, event_id))
+        replaced = {k: self.BASE[k] for k in delta if k in self.BASE}
+        base_all, base_members = split_state(self.BASE)
+        got = state_by_delta(
+            base_all,
+            base_members,
+            replaced,
+            delta,
+            adjustment,
+            event_id,  # type: ignore[arg-type]
+        )
+        assert got is not None
+        self.assertEqual(sorted(got[0]), sorted(want_all))
+        self.assertEqual(sorted(got[1]), sorted(want_members))
+        self.assertEqual(len(got[0]), len(set(got[0])))
+
+    def test_matches_the_whole_group(self) -> None:
+        a2 = {(MEMBER, "@a:x"): "$a2"}
+        new = {(MEMBER, "@n:x"): "$n"}
+        # Before a message, after a membership changed / a member came.
+        self.check(a2, None, "$msg")
+        self.check(new, None, "$msg")
+        # Before the membership event itself: the one it replaced is back.
+        self.check(a2, ((MEMBER, "@a:x"), "$a1"), "$a2")
+        # Before a new member's first event: no one there.
+        self.check(new, ((MEMBER, "@n:x"), None), "$n")
+        # Power levels replaced (not a member), and before that event.
+        pl = {("m.room.power_levels", ""): "$pl2"}
+        self.check(pl, None, "$msg")
+        self.check(pl, (("m.room.power_levels", ""), "$pl"), "$pl2")
+        # Several keys, one a no-op (same event in the delta).
+        self.check({**a2, **new, ("m.room.create", ""): "$c"}, None, "$msg")
+
+    def test_declines_when_the_delta_does_not_hold_the_event(self) -> None:
+        base_all, base_members = split_state(self.BASE)
+        delta = {(MEMBER, "@n:x"): "$n"}
+        # The adjusted key is not in the delta, or the delta did not change it.
+        for adjustment, event_id, replaced in (
+            (((MEMBER, "@a:x"), None), "$a1", {}),
+            (((MEMBER, "@n:x"), None), "$n", {(MEMBER, "@n:x"): "$n"}),
+        ):
+            self.assertIsNone(
+                state_by_delta(
+                    base_all,
+                    base_members,
+                    replaced,
+                    delta,
+                    adjustment,
+                    event_id,  # type: ignore[arg-type]
+                )
+            )

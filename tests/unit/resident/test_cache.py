@@ -6,8 +6,9 @@ import unittest
 from typing import Any
 
 from twisted.internet import defer
+from twisted.trial import unittest as trial
 
-from synapse_partial_state.resident.cache import ByteBudgetLRU, SingleFlight
+from synapse_partial_state.resident.cache import ByteBudgetLRU, OnePerKey, SingleFlight
 
 
 class ByteBudgetLRUTests(unittest.TestCase):
@@ -83,6 +84,61 @@ class SingleFlightTests(unittest.TestCase):
         second.addCallback(results.append)
         self.assertEqual((results, len(calls)), ([5, 5], 1))
         self.assertNotIn("k", flight)
+
+
+class OnePerKeyTests(trial.TestCase):
+    def test_holders_of_a_key_take_turns_in_arrival_order(self) -> None:
+        lock: OnePerKey[str] = OnePerKey()
+        gates: dict[str, defer.Deferred[None]] = {
+            name: defer.Deferred() for name in ("a1", "a2", "a3", "b")
+        }
+        log: list[str] = []
+
+        async def work(key: str, name: str) -> None:
+            async with lock.hold(key):
+                log.append(f"+{name}")
+                await gates[name]
+                log.append(f"-{name}")
+
+        done = [
+            defer.ensureDeferred(work(k, n))
+            for k, n in (("a", "a1"), ("a", "a2"), ("b", "b"), ("a", "a3"))
+        ]
+        # a1 and b (another key) run at once; a2 and a3 wait.
+        self.assertEqual(log, ["+a1", "+b"])
+        gates["a1"].callback(None)
+        self.assertEqual(log[-2:], ["-a1", "+a2"])
+        gates["a3"].callback(None)  # a3 still waits its turn
+        self.assertNotIn("+a3", log)
+        gates["a2"].callback(None)
+        self.assertEqual(log[-3:], ["-a2", "+a3", "-a3"])
+        gates["b"].callback(None)
+        self.assertNotIn("a", lock)
+        self.assertNotIn("b", lock)
+        for d in done:
+            self.assertIsNone(self.successResultOf(d))
+
+    def test_a_failing_holder_lets_the_next_one_in(self) -> None:
+        lock: OnePerKey[str] = OnePerKey()
+        gate: defer.Deferred[None] = defer.Deferred()
+        entered: list[str] = []
+
+        async def failing() -> None:
+            async with lock.hold("k"):
+                await gate
+                raise RuntimeError("gone")
+
+        async def next_one() -> None:
+            async with lock.hold("k"):
+                entered.append("next")
+
+        first = defer.ensureDeferred(failing())
+        second = defer.ensureDeferred(next_one())
+        self.assertEqual(entered, [])
+        gate.callback(None)
+        self.failureResultOf(first, RuntimeError)
+        self.successResultOf(second)
+        self.assertEqual(entered, ["next"])
 
 
 async def _await(awaitable: Any) -> Any:

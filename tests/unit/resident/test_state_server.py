@@ -28,6 +28,7 @@ class _FakeAccess:
         self.state = state
         self.loads: list[list[str]] = []
         self.groups = 0
+        self.extremities = ["$x"]
 
     async def state_group_before(self, room_id: str, event_id: str) -> Any:
         return 7, None
@@ -35,6 +36,15 @@ class _FakeAccess:
     async def state_ids_of_group(self, state_group: int) -> Any:
         self.groups += 1
         return self.state
+
+    async def state_group_delta(self, state_group: int) -> Any:
+        return None, None  # stored in full
+
+    async def forward_extremities(self, room_id: str) -> list[str]:
+        return list(self.extremities)
+
+    async def state_ids_at_keys(self, state_group: int, keys: Any) -> Any:
+        raise AssertionError("no deltas here")
 
     async def auth_chain_ids(self, room_id: str, event_ids: Any) -> set[str]:
         return {"$create"} if "$create" not in event_ids else set()
@@ -198,3 +208,138 @@ class PacedLoadingTests(_StateServerUnit):
         self.assertEqual(len(pauses), 3)
         self.assertEqual([len(batch) for batch in access.loads], [3, 3, 3, 1, 1])
         self.assertEqual(answer.loaded, 11)
+
+
+class _GatedAccess(_FakeAccess):
+    """Group 7 is stored in full, group 8 as a delta of it (a new member); whole
+    group loads and event loads wait on gates the test opens."""
+
+    DELTA = {(MEMBER, "@new:x"): "$new"}
+
+    def __init__(self, events: dict[str, bytes], state: dict[Any, str]) -> None:
+        super().__init__(events, state)
+        self.events["$new"] = b'{"n":1}'
+        self.group_gates: list[defer.Deferred[None]] = []
+        self.load_gates: list[defer.Deferred[None]] = []
+        self.groups_for: dict[str, int] = {"$x": 7, "$y": 8}
+
+    async def state_group_before(self, room_id: str, event_id: str) -> Any:
+        return self.groups_for[event_id], None
+
+    async def state_ids_of_group(self, state_group: int) -> Any:
+        self.groups += 1
+        gate: defer.Deferred[None] = defer.Deferred()
+        self.group_gates.append(gate)
+        await gate
+        return self.state if state_group == 7 else {**self.state, **self.DELTA}
+
+    async def state_group_delta(self, state_group: int) -> Any:
+        return (7, dict(self.DELTA)) if state_group == 8 else (None, None)
+
+    async def state_ids_at_keys(self, state_group: int, keys: Any) -> Any:
+        return {k: self.state[k] for k in keys if k in self.state}
+
+    async def encoded_pdus(self, event_ids: list[str]) -> dict[str, bytes]:
+        self.loads.append(list(event_ids))
+        gate: defer.Deferred[None] = defer.Deferred()
+        self.load_gates.append(gate)
+        await gate
+        return {e: self.events[e] for e in event_ids if e in self.events}
+
+
+class ConcurrentBuildTests(_StateServerUnit):
+    """Two answers for one room at once share the room-sized work."""
+
+    def make_gated(self) -> tuple[StateServer, _GatedAccess]:
+        server, plain = self.make(10_000_000)
+        access = _GatedAccess(plain.events, plain.state)
+        server._access = access  # type: ignore[assignment]
+        return server, access
+
+    def test_a_build_beside_another_of_its_room_waits_and_uses_its_delta(
+        self,
+    ) -> None:
+        server, access = self.make_gated()
+        first = defer.ensureDeferred(server._entry("!r:x", "$x"))
+        second = defer.ensureDeferred(server._entry("!r:x", "$y"))
+        # Only the first loads the whole group; the second waits its turn.
+        self.assertEqual(access.groups, 1)
+        access.group_gates[0].callback(None)
+        _, entry7, _ = self.successResultOf(first)
+        _, entry8, hit = self.successResultOf(second)
+        self.assertEqual(access.groups, 1, "group 8 came from 7's entry + delta")
+        self.assertFalse(hit)
+        self.assertEqual(sorted(entry8.state_ids), sorted(entry7.state_ids + ("$new",)))
+        self.assertEqual(sorted(entry8.member_ids), sorted(entry8.state_ids))
+        self.assertEqual(server.stats()["states_by_delta"], 1)
+        self.assertEqual(server.stats()["auth_chains_by_difference"], 1)
+
+    def test_without_the_base_entry_the_whole_group_is_loaded(self) -> None:
+        server, access = self.make_gated()
+        d = defer.ensureDeferred(server._entry("!r:x", "$y"))
+        access.group_gates[0].callback(None)
+        _, entry, _ = self.successResultOf(d)
+        self.assertIn("$new", entry.state_ids)
+        self.assertEqual((access.groups, server.stats()["states_by_delta"]), (1, 0))
+
+    def test_answers_at_once_load_each_event_once(self) -> None:
+        from synapse_partial_state.resident import state as state_module
+
+        server, access = self.make_gated()
+        d = defer.ensureDeferred(server._entry("!r:x", "$x"))
+        access.group_gates[0].callback(None)
+        _, entry, _ = self.successResultOf(d)
+
+        async def body() -> Any:
+            return await server._full_events(entry)
+
+        with mock.patch.object(state_module, "LOAD_STEP", 4):
+            first = defer.ensureDeferred(body())  # loads $m0-$m3, waits
+            second = defer.ensureDeferred(body())  # waits for those, loads $m4-$m7
+            while any(not g.called for g in access.load_gates):
+                next(g for g in access.load_gates if not g.called).callback(None)
+            a, b = self.successResultOf(first), self.successResultOf(second)
+        loaded = [e for batch in access.loads for e in batch]
+        self.assertEqual(sorted(loaded), sorted(set(loaded)), "each event loaded once")
+        self.assertEqual(a.pdus, b.pdus)
+        self.assertEqual(len(a.pdus), 10)
+        self.assertEqual(a.loaded + b.loaded, 11)  # 10 state events, 1 auth event
+
+
+class PrepareRoomTests(_StateServerUnit):
+    """``prepare_room``: the state before the room's one forward extremity."""
+
+    def prepare(self, server: StateServer) -> None:
+        api: Any = server._api
+        api.sleep = lambda s: defer.succeed(None)
+        api.run_as_background_process = lambda desc, f, *args: defer.ensureDeferred(
+            f(*args)
+        )
+        from synapse_partial_state.resident import state as state_module
+
+        with mock.patch.object(state_module, "PREWARM_MIN_STATE", 1):
+            self.successResultOf(defer.ensureDeferred(server.prepare_room("!r:x")))
+
+    def test_builds_the_entry_and_encodes_its_events(self) -> None:
+        server, access = self.make(10_000_000)
+        self.prepare(server)
+        self.assertEqual(access.groups, 1)
+        self.assertEqual(
+            sorted(e for batch in access.loads for e in batch), sorted(access.events)
+        )
+        # A joiner's /state at the extremity is then served from the cache.
+        hit, answer = self.answer(server)
+        self.assertTrue(hit)
+        self.assertEqual(answer.loaded, 0)
+
+    def test_ids_only_when_the_cache_is_half_full(self) -> None:
+        server, access = self.make(10_000_000)
+        server._cache.put(("other",), object(), 6_000_000)
+        self.prepare(server)
+        self.assertEqual((access.groups, access.loads), (1, []))
+
+    def test_nothing_with_several_extremities(self) -> None:
+        server, access = self.make(10_000_000)
+        access.extremities = ["$x", "$z"]
+        self.prepare(server)
+        self.assertEqual((access.groups, access.loads), (0, []))

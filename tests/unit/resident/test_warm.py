@@ -126,3 +126,28 @@ class WarmerTests(unittest.TestCase):
         warmer.start()
         warmer.on_room_resynced("!huge:a")
         self.assertEqual((ops.later, ops.warming), ([], []))
+
+    def test_then_prepares_each_warmed_room_before_the_next(self) -> None:
+        ops = _Ops({"!a:x": 2000, "!b:x": 2000, "!c:x": 2000}, [])
+        prepared: list[tuple[str, defer.Deferred[None]]] = []
+
+        async def then(room_id: str) -> None:
+            d: defer.Deferred[None] = defer.Deferred()
+            prepared.append((room_id, d))
+            await d
+
+        warmer = JoinedHostsWarmer(ops, 1000, then=then)
+        with self.assertLogs("synapse_partial_state.resident.warm") as logs:
+            for room_id in ("!a:x", "!b:x", "!c:x"):
+                warmer.on_room_resynced(room_id)
+            ops.finish()  # !a:x warmed: its state is prepared...
+            self.assertEqual([r for r, _ in prepared], ["!a:x"])
+            self.assertEqual(len(ops.warming), 1, "...before the next room")
+            prepared[0][1].callback(None)
+            ops.finish(False)  # !b:x cannot be warmed: nothing to prepare
+            ops.finish()  # !c:x: its preparation fails, logged
+            prepared[-1][1].errback(RuntimeError("gone"))
+        self.assertEqual([r for r, _ in prepared], ["!a:x", "!c:x"])
+        self.assertEqual(warmer.warmed, ["!a:x", "!c:x"])
+        errors = [r.getMessage() for r in logs.records if r.levelname == "ERROR"]
+        self.assertEqual(errors, ["Could not prepare the state answers of !c:x ahead"])
