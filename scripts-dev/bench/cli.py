@@ -254,8 +254,10 @@ def finish(
         f"synapse_partial_state benchmark, {time.strftime('%Y-%m-%d')}:"
         f" Synapse {machine.get('synapse')}, {machine.get('cores_logical')} cores"
     )
+    headline_path = png_path[: -len(".png")] + "-headline.png"
     try:
         plotted = report.plot(png_path, runs, title)
+        report.plot_headline(headline_path, runs, title)
     except Exception as e:  # noqa: BLE001 - the table matters more
         print(f"plot failed: {e}", file=sys.stderr)
         plotted = []
@@ -265,6 +267,7 @@ def finish(
             (json_path, "latest.json"),
             (table_path, "latest.txt"),
             (png_path, "latest.png"),
+            (headline_path, "latest-headline.png"),
         ):
             if os.path.exists(src) and (src != png_path or plotted):
                 shutil.copyfile(src, os.path.join(RESULTS_DIR, name))

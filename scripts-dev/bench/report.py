@@ -344,3 +344,45 @@ def plot(path: str, runs: Sequence[Mapping[str, Any]], title: str) -> list[str]:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return sorted({k[2] for k in keys}, key=list(METRICS).index)
+
+
+def plot_headline(path: str, runs: Sequence[Mapping[str, Any]], title: str) -> bool:
+    """The one-look figure: full member list against room size, stock and module,
+    each database a colour, log-log (medians). False when nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
+    for (scenario, db, members, _servers), variants in group_medians(runs).items():
+        if scenario != "join":
+            continue
+        for variant, metrics in variants.items():
+            if metrics.get("full_members_s"):
+                lines[(db, variant)].append((members, metrics["full_members_s"]))
+    if not lines:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    colours = {"postgres": "#2a7ab0", "sqlite": "#c0622b"}
+    for (db, variant), points in sorted(lines.items()):
+        points.sort()
+        ax.plot(
+            [m for m, _ in points],
+            [v for _, v in points],
+            linestyle="-" if variant == "module" else "--",
+            marker="o",
+            color=colours.get(db, "#555555"),
+            label=f"{variant}, {'PostgreSQL' if db == 'postgres' else 'SQLite'}",
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("room members")
+    ax.set_ylabel("seconds from /join to the full member list")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -279,6 +279,26 @@ class Files(unittest.TestCase):
             self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
         self.assertEqual(report.plot(os.path.join(self.dir, "none.png"), [], "x"), [])
 
+    def test_headline_plot_is_the_member_list_per_variant_and_database(self) -> None:
+        from unittest import mock
+
+        import matplotlib.axes
+
+        path = os.path.join(self.dir, "headline.png")
+        with mock.patch.object(
+            matplotlib.axes.Axes, "plot", autospec=True, wraps=matplotlib.axes.Axes.plot
+        ) as drawn:
+            self.assertTrue(report.plot_headline(path, RUNS, "test"))
+        lines = {
+            c.kwargs["label"]: (c.args[1], c.args[2]) for c in drawn.call_args_list
+        }
+        # Medians of the join scenario's full member list, by room size.
+        self.assertEqual(lines["stock, SQLite"], ([1000], [22.0]))
+        self.assertEqual(lines["module, SQLite"], ([1000], [11.0]))
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+        self.assertFalse(report.plot_headline(os.path.join(self.dir, "n.png"), [], "x"))
+
 
 class LogParsers(unittest.TestCase):
     def test_log_time(self) -> None:
