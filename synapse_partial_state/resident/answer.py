@@ -44,6 +44,8 @@ class StateEntry:
     state_ids_body: bytes | None = None
     #: Auth chain of the member events minus all state at X, once asked for.
     member_auth_ids: tuple[str, ...] | None = None
+    #: How the state differs from its group's (:func:`state_before`).
+    adjustment: StateAdjustment = None
 
     def size(self) -> int:
         ids = len(self.state_ids) + len(self.auth_ids)
@@ -102,6 +104,32 @@ def split_state(
         if event_type == EventTypes.Member
     )
     return tuple(state.values()), members
+
+
+def group_state_of(
+    ids: Sequence[str],
+    member_ids: Sequence[str],
+    adjustment: StateAdjustment,
+    group_at_keys: dict[tuple[str, str], str],
+) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """(all, member) IDs of the group an adjusted state came from: the
+    adjustment undone (:func:`state_before` took the group's event at its key out
+    and put back the one it replaced). ``group_at_keys`` holds the group's event
+    at the adjusted key; None without it."""
+    if adjustment is None:
+        return tuple(ids), tuple(member_ids)
+    key, replaced = adjustment
+    event_id = group_at_keys.get(key)
+    if event_id is None:
+        return None
+    is_member = key[0] == EventTypes.Member
+    all_ids = [e for e in ids if e != replaced] + [event_id]
+    members = (
+        [e for e in member_ids if e != replaced] if is_member else list(member_ids)
+    )
+    if is_member:
+        members.append(event_id)
+    return tuple(all_ids), tuple(members)
 
 
 def state_by_delta(

@@ -80,6 +80,7 @@ from synapse_partial_state.resident.answer import (
     StateAnswer,
     StateEntry,
     blocks,
+    group_state_of,
     slices,
     split_state,
     state_before,
@@ -438,6 +439,7 @@ class StateServer:
             state_ids=all_ids,
             member_ids=member_ids,
             auth_ids=tuple(auth_ids),
+            adjustment=adjustment,
         )
         self._remember_entry(key, entry)
         self._latest[room_id] = entry
@@ -469,14 +471,32 @@ class StateServer:
         prev_group, delta = await self._access.state_group_delta(state_group)
         if prev_group is None or delta is None:
             return None
-        base = self._cache.get(("s", room_id, prev_group, None))
-        if base is None or len(delta) > INCREMENTAL_AUTH_MAX_CHANGES:
+        if len(delta) > INCREMENTAL_AUTH_MAX_CHANGES:
             return None
-        replaced = await self._access.state_ids_at_keys(prev_group, list(delta))
+        base = self._cache.get(("s", room_id, prev_group, None))
+        if base is None:
+            # The state before a state event of that group (a joiner's
+            # /state_ids at its own join), when that is what we hold.
+            latest = self._latest.get(room_id)
+            if latest is None or latest.state_group != prev_group:
+                return None
+            base = latest
+        keys = set(delta)
+        if base.adjustment is not None:
+            keys.add(base.adjustment[0])
+        at_keys = dict(await self._access.state_ids_at_keys(prev_group, list(keys)))
+        base_ids, base_members = base.state_ids, base.member_ids
+        if base.adjustment is not None:
+            unadjusted = group_state_of(
+                base_ids, base_members, base.adjustment, at_keys
+            )
+            if unadjusted is None:
+                return None
+            base_ids, base_members = unadjusted
         return state_by_delta(
-            base.state_ids,
-            base.member_ids,
-            dict(replaced),
+            base_ids,
+            base_members,
+            {key: at_keys[key] for key in delta if key in at_keys},
             dict(delta),
             adjustment,
             event_id,

@@ -8,6 +8,7 @@ from typing import Any
 
 from synapse_partial_state.resident.answer import (
     blocks,
+    group_state_of,
     split_state,
     state_before,
     state_body_parts,
@@ -123,3 +124,28 @@ class StateByDeltaTests(unittest.TestCase):
                     event_id,  # type: ignore[arg-type]
                 )
             )
+
+
+class GroupStateOfTests(unittest.TestCase):
+    def test_undoes_state_before(self) -> None:
+        group = {
+            ("m.room.create", ""): "$c",
+            ("m.room.power_levels", ""): "$pl2",
+            (MEMBER, "@a:x"): "$a2",
+            (MEMBER, "@n:x"): "$n",
+        }
+        for key, replaced, event_id in (
+            ((MEMBER, "@a:x"), "$a1", "$a2"),  # a membership that replaced one
+            ((MEMBER, "@n:x"), None, "$n"),  # a first membership
+            (("m.room.power_levels", ""), "$pl1", "$pl2"),  # not a member
+        ):
+            adjustment = (key, replaced)
+            ids, members = split_state(state_before(group, adjustment, event_id))
+            got = group_state_of(ids, members, adjustment, {key: event_id})
+            assert got is not None
+            want = split_state(group)
+            self.assertEqual(sorted(got[0]), sorted(want[0]), key)
+            self.assertEqual(sorted(got[1]), sorted(want[1]), key)
+        # Unadjusted: as it is; the group's event unknown: None.
+        self.assertEqual(group_state_of(("$c",), (), None, {}), (("$c",), ()))
+        self.assertIsNone(group_state_of(("$c",), (), ((MEMBER, "@a:x"), "$a1"), {}))

@@ -222,9 +222,10 @@ class _GatedAccess(_FakeAccess):
         self.group_gates: list[defer.Deferred[None]] = []
         self.load_gates: list[defer.Deferred[None]] = []
         self.groups_for: dict[str, int] = {"$x": 7, "$y": 8}
+        self.adjustments: dict[str, Any] = {}
 
     async def state_group_before(self, room_id: str, event_id: str) -> Any:
-        return self.groups_for[event_id], None
+        return self.groups_for[event_id], self.adjustments.get(event_id)
 
     async def state_ids_of_group(self, state_group: int) -> Any:
         self.groups += 1
@@ -273,6 +274,28 @@ class ConcurrentBuildTests(_StateServerUnit):
         self.assertEqual(sorted(entry8.member_ids), sorted(entry8.state_ids))
         self.assertEqual(server.stats()["states_by_delta"], 1)
         self.assertEqual(server.stats()["auth_chains_by_difference"], 1)
+
+    def test_a_group_after_an_adjusted_state_comes_by_delta(self) -> None:
+        """/state_ids at a join (the state before it: its group minus the join),
+        then at an event of the next group (a delta of the join's group)."""
+        server, access = self.make_gated()
+        join_key = (MEMBER, "@u3:x")
+        access.groups_for["$u3join"] = 7
+        access.state[join_key] = "$u3join"
+        access.adjustments = {"$u3join": (join_key, "$m3")}
+        first = defer.ensureDeferred(server._entry("!r:x", "$u3join"))
+        access.group_gates[0].callback(None)
+        _, before_join, _ = self.successResultOf(first)
+        self.assertNotIn("$u3join", before_join.state_ids)
+        self.assertIn("$m3", before_join.state_ids)
+        _, entry8, _ = self.successResultOf(
+            defer.ensureDeferred(server._entry("!r:x", "$y"))
+        )
+        self.assertEqual(access.groups, 1, "group 8 came from the adjusted entry")
+        self.assertEqual(server.stats()["states_by_delta"], 1)
+        want = sorted(set(access.state.values()) | {"$new"})
+        self.assertEqual(sorted(entry8.state_ids), want)
+        self.assertEqual(sorted(entry8.member_ids), want)
 
     def test_without_the_base_entry_the_whole_group_is_loaded(self) -> None:
         server, access = self.make_gated()
