@@ -288,7 +288,9 @@ class StateServer:
             )
         )
 
-    async def _prewarm(self, key: tuple[Any, ...], entry: StateEntry) -> None:
+    async def _prewarm(self, key: tuple[Any, ...], entry: StateEntry) -> int:
+        """Encode the events of ``entry``'s ``/state`` in the background; the
+        number loaded (not already cached)."""
         flight = ("body", "full") + key
 
         async def pause(took: float) -> None:
@@ -304,6 +306,7 @@ class StateServer:
             entry.state_group,
             answer.loaded,
         )
+        return answer.loaded
 
     def after_partial_join(self, room_id: str, prev_event_ids: list[str]) -> None:
         """A server joined on top of ``prev_event_ids`` with partial state: its
@@ -316,32 +319,43 @@ class StateServer:
             "sps_state_prewarm_join", self._prewarm_join, room_id, prev_event_ids
         )
 
-    async def prepare_room(self, room_id: str) -> None:
+    async def prepare_room(self, room_id: str, events: bool = True) -> None:
         """A big room's answers prepared before its next joiner asks: the state
         before its forward extremity (what that joiner's resync asks for, its
-        join citing it), and that state's encoded events while at most half the
-        cache's budget is in use. Called by the joined-hosts warmer after a start
-        and after our own resync of the room; returns once prepared."""
+        join citing it), and with ``events`` that state's encoded events while
+        at most half the cache's budget is in use. Called by the joined-hosts
+        warmer after a start (with events) and after our own resync of the room
+        (without); returns once prepared."""
         if self._cache.max_bytes == 0 or room_id in self._warming_rooms:
             return
         extremities = await self._access.forward_extremities(room_id)
         if len(extremities) != 1:
             return
-        events = self._cache.bytes < self._cache.max_bytes // 2
+        half_full = self._cache.bytes >= self._cache.max_bytes // 2
+        events = events and not half_full
         self._warming_rooms.add(room_id)
         started = time.monotonic()
-        await self._prewarm_join(room_id, extremities, events=events)
+        encoded = await self._prewarm_join(room_id, extremities, events=events)
+        if encoded:
+            what = f"and {encoded} events encoded"
+        elif half_full:
+            what = "event IDs only: the cache is half full"
+        else:
+            what = "event IDs only"
         logger.info(
             "state cache: prepared the state answers of %s ahead of its joiners "
             "in %.2f s (%s)",
             room_id,
             time.monotonic() - started,
-            "with its events" if events else "event IDs only: the cache is half full",
+            what,
         )
 
     async def _prewarm_join(
         self, room_id: str, prev_event_ids: list[str], events: bool = True
-    ) -> None:
+    ) -> int:
+        """Build the entries before ``prev_event_ids`` and, with ``events``,
+        encode their events; the number of events encoded."""
+        encoded = 0
         try:
             for event_id in prev_event_ids:
                 try:
@@ -351,9 +365,10 @@ class StateServer:
                     continue
                 if events and self._needs_prewarm(key, entry):
                     self.counts["prewarms"] += 1
-                    await self._prewarm(key, entry)
+                    encoded += await self._prewarm(key, entry)
         finally:
             self._warming_rooms.discard(room_id)
+        return encoded
 
     def _served(self, endpoint: str, variant: str, hit: bool, length: int) -> None:
         self.counts["requests"] += 1

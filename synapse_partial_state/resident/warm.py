@@ -15,7 +15,10 @@ joined members, one room at a time. It computes exactly what the first asker
 would have (the same Synapse call, at the room's current state), only earlier,
 and not while a joiner waits. Then (``then``) the ``/state`` server prepares the
 room's state answers the same way (:meth:`~synapse_partial_state.resident.state.
-StateServer.prepare_room`).
+StateServer.prepare_room`): after a start with the events, after our own resync
+the event IDs only (whether anyone will join through a server that has just
+joined is unknown; the events would cost it ~10 s of CPU and ~100 MiB at 100,000
+members).
 """
 
 from __future__ import annotations
@@ -59,15 +62,16 @@ class JoinedHostsWarmer:
         ops: WarmOps,
         min_members: int,
         start_delay_s: float = 10.0,
-        then: Callable[[str], Awaitable[None]] | None = None,
+        then: Callable[[str, bool], Awaitable[None]] | None = None,
     ) -> None:
         self._ops = ops
-        #: Awaited with each room warmed (the state cache prepares its answers).
+        #: Awaited with each room warmed and whether it was found by the pass
+        #: after a start (the state cache prepares its answers).
         self._then = then
         self._min_members = min_members
         self._start_delay_s = start_delay_s
-        #: Rooms waiting, in order (a dict as an ordered set).
-        self._queue: dict[str, None] = {}
+        #: Rooms waiting, in order, each with whether the start pass found it.
+        self._queue: dict[str, bool] = {}
         self._running = False
         #: Rooms warmed since start (for tests and the log).
         self.warmed: list[str] = []
@@ -87,7 +91,7 @@ class JoinedHostsWarmer:
     def on_room_resynced(self, room_id: str) -> None:
         """``room_id`` has just stopped being partial-stated."""
         if self.enabled:
-            self._enqueue([room_id])
+            self._enqueue([room_id], at_start=False)
 
     async def _queue_big_rooms(self) -> None:
         try:
@@ -95,11 +99,11 @@ class JoinedHostsWarmer:
         except Exception:
             logger.exception("Could not list the rooms whose hosts to work out")
             return
-        self._enqueue(rooms)
+        self._enqueue(rooms, at_start=True)
 
-    def _enqueue(self, rooms: list[str]) -> None:
+    def _enqueue(self, rooms: list[str], at_start: bool) -> None:
         for room_id in rooms:
-            self._queue[room_id] = None
+            self._queue[room_id] = at_start or self._queue.get(room_id, False)
         if self._queue and not self._running:
             self._running = True
             self._ops.run_in_background(self._drain)
@@ -108,12 +112,12 @@ class JoinedHostsWarmer:
         try:
             while self._queue:
                 room_id = next(iter(self._queue))
-                del self._queue[room_id]
-                await self._warm_one(room_id)
+                at_start = self._queue.pop(room_id)
+                await self._warm_one(room_id, at_start)
         finally:
             self._running = False
 
-    async def _warm_one(self, room_id: str) -> None:
+    async def _warm_one(self, room_id: str, at_start: bool) -> None:
         try:
             members = await self._ops.joined_members(room_id)
             if members < self._min_members:
@@ -129,14 +133,14 @@ class JoinedHostsWarmer:
                     time.monotonic() - started,
                 )
                 if self._then is not None:
-                    await self._prepare_state(room_id)
+                    await self._prepare_state(room_id, at_start)
         except Exception:
             # Only a head start lost: the first asker computes it as without us.
             logger.exception("Could not work out the servers in %s ahead", room_id)
 
-    async def _prepare_state(self, room_id: str) -> None:
+    async def _prepare_state(self, room_id: str, at_start: bool) -> None:
         assert self._then is not None
         try:
-            await self._then(room_id)
+            await self._then(room_id, at_start)
         except Exception:
             logger.exception("Could not prepare the state answers of %s ahead", room_id)

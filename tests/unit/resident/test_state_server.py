@@ -361,6 +361,15 @@ class PrepareRoomTests(_StateServerUnit):
         self.prepare(server)
         self.assertEqual((access.groups, access.loads), (1, []))
 
+    def test_ids_only_when_asked(self) -> None:
+        server, access = self.make(10_000_000)
+        api: Any = server._api
+        api.sleep = lambda s: defer.succeed(None)
+        self.successResultOf(
+            defer.ensureDeferred(server.prepare_room("!r:x", events=False))
+        )
+        self.assertEqual((access.groups, access.loads), (1, []))
+
     def test_nothing_with_several_extremities(self) -> None:
         server, access = self.make(10_000_000)
         access.extremities = ["$x", "$z"]

@@ -129,11 +129,11 @@ class WarmerTests(unittest.TestCase):
 
     def test_then_prepares_each_warmed_room_before_the_next(self) -> None:
         ops = _Ops({"!a:x": 2000, "!b:x": 2000, "!c:x": 2000}, [])
-        prepared: list[tuple[str, defer.Deferred[None]]] = []
+        prepared: list[tuple[str, bool, defer.Deferred[None]]] = []
 
-        async def then(room_id: str) -> None:
+        async def then(room_id: str, at_start: bool) -> None:
             d: defer.Deferred[None] = defer.Deferred()
-            prepared.append((room_id, d))
+            prepared.append((room_id, at_start, d))
             await d
 
         warmer = JoinedHostsWarmer(ops, 1000, then=then)
@@ -141,13 +141,33 @@ class WarmerTests(unittest.TestCase):
             for room_id in ("!a:x", "!b:x", "!c:x"):
                 warmer.on_room_resynced(room_id)
             ops.finish()  # !a:x warmed: its state is prepared...
-            self.assertEqual([r for r, _ in prepared], ["!a:x"])
+            self.assertEqual([r for r, _, _ in prepared], ["!a:x"])
             self.assertEqual(len(ops.warming), 1, "...before the next room")
-            prepared[0][1].callback(None)
+            prepared[0][2].callback(None)
             ops.finish(False)  # !b:x cannot be warmed: nothing to prepare
             ops.finish()  # !c:x: its preparation fails, logged
-            prepared[-1][1].errback(RuntimeError("gone"))
-        self.assertEqual([r for r, _ in prepared], ["!a:x", "!c:x"])
+            prepared[-1][2].errback(RuntimeError("gone"))
+        # After a resync: not the start pass.
+        self.assertEqual(
+            [(r, at_start) for r, at_start, _ in prepared],
+            [("!a:x", False), ("!c:x", False)],
+        )
         self.assertEqual(warmer.warmed, ["!a:x", "!c:x"])
         errors = [r.getMessage() for r in logs.records if r.levelname == "ERROR"]
         self.assertEqual(errors, ["Could not prepare the state answers of !c:x ahead"])
+
+    def test_then_is_told_which_rooms_the_start_pass_found(self) -> None:
+        ops = _Ops({"!a:x": 2000, "!b:x": 2000}, ["!a:x"])
+        told: list[tuple[str, bool]] = []
+
+        async def then(room_id: str, at_start: bool) -> None:
+            told.append((room_id, at_start))
+
+        warmer = JoinedHostsWarmer(ops, 1000, start_delay_s=1, then=then)
+        warmer.start()
+        warmer.on_room_resynced("!b:x")
+        ops.later[0][1]()  # the start pass lists !a:x behind !b:x
+        warmer.on_room_resynced("!a:x")  # queued by both: the start pass wins
+        ops.finish()
+        ops.finish()
+        self.assertEqual(told, [("!b:x", False), ("!a:x", True)])
