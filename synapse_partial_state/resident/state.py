@@ -18,8 +18,14 @@ budget (``resident.state_cache.max_size_mib``):
 A ``/state`` answer is the concatenation of the encoded events, written to the
 connection by a push producer in 64 KiB blocks; nothing joins the body in memory. A
 new state group (the room changed since) costs its IDs, but reuses every event
-already encoded: in a wave of joiners only the new member events are loaded.
-Concurrent requests for the same entry wait for one computation. Synapse tells us
+already encoded: in a wave of joiners only the new member events are loaded. When
+Synapse stored the new group as a delta of a group we hold an entry for (the room
+one join later), its IDs come from that entry and the delta's rows
+(:func:`~synapse_partial_state.resident.answer.state_by_delta`), not from the
+room's whole state. Concurrent requests for the same entry wait for one
+computation; entries of one room are built one at a time (the next starts from the
+last one's result), and answers being prepared at once share the events they both
+load. Synapse tells us
 when an event's served form may change (redactions, censoring, rejection changes,
 purges) through the hook that clears its own event cache; we drop our copy then.
 
@@ -31,8 +37,10 @@ differ by a few events (:func:`auth_chain_by_difference`), not from scratch.
 
 Answers are prepared ahead, in the background, when a joiner is known to need them
 soon: once a partial ``/send_join`` answer has been sent (the joiner's resync asks
-for the state before its join's ``prev_events``), and after a ``/state_ids`` for a
-big state (the matching ``/state`` comes next). Such preparation pauses between
+for the state before its join's ``prev_events``), after a ``/state_ids`` for a
+big state (the matching ``/state`` comes next), and for a big room's state before
+its forward extremity with the joined-hosts warm-up (:meth:`StateServer.
+prepare_room`). Such preparation pauses between
 steps (:data:`PREWARM_PAUSE_RATIO`) until a request waits for it, so that it does
 not slow down the requests being served meanwhile (a wave of joiners). Prometheus
 metrics: ``synapse_partial_state_state_*``; :meth:`StateServer.stats` has the
