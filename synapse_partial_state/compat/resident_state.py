@@ -150,6 +150,9 @@ class ResidentStateOps:
         """All state of a state group (Synapse's state-group cache)."""
         return await self._state.get_state_ids_for_group(state_group)
 
+    async def is_partial_state_room(self, room_id: str) -> bool:
+        return bool(await self._store.is_partial_state_room(room_id))
+
     async def forward_extremities(self, room_id: str) -> list[str]:
         """The room's forward extremities (the prev events of its next event)."""
         return sorted(await self._store.get_latest_event_ids_in_room(room_id))

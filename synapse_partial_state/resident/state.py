@@ -116,6 +116,8 @@ PREWARM_MIN_STATE = 1000
 #: at most this many events gets its auth chain from that one's (see
 #: :func:`auth_chain_by_difference`).
 INCREMENTAL_AUTH_MAX_CHANGES = 1000
+#: A room with more forward extremities than this is not prepared ahead.
+PREPARE_MAX_EXTREMITIES = 5
 #: Events loaded and encoded per step of building a ``/state`` answer.
 LOAD_STEP = 4000
 #: A prewarm nobody waits for yet pauses this many times as long as each step
@@ -329,15 +331,18 @@ class StateServer:
 
     async def prepare_room(self, room_id: str, events: bool = True) -> None:
         """A big room's answers prepared before its next joiner asks: the state
-        before its forward extremity (what that joiner's resync asks for, its
-        join citing it), and with ``events`` that state's encoded events while
+        before each of its forward extremities (what that joiner's resync asks
+        for, its join citing them; at most :data:`PREPARE_MAX_EXTREMITIES`),
+        and with ``events`` that state's encoded events while
         at most half the cache's budget is in use. Called by the joined-hosts
         warmer after a start (with events) and after our own resync of the room
         (without); returns once prepared."""
         if self._cache.max_bytes == 0 or room_id in self._warming_rooms:
             return
+        if await self._access.is_partial_state_room(room_id):
+            return  # nothing to serve until its resync ends (then we are called)
         extremities = await self._access.forward_extremities(room_id)
-        if len(extremities) != 1:
+        if not extremities or len(extremities) > PREPARE_MAX_EXTREMITIES:
             return
         half_full = self._cache.bytes >= self._cache.max_bytes // 2
         events = events and not half_full

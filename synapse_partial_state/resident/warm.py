@@ -132,8 +132,10 @@ class JoinedHostsWarmer:
                     members,
                     time.monotonic() - started,
                 )
-                if self._then is not None:
-                    await self._prepare_state(room_id, at_start)
+            # Also when the hosts could not be worked out (several forward
+            # extremities: the state before each is what a joiner's resync asks).
+            if self._then is not None:
+                await self._prepare_state(room_id, at_start)
         except Exception:
             # Only a head start lost: the first asker computes it as without us.
             logger.exception("Could not work out the servers in %s ahead", room_id)

@@ -29,6 +29,7 @@ class _FakeAccess:
         self.loads: list[list[str]] = []
         self.groups = 0
         self.extremities = ["$x"]
+        self.partial = False
 
     async def state_group_before(self, room_id: str, event_id: str) -> Any:
         return 7, None
@@ -42,6 +43,9 @@ class _FakeAccess:
 
     async def forward_extremities(self, room_id: str) -> list[str]:
         return list(self.extremities)
+
+    async def is_partial_state_room(self, room_id: str) -> bool:
+        return self.partial
 
     async def state_ids_at_keys(self, state_group: int, keys: Any) -> Any:
         raise AssertionError("no deltas here")
@@ -370,8 +374,28 @@ class PrepareRoomTests(_StateServerUnit):
         )
         self.assertEqual((access.groups, access.loads), (1, []))
 
-    def test_nothing_with_several_extremities(self) -> None:
+    def test_the_state_before_each_of_several_extremities(self) -> None:
         server, access = self.make(10_000_000)
         access.extremities = ["$x", "$z"]
+        groups = {"$x": 7, "$z": 9}
+
+        async def state_group_before(room_id: str, event_id: str) -> Any:
+            return groups[event_id], None
+
+        access.state_group_before = state_group_before  # type: ignore[method-assign]
+        self.prepare(server)
+        self.assertEqual(access.groups, 2)
+        self.assertEqual(server.stats()["cache_entries"] - len(access.events), 2)
+
+    def test_nothing_with_too_many_extremities_or_partial_state(self) -> None:
+        from synapse_partial_state.resident import state as state_module
+
+        server, access = self.make(10_000_000)
+        access.extremities = [
+            f"$e{i}" for i in range(state_module.PREPARE_MAX_EXTREMITIES + 1)
+        ]
+        self.prepare(server)
+        access.extremities = ["$x"]
+        access.partial = True
         self.prepare(server)
         self.assertEqual((access.groups, access.loads), (0, []))
