@@ -93,6 +93,10 @@ class FakeStore:
 class FakeClock:
     def __init__(self) -> None:
         self.later: list[tuple[float, Any, tuple[Any, ...]]] = []
+        self.slept: list[float] = []
+
+    async def sleep(self, duration: Any) -> None:
+        self.slept.append(duration.as_secs())
 
     def time_msec(self) -> int:
         return 1_000_000
@@ -286,6 +290,23 @@ class BatcherTests(unittest.TestCase):
         self.store.database_engine = Sqlite3Engine({"args": {"database": ":memory:"}})
         self.handle([self.j(i) for i in range(5, 12)])
         self.assertEqual([len(p) for p in self.profiles], [4, 1, 3, 3, 1])
+        # Paced on SQLite only: a wait between its three transactions.
+        self.assertEqual(len(self.handler.clock.slept), 2)
+
+    def test_sqlite_waits_as_long_as_each_transaction_took(self) -> None:
+        from synapse.storage.engines import Sqlite3Engine
+
+        self.patch(bulk_deltas, "SQLITE_WRITE_BATCH", 2)
+        self.store.database_engine = Sqlite3Engine({"args": {"database": ":memory:"}})
+        ticks = iter(range(0, 100, 1))
+        self.patch(bulk_deltas.time, "monotonic", lambda: next(ticks) * 0.5)
+        self.handle([self.j(i) for i in range(5)])
+        self.assertEqual([len(p) for p in self.profiles], [2, 2, 1])
+        # Each transaction "took" 0.5 s between two readings of the clock.
+        self.assertEqual(self.handler.clock.slept, [0.5, 0.5])
+        self.patch(bulk_deltas, "SQLITE_PACE", 0)
+        self.handle([self.j(i) for i in range(5, 10)])
+        self.assertEqual(len(self.handler.clock.slept), 2, "0 turns it off")
 
     def test_everything_else_goes_to_synapse_in_order(self) -> None:
         """Non-joins, local users, re-joins over a join and single joins go to
