@@ -16,7 +16,7 @@ budget (``resident.state_cache.max_size_mib``):
 * per **event**: the event as stock ``/state`` serialises it, encoded once.
 
 A ``/state`` answer is the concatenation of the encoded events, written to the
-connection by a push producer in 64 KiB blocks; nothing joins the body in memory. A
+connection by a push producer in 1 MiB blocks; nothing joins the body in memory. A
 new state group (the room changed since) costs its IDs, but reuses every event
 already encoded: in a wave of joiners only the new member events are loaded. When
 Synapse stored the new group as a delta of a group we hold an entry for (the room
