@@ -424,66 +424,54 @@ class StateServer:
         # the prewarm after its /send_join builds the state before its prev
         # events).
         async with self._room_builds.hold(room_id):
-            return await self._build_entry_now(
-                key, room_id, state_group, adjustment, event_id
+            started = time.monotonic()
+            ids = await self._state_by_delta(room_id, state_group, adjustment, event_id)
+            if ids is None:
+                how = "full"
+                group_state = await self._access.state_ids_of_group(state_group)
+                state = state_before(group_state, adjustment, event_id)
+                del group_state
+                all_ids, member_ids = split_state(state)
+                del state
+            else:
+                how = "delta"
+                self.counts["states_by_delta"] += 1
+                all_ids, member_ids = ids
+            auth_ids = None
+            base = self._latest.get(room_id)
+            if base is not None:
+                auth_ids = await auth_chain_by_difference(
+                    self._access, room_id, base.state_ids, base.auth_ids, all_ids
+                )
+            if auth_ids is None:
+                how += ", auth chain full"
+                auth_ids = await self._access.auth_chain_ids(room_id, all_ids)
+            else:
+                how += ", auth chain by difference"
+                self.counts["auth_chains_by_difference"] += 1
+            entry = StateEntry(
+                room_id=room_id,
+                state_group=state_group,
+                state_ids=all_ids,
+                member_ids=member_ids,
+                auth_ids=tuple(auth_ids),
+                adjustment=adjustment,
             )
-
-    async def _build_entry_now(
-        self,
-        key: tuple[Any, ...],
-        room_id: str,
-        state_group: int,
-        adjustment: StateAdjustment,
-        event_id: str,
-    ) -> StateEntry:
-        started = time.monotonic()
-        ids = await self._state_by_delta(room_id, state_group, adjustment, event_id)
-        if ids is None:
-            how = "full"
-            group_state = await self._access.state_ids_of_group(state_group)
-            state = state_before(group_state, adjustment, event_id)
-            del group_state
-            all_ids, member_ids = split_state(state)
-            del state
-        else:
-            how = "delta"
-            self.counts["states_by_delta"] += 1
-            all_ids, member_ids = ids
-        auth_ids = None
-        base = self._latest.get(room_id)
-        if base is not None:
-            auth_ids = await auth_chain_by_difference(
-                self._access, room_id, base.state_ids, base.auth_ids, all_ids
+            self._remember_entry(key, entry)
+            self._latest[room_id] = entry
+            took = time.monotonic() - started
+            logger.log(
+                logging.INFO if took >= SLOW_BUILD_SECONDS else logging.DEBUG,
+                "state cache: built state of %s at group %d (%d state, %d auth chain; "
+                "state %s) in %.3fs",
+                room_id,
+                state_group,
+                len(all_ids),
+                len(auth_ids),
+                how,
+                took,
             )
-        if auth_ids is None:
-            how += ", auth chain full"
-            auth_ids = await self._access.auth_chain_ids(room_id, all_ids)
-        else:
-            how += ", auth chain by difference"
-            self.counts["auth_chains_by_difference"] += 1
-        entry = StateEntry(
-            room_id=room_id,
-            state_group=state_group,
-            state_ids=all_ids,
-            member_ids=member_ids,
-            auth_ids=tuple(auth_ids),
-            adjustment=adjustment,
-        )
-        self._remember_entry(key, entry)
-        self._latest[room_id] = entry
-        took = time.monotonic() - started
-        logger.log(
-            logging.INFO if took >= SLOW_BUILD_SECONDS else logging.DEBUG,
-            "state cache: built state of %s at group %d (%d state, %d auth chain; "
-            "state %s) in %.3fs",
-            room_id,
-            state_group,
-            len(all_ids),
-            len(auth_ids),
-            how,
-            took,
-        )
-        return entry
+            return entry
 
     async def _state_by_delta(
         self,
