@@ -33,8 +33,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 from synapse.api.constants import EventTypes, Membership
 
@@ -42,6 +42,8 @@ from synapse_partial_state.compat.bulk.gate import BulkGate
 from synapse_partial_state.compat.patching import wrap_instance_method
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Deltas whose events one ``get_events`` call reads ahead.
 WINDOW = 500
@@ -399,24 +401,24 @@ class UserDirectoryBatcher:
             time.monotonic() - started,
         )
 
-    async def _pace(self, started: float) -> None:
-        """On SQLite, after a transaction begun at ``started`` (monotonic), wait
-        :data:`SQLITE_PACE` times as long as it took."""
+    async def _batches(self, items: list[T], size: int) -> AsyncIterator[list[T]]:
+        """``items`` in parts of ``size``, one transaction each. On SQLite,
+        between parts, wait :data:`SQLITE_PACE` times as long as the caller's
+        work on the previous part took."""
         from synapse.util.duration import Duration
 
-        if SQLITE_PACE > 0 and _on_sqlite(self._handler.store):
-            took = time.monotonic() - started
-            await self._handler.clock.sleep(Duration(seconds=took * SQLITE_PACE))
+        pace = SQLITE_PACE > 0 and _on_sqlite(self._handler.store)
+        for start in range(0, len(items), size):
+            began = time.monotonic()
+            yield items[start : start + size]
+            if pace and start + size < len(items):
+                took = time.monotonic() - began
+                await self._handler.clock.sleep(Duration(seconds=took * SQLITE_PACE))
 
     async def _public(self, room_id: str, run: list[tuple[Any, Any]]) -> None:
         store = self._handler.store
         batch = write_batch(store)
-        began = time.monotonic()
-        for start in range(0, len(run), batch):
-            if start:
-                await self._pace(began)
-                began = time.monotonic()
-            part = run[start : start + batch]
+        async for part in self._batches(run, batch):
             await self._writes.profiles(
                 [(delta.state_key, *profile_of(event)) for delta, event in part]
             )
@@ -434,12 +436,7 @@ class UserDirectoryBatcher:
         refresh = USER_DIRECTORY_STALE_REFRESH_TIME
         next_try_at_ms = handler.clock.time_msec() + refresh.as_millis()
         batch = write_batch(store)
-        began = time.monotonic()
-        for start in range(0, len(joined), batch):
-            if start:
-                await self._pace(began)
-                began = time.monotonic()
-            part = joined[start : start + batch]
+        async for part in self._batches(joined, batch):
             await self._writes.stale(part, next_try_at_ms)
         for server in sorted({get_domain_from_id(user_id) for user_id in joined}):
             handler.clock.call_later(
@@ -458,14 +455,8 @@ class UserDirectoryBatcher:
             and await store.should_include_local_user_in_dir(user_id)
         ]
         pairs = [(local, user_id) for user_id in joined for local in local_users]
-        began = time.monotonic()
-        for start in range(0, len(pairs), batch):
-            if start:
-                await self._pace(began)
-                began = time.monotonic()
-            await store.add_users_who_share_private_room(
-                room_id, pairs[start : start + batch]
-            )
+        async for shared in self._batches(pairs, batch):
+            await store.add_users_who_share_private_room(room_id, shared)
 
 
 def install_delta_batching(verdict: BulkGate) -> bool:
