@@ -153,17 +153,18 @@ def state_by_delta(
     Then the adjustment as in :func:`state_before`. None when the answer needs the
     whole group (the adjusted key is not in the delta, so its event is unknown
     here): the caller loads it."""
-    removed = {
-        old
-        for key, old in replaced_at_keys.items()
-        if delta.get(key) not in (None, old)
-    }
-    added = [new for key, new in delta.items() if replaced_at_keys.get(key) != new]
-    added_members = [
-        new
-        for key, new in delta.items()
-        if key[0] == EventTypes.Member and replaced_at_keys.get(key) != new
-    ]
+    removed: set[str] = set()
+    added: list[str] = []
+    added_members: list[str] = []
+    for key, new in delta.items():
+        old = replaced_at_keys.get(key)
+        if old == new:
+            continue  # the delta repeats the base's event there
+        if old is not None:
+            removed.add(old)
+        added.append(new)
+        if key[0] == EventTypes.Member:
+            added_members.append(new)
     if adjustment is not None:
         key, replaced = adjustment
         if delta.get(key) != event_id:

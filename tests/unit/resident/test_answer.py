@@ -71,19 +71,20 @@ class StateByDeltaTests(unittest.TestCase):
         (MEMBER, "@b:x"): "$b1",
     }
 
+    def by_delta(
+        self, replaced: dict, delta: dict, adjustment: Any, event_id: str
+    ) -> Any:
+        """``state_by_delta`` from :attr:`BASE`."""
+        base_all, base_members = split_state(self.BASE)
+        return state_by_delta(
+            base_all, base_members, replaced, delta, adjustment, event_id
+        )
+
     def check(self, delta: dict, adjustment: Any, event_id: str) -> None:
         group = {**self.BASE, **delta}
         want_all, want_members = split_state(state_before(group, adjustment, event_id))
         replaced = {k: self.BASE[k] for k in delta if k in self.BASE}
-        base_all, base_members = split_state(self.BASE)
-        got = state_by_delta(
-            base_all,
-            base_members,
-            replaced,
-            delta,
-            adjustment,
-            event_id,  # type: ignore[arg-type]
-        )
+        got = self.by_delta(replaced, delta, adjustment, event_id)
         assert got is not None
         self.assertEqual(sorted(got[0]), sorted(want_all))
         self.assertEqual(sorted(got[1]), sorted(want_members))
@@ -107,23 +108,13 @@ class StateByDeltaTests(unittest.TestCase):
         self.check({**a2, **new, ("m.room.create", ""): "$c"}, None, "$msg")
 
     def test_declines_when_the_delta_does_not_hold_the_event(self) -> None:
-        base_all, base_members = split_state(self.BASE)
         delta = {(MEMBER, "@n:x"): "$n"}
         # The adjusted key is not in the delta, or the delta did not change it.
         for adjustment, event_id, replaced in (
             (((MEMBER, "@a:x"), None), "$a1", {}),
             (((MEMBER, "@n:x"), None), "$n", {(MEMBER, "@n:x"): "$n"}),
         ):
-            self.assertIsNone(
-                state_by_delta(
-                    base_all,
-                    base_members,
-                    replaced,
-                    delta,
-                    adjustment,
-                    event_id,  # type: ignore[arg-type]
-                )
-            )
+            self.assertIsNone(self.by_delta(replaced, delta, adjustment, event_id))
 
 
 class GroupStateOfTests(unittest.TestCase):
