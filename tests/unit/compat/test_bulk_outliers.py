@@ -131,3 +131,15 @@ class BulkTaskIsNeverMergedInto(unittest.TestCase):
         other = _PersistEventsTask(events_and_contexts=[], backfilled=True)
         self.assertFalse(task.try_merge(other))
         self.assertEqual(task.events_and_contexts, [])
+
+    def test_not_merged_into_a_backfilled_task_before_it(self) -> None:
+        from synapse.storage.controllers.persist_events import _PersistEventsTask
+
+        pulled = _PersistEventsTask(events_and_contexts=[], backfilled=True)
+        bulk = outliers.BulkOutliersTask(
+            events_and_contexts=[("$a", None)],  # type: ignore[list-item]
+            backfilled=outliers.BULK_BACKFILLED,
+        )
+        self.assertFalse(pulled.try_merge(bulk))
+        self.assertEqual(pulled.events_and_contexts, [])
+        self.assertTrue(bulk.backfilled)
