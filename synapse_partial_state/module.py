@@ -25,6 +25,7 @@ from synapse_partial_state.compat.backfill import (
     skip_reuse_while_backfilling,
 )
 from synapse_partial_state.compat.bulk import gate as bulk_gate
+from synapse_partial_state.compat.bulk.delta_reads import install_shared_delta_reads
 from synapse_partial_state.compat.bulk.deltas import install_delta_batching
 from synapse_partial_state.compat.bulk.finish import install_bulk_finish
 from synapse_partial_state.compat.bulk.gate import BulkGate
@@ -141,9 +142,13 @@ class PartialStateModule:
             api, bulk_gate.configured(release, config.resync.bulk_finish)
         )
         # Wherever Synapse's user directory, stats or presence handle deltas.
-        install_delta_batching(
-            bulk_gate.configured(release, config.resync.bulk_state_deltas)
-        )
+        deltas_verdict = bulk_gate.configured(release, config.resync.bulk_state_deltas)
+        if install_delta_batching(deltas_verdict):
+            clock = patching.homeserver(api).get_clock()
+            install_shared_delta_reads(
+                patching.main_store(api),
+                lambda seconds, callback: call_later_s(clock, seconds, callback),
+            )
         # Wherever this process serves the client API (main or workers).
         summaries = self._wire_clients(api, config)
         if config.resident.enabled:

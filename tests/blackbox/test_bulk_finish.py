@@ -33,6 +33,10 @@ from tests.fedkit.testcase import (
 )
 
 BULK_LINE = r"Current state of {room}: writing \d+ remote members in bulk"
+SHARED_READ_LINE = (
+    r"Current-state deltas after stream position \d+ \(\d+ rows\): one read "
+    r"for [2-9] of Synapse's handlers"
+)
 USER_DIRECTORY_LINE = (
     r"User directory: \d+ members joining {room} \((public|private)\) written in bulk"
 )
@@ -291,6 +295,10 @@ class BulkFinishRows(BulkFinishCase):
         self.assertTrue(bulk.search(on.read_log()), "on did not take the bulk path")
         self.assertIsNone(bulk.search(off.read_log()), "off took the bulk path")
         on.wait_for_log(rf"bulk rows written in .* \({stale} members replaced\)", 5)
+        # Synapse's delta handlers read the finish's delta (the whole room at
+        # one stream position) once between them (compat/bulk/delta_reads.py),
+        # and fill the same tables (compared below).
+        on.wait_for_log(SHARED_READ_LINE, 10)
 
         self.assert_same_rows(off, on)
 
