@@ -13,7 +13,9 @@ through Synapse's insert unchanged.
 
 Only the transport changes: the rows are Synapse's, built by Synapse's code;
 the differential test (``tests/blackbox/test_bulk_outliers.py``) compares the
-tables written through Synapse's path and the bulk path.
+tables written through Synapse's path and the bulk path. One table's big inserts
+are copied in any transaction (:data:`ALWAYS_COPY_TABLES`): a whole state group
+of a big room.
 """
 
 from __future__ import annotations
@@ -43,6 +45,14 @@ COPY_TABLES = frozenset(
 )
 #: Fewer rows than this go through Synapse's insert (COPY's fixed cost).
 COPY_MIN_ROWS = 50
+#: Tables whose big inserts are copied in any transaction: a whole state group
+#: (``StateGroupDataStore.store_state_group``, 1.163.2), written when Synapse
+#: is handed a state with no group to store it as a delta of: at a resync, the
+#: first state of a big room with full state (every member: 100,000 rows at
+#: 100,000 members, 100 per ``INSERT`` statement otherwise).
+ALWAYS_COPY_TABLES = frozenset({"state_groups_state"})
+#: Rows from which an insert into :data:`ALWAYS_COPY_TABLES` is copied.
+ALWAYS_COPY_MIN_ROWS = 5000
 
 _local = threading.local()
 #: Rows sent with COPY by this process (for the writer's log line).
@@ -124,11 +134,9 @@ def wrap_insert_many(native: Insert) -> Insert:
         txn: Any, table: str, keys: Sequence[str], values: Collection[Iterable[Any]]
     ) -> None:
         if (
-            active()
-            and table in COPY_TABLES
-            and len(values) >= COPY_MIN_ROWS
-            and _is_postgres(txn)
-        ):
+            (active() and table in COPY_TABLES and len(values) >= COPY_MIN_ROWS)
+            or (table in ALWAYS_COPY_TABLES and len(values) >= ALWAYS_COPY_MIN_ROWS)
+        ) and _is_postgres(txn):
             rows = [tuple(row) for row in values]
             try:
                 body = encode_rows(rows)
@@ -139,6 +147,8 @@ def wrap_insert_many(native: Insert) -> Insert:
                 f"COPY {table} ({', '.join(keys)}) FROM STDIN", io.StringIO(body)
             )
             COPIED["rows"] += len(rows)
+            if table in ALWAYS_COPY_TABLES:
+                logger.info("%d rows of %s written with COPY", len(rows), table)
             return None
         return native(txn, table, keys, values)
 
@@ -162,7 +172,8 @@ def install_copy() -> None:
             "synapse.storage.database.DatabasePool.simple_insert_many_txn",
             "wrap",
             "within the bulk outlier writer's transactions on PostgreSQL, the "
-            "per-event tables' rows sent with COPY (other inserts unchanged)",
+            "per-event tables' rows sent with COPY, and a big room's whole state "
+            "groups in any transaction (other inserts unchanged)",
         )
     )
 

@@ -96,3 +96,26 @@ class WrapperTests(unittest.TestCase):
             ["event_forward_extremities", "events", "events", "events"],
         )
         self.assertEqual(self.native[-1][1], odd)
+
+    def test_a_big_whole_state_group_is_copied_in_any_transaction(self) -> None:
+        keys = ("state_group", "room_id", "type", "state_key", "event_id")
+        big = [
+            (7, "!r:a", "m.room.member", f"@u{i}:a", f"$m{i}")
+            for i in range(copy.ALWAYS_COPY_MIN_ROWS)
+        ]
+        sqlite = _Txn(Sqlite3Engine({"args": {"database": ":memory:"}}))
+        with self.assertLogs(copy.__name__, "INFO") as logs:
+            self.insert(self.pg, "state_groups_state", keys, big)
+        self.assertEqual(
+            logs.output[0].split(":", 2)[2],
+            f"{len(big)} rows of state_groups_state written with COPY",
+        )
+        self.insert(self.pg, "state_groups_state", keys, big[:-1])  # small
+        self.insert(sqlite, "state_groups_state", keys, big)
+        [(sql, body)] = self.pg.txn.copies
+        self.assertEqual(sql, f"COPY state_groups_state ({', '.join(keys)}) FROM STDIN")
+        self.assertEqual(body.count("\n"), len(big))
+        self.assertTrue(body.startswith("7\t!r:a\tm.room.member\t@u0:a\t$m0\n"))
+        self.assertEqual(
+            [len(rows) for _, rows in self.native], [len(big) - 1, len(big)]
+        )
