@@ -229,8 +229,9 @@ class PartialStateModule:
         install_signing_servers_hint(enricher.signing_servers)
         install_make_join_reads(api)
         hold_s = config.resident.fanout_hold_seconds
+        hold = None
         if hold_s > 0:
-            send_join.install_fanout_hold(
+            hold = send_join.install_fanout_hold(
                 api, lambda wake, later, pos: FanOutHold(wake, later, hold_s, pos)
             )
         server = None
@@ -240,7 +241,15 @@ class PartialStateModule:
                 config.resident.state_cache,
                 metrics=StateServerMetrics(api.server_name),
             )
-            servlets.install_state_servlets(server.serve_state, server.serve_state_ids)
+            serve_state: servlets.ServeStateRequest = server.serve_state
+            serve_state_ids: servlets.ServeStateRequest = server.serve_state_ids
+            if hold is not None:
+                # A joiner's first state requests before its join's fan-out.
+                serve_state = servlets.while_answering(serve_state, hold.answer_started)
+                serve_state_ids = servlets.while_answering(
+                    serve_state_ids, hold.answer_started
+                )
+            servlets.install_state_servlets(serve_state, serve_state_ids)
             install_event_invalidation_hook(
                 api, server.forget_event, server.forget_room
             )

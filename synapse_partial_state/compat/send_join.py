@@ -126,8 +126,13 @@ StateSelector = Callable[
 #: (room ID, the ``prev_events`` of a join we answered with partial state).
 PartialJoinObserver = Callable[[str, list[str]], None]
 #: Called as a ``/send_join`` answer starts; what it returns is called once the
-#: answer has been sent (or has failed).
-AnswerTracker = Callable[[], Callable[[], None]]
+#: answer has been sent (or has failed), with how much longer it should count
+#: as in progress (``grace_s``).
+AnswerTracker = Callable[[], Callable[..., None]]
+#: A partial answer counts as in progress this long after it has been sent: the
+#: joiner's resync asks for ``/state_ids`` next, at once (a module joiner as
+#: soon as the answer arrives), and the fan-out of its join waits for that.
+NEXT_REQUEST_GRACE_S = 0.5
 
 
 @attr.s(auto_attribs=True, slots=True)
@@ -193,14 +198,18 @@ def _wrap_on_send_join_request() -> None:
                     room_id,
                     caller_supports_partial_state,
                 )
-                if resp.get("members_omitted"):
+                partial = bool(resp.get("members_omitted"))
+                if partial:
                     await _after_partial_answer(resp, content, room_id)
             except BaseException:
                 if answered is not None:
                     answered()
                 raise
             if answered is not None:
-                after_response(answered, f"/send_join answer in {room_id}")
+                # A partial join's resync asks for the state next.
+                grace = NEXT_REQUEST_GRACE_S if partial else 0.0
+                done = answered
+                after_response(lambda: done(grace), f"/send_join answer in {room_id}")
             return resp
 
         return on_send_join_request
@@ -516,7 +525,7 @@ class WakeupHold(Protocol):
 
     def notify(self, token: Any) -> None: ...
 
-    def answer_started(self) -> Callable[[], None]: ...
+    def answer_started(self) -> Callable[..., None]: ...
 
 
 #: (the sender's own wake-up, ``call_later(seconds, callback)``, a token's

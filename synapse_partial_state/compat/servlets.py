@@ -107,6 +107,26 @@ class StateQuery:
 ServeStateRequest = Callable[["SynapseRequest", StateQuery], Awaitable[bool]]
 
 
+def while_answering(
+    serve: ServeStateRequest, answer_started: Callable[[], Callable[..., None]]
+) -> ServeStateRequest:
+    """``serve``, telling ``answer_started`` (the fan-out hold's) that an answer
+    is in progress until its response has been written (or has failed)."""
+
+    async def tracked(request: SynapseRequest, query: StateQuery) -> bool:
+        finished = answer_started()
+        try:
+            served = await serve(request, query)
+        except BaseException:
+            finished()
+            raise
+        # Declined: stock's answer follows in the same request.
+        after_response(finished, f"/state answer in {query.room_id}")
+        return served
+
+    return tracked
+
+
 def install_state_servlets(
     serve_state: ServeStateRequest, serve_state_ids: ServeStateRequest
 ) -> None:

@@ -14,6 +14,15 @@ prepared, and passes the last one on once no answer is in progress, or at most
 sender: it runs at least that often, and catches up on everything at once, as
 its wake-ups only say "there is something new up to here"). Nothing is dropped:
 the events are in the database, and the sender reads them from there.
+
+A joiner's next request follows its ``/send_join`` answer at once: the state
+its resync starts with (``/state_ids``, then ``/state``; a module joiner asks
+for it as soon as the answer arrives). The ``/send_join`` answer counts as in
+progress a moment after it is sent (``grace_s``), and the state answers count
+too, so that the joiner's first state requests are answered before the fan-out
+of its join takes the reactor (measured at 100,000 members: ``/state_ids``,
+built in 0.1 s from the cache, took 5 s behind the fan-out to 2,000 servers).
+The same ``max_hold_s`` bounds it all.
 """
 
 from __future__ import annotations
@@ -76,20 +85,30 @@ class FanOutHold:
         if self._deadline is None:
             self._deadline = self._call_later(self._max_hold_s, self._on_deadline)
 
-    def answer_started(self) -> Callable[[], None]:
+    def answer_started(self) -> Callable[..., None]:
         """An answer is being prepared; call what this returns (once; later calls
-        do nothing) when it has been sent, or has failed."""
+        do nothing) when it has been sent, or has failed. Called with
+        ``grace_s``, the answer counts as in progress that much longer: the
+        request its client sends next (a joiner's ``/state_ids`` after its
+        partial ``/send_join``) starts its own answer before the sender is
+        woken."""
         self._answers += 1
         done = False
 
-        def finished() -> None:
+        def over() -> None:
+            self._answers -= 1
+            if self._answers == 0:
+                self._release()
+
+        def finished(grace_s: float = 0.0) -> None:
             nonlocal done
             if done:
                 return
             done = True
-            self._answers -= 1
-            if self._answers == 0:
-                self._release()
+            if grace_s > 0:
+                self._call_later(grace_s, over)
+            else:
+                over()
 
         return finished
 

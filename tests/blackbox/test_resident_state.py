@@ -21,6 +21,7 @@ from synapse.events import make_event_from_dict
 
 from synapse_partial_state.wire import MEMBERS_ONLY_PARAM
 from tests.blackbox.endpoints import patch_targets
+from tests.blackbox.resync_case import wait_until
 from tests.fedkit.matrix_client import Client
 from tests.fedkit.testcase import (
     FederationTestCase,
@@ -425,7 +426,20 @@ class StatePrewarm(FederationTestCase):
         line = hs1.wait_for_log(r"state cache: /state full .*", since=since)
         self.assertRegex(line.group(0), r" entry=hit .* loaded=0 ")
 
-        # /state_ids for a state not prepared yet prepares the /state.
+        # /state_ids for a state not prepared yet prepares the /state. The new
+        # member joins once the resident has the earlier joiner's join (hs1
+        # sends it to the room after the joiner's first state requests).
+        wait_until(
+            lambda: (
+                joined["event_id"]
+                in {
+                    e["event_id"]
+                    for e in peer.room_events(room_id, limit=100000)["events"]
+                }
+            ),
+            30,
+            "the earlier join at the resident",
+        )
         new = peer.join_users(room_id, 1, destinations=[hs1.server_name])
         new_id = new["event_ids"][0]
         alice.wait_for_event(room_id, partial(_has_id, new_id))

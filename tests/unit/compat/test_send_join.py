@@ -410,6 +410,20 @@ class SendJoinWrapperTests(unittest.TestCase):
         finished.callback(None)
         self.assertEqual(self.calls[-1], ("observer", "!r:a", ["$p"]))
 
+    def test_partial_answers_get_the_grace_full_ones_none(self) -> None:
+        """The fan-out hold is told when an answer has been sent, a partial
+        one with a grace (the joiner's ``/state_ids`` follows at once)."""
+        finished: list[float] = []
+
+        def tracker() -> Any:
+            return lambda grace_s=0.0: finished.append(grace_s)
+
+        send_join._SEND_JOIN_HOOKS.answer_started = tracker
+        send_join._wrap_on_send_join_request()
+        self.call(True)
+        self.call(False)
+        self.assertEqual(finished, [send_join.NEXT_REQUEST_GRACE_S, 0.0])
+
     def test_send_join_servlet_is_request_aware_once(self) -> None:
         from synapse.federation.transport.server import federation as fed_servlets
 

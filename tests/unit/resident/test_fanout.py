@@ -138,3 +138,44 @@ class FanOutHoldTests(unittest.TestCase):
         hold.notify(1)
         with self.assertLogs("synapse_partial_state.resident.fanout", "ERROR"):
             done()
+
+
+class GraceTests(unittest.TestCase):
+    """A partial ``/send_join`` answer counts as in progress a moment after it
+    is sent; the joiner's state request, answered meanwhile, holds on."""
+
+    def setUp(self) -> None:
+        self.clock = _Clock()
+        self.woken: list[int] = []
+        self.hold = FanOutHold(self.woken.append, self.clock.call_later, 2.0, int)
+
+    def test_the_next_request_starts_before_the_sender_is_woken(self) -> None:
+        send_join = self.hold.answer_started()
+        self.hold.notify(5)  # the join persisted: its fan-out is held
+        send_join(0.5)
+        self.clock.advance(0.3)
+        state_ids = self.hold.answer_started()  # the joiner's /state_ids
+        self.clock.advance(0.3)  # the grace is over; the answer goes on
+        self.assertEqual(self.woken, [])
+        state_ids()
+        self.assertEqual(self.woken, [5])
+
+    def test_without_a_next_request_the_grace_ends_the_hold(self) -> None:
+        send_join = self.hold.answer_started()
+        self.hold.notify(5)
+        send_join(0.5)
+        self.clock.advance(0.4)
+        self.assertEqual(self.woken, [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.woken, [5])
+        self.assertEqual(self.hold.answers_in_progress, 0)
+
+    def test_the_deadline_still_bounds_the_hold(self) -> None:
+        send_join = self.hold.answer_started()
+        self.hold.notify(5)
+        send_join(0.5)
+        state = self.hold.answer_started()  # a long /state answer
+        self.clock.advance(2.0)
+        self.assertEqual(self.woken, [5])
+        state()
+        self.assertEqual(self.woken, [5])
