@@ -55,7 +55,6 @@ from synapse_partial_state.compat.resync import (
     install_local_membership_observer,
     install_resync_hook,
 )
-from synapse_partial_state.compat.runtime import call_later_s
 from synapse_partial_state.compat.state_fetch import (
     StateFetchOps,
     banned_signing_keys,
@@ -75,7 +74,6 @@ from synapse_partial_state.compat.web import (
 )
 from synapse_partial_state.config import PartialStateConfig, parse_config
 from synapse_partial_state.device_lists.lists import DeviceLists
-from synapse_partial_state.joining.early import EarlyStateIds
 from synapse_partial_state.joining.engine import ResyncEngine
 from synapse_partial_state.joining.fetch import StateFetcher
 from synapse_partial_state.joining.inflight import InflightFetches
@@ -166,20 +164,10 @@ class PartialStateModule:
             pool = VerifierPool(
                 default_workers() if workers < 0 else workers, banned_signing_keys()
             )
-        # The resync's first request, asked while the join is still going on
-        # (taken by the engine's own state fetch only).
-        early = None
-        if config.resync.enabled and pool is not None:
-            clock = patching.homeserver(api).get_clock()
-            early = EarlyStateIds(
-                StateFetchOps(api).state_ids,
-                api.run_as_background_process,
-                lambda seconds, callback: call_later_s(clock, seconds, callback),
-            )
         # Synapse joins remote rooms on the main process only.
-        self._wire_join(api, pool, early)
+        self._wire_join(api, pool)
         if config.resync.enabled:
-            engine = self._wire_engine(api, config, pool, release, early)
+            engine = self._wire_engine(api, config, pool, release)
             if self.device_lists is not None:
                 engine.add_abandon_listener(
                     self.device_lists.on_room_abandoned,
@@ -268,32 +256,17 @@ class PartialStateModule:
             warmer.start()
 
     @staticmethod
-    def _wire_join(
-        api: ModuleApi, pool: VerifierPool | None, early: EarlyStateIds | None
-    ) -> None:
+    def _wire_join(api: ModuleApi, pool: VerifierPool | None) -> None:
         """The join itself: the signing keys a module resident's ``/make_join``
         answer names, fetched while it prepares the ``/send_join`` answer, and
-        that answer checked in bulk (with ``pool``; without, by Synapse); a
-        partial answer's server asked at once for the state the resync starts
-        with (``early``)."""
+        that answer checked in bulk (with ``pool``; without, by Synapse)."""
         prefetch = JoinKeyPrefetch(
             api,
             ResyncOps(api),
             lambda servers, at_ms: servers_with_stored_keys(api, servers, at_ms),
         )
         check = JoinCheck(prefetch, pool, StateFetchOps(api) if pool else None)
-        install_join_key_prefetch(
-            api,
-            prefetch.on_hint,
-            check.before_check,
-            (
-                lambda origin, join: early.start(
-                    origin, join.room_id, join.prev_event_ids()
-                )
-            )
-            if early is not None
-            else None,
-        )
+        install_join_key_prefetch(api, prefetch.on_hint, check.before_check)
 
     def _wire_engine(
         self,
@@ -301,7 +274,6 @@ class PartialStateModule:
         config: PartialStateConfig,
         pool: VerifierPool | None,
         release: BulkGate,
-        early: EarlyStateIds | None,
     ) -> ResyncEngine:
         """The resync engine, its own state fetch (with ``pool``, when
         ``fast_state_fetch``), and Synapse's hooks into both."""
@@ -313,7 +285,7 @@ class PartialStateModule:
             )
             self.bulk_gate = bulk_gate.configured(release, config.resync.bulk_writer)
             bulk = bulk_outlier_writer(patching.homeserver(api), self.bulk_gate)
-            fetcher = StateFetcher(StateFetchOps(api, bulk), pool, inflight, early)
+            fetcher = StateFetcher(StateFetchOps(api, bulk), pool, inflight)
         engine = ResyncEngine(
             api,
             config.resync,

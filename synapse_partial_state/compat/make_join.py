@@ -54,10 +54,6 @@ SendJoinChecker = Callable[
     [str, "RoomVersion", list["EventBase"]], Awaitable[Collection["EventBase"]]
 ]
 
-#: (the server that answered, the join event) on the joining side, once a
-#: partial ``/send_join`` answer has arrived; must not block.
-PartialAnswerObserver = Callable[[str, "EventBase"], None]
-
 #: How long events checked ahead are remembered for Synapse's check (which
 #: follows at once: this only bounds what a failed-over answer leaves behind).
 _VOUCHED_KEEP_S = 120
@@ -108,18 +104,13 @@ def install_signing_servers_hint(provider: SigningServersProvider) -> None:
 
 
 def install_join_key_prefetch(
-    api: ModuleApi,
-    on_hint: HintObserver,
-    before_check: SendJoinChecker,
-    on_partial_answer: PartialAnswerObserver | None = None,
+    api: ModuleApi, on_hint: HintObserver, before_check: SendJoinChecker
 ) -> None:
     """On the joining side (the main process, where Synapse joins rooms): tell
     ``on_hint`` the servers a resident's ``/make_join`` answer names, and await
     ``before_check(room_id, room_version, events)`` between receiving a
     ``/send_join`` answer and Synapse's checks of its signatures; Synapse's
-    per-event check is skipped for the events it returns. A partial answer
-    (members omitted) is first told to ``on_partial_answer(destination, join
-    event)``.
+    per-event check is skipped for the events it returns.
 
     * ``TransportLayerClient.make_membership_event`` (the one federation
       transport client's method; ``FederationClient.make_membership_event``
@@ -170,11 +161,6 @@ def install_join_key_prefetch(
             response = await native(room_version, destination, pdu, omit_members)
             if response.state_dag:  # MSC4242: not a partial answer
                 return response
-            if response.members_omitted and on_partial_answer is not None:
-                try:
-                    on_partial_answer(destination, pdu)
-                except Exception:
-                    logger.exception("Early resync request for %s failed", pdu.room_id)
             events = [*response.state, *response.auth_events]
             vouched = await before_check(pdu.room_id, room_version, events)
             if vouched:

@@ -37,7 +37,6 @@ from synapse.module_api import make_deferred_yieldable
 from synapse_partial_state.compat.runtime import concurrently_execute
 from synapse_partial_state.compat.state_fetch import uses_v1_event_ids
 from synapse_partial_state.joining import verify
-from synapse_partial_state.joining.early import EarlyStateIds
 from synapse_partial_state.joining.inflight import InflightFetches, StateIds
 from synapse_partial_state.joining.state_parser import StatePdusParser
 from synapse_partial_state.joining.writer import (
@@ -97,13 +96,10 @@ class StateFetcher:
         ops: StateFetchOps,
         pool: verify.VerifierPool,
         inflight: InflightFetches,
-        early: EarlyStateIds | None = None,
     ) -> None:
         self._ops = ops
         self._pool = pool
         self._inflight = inflight
-        #: ``/state_ids`` asked while the join was going on (:mod:`.early`)
-        self._early = early
 
     async def fetch_state_before(
         self,
@@ -269,12 +265,7 @@ class StateFetcher:
         wanted_auth: set[str] = set()
         answers: dict[str, StateIds] = {}
         for prev in missing_prevs:
-            early = None
-            if self._early is not None:
-                early = await self._early.take(destination, room_id, prev)
-            state_ids, auth_ids = early or await self._ops.state_ids(
-                destination, room_id, prev
-            )
+            state_ids, auth_ids = await self._ops.state_ids(destination, room_id, prev)
             answers[prev] = (state_ids, auth_ids)
             wanted_state.update(state_ids)
             wanted_auth.update(auth_ids)

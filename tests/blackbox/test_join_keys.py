@@ -25,8 +25,6 @@ CHECKING = r"Processing from send_join (\d+) events"
 BULK = (
     r"Join of (\S+): (\d+) of the (\d+) events of the /send_join answer checked in bulk"
 )
-#: The resync took the /state_ids asked as the /send_join answer arrived.
-EARLY = r"Resync of (\S+): /state_ids from (\S+) asked during the join"
 
 
 class _JoinCase(FederationTestCase):
@@ -70,16 +68,6 @@ class _JoinCase(FederationTestCase):
             (self.room_id, MEMBER),
         )
         return {str(k): str(m) for k, m in rows}
-
-    def assert_early_state_ids(self, since: int) -> None:
-        """The resync started from the ``/state_ids`` asked of hs1 as its
-        partial ``/send_join`` answer arrived, and completed."""
-        self.hs2.wait_for_log(EARLY, since=since)
-        early = re.search(EARLY, read_from(self.hs2.log_path, since))
-        assert early is not None
-        self.assertEqual(early.groups(), (self.room_id, self.hs1.server_name))
-        self.hs2.wait_for_log(r"Resync of \S+ complete in", since=since)
-        self.assertEqual(self.current_members(self.hs2).get(self.power_user), "join")
 
 
 @on_room_versions("10", "12")
@@ -147,7 +135,6 @@ class ModuleResident(_JoinCase):
         self.assertEqual(bulk.group(2), bulk.group(3))
         self.assertEqual(bulk.group(3), checking.group(1))
         self.assertLess(bulk.start(), checking.start())
-        self.assert_early_state_ids(since)
 
 
 @on_room_versions("10")
@@ -173,4 +160,3 @@ class StockResident(_JoinCase):
         # Without a hint, the answer is still checked in bulk (keys Synapse
         # does not hold yet are left to its own check).
         self.assertRegex(log, BULK)
-        self.assert_early_state_ids(since)
