@@ -55,6 +55,7 @@ from synapse_partial_state.compat.resync import (
     install_local_membership_observer,
     install_resync_hook,
 )
+from synapse_partial_state.compat.runtime import call_later_s
 from synapse_partial_state.compat.state_fetch import (
     StateFetchOps,
     banned_signing_keys,
