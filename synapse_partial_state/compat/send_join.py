@@ -130,8 +130,8 @@ PartialJoinObserver = Callable[[str, list[str]], None]
 #: as in progress (``grace_s``).
 AnswerTracker = Callable[[], Callable[..., None]]
 #: A partial answer counts as in progress this long after it has been sent: the
-#: joiner's resync asks for ``/state_ids`` next, at once (a module joiner as
-#: soon as the answer arrives), and the fan-out of its join waits for that.
+#: joiner's resync asks for ``/state_ids`` next, and the fan-out of its join
+#: waits for that.
 NEXT_REQUEST_GRACE_S = 0.5
 
 

@@ -16,12 +16,12 @@ its wake-ups only say "there is something new up to here"). Nothing is dropped:
 the events are in the database, and the sender reads them from there.
 
 A joiner's next request follows its ``/send_join`` answer at once: the state
-its resync starts with (``/state_ids``, then ``/state``; a module joiner asks
-for it as soon as the answer arrives). The ``/send_join`` answer counts as in
-progress a moment after it is sent (``grace_s``), and the state answers count
-too, so that the joiner's first state requests are answered before the fan-out
-of its join takes the reactor (measured at 100,000 members: ``/state_ids``,
-built in 0.1 s from the cache, took 5 s behind the fan-out to 2,000 servers).
+its resync starts with (``/state_ids``, then ``/state``). The ``/send_join``
+answer counts as in progress a moment after it is sent (``grace_s``), and the
+state answers count too, so that the joiner's first state requests are answered
+before the fan-out of its join takes the reactor (measured at 100,000 members:
+``/state_ids``, built in 0.1 s from the cache, took 5 s behind the fan-out to
+2,000 servers).
 The same ``max_hold_s`` bounds it all.
 """
 
