@@ -25,6 +25,7 @@ from synapse_partial_state.compat.patching import (
 )
 from synapse_partial_state.compat.runtime import call_later_s
 from synapse_partial_state.compat.servlets import (
+    AnswerTracker,
     after_response,
     replace_federation_servlets,
     request_aware_servlet,
@@ -125,10 +126,6 @@ StateSelector = Callable[
 ]
 #: (room ID, the ``prev_events`` of a join we answered with partial state).
 PartialJoinObserver = Callable[[str, list[str]], None]
-#: Called as a ``/send_join`` answer starts; what it returns is called once the
-#: answer has been sent (or has failed), with how much longer it should count
-#: as in progress (``grace_s``).
-AnswerTracker = Callable[[], Callable[..., None]]
 #: A partial answer counts as in progress this long after it has been sent: the
 #: joiner's resync asks for ``/state_ids`` next, and the fan-out of its join
 #: waits for that.

@@ -105,10 +105,14 @@ class StateQuery:
 #: and lets Synapse's own servlet answer. Raising a ``SynapseError`` answers
 #: with that error, as Synapse's servlets do.
 ServeStateRequest = Callable[["SynapseRequest", StateQuery], Awaitable[bool]]
+#: Called as an answer starts; what it returns is called once the answer has
+#: been sent (or has failed), with how much longer it should count as in
+#: progress (``grace_s``): the fan-out hold's ``answer_started``.
+AnswerTracker = Callable[[], Callable[..., None]]
 
 
 def while_answering(
-    serve: ServeStateRequest, answer_started: Callable[[], Callable[..., None]]
+    serve: ServeStateRequest, answer_started: AnswerTracker
 ) -> ServeStateRequest:
     """``serve``, telling ``answer_started`` (the fan-out hold's) that an answer
     is in progress until its response has been written (or has failed)."""

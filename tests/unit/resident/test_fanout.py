@@ -37,7 +37,9 @@ class _Clock:
         return sum(1 for e in self.calls if not e[2])
 
 
-class FanOutHoldTests(unittest.TestCase):
+class _HoldCase(unittest.TestCase):
+    """A hold of 2 s on a hand-driven clock, waking ``self.woken``."""
+
     def setUp(self) -> None:
         self.clock = _Clock()
         self.woken: list[int] = []
@@ -46,6 +48,8 @@ class FanOutHoldTests(unittest.TestCase):
     def make(self, max_hold_s: float) -> FanOutHold:
         return FanOutHold(self.woken.append, self.clock.call_later, max_hold_s, int)
 
+
+class FanOutHoldTests(_HoldCase):
     def test_no_answer_in_progress_passes_wake_ups_on_at_once(self) -> None:
         self.hold.notify(5)
         self.hold.notify(6)
@@ -140,14 +144,9 @@ class FanOutHoldTests(unittest.TestCase):
             done()
 
 
-class GraceTests(unittest.TestCase):
+class GraceTests(_HoldCase):
     """A partial ``/send_join`` answer counts as in progress a moment after it
     is sent; the joiner's state request, answered meanwhile, holds on."""
-
-    def setUp(self) -> None:
-        self.clock = _Clock()
-        self.woken: list[int] = []
-        self.hold = FanOutHold(self.woken.append, self.clock.call_later, 2.0, int)
 
     def test_the_next_request_starts_before_the_sender_is_woken(self) -> None:
         send_join = self.hold.answer_started()
