@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextvars
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from synapse.module_api import ModuleApi
 
@@ -46,13 +46,25 @@ SigningServersProvider = Callable[[str, str], Awaitable[list[str]]]
 #: (room ID, servers named by the resident's hint) on the joining side; must not
 #: block.
 HintObserver = Callable[[str, list[str]], None]
-#: (room ID, room version, the events of a /send_join answer) -> those of them
+#: (room ID, room version, the state and the auth chain of a /send_join answer,
+#: the join event(s), whether members were omitted) -> the outcome: the events
 #: whose signatures and hashes the callee checked (Synapse then skips its own
-#: per-event check for them); called once the answer has arrived, before
-#: Synapse's checks, which it may delay (bounded by the callee).
+#: per-event check for them), and the IDs of state events to take out of the
+#: answer; called once the answer has arrived, before Synapse's checks, which
+#: it may delay (bounded by the callee).
 SendJoinChecker = Callable[
-    [str, "RoomVersion", list["EventBase"]], Awaitable[Collection["EventBase"]]
+    [str, "RoomVersion", list["EventBase"], list["EventBase"], list["EventBase"], bool],
+    Awaitable["JoinCheckOutcome"],
 ]
+
+
+class JoinCheckOutcome(Protocol):
+    @property
+    def vouched(self) -> Collection[EventBase]: ...
+
+    @property
+    def left_out(self) -> Collection[str]: ...
+
 
 #: How long events checked ahead are remembered for Synapse's check (which
 #: follows at once: this only bounds what a failed-over answer leaves behind).
@@ -161,8 +173,24 @@ def install_join_key_prefetch(
             response = await native(room_version, destination, pdu, omit_members)
             if response.state_dag:  # MSC4242: not a partial answer
                 return response
-            events = [*response.state, *response.auth_events]
-            vouched = await before_check(pdu.room_id, room_version, events)
+            joins = [pdu] if response.event is None else [pdu, response.event]
+            outcome = await before_check(
+                pdu.room_id,
+                room_version,
+                response.state,
+                response.auth_events,
+                joins,
+                bool(response.members_omitted),
+            )
+            if outcome.left_out and response.members_omitted:
+                # Partial state: members the answer does not need, whose
+                # signing keys did not come in time, go with the resync.
+                response.state = [
+                    event
+                    for event in response.state
+                    if event.event_id not in outcome.left_out
+                ]
+            vouched = outcome.vouched
             if vouched:
                 ids = [id(event) for event in vouched]
                 _VOUCHED.update(zip(ids, vouched, strict=True))
@@ -216,10 +244,12 @@ def install_join_key_prefetch(
 _VOUCHED: dict[int, EventBase] = {}
 
 
-def _senders_txn(txn: Any, room_id: str, user_ids: Collection[str]) -> set[str]:
-    """Senders of the room's current non-member state, and of the current
-    membership events of ``user_ids`` (their own, and who banned, kicked or
-    invited them)."""
+def _senders_txn(
+    txn: Any, room_id: str, user_ids: Collection[str]
+) -> tuple[list[str], dict[str, str]]:
+    """Senders of the room's current non-member state (sorted), and of the
+    current membership events of ``user_ids`` (their own, and who banned,
+    kicked or invited them), by user ID."""
     txn.execute(
         """
         SELECT DISTINCT e.sender FROM current_state_events AS c
@@ -228,28 +258,29 @@ def _senders_txn(txn: Any, room_id: str, user_ids: Collection[str]) -> set[str]:
         """,
         (room_id,),
     )
-    senders = {row[0] for row in txn}
+    senders = sorted({row[0] for row in txn})
+    by_member: dict[str, str] = {}
     users = list(user_ids)
     for start in range(0, len(users), 100):
         batch = users[start : start + 100]
         txn.execute(
             f"""
-            SELECT m.sender FROM current_state_events AS c
+            SELECT c.state_key, m.sender FROM current_state_events AS c
             INNER JOIN room_memberships AS m USING (event_id)
             WHERE c.room_id = ? AND c.type = 'm.room.member'
               AND c.state_key IN ({", ".join("?" for _ in batch)})
             """,
             (room_id, *batch),
         )
-        senders.update(row[0] for row in txn)
-    return senders
+        by_member.update((row[0], row[1]) for row in txn)
+    return senders, by_member
 
 
 async def state_senders(
     api: ModuleApi, room_id: str, user_ids: Collection[str]
-) -> set[str]:
-    """User IDs that sent the room's current non-member state and the current
-    membership events of ``user_ids`` (one transaction)."""
+) -> tuple[list[str], dict[str, str]]:
+    """User IDs that sent the room's current non-member state, and who sent the
+    current membership event of each of ``user_ids`` (one transaction)."""
     return await main_store(api).db_pool.runInteraction(
         "sps_make_join_signing_servers", _senders_txn, room_id, user_ids
     )

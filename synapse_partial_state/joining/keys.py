@@ -52,6 +52,11 @@ JOIN_KEY_CONCURRENCY = 64
 #: by the ``/make_join`` hint before Synapse checks the answer (which then
 #: fetches what is still missing itself, as stock).
 JOIN_KEY_WAIT_S = 5.0
+#: Longest wait, once the ``/send_join`` answer has arrived, for the keys of the
+#: essentials nothing else in the answer needs (members named for the joiner's
+#: clients: heroes, power users, bans, invites): those still without keys then
+#: are left to the resync (``joining/join_check.py``).
+JOIN_EXTRAS_WAIT_S = 0.25
 #: How long a finished join prefetch is remembered for its ``/send_join``.
 _JOIN_KEY_KEEP_S = 120.0
 
@@ -69,6 +74,8 @@ class JoinKeyPrefetch:
         self._stored_keys = stored_keys
         #: per room: fires once the join's prefetch is over
         self._done: dict[str, defer.Deferred[None]] = {}
+        #: per room: when the first wait for its prefetch started (ms)
+        self._waiting_since: dict[str, int] = {}
 
     def on_hint(self, room_id: str, servers: list[str]) -> None:
         """A ``/make_join`` answer for ``room_id`` named ``servers``: fetch the
@@ -79,6 +86,7 @@ class JoinKeyPrefetch:
             return
         done: defer.Deferred[None] = defer.Deferred()
         self._done[room_id] = done
+        self._waiting_since.pop(room_id, None)
 
         async def prefetch() -> None:
             try:
@@ -89,23 +97,42 @@ class JoinKeyPrefetch:
                 def forget() -> None:
                     if self._done.get(room_id) is done:
                         del self._done[room_id]
+                        self._waiting_since.pop(room_id, None)
 
                 self._ops.call_later(_JOIN_KEY_KEEP_S, forget)
 
         self._api.run_as_background_process("sps_prefetch_join_keys", prefetch)
 
+    async def wait(self, room_id: str, seconds: float) -> bool:
+        """The ``/send_join`` answer for ``room_id`` has arrived: wait for the
+        keys the hint named, at most ``seconds`` (again and again, up to
+        :data:`JOIN_KEY_WAIT_S` in all since the first wait); whether the
+        prefetch is over (True without one)."""
+        done = self._done.get(room_id)
+        if done is None or done.called:
+            self._done.pop(room_id, None)
+            return True
+        now = self._ops.now_ms()
+        first = self._waiting_since.setdefault(room_id, now)
+        left = JOIN_KEY_WAIT_S - (now - first) / 1000
+        if left > 0:
+            await wait_at_most(done, min(seconds, left), self._ops)
+        over = done.called
+        if over or seconds >= left:
+            self._done.pop(room_id, None)
+            self._waiting_since.pop(room_id, None)
+        logger.info(
+            "Join of %s: waited %.2f s for the signing-key prefetch (%s)",
+            room_id,
+            (self._ops.now_ms() - now) / 1000,
+            "over" if over else "still going on",
+        )
+        return over
+
     async def before_check(self, room_id: str) -> None:
-        """The ``/send_join`` answer for ``room_id`` has arrived: until the keys
-        the hint named are fetched, at most :data:`JOIN_KEY_WAIT_S`."""
-        done = self._done.pop(room_id, None)
-        if done is not None and not done.called:
-            started = self._ops.now_ms()
-            await wait_at_most(done, JOIN_KEY_WAIT_S, self._ops)
-            logger.info(
-                "Join of %s: waited %.2f s for the signing-key prefetch",
-                room_id,
-                (self._ops.now_ms() - started) / 1000,
-            )
+        """Until the keys the hint named are fetched, at most
+        :data:`JOIN_KEY_WAIT_S`."""
+        await self.wait(room_id, JOIN_KEY_WAIT_S)
 
     async def _prefetch(self, room_id: str, servers: list[str]) -> None:
         started = self._ops.now_ms()

@@ -126,16 +126,19 @@ def pick_per_server(joined_oldest_first: Iterable[str], per_server: int) -> list
 
 
 def signing_servers_of(senders: Iterable[str]) -> list[str]:
-    """The servers of ``senders`` (user IDs), sorted, at most
-    :data:`~synapse_partial_state.wire.MAX_SIGNING_SERVERS` (ours included: the
-    joiner needs our keys too)."""
-    servers = set()
+    """The servers of ``senders`` (user IDs), in the order they first come, at
+    most :data:`~synapse_partial_state.wire.MAX_SIGNING_SERVERS` (ours
+    included: the joiner needs our keys too). The joiner fetches their keys in
+    that order, and waits only a moment for those of the essentials
+    (``joining/join_check.py``): the servers its join needs come first, then
+    those of the essentials by priority."""
+    servers: dict[str, None] = {}
     for user_id in senders:
         try:
-            servers.add(get_domain_from_id(user_id))
+            servers.setdefault(get_domain_from_id(user_id))
         except Exception:
             continue
-    return sorted(servers)[:MAX_SIGNING_SERVERS]
+    return list(servers)[:MAX_SIGNING_SERVERS]
 
 
 def _power_users(content: Mapping[str, Any] | None) -> list[str]:
@@ -201,8 +204,17 @@ class SendJoinEnricher:
                 users = heroes_from_summary(summary, joiner)
             users.extend(await self._candidates(room_id))
             users = list(dict.fromkeys(users))[: cfg.max_extra_members]
-        senders = await state_senders(self._api, room_id, users)
-        servers = signing_servers_of([*users, *senders])
+        state, membership_senders = await state_senders(self._api, room_id, users)
+        # Who sent the non-member state (the join needs those), then each
+        # essential's server and who sent its membership (a ban's or an
+        # invite's sender), by priority.
+        in_order = list(state)
+        for user_id in users:
+            in_order.append(user_id)
+            sender = membership_senders.get(user_id)
+            if sender is not None:
+                in_order.append(sender)
+        servers = signing_servers_of(in_order)
         if len(self._signing_servers) >= _SIGNING_SERVERS_ROOMS:
             self._signing_servers.clear()
         self._signing_servers[room_id] = (now, extremities, servers)

@@ -22,6 +22,9 @@ MEMBER = "m.room.member"
 KEY_PATH = r"^/_matrix/key/v2/server"
 PREFETCHED = r"Join of (\S+): prefetched signing keys of (\d+) server\(s\) named"
 CHECKING = r"Processing from send_join (\d+) events"
+LEFT_OUT = (
+    r"Join of (\S+): (\d+) member event\(s\) of the essentials left to the resync"
+)
 BULK = (
     r"Join of (\S+): (\d+) of the (\d+) events of the /send_join answer checked in bulk"
 )
@@ -31,7 +34,7 @@ class _JoinCase(FederationTestCase):
     #: Whether the resident (hs1) runs the module.
     RESIDENT_MODULE = True
 
-    def build(self) -> None:
+    def build(self, slow_keys: bool = True) -> None:
         self.peer = self.make_fake_peer()
         self.hs1 = self.make_homeserver("hs1", with_module=self.RESIDENT_MODULE)
         self.hs2 = self.make_homeserver("hs2")
@@ -58,8 +61,10 @@ class _JoinCase(FederationTestCase):
         alice.ban(self.room_id, self.banned)
         self.fake_servers = {u.split(":", 1)[1] for u in fake}
         self.alice = alice
-        # The fake servers' key server is slow from now on (hs1 has their keys).
-        self.peer.add_behaviour(KEY_PATH, "delay", seconds=1.5)
+        if slow_keys:
+            # The fake servers' key server is slow from now on (hs1 has their
+            # keys).
+            self.peer.add_behaviour(KEY_PATH, "delay", seconds=1.5)
 
     def current_members(self, hs: Homeserver) -> dict[str, str]:
         rows = hs.sql(
@@ -135,6 +140,66 @@ class ModuleResident(_JoinCase):
         self.assertEqual(bulk.group(2), bulk.group(3))
         self.assertEqual(bulk.group(3), checking.group(1))
         self.assertLess(bulk.start(), checking.start())
+
+    def test_an_essential_whose_keys_are_late_is_left_to_the_resync(self) -> None:
+        """A third fake server's member is made a power user (an essential
+        nothing in the answer needs), and that server's key server answers
+        only after 4 s: hs2's join does not wait for it (the join returns and
+        its check starts before the prefetch ends), goes without that member,
+        and keeps the other essentials (the ban and the invite, signed by hs1);
+        the resync then brings the member."""
+        self.build(slow_keys=False)
+        extra = self.peer.join(self.room_id, self.hs1.server_name, omit_members=False)
+        self.assertEqual(extra["send_join"]["status"], 200, extra)
+        late_user = extra["join_event"]["state_key"]
+        late_server = late_user.split(":", 1)[1]
+        self.assertNotIn(late_server, self.fake_servers)
+        power = self.alice.state_event(self.room_id, "m.room.power_levels")
+        power["users"][late_user] = 50
+        self.alice.send_state(self.room_id, "m.room.power_levels", "", power)
+        self.peer.add_behaviour(KEY_PATH, "delay", server=late_server, seconds=4)
+        bob = self.register(self.hs2, "bob")
+        since = self.hs2.log_offset()
+        bob.join(self.room_id, via=[self.hs1.server_name])
+        members = self.current_members(self.hs2)
+        self.assertEqual(members.get(bob.user_id), "join")
+        self.assertEqual(members.get(self.banned), "ban")
+        self.assertEqual(members.get(self.invitee), "invite")
+        # Not stored by the join (the resync may have stored it since: then
+        # after bob's join event).
+        rows = self.hs2.sql(
+            "SELECT e.stream_ordering FROM current_state_events AS c "
+            "INNER JOIN events AS e USING (event_id) "
+            "WHERE c.room_id = ? AND c.type = ? AND c.state_key IN (?, ?)",
+            (self.room_id, MEMBER, late_user, bob.user_id),
+        )
+        self.assertIn(len(rows), (1, 2), rows)
+        if len(rows) == 2:
+            order = {
+                str(k): int(o)
+                for k, o in self.hs2.sql(
+                    "SELECT c.state_key, e.stream_ordering "
+                    "FROM current_state_events AS c "
+                    "INNER JOIN events AS e USING (event_id) "
+                    "WHERE c.room_id = ? AND c.state_key IN (?, ?)",
+                    (self.room_id, late_user, bob.user_id),
+                )
+            }
+            self.assertGreater(order[late_user], order[bob.user_id])
+        self.hs2.wait_for_log(LEFT_OUT, since=since)
+        self.hs2.wait_for_log(PREFETCHED, since=since)
+        log = read_from(self.hs2.log_path, since)
+        left_out = re.search(LEFT_OUT, log)
+        prefetched = re.search(PREFETCHED, log)
+        checking = re.search(CHECKING, log)
+        assert left_out and prefetched and checking, log[-3000:]
+        self.assertEqual((left_out.group(1), left_out.group(2)), (self.room_id, "1"))
+        self.assertLess(checking.start(), prefetched.start(), "waited for the keys")
+        # The resync brings it.
+        self.hs2.wait_for_log(
+            rf"Resync of {re.escape(self.room_id)} complete", since=since, timeout=120
+        )
+        self.assertEqual(self.current_members(self.hs2).get(late_user), "join")
 
 
 @on_room_versions("10")

@@ -86,3 +86,32 @@ class JoinKeyPrefetchTests(unittest.TestCase):
         self.prefetch.on_hint(ROOM, ["me.org"])
         self.assertEqual(self.ops.asked, [])
         self.successResultOf(self.check())
+
+    def wait(self, seconds: float) -> defer.Deferred[bool]:
+        return defer.ensureDeferred(self.prefetch.wait(ROOM, seconds))
+
+    def test_a_short_wait_says_the_prefetch_goes_on(self) -> None:
+        self.prefetch.on_hint(ROOM, ["slow.org"])
+        first = self.wait(0.25)
+        self.clock.advance(0.3)
+        self.assertIs(self.successResultOf(first), False)
+        # A second wait goes on where the first stopped...
+        second = self.wait(JOIN_KEY_WAIT_S)
+        self.clock.advance(1)
+        self.ops.fetching.callback(KeyFetchOutcome(direct=1))
+        self.assertIs(self.successResultOf(second), True)
+        # ...and once the prefetch is over, there is nothing to wait for.
+        self.assertIs(self.successResultOf(self.wait(1)), True)
+
+    def test_the_waits_share_join_key_wait_s(self) -> None:
+        self.prefetch.on_hint(ROOM, ["dead.org"])
+        first = self.wait(1)
+        self.clock.advance(1)
+        self.assertIs(self.successResultOf(first), False)
+        second = self.wait(JOIN_KEY_WAIT_S)
+        self.clock.advance(JOIN_KEY_WAIT_S - 1 - 0.1)
+        self.assertNoResult(second)
+        self.clock.advance(0.2)
+        self.assertIs(self.successResultOf(second), False)
+        # The wait is over for good: Synapse's own check fetches the rest.
+        self.assertIs(self.successResultOf(self.wait(1)), True)

@@ -91,16 +91,16 @@ class CandidateTests(unittest.TestCase):
 
 
 class SigningServersTests(unittest.TestCase):
-    def test_servers_of_senders_once_sorted_and_junk_skipped(self) -> None:
+    def test_servers_of_senders_once_in_order_and_junk_skipped(self) -> None:
         self.assertEqual(
             signing_servers_of(
                 [
-                    "@a:one.org",
-                    "@b:two.org",
-                    "@c:one.org",
+                    "@a:two.org",
+                    "@b:one.org",
+                    "@c:two.org",
                     "not-a-user-id",
-                    "@d:two.org",
+                    "@d:three.org",
                 ]
             ),
-            ["one.org", "two.org"],
+            ["two.org", "one.org", "three.org"],
         )
