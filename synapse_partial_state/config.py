@@ -79,6 +79,11 @@ class ResyncConfig:
     #: the joining user's first requests (the room's first sync, a first
     #: message) are served before the resync's heavy first steps.
     start_delay_seconds: float = 0.4
+    #: Once a module resident's partial ``/send_join`` answer has arrived, how
+    #: long the join waits for the signing keys of its MSC2775 essentials (the
+    #: members named for clients, which the join itself does not need); those
+    #: still without keys then come with the resync instead.
+    essentials_key_wait_seconds: float = 0.25
     #: Fetch, check and store the state at the join with the engine's own bulk
     #: path (off: Synapse's per-event fetch, as stock).
     fast_state_fetch: bool = True
@@ -271,6 +276,9 @@ def _parse_resync(r: _Reader) -> ResyncConfig:
         ),
         start_delay_seconds=r.seconds(
             "start_delay_seconds", d.start_delay_seconds, 0, 60
+        ),
+        essentials_key_wait_seconds=r.seconds(
+            "essentials_key_wait_seconds", d.essentials_key_wait_seconds, 0, 5
         ),
         fast_state_fetch=r.boolean("fast_state_fetch", d.fast_state_fetch),
         verify_workers=r.integer("verify_workers", d.verify_workers, -1, 64),

@@ -166,7 +166,7 @@ class PartialStateModule:
                 default_workers() if workers < 0 else workers, banned_signing_keys()
             )
         # Synapse joins remote rooms on the main process only.
-        self._wire_join(api, pool)
+        self._wire_join(api, pool, config.resync.essentials_key_wait_seconds)
         if config.resync.enabled:
             engine = self._wire_engine(api, config, pool, release)
             if self.device_lists is not None:
@@ -257,7 +257,9 @@ class PartialStateModule:
             warmer.start()
 
     @staticmethod
-    def _wire_join(api: ModuleApi, pool: VerifierPool | None) -> None:
+    def _wire_join(
+        api: ModuleApi, pool: VerifierPool | None, essentials_wait_s: float
+    ) -> None:
         """The join itself: the signing keys a module resident's ``/make_join``
         answer names, fetched while it prepares the ``/send_join`` answer, and
         that answer checked in bulk (with ``pool``; without, by Synapse)."""
@@ -266,7 +268,13 @@ class PartialStateModule:
             ResyncOps(api),
             lambda servers, at_ms: servers_with_stored_keys(api, servers, at_ms),
         )
-        check = JoinCheck(prefetch, pool, StateFetchOps(api) if pool else None)
+        check = JoinCheck(
+            prefetch,
+            pool,
+            StateFetchOps(api) if pool else None,
+            api.server_name,
+            essentials_wait_s,
+        )
         install_join_key_prefetch(api, prefetch.on_hint, check.before_check)
 
     def _wire_engine(

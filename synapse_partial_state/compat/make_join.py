@@ -183,12 +183,15 @@ def install_join_key_prefetch(
                 bool(response.members_omitted),
             )
             if outcome.left_out and response.members_omitted:
-                # Partial state: members the answer does not need, whose
-                # signing keys did not come in time, go with the resync.
+                # Partial state: members the join does not need, whose signing
+                # keys did not come in time (and what only they need), go with
+                # the resync.
+                left_out = outcome.left_out
                 response.state = [
-                    event
-                    for event in response.state
-                    if event.event_id not in outcome.left_out
+                    e for e in response.state if e.event_id not in left_out
+                ]
+                response.auth_events = [
+                    e for e in response.auth_events if e.event_id not in left_out
                 ]
             vouched = outcome.vouched
             if vouched:

@@ -15,16 +15,16 @@ policy server).
 
 The wait is in two steps. A module resident's answer carries the MSC2775
 essentials: a few hundred member events (heroes, power users, bans, invites)
-signed by as many servers, which the joiner's clients want early but nothing in
-the answer needs. Their keys are waited for :data:`~synapse_partial_state.
-joining.keys.JOIN_EXTRAS_WAIT_S` at most; those still without keys then
-(:func:`optional_members`: member events in the state that no event of the
-answer, nor the join, names as an auth event) are taken out of the answer: the
-join's partial state goes without them, and the resync brings them with the rest
-of the room. Measured at 100,000 members over 2,000 servers (the benchmark's
-real joiner, 258 servers named): the keys took 2.9 s to fetch, the answer 0.8 s
-to arrive, and ``/join`` waited 2.2 s more for them. Events the answer needs
-(the non-member state, the auth chain) are waited for as before, up to
+signed by as many servers, which the joiner's clients want early but the join
+does not need. Their keys are waited for ``resync.essentials_key_wait_seconds``
+(:data:`~synapse_partial_state.joining.keys.JOIN_EXTRAS_WAIT_S`) at most; an essential whose event, or an event
+of its auth chain, still has no keys then is taken out of the answer with what
+only it needs (:func:`answer_needs`): the join's partial state goes without it,
+and the resync brings it with the rest of the room. Measured at 100,000 members
+over 2,000 servers (the benchmark's real joiner, 258 servers named): the keys
+took 2.9 s to fetch, the answer 0.8 s to arrive, and ``/join`` waited 2.2 s
+more for them. What the join needs (its auth events, the non-member state, our
+own users' memberships, and their auth chains) is waited for as before, up to
 :data:`~synapse_partial_state.joining.keys.JOIN_KEY_WAIT_S`, then left to
 Synapse's own check, which fetches what is still missing.
 """
@@ -32,7 +32,7 @@ Synapse's own check, which fetches what is still missing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Container, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attr
@@ -56,31 +56,88 @@ logger = logging.getLogger(__name__)
 @attr.s(auto_attribs=True, frozen=True, slots=True)
 class JoinCheckOutcome:
     """``vouched``: the events whose signatures and hashes were checked here;
-    ``left_out``: the IDs of the state events to take out of the answer (their
-    keys did not come in time, and nothing needs them)."""
+    ``left_out``: the IDs of the events to take out of the answer (essentials
+    whose keys did not come in time, and what only they need)."""
 
     vouched: Collection[EventBase] = ()
     left_out: frozenset[str] = frozenset()
 
 
-def optional_members(
+def _closure(
+    roots: Iterable[str], by_id: Mapping[str, EventBase], within: Container[str]
+) -> set[str]:
+    """``roots`` and their auth events, transitively, among the events of
+    ``by_id`` that are in ``within``."""
+    found: set[str] = set()
+    todo = [r for r in roots if r in within]
+    while todo:
+        event_id = todo.pop()
+        if event_id in found:
+            continue
+        found.add(event_id)
+        event = by_id.get(event_id)
+        if event is not None:
+            todo.extend(a for a in event.auth_event_ids() if a in within)
+    return found
+
+
+@attr.s(auto_attribs=True, frozen=True, slots=True)
+class AnswerNeeds:
+    """The events of a partial answer, by what needs them. ``required``: the
+    join's auth events, the non-member state and our own users' memberships,
+    with their auth chains; ``optional``: the other member events of the state
+    (the essentials), each with the events only it needs (its auth chain
+    outside ``required``)."""
+
+    required: frozenset[str]
+    optional: Mapping[str, frozenset[str]]
+
+    def left_out(self, waiting: Container[str]) -> set[str]:
+        """What to take out of the answer when the events ``waiting`` have no
+        keys: every optional member needing one of them, and what only those
+        need (nothing is taken out when a required event is waiting)."""
+        kept: set[str] = set(self.required)
+        dropped: set[str] = set()
+        for needs in self.optional.values():
+            if any(event_id in waiting for event_id in needs):
+                dropped |= needs
+            else:
+                kept |= needs
+        return dropped - kept
+
+
+def answer_needs(
     state: Iterable[EventBase],
     auth_chain: Iterable[EventBase],
-    others: Iterable[EventBase],
-) -> set[str]:
-    """The IDs of the member events of ``state`` that the partial state can go
-    without: not in ``auth_chain``, and named as an auth event by no event of
-    ``state``, ``auth_chain`` or ``others`` (the join)."""
+    joins: Iterable[EventBase],
+    own_server: str,
+) -> AnswerNeeds:
+    """Which events of a partial answer (``state``, ``auth_chain``, for
+    ``joins``) the join needs, and which the essentials alone need."""
     state = list(state)
-    chain = list(auth_chain)
-    needed = {event.event_id for event in chain}
-    for event in (*state, *chain, *others):
-        needed.update(event.auth_event_ids())
-    return {
-        event.event_id
-        for event in state
-        if event.type == "m.room.member" and event.event_id not in needed
+    by_id = {event.event_id: event for event in (*state, *auth_chain)}
+    roots: list[str] = []
+    for join in joins:
+        roots.extend(join.auth_event_ids())
+    members: list[str] = []
+    for event in state:
+        state_key = getattr(event, "state_key", None)
+        if (
+            event.type == "m.room.member"
+            and isinstance(state_key, str)
+            and not state_key.endswith(":" + own_server)
+        ):
+            members.append(event.event_id)
+        else:
+            roots.append(event.event_id)
+    required = _closure(roots, by_id, by_id)
+    rest = {event_id for event_id in by_id if event_id not in required}
+    optional = {
+        member: frozenset(_closure([member], by_id, rest))
+        for member in members
+        if member not in required
     }
+    return AnswerNeeds(frozenset(required), optional)
 
 
 def has_keys(
@@ -111,7 +168,11 @@ class JoinCheck:
         prefetch: JoinKeyPrefetch,
         pool: verify.VerifierPool | None,
         ops: StateFetchOps | None,
+        own_server: str,
+        essentials_wait_s: float = JOIN_EXTRAS_WAIT_S,
     ) -> None:
+        self._own_server = own_server
+        self._essentials_wait_s = essentials_wait_s
         self._prefetch = prefetch
         self._pool = pool
         self._ops = ops
@@ -134,7 +195,7 @@ class JoinCheck:
             await self._prefetch.wait(room_id, JOIN_KEY_WAIT_S)
             return JoinCheckOutcome()
         over = await self._prefetch.wait(
-            room_id, JOIN_EXTRAS_WAIT_S if partial else JOIN_KEY_WAIT_S
+            room_id, self._essentials_wait_s if partial else JOIN_KEY_WAIT_S
         )
         v1_ids = uses_v1_event_ids(room_version)
         restricted = room_version.restricted_join_rule
@@ -145,28 +206,30 @@ class JoinCheck:
         keys = await ops.signing_keys(wanted)
         left_out: set[str] = set()
         if not over:
-            optional = optional_members(state, auth_chain, join)
-            waiting = [
+            needs = answer_needs(state, auth_chain, join, self._own_server)
+            waiting = {
                 event.event_id
                 for event, pdu in zip(events, pdus, strict=True)
                 if not has_keys(pdu, keys, v1_ids, restricted)
-            ]
-            if any(event_id not in optional for event_id in waiting):
-                # The answer needs some of them: as long as it takes.
+            }
+            if not waiting.isdisjoint(needs.required):
+                # The join needs some of them: as long as it takes.
                 await self._prefetch.wait(room_id, JOIN_KEY_WAIT_S)
                 keys = await ops.signing_keys(wanted)
-                waiting = [
+                waiting = {
                     event.event_id
                     for event, pdu in zip(events, pdus, strict=True)
                     if not has_keys(pdu, keys, v1_ids, restricted)
-                ]
-            left_out = {event_id for event_id in waiting if event_id in optional}
+                }
+            left_out = needs.left_out(waiting)
         if left_out:
             logger.info(
                 "Join of %s: %d member event(s) of the essentials left to the "
-                "resync (their signing keys were not fetched in time)",
+                "resync, with %d event(s) only they need (signing keys not "
+                "fetched in time)",
                 room_id,
-                len(left_out),
+                sum(1 for event in state if event.event_id in left_out),
+                sum(1 for event in auth_chain if event.event_id in left_out),
             )
         if pool is None or await ops.needs_per_event_checks(room_id):
             return JoinCheckOutcome(left_out=frozenset(left_out))

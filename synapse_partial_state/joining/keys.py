@@ -52,10 +52,11 @@ JOIN_KEY_CONCURRENCY = 64
 #: by the ``/make_join`` hint before Synapse checks the answer (which then
 #: fetches what is still missing itself, as stock).
 JOIN_KEY_WAIT_S = 5.0
-#: Longest wait, once the ``/send_join`` answer has arrived, for the keys of the
-#: essentials nothing else in the answer needs (members named for the joiner's
-#: clients: heroes, power users, bans, invites): those still without keys then
-#: are left to the resync (``joining/join_check.py``).
+#: The default of ``resync.essentials_key_wait_seconds``: the longest wait, once
+#: the ``/send_join`` answer has arrived, for the keys of the essentials the
+#: join does not need (members named for the joiner's clients: heroes, power
+#: users, bans, invites); those still without keys then are left to the resync
+#: (``joining/join_check.py``).
 JOIN_EXTRAS_WAIT_S = 0.25
 #: How long a finished join prefetch is remembered for its ``/send_join``.
 _JOIN_KEY_KEEP_S = 120.0

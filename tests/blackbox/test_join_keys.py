@@ -34,10 +34,17 @@ class _JoinCase(FederationTestCase):
     #: Whether the resident (hs1) runs the module.
     RESIDENT_MODULE = True
 
-    def build(self, slow_keys: bool = True) -> None:
+    def build(
+        self, slow_keys: bool = True, essentials_key_wait_seconds: float = 0.25
+    ) -> None:
         self.peer = self.make_fake_peer()
         self.hs1 = self.make_homeserver("hs1", with_module=self.RESIDENT_MODULE)
-        self.hs2 = self.make_homeserver("hs2")
+        self.hs2 = self.make_homeserver(
+            "hs2",
+            module_config={
+                "resync": {"essentials_key_wait_seconds": essentials_key_wait_seconds}
+            },
+        )
         alice = self.register(self.hs1, "alice")
         create: dict[str, Any] = {"preset": "public_chat", "name": "Named"}
         if self.ROOM_VERSION:
@@ -95,9 +102,10 @@ class ModuleResident(_JoinCase):
         """hs2's /join: the keys of the servers hs1 named are fetched during the
         /send_join round trip and stored before Synapse checks the answer (its
         check starts after the prefetch ends, though the key server takes 1.5 s
-        and hs1 answers sooner); the answer's essentials (a fake power user, a
-        ban, an invite) were stored by the join, as its partial state."""
-        self.build()
+        and hs1 answers sooner: hs2 waits up to 3 s for the essentials' keys,
+        in place of the default 0.25 s); the answer's essentials (a fake power
+        user, a ban, an invite) were stored by the join, as its partial state."""
+        self.build(essentials_key_wait_seconds=3)
         bob = self.register(self.hs2, "bob")
         since = self.hs2.log_offset()
         bob.join(self.room_id, via=[self.hs1.server_name])
@@ -144,11 +152,12 @@ class ModuleResident(_JoinCase):
     def test_an_essential_whose_keys_are_late_is_left_to_the_resync(self) -> None:
         """A third fake server's member is made a power user (an essential
         nothing in the answer needs), and that server's key server answers
-        only after 4 s: hs2's join does not wait for it (the join returns and
-        its check starts before the prefetch ends), goes without that member,
-        and keeps the other essentials (the ban and the invite, signed by hs1);
-        the resync then brings the member."""
-        self.build(slow_keys=False)
+        only after 4 s: hs2's join does not wait for it (it waits 1 s at most
+        for the essentials' keys: its check starts before the prefetch ends),
+        goes without that member, and keeps the other essentials (the ban and
+        the invite, signed by hs1, the banned user's join by a server whose
+        keys come at once); the resync then brings the member."""
+        self.build(slow_keys=False, essentials_key_wait_seconds=1)
         extra = self.peer.join(self.room_id, self.hs1.server_name, omit_members=False)
         self.assertEqual(extra["send_join"]["status"], 200, extra)
         late_user = extra["join_event"]["state_key"]

@@ -13,8 +13,8 @@ from twisted.trial import unittest
 
 from synapse_partial_state.joining.join_check import (
     JoinCheck,
+    answer_needs,
     has_keys,
-    optional_members,
 )
 
 ROOM = "!r:res.org"
@@ -27,6 +27,8 @@ class _Event:
     def __init__(self, event_id: str, pdu: dict[str, Any]) -> None:
         self.event_id = event_id
         self.type = pdu["type"]
+        if "state_key" in pdu:
+            self.state_key = pdu["state_key"]
         self._pdu = pdu
 
     def auth_event_ids(self) -> list[str]:
@@ -86,22 +88,44 @@ B = member("$b", "@b:bad.org", ["$create"])
 JOIN = member("$join", "@me:me.org", ["$create", "$pl"])
 
 
-class OptionalMembersTests(unittest.TestCase):
-    def test_members_nothing_names_as_an_auth_event(self) -> None:
-        state = [CREATE, ALICE, PL, P, HERO, BAN]
-        chain = [CREATE, ALICE, P, B]
-        # $p: in the auth chain (the power levels' sender); $alice: named by
-        # the ban; $b: only in the auth chain; the ban itself and the hero:
-        # nothing needs them.
-        self.assertEqual(optional_members(state, chain, [JOIN]), {"$hero", "$ban"})
+class AnswerNeedsTests(unittest.TestCase):
+    def needs(self, state: Any, chain: Any, joins: Any = (JOIN,)) -> Any:
+        return answer_needs(state, chain, joins, "me.org")
 
-    def test_the_join_s_auth_events_are_kept(self) -> None:
+    def test_the_join_needs_its_auth_events_and_the_non_member_state(self) -> None:
+        needs = self.needs([CREATE, ALICE, PL, P, HERO, BAN], [CREATE, ALICE, P, B])
+        # $pl (non-member state) and its auth chain ($create, $p).
+        self.assertEqual(needs.required, {"$create", "$pl", "$p"})
+        # Each essential with what only it needs: the ban needs alice's join
+        # and the banned user's.
+        self.assertEqual(
+            dict(needs.optional),
+            {
+                "$alice": {"$alice"},
+                "$hero": {"$hero"},
+                "$ban": {"$ban", "$alice", "$b"},
+            },
+        )
+
+    def test_left_out_takes_what_only_the_dropped_essentials_need(self) -> None:
+        needs = self.needs([CREATE, ALICE, PL, P, HERO, BAN], [CREATE, ALICE, P, B])
+        self.assertEqual(needs.left_out({"$hero"}), {"$hero"})
+        # The banned user's join has no keys: the ban goes, alice's join stays
+        # (an essential itself).
+        self.assertEqual(needs.left_out({"$b"}), {"$ban", "$b"})
+        self.assertEqual(needs.left_out({"$alice"}), {"$ban", "$alice", "$b"})
+        self.assertEqual(needs.left_out(set()), set())
+
+    def test_the_join_s_auth_events_are_required(self) -> None:
         join = member("$join", "@me:me.org", ["$create", "$hero"])
-        self.assertEqual(optional_members([CREATE, HERO], [CREATE], [join]), set())
+        needs = self.needs([CREATE, HERO], [CREATE], [join])
+        self.assertEqual(needs.required, {"$create", "$hero"})
+        self.assertEqual(dict(needs.optional), {})
 
-    def test_non_member_state_is_never_optional(self) -> None:
-        topic = event("$topic", "m.room.topic", "@a:res.org", topic="t")
-        self.assertEqual(optional_members([topic], [], []), set())
+    def test_our_own_users_memberships_are_required(self) -> None:
+        ours = member("$ours", "@u:me.org", ["$create"])
+        needs = self.needs([CREATE, ours], [CREATE], [])
+        self.assertEqual(needs.required, {"$create", "$ours"})
 
 
 class HasKeysTests(unittest.TestCase):
@@ -149,7 +173,7 @@ class JoinCheckTests(unittest.TestCase):
     def setUp(self) -> None:
         self.prefetch = _Prefetch()
         self.ops = _Ops()
-        self.check = JoinCheck(self.prefetch, object(), self.ops)  # type: ignore[arg-type]
+        self.check = JoinCheck(self.prefetch, object(), self.ops, "me.org")  # type: ignore[arg-type]
         self.state = [CREATE, ALICE, PL, P, HERO, BAN]
         self.chain = [CREATE, ALICE, P, B]
 
@@ -172,12 +196,13 @@ class JoinCheckTests(unittest.TestCase):
         self.ops.stored = keys("res.org", "late.org")  # far.org's: the PL's
         outcome = self.run_check()
         self.assertEqual(len(self.prefetch.waits), 2)
-        # Still missing after the long wait: Synapse's own check fetches them;
-        # only the optional member without keys is left out.
-        self.assertEqual(outcome.left_out, frozenset())
+        # Still missing after the long wait: Synapse's own check fetches the
+        # power levels' keys; the ban, whose auth chain has the banned user's
+        # join (no keys either), is left out with it.
+        self.assertEqual(outcome.left_out, {"$ban", "$b"})
         self.ops.stored = keys("res.org")
         self.prefetch.waited = 0
-        self.assertEqual(self.run_check().left_out, {"$hero"})
+        self.assertEqual(self.run_check().left_out, {"$hero", "$ban", "$b"})
 
     def test_nothing_is_left_out_of_a_full_state(self) -> None:
         self.ops.stored = set()
