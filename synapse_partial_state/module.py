@@ -29,7 +29,10 @@ from synapse_partial_state.compat.bulk.delta_reads import install_shared_delta_r
 from synapse_partial_state.compat.bulk.deltas import install_delta_batching
 from synapse_partial_state.compat.bulk.finish import install_bulk_finish
 from synapse_partial_state.compat.bulk.gate import BulkGate
-from synapse_partial_state.compat.bulk.outliers import bulk_outlier_writer
+from synapse_partial_state.compat.bulk.outliers import (
+    bulk_outlier_writer,
+    install_join_outliers,
+)
 from synapse_partial_state.compat.clients import ClientOps
 from synapse_partial_state.compat.join_summary import install_join_summary_capture
 from synapse_partial_state.compat.joined_hosts import (
@@ -294,6 +297,8 @@ class PartialStateModule:
             )
             self.bulk_gate = bulk_gate.configured(release, config.resync.bulk_writer)
             bulk = bulk_outlier_writer(patching.homeserver(api), self.bulk_gate)
+            if bulk is not None:
+                install_join_outliers(bulk)
             fetcher = StateFetcher(StateFetchOps(api, bulk), pool, inflight)
         engine = ResyncEngine(
             api,

@@ -16,17 +16,20 @@ policy server).
 The wait is in two steps. A module resident's answer carries the MSC2775
 essentials: a few hundred member events (heroes, power users, bans, invites)
 signed by as many servers, which the joiner's clients want early but the join
-does not need. Their keys are waited for ``resync.essentials_key_wait_seconds``
-(:data:`~synapse_partial_state.joining.keys.JOIN_EXTRAS_WAIT_S`) at most; an essential whose event, or an event
-of its auth chain, still has no keys then is taken out of the answer with what
+does not need. The join fetches the keys of the first servers its hint names
+(:data:`~synapse_partial_state.joining.keys.JOIN_KEY_MAX_SERVERS`: those the
+join needs, then those of the essentials by priority) and waits for them
+``resync.essentials_key_wait_seconds`` at most; an essential whose event, or an
+event of its auth chain, has no keys then is taken out of the answer with what
 only it needs (:func:`answer_needs`): the join's partial state goes without it,
-and the resync brings it with the rest of the room. Measured at 100,000 members
-over 2,000 servers (the benchmark's real joiner, 258 servers named): the keys
-took 2.9 s to fetch, the answer 0.8 s to arrive, and ``/join`` waited 2.2 s
-more for them. What the join needs (its auth events, the non-member state, our
-own users' memberships, and their auth chains) is waited for as before, up to
-:data:`~synapse_partial_state.joining.keys.JOIN_KEY_WAIT_S`, then left to
-Synapse's own check, which fetches what is still missing.
+and the resync brings it with the rest of the room. Measured at 100,000
+members over 2,000 servers (the benchmark's real joiner, 250 servers named): the
+keys of all took 2.9 s to fetch, the answer 0.8 s to arrive, and ``/join``
+waited 2.2 s more for them. What the join needs (its auth events, the
+non-member state, our own users' memberships, and their auth chains) is waited
+for as before, up to :data:`~synapse_partial_state.joining.keys.JOIN_KEY_WAIT_S`,
+then left to Synapse's own check, which fetches what is still missing; so is
+everything when the resident named no servers (a stock resident).
 """
 
 from __future__ import annotations
@@ -205,14 +208,14 @@ class JoinCheck:
             wanted.update(verify.key_ids_needed(pdu, v1_ids, restricted))
         keys = await ops.signing_keys(wanted)
         left_out: set[str] = set()
-        if not over:
+        if partial and self._prefetch.hinted(room_id):
             needs = answer_needs(state, auth_chain, join, self._own_server)
             waiting = {
                 event.event_id
                 for event, pdu in zip(events, pdus, strict=True)
                 if not has_keys(pdu, keys, v1_ids, restricted)
             }
-            if not waiting.isdisjoint(needs.required):
+            if not over and not waiting.isdisjoint(needs.required):
                 # The join needs some of them: as long as it takes.
                 await self._prefetch.wait(room_id, JOIN_KEY_WAIT_S)
                 keys = await ops.signing_keys(wanted)

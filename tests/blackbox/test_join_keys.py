@@ -22,6 +22,7 @@ MEMBER = "m.room.member"
 KEY_PATH = r"^/_matrix/key/v2/server"
 PREFETCHED = r"Join of (\S+): prefetched signing keys of (\d+) server\(s\) named"
 CHECKING = r"Processing from send_join (\d+) events"
+STORED = r"Stored (\d+) outliers of (\S+) in bulk"
 LEFT_OUT = (
     r"Join of (\S+): (\d+) member event\(s\) of the essentials left to the resync"
 )
@@ -148,6 +149,15 @@ class ModuleResident(_JoinCase):
         self.assertEqual(bulk.group(2), bulk.group(3))
         self.assertEqual(bulk.group(3), checking.group(1))
         self.assertLess(bulk.start(), checking.start())
+        # And stored in one go by the bulk outlier writer, before the join.
+        self.hs2.wait_for_log(STORED, since=since)
+        log = read_from(self.hs2.log_path, since)
+        stored = re.search(STORED, log)
+        persisting = re.search(r"Peristing join-via-remote", log)
+        assert stored is not None and persisting is not None, log[-3000:]
+        self.assertEqual(stored.group(2), self.room_id)
+        self.assertEqual(int(stored.group(1)), int(checking.group(1)))
+        self.assertLess(stored.start(), persisting.start())
 
     def test_an_essential_whose_keys_are_late_is_left_to_the_resync(self) -> None:
         """A third fake server's member is made a power user (an essential

@@ -147,6 +147,10 @@ class _Prefetch:
         self.waits: list[float] = []
         self.over_after: float = 1.0
         self.waited = 0.0
+        self.hint = True
+
+    def hinted(self, room_id: str) -> bool:
+        return self.hint
 
     async def wait(self, room_id: str, seconds: float) -> bool:
         self.waits.append(seconds)
@@ -208,6 +212,16 @@ class JoinCheckTests(unittest.TestCase):
         self.ops.stored = set()
         self.assertEqual(self.run_check(partial=False).left_out, frozenset())
 
-    def test_nothing_is_left_out_once_the_prefetch_is_over(self) -> None:
+    def test_once_the_prefetch_is_over_what_it_did_not_fetch_is_left_out(
+        self,
+    ) -> None:
+        # A hero's server past the servers fetched for the join: no wait.
         self.prefetch.over_after = 0
+        self.ops.stored = keys("res.org", "far.org", "bad.org")
+        self.assertEqual(self.run_check().left_out, {"$hero"})
+        self.assertEqual(len(self.prefetch.waits), 1)
+
+    def test_nothing_is_left_out_without_a_hint(self) -> None:
+        # A stock resident: Synapse's own check fetches every key, as stock.
+        self.prefetch.hint = False
         self.assertEqual(self.run_check().left_out, frozenset())

@@ -11,7 +11,11 @@ from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from synapse_partial_state.compat.keyfetch import KeyFetchOutcome
-from synapse_partial_state.joining.keys import JOIN_KEY_WAIT_S, JoinKeyPrefetch
+from synapse_partial_state.joining.keys import (
+    JOIN_KEY_MAX_SERVERS,
+    JOIN_KEY_WAIT_S,
+    JoinKeyPrefetch,
+)
 
 ROOM = "!r:x"
 
@@ -59,6 +63,11 @@ class JoinKeyPrefetchTests(unittest.TestCase):
     def test_fetches_the_hinted_servers_but_ours_and_those_stored(self) -> None:
         self.prefetch.on_hint(ROOM, ["a.org", "me.org", "stored.org", "b.org"])
         self.assertEqual(self.ops.asked, [["a.org", "b.org"]])
+
+    def test_only_the_first_servers_of_the_hint_are_fetched(self) -> None:
+        hint = [f"s{i}.org" for i in range(JOIN_KEY_MAX_SERVERS + 10)]
+        self.prefetch.on_hint(ROOM, ["stored.org", *hint])
+        self.assertEqual(self.ops.asked, [hint[:JOIN_KEY_MAX_SERVERS]])
 
     def test_the_check_waits_for_the_prefetch(self) -> None:
         self.prefetch.on_hint(ROOM, ["a.org"])
