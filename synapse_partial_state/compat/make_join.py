@@ -49,8 +49,9 @@ HintObserver = Callable[[str, list[str]], None]
 #: (room ID, room version, the state and the auth chain of a /send_join answer,
 #: the join event(s), whether members were omitted) -> the outcome: the events
 #: whose signatures and hashes the callee checked (Synapse then skips its own
-#: per-event check for them), and the IDs of state events to take out of the
-#: answer; called once the answer has arrived, before Synapse's checks, which
+#: per-event check for them), and the IDs of events to take out of the answer
+#: (its state and auth chain; only from a partial answer); called once the
+#: answer has arrived, before Synapse's checks, which
 #: it may delay (bounded by the callee).
 SendJoinChecker = Callable[
     [str, "RoomVersion", list["EventBase"], list["EventBase"], list["EventBase"], bool],
@@ -59,6 +60,8 @@ SendJoinChecker = Callable[
 
 
 class JoinCheckOutcome(Protocol):
+    """What :data:`SendJoinChecker` returns (``joining.join_check``)."""
+
     @property
     def vouched(self) -> Collection[EventBase]: ...
 

@@ -98,7 +98,7 @@ class AnswerNeeds:
     def left_out(self, waiting: Container[str]) -> set[str]:
         """What to take out of the answer when the events ``waiting`` have no
         keys: every optional member needing one of them, and what only those
-        need (nothing is taken out when a required event is waiting)."""
+        need (never a required event: Synapse's own check fetches its keys)."""
         kept: set[str] = set(self.required)
         dropped: set[str] = set()
         for needs in self.optional.values():

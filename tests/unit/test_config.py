@@ -182,6 +182,21 @@ class ParseConfigTests(ConfigAssertions):
             "from 0 to 60",
         )
 
+    def test_essentials_key_wait(self) -> None:
+        self.assertEqual(
+            PartialStateModule.parse_config({}).resync.essentials_key_wait_seconds,
+            0.25,
+        )
+        config = PartialStateModule.parse_config(
+            {"resync": {"essentials_key_wait_seconds": 2}}
+        )
+        self.assertEqual(config.resync.essentials_key_wait_seconds, 2)
+        self.assert_rejected(
+            {"resync": {"essentials_key_wait_seconds": 6}},
+            "'resync.essentials_key_wait_seconds'",
+            "from 0 to 5",
+        )
+
     def test_state_fetch_options(self) -> None:
         config = PartialStateModule.parse_config({})
         self.assertTrue(config.resync.fast_state_fetch)
