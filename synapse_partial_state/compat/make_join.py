@@ -123,9 +123,10 @@ def install_join_key_prefetch(
 ) -> None:
     """On the joining side (the main process, where Synapse joins rooms): tell
     ``on_hint`` the servers a resident's ``/make_join`` answer names, and await
-    ``before_check(room_id, room_version, events)`` between receiving a
-    ``/send_join`` answer and Synapse's checks of its signatures; Synapse's
-    per-event check is skipped for the events it returns.
+    ``before_check(room_id, room_version, state, auth_chain, joins, partial)``
+    between receiving a ``/send_join`` answer and Synapse's checks of its
+    signatures; Synapse's per-event check is skipped for the events it vouched
+    for, and the events it leaves out are taken out of a partial answer.
 
     * ``TransportLayerClient.make_membership_event`` (the one federation
       transport client's method; ``FederationClient.make_membership_event``

@@ -207,23 +207,23 @@ class JoinCheck:
         for pdu in pdus:
             wanted.update(verify.key_ids_needed(pdu, v1_ids, restricted))
         keys = await ops.signing_keys(wanted)
-        left_out: set[str] = set()
-        if partial and self._prefetch.hinted(room_id):
-            needs = answer_needs(state, auth_chain, join, self._own_server)
-            waiting = {
+
+        def without_keys() -> set[str]:
+            return {
                 event.event_id
                 for event, pdu in zip(events, pdus, strict=True)
                 if not has_keys(pdu, keys, v1_ids, restricted)
             }
+
+        left_out: set[str] = set()
+        if partial and self._prefetch.hinted(room_id):
+            needs = answer_needs(state, auth_chain, join, self._own_server)
+            waiting = without_keys()
             if not over and not waiting.isdisjoint(needs.required):
                 # The join needs some of them: as long as it takes.
                 await self._prefetch.wait(room_id, JOIN_KEY_WAIT_S)
                 keys = await ops.signing_keys(wanted)
-                waiting = {
-                    event.event_id
-                    for event, pdu in zip(events, pdus, strict=True)
-                    if not has_keys(pdu, keys, v1_ids, restricted)
-                }
+                waiting = without_keys()
             left_out = needs.left_out(waiting)
         if left_out:
             logger.info(

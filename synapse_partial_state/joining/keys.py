@@ -148,11 +148,6 @@ class JoinKeyPrefetch:
         )
         return over
 
-    async def before_check(self, room_id: str) -> None:
-        """Until the keys the hint named are fetched, at most
-        :data:`JOIN_KEY_WAIT_S`."""
-        await self.wait(room_id, JOIN_KEY_WAIT_S)
-
     async def _prefetch(self, room_id: str, servers: list[str]) -> None:
         started = self._ops.now_ms()
         stored = await self._stored_keys(servers, started)

@@ -57,8 +57,8 @@ class JoinKeyPrefetchTests(unittest.TestCase):
 
         self.prefetch = JoinKeyPrefetch(_Api(), self.ops, stored_keys)  # type: ignore[arg-type]
 
-    def check(self) -> defer.Deferred[None]:
-        return defer.ensureDeferred(self.prefetch.before_check(ROOM))
+    def check(self) -> defer.Deferred[bool]:
+        return defer.ensureDeferred(self.prefetch.wait(ROOM, JOIN_KEY_WAIT_S))
 
     def test_fetches_the_hinted_servers_but_ours_and_those_stored(self) -> None:
         self.prefetch.on_hint(ROOM, ["a.org", "me.org", "stored.org", "b.org"])
