@@ -211,7 +211,12 @@ class Homeserver:
         """Drop the PostgreSQL database (no-op for SQLite). The server must be stopped.
 
         ``background=True`` queues the drop on a worker thread (waited for at exit
-        and by :func:`tests.fedkit.postgres.wait_for_background_drops`)."""
+        and by :func:`tests.fedkit.postgres.wait_for_background_drops`).
+        ``SPS_KEEP_DATABASES=1`` keeps it (to inspect or measure it afterwards;
+        drop it by hand)."""
+        if os.environ.get("SPS_KEEP_DATABASES") == "1":
+            self._database_created = False
+            return
         if self.db == "postgres" and self._database_created and self.database_name:
             if background:
                 postgres.dropper.drop(self.database_name)

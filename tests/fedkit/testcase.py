@@ -15,7 +15,8 @@ default ``sqlite,postgres``) skips the other variants.
 Each test gets a work directory under ``$SPS_TEST_WORKDIR`` (default
 ``<tmp>/sps-fedkit``). It is deleted when the test passes and kept, with every
 server's config and log, when it fails (the path is printed); set
-``SPS_KEEP_WORKDIRS=1`` to keep it always.
+``SPS_KEEP_WORKDIRS=1`` to keep it always (and ``SPS_KEEP_DATABASES=1`` to keep
+the PostgreSQL databases).
 """
 
 from __future__ import annotations
