@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
@@ -196,7 +197,9 @@ class ResidentStateOps:
             "sps_auth_chain_ids", _auth_chain_ids_txn, list(event_ids)
         )
 
-    async def encoded_pdus(self, event_ids: Collection[str]) -> dict[str, bytes]:
+    async def encoded_pdus(
+        self, room_id: str, event_ids: Collection[str]
+    ) -> dict[str, bytes]:
         """The events as stock ``/state`` serialises them, by event ID.
 
         Stock: ``get_events_as_list`` (rejected and unknown events left out,
@@ -212,14 +215,20 @@ class ResidentStateOps:
         of the right event format) ``get_pdu_json()`` is exactly the stored JSON
         (Synapse stores ``get_dict()`` with ``redacted_because`` removed, and
         ``get_pdu_json`` without ``time_now`` changes nothing else), written by
-        the same encoder: so it is sent as stored, once parsed to apply the depth
-        filter (and, for room versions 1 and 2, to check the ``event_id`` it
-        carries). Unlike stock, a row whose content no longer matches its
-        hash-derived ID (database corruption, a 500 from stock) is sent as stored;
-        the joiner's hash check drops it. Everything else, and events already in
-        Synapse's in-memory event cache (``_get_event_cache``), go through
-        ``get_events_as_list`` itself. Rows as in
-        ``EventsWorkerStore._fetch_event_rows`` (1.163.2).
+        the same encoder: so it is sent as stored, after the depth filter is
+        applied to its text (:func:`stored_pdu_bytes`; parsed only where the
+        text does not settle it, and for room versions 1 and 2, to check the
+        ``event_id`` it carries). Unlike stock, a row whose content no longer
+        matches its hash-derived ID (database corruption, a 500 from stock) is
+        sent as stored; the joiner's hash check drops it. So is a row that is no
+        JSON at all but whose text settles the depth (stock answers 500 for the
+        whole request then; the joiner cannot read the answer either way), and
+        one whose ``events`` row is missing while its ``event_json`` row is there
+        (a hand-edited database). Everything else, events of another room than
+        ``room_id``, and events already in Synapse's in-memory event cache
+        (``_get_event_cache``), go through ``get_events_as_list`` itself. Rows as
+        in ``EventsWorkerStore._fetch_event_rows`` (1.163.2), from ``event_json``
+        (see :func:`_state_event_rows_txn`).
         """
         from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
         from synapse.util.async_helpers import concurrently_execute
@@ -236,15 +245,16 @@ class ResidentStateOps:
         encoded: dict[str, bytes] = {}
 
         async def load(start: int) -> None:
-            rows = await self._store.db_pool.runInteraction(
+            version_id, rows = await self._store.db_pool.runInteraction(
                 "sps_state_event_rows",
                 _state_event_rows_txn,
+                room_id,
                 uncached[start : start + STATE_LOAD_BATCH],
             )
-            for event_id, text, fmt, version_id, rejected, special in rows:
+            version = KNOWN_ROOM_VERSIONS.get(version_id) if version_id else None
+            for event_id, text, fmt, rejected, special in rows:
                 if rejected is not None:
                     continue  # stock leaves rejected events out
-                version = KNOWN_ROOM_VERSIONS.get(version_id) if version_id else None
                 if special or version is None or version.event_format != fmt:
                     slow.append(event_id)
                     continue
@@ -270,7 +280,58 @@ def stored_pdu_bytes(event_id: str, text: str, fmt: int) -> bytes | None:
     :meth:`ResidentStateOps.encoded_pdus`): the stored text itself; ``b""``
     when stock's depth filter drops it; None when it needs stock's loader (not
     JSON, not an object, a depth that is not an integer, a redaction, or a room
-    version 1/2 event whose ``event_id`` is not the row's)."""
+    version 1/2 event whose ``event_id`` is not the row's).
+
+    The text is parsed only when it does not settle this by itself
+    (:func:`_depth_in_text`): at 100,000 events, parsing each cost half a second
+    of the reactor and, by the million small objects it makes, several of
+    Python's full garbage collections (one stalled the reactor 2.5 s)."""
+    from synapse.api.room_versions import EventFormatVersions
+
+    if fmt != EventFormatVersions.ROOM_V1_V2 and _REDACTION_TYPE not in text:
+        if _depth_in_text(text):
+            return text.encode("utf-8")
+    return _parsed_pdu_bytes(event_id, text, fmt)
+
+
+#: A redaction's type as Synapse's encoder writes it (it escapes no ASCII).
+_REDACTION_TYPE = '"m.room.redaction"'
+_DEPTH_KEY = '"depth"'
+#: ``"depth":`` followed by a JSON integer, and then the end of the value.
+_DEPTH_INT = re.compile(r'"depth":(-?(?:0|[1-9][0-9]*))(?=[,}])')
+
+
+def _depth_in_text(text: str) -> bool:
+    """Whether the text alone shows that stock's depth filter keeps the event
+    (False: it does not tell).
+
+    The filter keeps a top-level ``depth`` in canonical JSON's integer range.
+    Every ``"depth"`` in the text must be written ``"depth":<integer>``,
+    followed by ``,`` or ``}``: then each is a key whose value is a plain
+    integer, the top-level one among them (a raw ``"`` in JSON text always
+    delimits a string, and a stored event always has a top-level depth;
+    Synapse's encoder writes keys unescaped and without spaces: anything else,
+    such as ``"depth": 1``, a string value, or ``"depth"`` as a value, makes
+    this False). If all are in
+    range, the top-level one is; if one is out of range, the text is parsed (it
+    may be nested)."""
+    from synapse.events.utils import CANONICALJSON_MAX_INT, CANONICALJSON_MIN_INT
+
+    found = text.count(_DEPTH_KEY)
+    if found == 0:
+        return False
+    depths = _DEPTH_INT.findall(text)
+    if len(depths) != found:
+        return False
+    return all(
+        len(depth) <= 17
+        and CANONICALJSON_MIN_INT <= int(depth) <= CANONICALJSON_MAX_INT
+        for depth in depths
+    )
+
+
+def _parsed_pdu_bytes(event_id: str, text: str, fmt: int) -> bytes | None:
+    """:func:`stored_pdu_bytes` by parsing the text."""
     from synapse.api.constants import EventTypes
     from synapse.api.room_versions import EventFormatVersions
     from synapse.federation.units import filter_pdus_for_valid_depth
@@ -293,10 +354,18 @@ def stored_pdu_bytes(event_id: str, text: str, fmt: int) -> bytes | None:
     return text.encode("utf-8")
 
 
-#: Events read from the database per query when building ``/state`` answers.
-STATE_LOAD_BATCH = 1000
-#: Such queries run at once.
-STATE_LOAD_CONCURRENCY = 2
+#: Events read from the database per transaction when building ``/state``
+#: answers. Few and big: right after a join to a big room, Synapse's federation
+#: sender fills the database pool with its per-server writes (thousands at
+#: 2,000 servers), and each transaction of ours waits for a connection behind
+#: them.
+STATE_LOAD_BATCH = 5000
+#: Such transactions run at once.
+STATE_LOAD_CONCURRENCY = 4
+#: Events per query in them: PostgreSQL takes the IDs as one array; SQLite
+#: takes one bound parameter per ID.
+STATE_QUERY_BATCH_PG = 5000
+STATE_QUERY_BATCH_SQLITE = 1000
 
 
 def _encode_pdu(event: EventBase) -> bytes:
@@ -352,44 +421,56 @@ def _auth_chain_ids_txn(txn: Any, event_ids: list[str]) -> set[str]:
 
 
 def _state_event_rows_txn(
-    txn: Any, event_ids: list[str]
-) -> list[tuple[str, str, int, str | None, str | None, bool]]:
-    """(event ID, stored JSON, format version, room version, rejection, special).
+    txn: Any, room_id: str, event_ids: list[str]
+) -> tuple[str | None, list[tuple[str, str, int, str | None, bool]]]:
+    """The room's version, and per stored event: (event ID, stored JSON, format
+    version, rejection, special).
 
-    ``special``: a redaction is recorded against the event, or a MSC4293
-    redact-on-ban applies to its sender (or its sender is unknown): stock's loader
-    must decide how it is served."""
+    ``special``: the event is of another room, a redaction is recorded against
+    it, or a MSC4293 redact-on-ban applies to its sender: stock's loader must
+    decide how it is served.
+
+    Only ``event_json`` is read per event (with ``rejections`` and
+    ``redactions``, small tables, by their indexes), the room's version once, and
+    the sender from ``events`` only in a room with redact-on-ban rows. Stock's
+    join of ``events`` to ``event_json`` for a thousand random IDs makes
+    PostgreSQL scan the whole ``events`` table each time (a hash join): at
+    100,000 members that tripled the time to read a room's state."""
     from synapse.storage.database import make_in_list_sql_clause
 
+    per_query = (
+        STATE_QUERY_BATCH_PG
+        if txn.database_engine.supports_using_any_list
+        else STATE_QUERY_BATCH_SQLITE
+    )
+    txn.execute("SELECT room_version FROM rooms WHERE room_id = ?", (room_id,))
+    row = txn.fetchone()
+    version = row[0] if row else None
+    txn.execute("SELECT user_id FROM room_ban_redactions WHERE room_id = ?", (room_id,))
+    banned = {user_id for (user_id,) in txn}
+    sender = (
+        "(SELECT e.sender FROM events AS e WHERE e.event_id = ej.event_id)"
+        if banned
+        else "NULL"
+    )
     result = []
-    for start in range(0, len(event_ids), STATE_LOAD_BATCH):
-        batch = event_ids[start : start + STATE_LOAD_BATCH]
-        clause, args = make_in_list_sql_clause(txn.database_engine, "e.event_id", batch)
+    for start in range(0, len(event_ids), per_query):
+        batch = event_ids[start : start + per_query]
+        clause, args = make_in_list_sql_clause(
+            txn.database_engine, "ej.event_id", batch
+        )
         txn.execute(
             f"""
-            SELECT e.event_id, ej.json, ej.format_version, r.room_version,
-                rej.reason, e.room_id, e.sender,
-                EXISTS (SELECT 1 FROM redactions AS rd WHERE rd.redacts = e.event_id)
-            FROM events AS e
-            JOIN event_json AS ej USING (event_id)
-            LEFT JOIN rooms AS r ON r.room_id = e.room_id
+            SELECT ej.event_id, ej.json, ej.format_version, ej.room_id, rej.reason,
+                EXISTS (SELECT 1 FROM redactions AS rd WHERE rd.redacts = ej.event_id),
+                {sender}
+            FROM event_json AS ej
             LEFT JOIN rejections AS rej USING (event_id)
             WHERE {clause}
             """,
             args,
         )
-        rows = txn.fetchall()
-        rooms = {row[5] for row in rows}
-        banned: set[tuple[str, str]] = set()
-        if rooms:
-            clause, args = make_in_list_sql_clause(
-                txn.database_engine, "room_id", list(rooms)
-            )
-            txn.execute(
-                f"SELECT room_id, user_id FROM room_ban_redactions WHERE {clause}", args
-            )
-            banned = {(room_id, user_id) for room_id, user_id in txn}
-        for event_id, json_text, fmt, version, rejected, room, sender, redacted in rows:
-            special = bool(redacted) or sender is None or (room, sender) in banned
-            result.append((event_id, json_text, fmt or 1, version, rejected, special))
-    return result
+        for event_id, json_text, fmt, room, rejected, redacted, by in txn:
+            special = room != room_id or bool(redacted) or by in banned
+            result.append((event_id, json_text, fmt or 1, rejected, special))
+    return version, result

@@ -53,7 +53,9 @@ class _FakeAccess:
     async def auth_chain_ids(self, room_id: str, event_ids: Any) -> set[str]:
         return {"$create"} if "$create" not in event_ids else set()
 
-    async def encoded_pdus(self, event_ids: list[str]) -> dict[str, bytes]:
+    async def encoded_pdus(
+        self, room_id: str, event_ids: list[str]
+    ) -> dict[str, bytes]:
         self.loads.append(list(event_ids))
         return {e: self.events[e] for e in event_ids if e in self.events}
 
@@ -213,6 +215,51 @@ class PacedLoadingTests(_StateServerUnit):
         self.assertEqual([len(batch) for batch in access.loads], [3, 3, 3, 1, 1])
         self.assertEqual(answer.loaded, 11)
 
+    def _sleeps_of(self, start: Any) -> list[float]:
+        """The sleeps of a prewarm started by ``start(server)``, run at once,
+        in steps of 3 events."""
+        from synapse_partial_state.resident import state as state_module
+
+        server, _ = self.make(10_000_000)
+        api: Any = server._api
+        sleeps: list[float] = []
+
+        def sleep(seconds: float) -> Any:
+            sleeps.append(seconds)
+            return defer.succeed(None)
+
+        api.sleep = sleep
+        api.run_as_background_process = lambda desc, f, *args: defer.ensureDeferred(
+            f(*args)
+        )
+        with (
+            mock.patch.object(state_module, "LOAD_STEP", 3),
+            mock.patch.object(state_module, "PREWARM_MIN_STATE", 1),
+        ):
+            start(server)
+        self.assertEqual(server.stats()["events_loaded"], 11)
+        return sleeps
+
+    def test_the_prewarm_after_state_ids_goes_at_full_speed(self) -> None:
+        async def state_ids(server: StateServer) -> None:
+            key, entry, _ = await server._entry("!r:x", "$x")
+            server._maybe_prewarm(key, entry)
+
+        sleeps = self._sleeps_of(
+            lambda s: self.successResultOf(defer.ensureDeferred(state_ids(s)))
+        )
+        self.assertEqual(sleeps, [])
+
+    def test_the_prewarm_after_a_partial_join_goes_at_full_speed(self) -> None:
+        sleeps = self._sleeps_of(lambda s: s.after_partial_join("!r:x", ["$x"]))
+        self.assertEqual(sleeps, [])
+
+    def test_preparing_a_room_ahead_is_paced(self) -> None:
+        sleeps = self._sleeps_of(
+            lambda s: self.successResultOf(defer.ensureDeferred(s.prepare_room("!r:x")))
+        )
+        self.assertEqual(len(sleeps), 3)
+
 
 class _GatedAccess(_FakeAccess):
     """Group 7 is stored in full, group 8 as a delta of it (a new member); whole
@@ -244,7 +291,9 @@ class _GatedAccess(_FakeAccess):
     async def state_ids_at_keys(self, state_group: int, keys: Any) -> Any:
         return {k: self.state[k] for k in keys if k in self.state}
 
-    async def encoded_pdus(self, event_ids: list[str]) -> dict[str, bytes]:
+    async def encoded_pdus(
+        self, room_id: str, event_ids: list[str]
+    ) -> dict[str, bytes]:
         self.loads.append(list(event_ids))
         gate: defer.Deferred[None] = defer.Deferred()
         self.load_gates.append(gate)
