@@ -379,10 +379,7 @@ class StateServer:
         )
 
     async def _prewarm_join(
-        self,
-        room_id: str,
-        prev_event_ids: list[str],
-        events: bool = True,
+        self, room_id: str, prev_event_ids: list[str], events: bool = True
     ) -> int:
         """Build the entries before ``prev_event_ids`` and, with ``events``,
         encode their events; the number of events encoded."""
