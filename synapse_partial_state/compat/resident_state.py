@@ -314,7 +314,7 @@ def _depth_in_text(text: str) -> bool:
     such as ``"depth": 1``, a string value, or ``"depth"`` as a value, makes
     this False). If all are in range, the top-level one is; if one is out of
     range, the text is parsed (it may be nested)."""
-    from synapse.events.utils import CANONICALJSON_MAX_INT, CANONICALJSON_MIN_INT
+    from synapse.api.constants import CANONICALJSON_MAX_INT, CANONICALJSON_MIN_INT
 
     found = text.count(_DEPTH_KEY)
     if found == 0:
