@@ -280,6 +280,39 @@ class BatcherTests(unittest.TestCase):
         self.assertEqual([len(p) for p in self.profiles], [2, 2, 1])
         self.assertEqual([len(u) for _, u in self.store.public_rooms], [2, 2, 1])
 
+    def test_a_run_keeps_profiles_not_events(self) -> None:
+        # A finish's run is every member of the room: its events must go once
+        # their window is read past, not stay alive until the run is written.
+        import gc
+        import weakref
+
+        store = self.store
+        alive: list[weakref.ref[Event]] = []
+
+        async def fresh_events(event_ids: list[str]) -> dict[str, Any]:
+            # as Synapse: events built for the read (its cache is bounded)
+            out = {e: Event(e, dict(store.events[e].content)) for e in event_ids}
+            alive.extend(weakref.ref(event) for event in out.values())
+            return out
+
+        store.get_events = fresh_events  # type: ignore[method-assign]
+        self.handler.store = DeltaReadingStore(store, window=2)
+        live_at_write: list[int] = []
+
+        async def profiles(rows: list[tuple[str, str | None, str | None]]) -> None:
+            gc.collect()
+            live_at_write.append(sum(ref() is not None for ref in alive))
+            self.profiles.append(rows)
+
+        self.writes.profiles = profiles  # type: ignore[method-assign]
+        self.handle([self.j(i) for i in range(5)])
+        self.assertEqual(len(alive), 5)
+        # The last window's events at most (the reading store's own window).
+        self.assertEqual(live_at_write, [1])
+        self.assertEqual(
+            self.profiles, [[(f"@u{i}:there", f"user {i}", None) for i in range(5)]]
+        )
+
     def test_smaller_transactions_on_sqlite(self) -> None:
         from synapse.storage.engines import PostgresEngine, Sqlite3Engine
 
