@@ -304,7 +304,7 @@ class BatcherTests(unittest.TestCase):
             live_at_write.append(sum(ref() is not None for ref in alive))
             self.profiles.append(rows)
 
-        self.writes.profiles = profiles  # type: ignore[method-assign]
+        self.writes.profiles = profiles  # type: ignore[method-assign,assignment]
         self.handle([self.j(i) for i in range(5)])
         self.assertEqual(len(alive), 5)
         # The last window's events at most (the reading store's own window).
