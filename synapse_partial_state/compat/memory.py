@@ -87,11 +87,16 @@ async def release_after_resync(api: Any, room_id: str) -> None:
 
 
 async def _release(api: Any, room_id: str, when: str) -> None:
-    from synapse.logging.context import defer_to_thread
-
     from synapse_partial_state.compat.patching import homeserver
 
-    result = await defer_to_thread(homeserver(api).get_reactor(), release_free_memory)
+    await release_in_thread(homeserver(api).get_reactor(), room_id, when)
+
+
+async def release_in_thread(reactor: Any, room_id: str, when: str) -> None:
+    """:func:`release_free_memory` in a thread of ``reactor``, logged."""
+    from synapse.logging.context import defer_to_thread
+
+    result = await defer_to_thread(reactor, release_free_memory)
     if result is None:
         return
     before, after = result

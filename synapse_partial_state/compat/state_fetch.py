@@ -210,6 +210,12 @@ class StateFetchOps:
         handler = self._hs.get_federation_event_handler()
         await handler._auth_and_persist_outliers(room_id, events)
 
+    async def release_free_memory(self, room_id: str, when: str) -> None:
+        """Freed heap pages back to the system (glibc; elsewhere nothing)."""
+        from synapse_partial_state.compat.memory import release_in_thread
+
+        await release_in_thread(self._hs.get_reactor(), room_id, when)
+
     async def refresh_planner_stats(self) -> bool:
         """``ANALYZE`` the tables a big resync fills, on PostgreSQL.
 

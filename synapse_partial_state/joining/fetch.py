@@ -61,6 +61,9 @@ SINGLE_FETCH_MAX = 50
 CHECK_AHEAD = 4000
 #: Concurrent single-event fetches.
 FETCH_CONCURRENCY = 10
+#: A store of at least this many events is followed by a release of the freed
+#: memory to the system (see ``compat/memory.py``).
+RELEASE_MIN_EVENTS = 10_000
 #: Other servers asked for an event the destination could not vouch for.
 OTHER_SERVERS_PER_EVENT = 5
 #: Time allowed for a /state answer: a floor, plus this much per state event
@@ -215,6 +218,11 @@ class StateFetcher:
         await attempt.writer.refresh_stats_if_big()
         timer.lap("persist")
         _milestone(room_id, "state_stored", f"{report.persisted} events stored")
+        if report.persisted >= RELEASE_MIN_EVENTS:
+            # What storing freed (the answer's JSON, the events built from it,
+            # their rows) goes back to the system before the finish allocates
+            # anew: it was the process's peak.
+            await self._ops.release_free_memory(room_id, "after storing the state")
 
         await self._check_complete(attempt, required, missing_prevs)
         self._hand_over(room_id, answers)

@@ -59,6 +59,8 @@ class FakeOps:
         #: events asked for one by one, and checked one by one
         self.fetched: list[str] = []
         self.checked: list[str] = []
+        #: when freed memory was given back
+        self.released: list[str] = []
 
     async def in_timeline(self, event_ids: Collection[str]) -> set[str]:
         return set()
@@ -126,6 +128,9 @@ class FakeOps:
 
     async def refresh_planner_stats(self) -> bool:
         return False
+
+    async def release_free_memory(self, room_id: str, when: str) -> None:
+        self.released.append(when)
 
 
 def member(name: str) -> EventBase:
@@ -278,6 +283,19 @@ class CompletenessTests(_FetchCase):
             report = await self.fetch(self.ops, self.prev.event_id)
             assert report is not None
             self.assertEqual(report.persisted, 4)
+            self.assertEqual(self.ops.released, [])  # a small store
+
+        return defer.ensureDeferred(go())
+
+    def test_freed_memory_given_back_after_a_big_store(
+        self,
+    ) -> defer.Deferred[None]:
+        self.patch(fetch_module, "RELEASE_MIN_EVENTS", 4)
+
+        async def go() -> None:
+            report = await self.fetch(self.ops, self.prev.event_id)
+            assert report is not None
+            self.assertEqual(self.ops.released, ["after storing the state"])
 
         return defer.ensureDeferred(go())
 

@@ -78,6 +78,9 @@ class FakeFetchOps:
     async def refresh_planner_stats(self) -> bool:
         return False
 
+    async def release_free_memory(self, room_id: str, when: str) -> None:
+        pass
+
 
 class HandOverTests(unittest.TestCase):
     def fetch(self, servable: Collection[str]) -> tuple[InflightFetches, Any]:
