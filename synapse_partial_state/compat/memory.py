@@ -7,6 +7,12 @@ stored a 100,000-member room keeps its peak size for the rest of its life.
 ``malloc_trim(0)`` hands every free page back (``madvise``), at no cost to
 what is still in use. It runs in a thread (the allocator takes its own lock;
 ctypes releases the GIL), on Linux with glibc only; elsewhere it does nothing.
+
+A resync releases at completion, again two minutes later (once Synapse's
+handlers have worked through the new members), and after storing a big state
+(``joining/fetch.py``), before Synapse's finish: measured at 100,000 members,
+100 MiB returned there, and the joiner's peak (the finish) 666 MiB instead of
+741-778 MiB.
 """
 
 from __future__ import annotations

@@ -211,10 +211,14 @@ class StateFetchOps:
         await handler._auth_and_persist_outliers(room_id, events)
 
     async def release_free_memory(self, room_id: str, when: str) -> None:
-        """Freed heap pages back to the system (glibc; elsewhere nothing)."""
+        """Freed heap pages back to the system (glibc; elsewhere nothing).
+        Never fails the fetch: a release that goes wrong is logged."""
         from synapse_partial_state.compat.memory import release_in_thread
 
-        await release_in_thread(self._hs.get_reactor(), room_id, when)
+        try:
+            await release_in_thread(self._hs.get_reactor(), room_id, when)
+        except Exception:
+            logger.exception("Resync of %s: releasing freed memory failed", room_id)
 
     async def refresh_planner_stats(self) -> bool:
         """``ANALYZE`` the tables a big resync fills, on PostgreSQL.
