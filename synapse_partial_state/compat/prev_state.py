@@ -67,6 +67,9 @@ def _stored_events_txn(txn: Any, event_ids: list[str]) -> dict[str, StoredEvent]
         else IDS_PER_STATEMENT_SQLITE
     )
     found: dict[str, StoredEvent] = {}
+    # One string per distinct room and type: each row's driver makes its own,
+    # and a 100,000-member state is 100,000 copies of each (~14 MiB).
+    shared: dict[str, str] = {}
     for start in range(0, len(event_ids), step):
         clause, args = make_in_list_sql_clause(
             engine, "e.event_id", event_ids[start : start + step]
@@ -82,7 +85,12 @@ def _stored_events_txn(txn: Any, event_ids: list[str]) -> dict[str, StoredEvent]
             args,
         )
         for event_id, room_id, event_type, state_key, reason in txn:
-            found[event_id] = StoredEvent(room_id, event_type, state_key, reason)
+            found[event_id] = StoredEvent(
+                shared.setdefault(room_id, room_id),
+                shared.setdefault(event_type, event_type),
+                state_key,
+                reason,
+            )
     return found
 
 

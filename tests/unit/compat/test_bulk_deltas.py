@@ -190,6 +190,31 @@ class ReadingStoreTests(unittest.TestCase):
         )
         self.assertEqual(self.store.single_reads, [])
 
+    def test_handlers_of_the_same_deltas_share_one_index(self) -> None:
+        """Each handler has its own list of the same delta objects (one shared
+        read): one index for all of them while any is reading, each still
+        reading its own windows."""
+        from synapse_partial_state.compat.bulk.deltas import _DeltaIndex
+
+        other = DeltaReadingStore(self.store, window=4)
+        third = DeltaReadingStore(self.store, window=4)
+        with self.view.reading(list(self.deltas)):
+            with other.reading(list(self.deltas)):
+                self.assertIs(other._positions, self.view._positions)
+                self.assertEqual(len(_DeltaIndex._in_use), 1)
+                with third.reading(self.deltas[:5]):  # other deltas: its own
+                    self.assertIsNot(third._positions, self.view._positions)
+                    self.assertEqual(len(_DeltaIndex._in_use), 2)
+                run(other.get_event("$e5"))
+            self.assertEqual(len(_DeltaIndex._in_use), 1)
+            run(self.view.get_event("$e0"))
+        self.assertEqual(_DeltaIndex._in_use, [])
+        self.assertEqual(
+            self.store.batch_reads,
+            [["$e5", "$e6", "$e7", "$e8"], ["$e0", "$e1", "$e2", "$e3"]],
+        )
+        self.assertEqual(self.store.single_reads, [])
+
     def test_outside_reading_and_other_ids_go_to_the_store(self) -> None:
         run(self.view.get_event("$e1"))
         with self.view.reading(self.deltas[:2]):

@@ -195,3 +195,48 @@ class PureTests(unittest.TestCase):
             state_map_from(ROOM, ["$a", "$b", "$unknown"], stored, "d"),
             {("m.room.member", "@a:x"): "$a", ("m.room.member", "@b:x"): "$b"},
         )
+
+
+class StoredEventsTxnTests(unittest.TestCase):
+    """``_stored_events_txn`` against Synapse's tables (the columns it reads),
+    on a real SQLite database."""
+
+    def test_rows_read_with_one_string_per_room_and_type(self) -> None:
+        import sqlite3
+
+        from synapse_partial_state.compat import prev_state
+        from tests.unit.compat.test_resident_state import _SqliteTxn
+
+        conn = sqlite3.connect(":memory:")
+        conn.executescript(
+            """
+            CREATE TABLE events (event_id TEXT, room_id TEXT, type TEXT);
+            CREATE TABLE state_events (event_id TEXT, room_id TEXT, type TEXT,
+                state_key TEXT);
+            CREATE TABLE rejections (event_id TEXT, reason TEXT);
+            """
+        )
+        for i in range(6):
+            conn.execute(
+                "INSERT INTO events VALUES (?, ?, ?)", (f"$m{i}", ROOM, "m.room.member")
+            )
+            conn.execute(
+                "INSERT INTO state_events VALUES (?, ?, ?, ?)",
+                (f"$m{i}", ROOM, "m.room.member", f"@u{i}:x"),
+            )
+        conn.execute("INSERT INTO events VALUES ('$msg', ?, 'm.room.message')", (ROOM,))
+        conn.execute("INSERT INTO rejections VALUES ('$m5', 'auth_error')")
+        self.patch(prev_state, "IDS_PER_STATEMENT_SQLITE", 4)  # two statements
+        found = prev_state._stored_events_txn(
+            _SqliteTxn(conn), [f"$m{i}" for i in range(6)] + ["$msg", "$unknown"]
+        )
+        self.assertEqual(
+            found["$m5"], StoredEvent(ROOM, "m.room.member", "@u5:x", "auth_error")
+        )
+        self.assertEqual(found["$msg"], StoredEvent(ROOM, "m.room.message", None, None))
+        self.assertNotIn("$unknown", found)
+        self.assertEqual(len(found), 7)
+        # Equal strings of every row are one object, across statements too.
+        members = [found[f"$m{i}"] for i in range(6)]
+        self.assertEqual(len({id(m.room_id) for m in found.values()}), 1)
+        self.assertEqual(len({id(m.event_type) for m in members}), 1)
