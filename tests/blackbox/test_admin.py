@@ -25,7 +25,7 @@ MINIMAL_STATUS_KEYS = {
 }
 
 
-@on_both_databases
+@on_both_databases(ci_database="postgres")
 class WhereTheEndpointsAnswer(FederationTestCase):
     """The admin API lives under Synapse's admin prefix; the status endpoint tells
     anyone only that the module is loaded, and a server admin everything; neither
@@ -124,7 +124,7 @@ class WhereTheEndpointsAnswer(FederationTestCase):
         self.assertEqual(r.status_code, 200, r.text)
 
 
-@on_both_databases
+@on_both_databases(ci_database="sqlite")
 class AdminApi(ResyncCase):
     SERVERS = DOWN_SERVERS
 
@@ -159,7 +159,7 @@ class AdminApi(ResyncCase):
         self.assertEqual(status, 404)
 
 
-@on_both_databases
+@on_both_databases(ci_database="postgres")
 class AdminAbortAndPurge(ResyncCase):
     SERVERS = DOWN_SERVERS
 

@@ -66,7 +66,7 @@ class ClientsCase(ResyncCase):
         wait_until(lambda: self.progress() == {"syncing": False}, timeout, "complete")
 
 
-@on_both_databases
+@on_both_databases(ci_database="postgres")
 class SyncingSignal(ClientsCase):
     def test_syncing_true_while_held_then_false_once(self) -> None:
         """While the resync is held, lazy-loading syncs (initial and
@@ -198,7 +198,7 @@ class _LongPoll(threading.Thread):
             self.error = e
 
 
-@on_both_databases
+@on_both_databases(ci_database="sqlite")
 class ProgressEndpoint(ClientsCase):
     MEMBERS = 2000
     SERVERS = 20
@@ -287,7 +287,7 @@ def senders(room: dict[str, Any]) -> set[str]:
     return {e["sender"] for e in room.get("timeline", {}).get("events", [])}
 
 
-@on_both_databases
+@on_both_databases(ci_database="postgres")
 class StockSyncDuringResync(ClientsCase):
     """Stock behaviours the module must not change, while the resync is held."""
 

@@ -123,7 +123,7 @@ class HistoryCase(PartialReadsCase):
         )
 
 
-@on_both_databases
+@on_both_databases(ci_database="postgres")
 class HistoryDuringResync(HistoryCase):
     def test_shared(self) -> None:
         """shared: bob may see what came before his join."""
@@ -211,7 +211,7 @@ class HistoryDuringResync(HistoryCase):
         self.assertEqual(self.partial_state_events(), 0)
 
 
-@on_both_databases
+@on_both_databases(ci_database="sqlite")
 class HistoryFromABusyResident(HistoryCase):
     def test_the_page_answers_with_what_is_here_and_history_follows(self) -> None:
         """The resident is slow to answer /backfill (held): bob's first page

@@ -90,7 +90,7 @@ class PartialReadsCase(ResyncCase):
             self.assertNotIn(SUMMARY_FIELD, body)
 
 
-@on_both_databases
+@on_both_databases(ci_database="postgres")
 class MembersDuringResync(PartialReadsCase):
     def test_partial_answers_at_once_with_the_marker(self) -> None:
         """With ``partial``, while the resync is held, /members and
@@ -146,7 +146,7 @@ class MembersDuringResync(PartialReadsCase):
         self.assert_full_answers()
 
 
-@on_both_databases
+@on_both_databases(ci_database="sqlite")
 class HierarchyDuringResync(PartialReadsCase):
     CHILDREN = 3
     ROOM_TYPE = "m.space"

@@ -34,7 +34,7 @@ INVITED = 2
 PARTIAL_MEMBERS = {"clients": {"members_during_resync": "partial"}}
 
 
-@on_both_databases
+@on_both_databases(ci_database="postgres")
 class ResidentSummary(FederationTestCase):
     def build_room(self, resident_module: bool) -> None:
         self.hs1: Homeserver = self.make_homeserver("hs1", with_module=resident_module)

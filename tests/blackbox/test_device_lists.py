@@ -168,7 +168,7 @@ class DeviceListCase(FederationTestCase):
         return int(body["incoming_device_list_updates_queued"])
 
 
-@on_both_databases
+@on_both_databases(ci_database="postgres")
 class OutgoingDeviceListTests(DeviceListCase):
     def test_replay_reaches_missed_servers_once(self) -> None:
         """Complement's outgoing group in one room: the resident, ``a`` and ``b``
@@ -313,7 +313,7 @@ def signing_key_edu(user_id: str) -> dict[str, Any]:
     }
 
 
-@on_both_databases
+@on_both_databases(ci_database="sqlite")
 class IncomingDeviceListTests(DeviceListCase):
     EXTRA_SERVERS = ("a", "b")
 
@@ -428,7 +428,7 @@ class IncomingDeviceListTests(DeviceListCase):
         return body
 
 
-@on_both_databases
+@on_both_databases(ci_database="postgres")
 class WronglyBelievedMemberTests(DeviceListCase):
     """synapse#13887 (one of the two cases Complement skips): elsie is banned,
     but her join sent during the resync cites no ban, so the partial state
@@ -587,7 +587,7 @@ class WronglyBelievedMemberTests(DeviceListCase):
         return len(self.peer.requests(server=server, path_regex=path))
 
 
-@on_both_databases
+@on_both_databases(ci_database="sqlite")
 class PresenceDuringResyncTests(DeviceListCase):
     """Complement's skipped CanReceivePresenceDuringPartialStateJoin
     (synapse#13008): a member not in the partial state sends presence during

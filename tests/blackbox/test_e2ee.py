@@ -97,7 +97,7 @@ class Device:
         await self.client.close()
 
 
-@on_both_databases
+@on_both_databases(ci_database="postgres")
 class EncryptedConversationTests(FederationTestCase):
     def test_encrypted_messages_right_after_completion(self) -> None:
         peer = self.make_fake_peer()

@@ -17,7 +17,7 @@ from tests.fedkit.homeserver import HomeserverStartError
 from tests.fedkit.testcase import FederationTestCase, on_both_databases
 
 
-@on_both_databases
+@on_both_databases(ci_database="postgres")
 class TwoModuleHomeservers(FederationTestCase):
     def test_partial_join_and_messages_both_ways(self) -> None:
         hs1, hs2 = self.make_homeservers(["hs1", "hs2"])
@@ -56,7 +56,7 @@ class TwoModuleHomeservers(FederationTestCase):
         self.assertEqual(set(bob.joined_members(room_id)), {alice.user_id, bob.user_id})
 
 
-@on_both_databases
+@on_both_databases(ci_database="sqlite")
 class JoinBigFakeRoom(FederationTestCase):
     def test_join_returns_before_full_member_list(self) -> None:
         peer = self.make_fake_peer()
@@ -92,7 +92,7 @@ class JoinBigFakeRoom(FederationTestCase):
         self.assertIn(bob.user_id, members)
 
 
-@on_both_databases
+@on_both_databases(ci_database="postgres")
 class UntestedSynapse(FederationTestCase):
     """On a Synapse outside the tested range the server still starts, with every
     patch off: Synapse behaves as stock, and the log, the status endpoint and the
@@ -146,7 +146,7 @@ class UntestedSynapse(FederationTestCase):
         self.assertNotIn("Starting resync of", hs2.read_log()[since:])
 
 
-@on_both_databases
+@on_both_databases(ci_database="sqlite")
 class ConfigErrors(FederationTestCase):
     def test_bad_module_option_stops_synapse_with_its_message(self) -> None:
         hs = self.make_homeserver(

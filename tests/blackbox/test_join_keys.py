@@ -83,7 +83,7 @@ class _JoinCase(FederationTestCase):
         return {str(k): str(m) for k, m in rows}
 
 
-@on_room_versions("10", "12")
+@on_room_versions("10", "12", ci_rotate=True)
 class ModuleResident(_JoinCase):
     def test_make_join_names_every_server_the_partial_answer_needs(self) -> None:
         """The hint names the server of every sender of an event of the partial
@@ -221,7 +221,7 @@ class ModuleResident(_JoinCase):
         self.assertEqual(self.current_members(self.hs2).get(late_user), "join")
 
 
-@on_room_versions("10")
+@on_room_versions("10", ci_rotate=True)
 class StockResident(_JoinCase):
     RESIDENT_MODULE = False
 

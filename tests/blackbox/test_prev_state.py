@@ -40,7 +40,7 @@ def group_state(hs: Homeserver, group: int) -> dict[tuple[str, str], str]:
     return state
 
 
-@on_both_databases
+@on_both_databases(ci_database="postgres")
 class MissingPrevState(ResyncCase):
     #: Above the state-group delta threshold (``MIN_ENTRIES``, 500 entries).
     MEMBERS = 600

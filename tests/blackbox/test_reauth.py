@@ -211,7 +211,7 @@ class _ReauthCase(FederationTestCase):
 # The names say what the partial view did wrong, as in Complement.
 
 
-@on_room_versions("10", "11", "12")
+@on_room_versions("10", "11", "12", ci_rotate=True)
 class StateAcceptedIncorrectly(_ReauthCase):
     def test_event_from_a_former_member_is_rejected_after_the_resync(self) -> None:
         """derek (power 50, enough to send state) joined and left before hs2
@@ -269,7 +269,7 @@ class StateAcceptedIncorrectly(_ReauthCase):
         )
 
 
-@on_room_versions("10", "11", "12")
+@on_room_versions("10", "11", "12", ci_rotate=True)
 class StateRejectedIncorrectly(_ReauthCase):
     def test_event_rejected_under_partial_state_is_accepted_after_the_resync(
         self,

@@ -62,7 +62,7 @@ def _brief(outcome: Outcome) -> tuple[int, Any]:
     }
 
 
-@on_room_versions("10", "12")
+@on_room_versions("10", "12", ci_rotate=True)
 class ResidentAccessMatchesStock(FederationTestCase):
     def setUp(self) -> None:
         super().setUp()

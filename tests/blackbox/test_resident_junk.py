@@ -49,7 +49,7 @@ OURS[f"state: {MEMBERS_ONLY_PARAM}=yes from a server not in the room"] = (
 )
 
 
-@on_both_databases
+@on_both_databases(ci_database="postgres")
 class JunkRequestsGetStockAnswers(FederationTestCase):
     def setUp(self) -> None:
         super().setUp()

@@ -105,7 +105,7 @@ class _ResidentRoom(FederationTestCase):
                 self.assertIn(auth_id, known, f"auth event missing for {pdu['type']}")
 
 
-@on_room_versions("10", "12")
+@on_room_versions("10", "12", ci_rotate=True)
 class PartialAnswerUnnamedRoom(_ResidentRoom):
     MODULE_CONFIG = {"resident": {"members_per_server": 1}}
 
@@ -209,7 +209,7 @@ class PartialAnswerUnnamedRoom(_ResidentRoom):
             members.add(result["join_event"]["state_key"])
 
 
-@on_both_databases
+@on_both_databases(ci_database="postgres")
 class PartialAnswerNamedRoom(_ResidentRoom):
     ROOM_NAME = "A named room"
 
@@ -224,7 +224,7 @@ class PartialAnswerNamedRoom(_ResidentRoom):
         self.assertFalse(set(self.fake_members) & got)
 
 
-@on_both_databases
+@on_both_databases(ci_database="sqlite")
 class PartialAnswerCapped(_ResidentRoom):
     MODULE_CONFIG = {"resident": {"max_extra_members": 2}}
 
@@ -238,7 +238,7 @@ class PartialAnswerCapped(_ResidentRoom):
         self.assert_auth_chain_minimal_and_complete(body)
 
 
-@on_both_databases
+@on_both_databases(ci_database="postgres")
 class PartialAnswerDisabled(_ResidentRoom):
     MODULE_CONFIG = {"resident": {"enabled": False}}
 
@@ -254,7 +254,7 @@ class PartialAnswerDisabled(_ResidentRoom):
         self.assertFalse(set(self.fake_members) & got)
 
 
-@on_both_databases
+@on_both_databases(ci_database="sqlite")
 class FanOutAfterTheAnswer(_ResidentRoom):
     """The join's fan-out to the room's other servers waits for the joiner's
     answer to be sent (``resident.fanout_hold_seconds``): in one process both
@@ -316,7 +316,7 @@ class WireCompatibility(FederationTestCase):
         self._join_and_talk(resident, joiner)
 
 
-@on_both_databases
+@on_both_databases(ci_database="postgres")
 class UnknownRoom(_ResidentRoom):
     def test_unknown_room_is_refused_and_nothing_is_created(self) -> None:
         self.build_room()
@@ -328,7 +328,7 @@ class UnknownRoom(_ResidentRoom):
         self.assertIn(status, (403, 404))
 
 
-@on_both_databases
+@on_both_databases(ci_database="sqlite")
 class PartialAnswerKnockRoom(_ResidentRoom):
     """A knock-rule room (the default room version supports knocking) with a
     pending knock: the knock is an essential, like a pending invite."""
@@ -406,7 +406,7 @@ def state_map(client: Client, room_id: str) -> dict[tuple[str, str], str]:
     }
 
 
-@on_both_databases
+@on_both_databases(ci_database="postgres")
 class JoinFailingAuth(FederationTestCase):
     """Partial joins that fail the auth rules at ``/send_join`` (``make_join``
     would have refused them; the fake peer signs a doctored template): the error
@@ -536,7 +536,7 @@ class JoinFailingAuth(FederationTestCase):
         )
 
 
-@on_both_databases
+@on_both_databases(ci_database="sqlite")
 class RefusedJoinsReadNothing(FederationTestCase):
     """Partial joins Synapse refuses: from a server the room's ACL denies, with a
     signature that does not verify, with a membership that is not a join. Each

@@ -168,7 +168,7 @@ class _StateRoom(FederationTestCase):
             self.assertEqual(set(ids), set(stock[field]), f"{what}: {field}")
 
 
-@on_room_versions("10", "11", "12")
+@on_room_versions("10", "11", "12", ci_rotate=True)
 class StateAnswersMatchStock(_StateRoom):
     def test_state_and_state_ids_equal_stock_also_after_a_redaction(self) -> None:
         self.build_room()
@@ -250,7 +250,7 @@ class StateAnswersMatchStock(_StateRoom):
             self.assertLessEqual(set(chain), full_chain - set(state))
 
 
-@on_both_databases
+@on_both_databases(ci_database="postgres")
 class StateCache(_StateRoom):
     def test_repeats_hit_the_cache_and_new_state_gets_a_new_entry(self) -> None:
         self.build_room()
@@ -295,7 +295,7 @@ class StateCache(_StateRoom):
         self.assertEqual(len(answer["pdus"]), len(first["pdus"]) + 1, "one more member")
 
 
-@on_both_databases
+@on_both_databases(ci_database="sqlite")
 class StateErrorsMatchStock(_StateRoom):
     def test_refusals_are_stock_refusals(self) -> None:
         self.build_room()
@@ -369,7 +369,7 @@ class StateErrorsMatchStock(_StateRoom):
         self.assertEqual(module, stock)
 
 
-@on_both_databases
+@on_both_databases(ci_database="postgres")
 class StateWhilePartial(FederationTestCase):
     def test_partial_state_room_is_refused_as_stock_does(self) -> None:
         peer = self.make_fake_peer()
@@ -400,7 +400,7 @@ class StateWhilePartial(FederationTestCase):
             )
 
 
-@on_both_databases
+@on_both_databases(ci_database="sqlite")
 class StatePrewarm(FederationTestCase):
     def test_partial_join_and_state_ids_prepare_the_state_answer(self) -> None:
         peer = self.make_fake_peer()
@@ -468,7 +468,7 @@ class StatePrewarm(FederationTestCase):
         self.assertNotIn(new["user_ids"][0], members)
 
 
-@on_both_databases
+@on_both_databases(ci_database="postgres")
 class StateServingMembersOnlyOff(_StateRoom):
     MODULE_CONFIG = {"resident": {"state_cache": {"members_only": False}}}
 
@@ -483,7 +483,7 @@ class StateServingMembersOnlyOff(_StateRoom):
         self.assert_same_state(answer, self.get_state(self.last_id))
 
 
-@on_both_databases
+@on_both_databases(ci_database="sqlite")
 class StateServingDisabled(_StateRoom):
     MODULE_CONFIG = {"resident": {"state_cache": {"enabled": False}}}
 

@@ -28,7 +28,7 @@ def prepared_line(room_id: str) -> str:
     return rf"state cache: prepared the state answers of {re.escape(room_id)} ahead"
 
 
-@on_both_databases
+@on_both_databases(ci_database="postgres")
 class WarmHostsAfterResyncAndRestart(ResyncCase):
     MEMBERS = 150
     SERVERS = 4

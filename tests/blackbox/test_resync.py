@@ -24,7 +24,7 @@ from tests.blackbox.resync_case import (
 from tests.fedkit.testcase import on_both_databases, on_room_versions
 
 
-@on_both_databases
+@on_both_databases(ci_database="postgres")
 class StartDelay(ResyncCase):
     """A new resync's first request waits ``start_delay_seconds`` after the
     join: the joining user's first message leaves first."""
@@ -82,7 +82,7 @@ class StartDelay(ResyncCase):
         self.assert_full_members()
 
 
-@on_both_databases
+@on_both_databases(ci_database="sqlite")
 class Failover(ResyncCase):
     def test_resident_dies_mid_resync_other_server_completes(self) -> None:
         self.setup_room()
@@ -103,7 +103,7 @@ class Failover(ResyncCase):
         )
 
 
-@on_both_databases
+@on_both_databases(ci_database="postgres")
 class EveryServerDownThenBack(ResyncCase):
     SERVERS = DOWN_SERVERS
 
@@ -129,7 +129,7 @@ class EveryServerDownThenBack(ResyncCase):
         self.assertEqual(self.job()["phase"], "done")
 
 
-@on_both_databases
+@on_both_databases(ci_database="sqlite")
 class RestartMidResync(ResyncCase):
     SERVERS = DOWN_SERVERS
 
@@ -155,7 +155,7 @@ class RestartMidResync(ResyncCase):
         self.assert_full_members()
 
 
-@on_both_databases
+@on_both_databases(ci_database="postgres")
 class RestartMidStore(ResyncCase):
     OMIT = 30
 
@@ -209,7 +209,7 @@ class RestartMidStore(ResyncCase):
         self.assertEqual(after["events_remaining"], 0)
 
 
-@on_both_databases
+@on_both_databases(ci_database="sqlite")
 class LeaveMidResync(ResyncCase):
     SERVERS = DOWN_SERVERS
 
@@ -237,7 +237,7 @@ class LeaveMidResync(ResyncCase):
         self.heal_and_join_again(rule)
 
 
-@on_both_databases
+@on_both_databases(ci_database="postgres")
 class LeaveWhileTheResidentHangs(ResyncCase):
     def test_leave_stops_the_hung_request_and_a_rejoin_starts_afresh(self) -> None:
         """The resident holds the state request open; the last local user
@@ -278,7 +278,7 @@ class LeaveWhileTheResidentHangs(ResyncCase):
         )
 
 
-@on_both_databases
+@on_both_databases(ci_database="sqlite")
 class AbortKeepsWhatUsersNeed(ResyncCase):
     """The last local member leaves or is removed mid-resync: the incomplete
     room is purged only when that takes nothing from a local user."""
@@ -330,7 +330,7 @@ def invites(client: Any) -> dict[str, Any]:
     return client.sync(filter=lazy).get("rooms", {}).get("invite", {})
 
 
-@on_both_databases
+@on_both_databases(ci_database="postgres")
 class UnexpectedError(ResyncCase):
     SERVERS = DOWN_SERVERS
 
@@ -358,7 +358,7 @@ class UnexpectedError(ResyncCase):
         self.assertIn("internal error", job["last_error"] or "")
 
 
-@on_room_versions("10", "11", "12")
+@on_room_versions("10", "11", "12", ci_rotate=True)
 class EventsDuringResync(ResyncCase):
     def test_final_state_matches_the_resident(self) -> None:
         self.setup_room()
@@ -411,7 +411,7 @@ class EventsDuringResync(ResyncCase):
         self.bob.wait_for_message(self.room_id, "during")
 
 
-@on_both_databases
+@on_both_databases(ci_database="sqlite")
 class ForkDuringResync(ResyncCase):
     def join_then_fork(self, action: str, **kw: Any) -> tuple[str, int, float]:
         """A message, bob's join with the resident's ``/state`` under
@@ -536,7 +536,7 @@ class ForkDuringResync(ResyncCase):
         self.assert_resident_state()
 
 
-@on_both_databases
+@on_both_databases(ci_database="postgres")
 class EventsDuringAHeldResync(ResyncCase):
     """Ports of two of Complement's partial-state tests (tests/msc3902):
     events that need the state at another event than the join's are shown at
@@ -614,7 +614,7 @@ class EventsDuringAHeldResync(ResyncCase):
 GAP = 12
 
 
-@on_both_databases
+@on_both_databases(ci_database="sqlite")
 class IdenticalStatesAfterResync(ResyncCase):
     MEMBERS = 60
 
@@ -662,7 +662,7 @@ class IdenticalStatesAfterResync(ResyncCase):
         self.assertEqual(len(pdu["prev_events"]), 2, pdu)
 
 
-@on_both_databases
+@on_both_databases(ci_database="postgres")
 class PlannerStats(ResyncCase):
     MEMBERS = 1500
     SERVERS = 10
@@ -701,7 +701,7 @@ class PlannerStats(ResyncCase):
         self.assertGreaterEqual(counts.get("current_state_events", 0), 3, counts)
 
 
-@on_room_versions("10", "12")
+@on_room_versions("10", "12", ci_rotate=True)
 class LyingResident(ResyncCase):
     # Known gap (issue #4), seen when this test ran: members whose only source is
     # the lying resident (its own users) are dropped by Synapse's signature check
@@ -725,7 +725,7 @@ class _OmissionCase(ResyncCase):
     OMIT = 30
 
 
-@on_room_versions("10", "12")
+@on_room_versions("10", "12", ci_rotate=True)
 class ResidentOmitsMembers(_OmissionCase):
     def test_members_left_out_of_state_are_fetched_from_other_servers(self) -> None:
         """The resident's /state leaves out member events its /state_ids lists
@@ -769,7 +769,7 @@ class ResidentOmitsMembers(_OmissionCase):
         self.assertEqual(job["tried"], [])  # the resident did not fail
 
 
-@on_both_databases
+@on_both_databases(ci_database="sqlite")
 class NobodyHasTheOmittedMembers(_OmissionCase):
     def test_incomplete_state_fails_the_server_until_it_can_be_completed(self) -> None:
         """Every server's /state leaves out the same member events and none serves

@@ -37,6 +37,14 @@ class Plan(unittest.TestCase):
         # the databases alternate while both have kinds left
         self.assertEqual([s.db for s in plan[:4]], BOTH * 2)
 
+    def test_the_suite_runs_every_kind_once_on_a_database_it_supports(self) -> None:
+        from tests.blackbox.test_faults import CI_KINDS
+
+        ran = [kind for kinds in CI_KINDS.values() for kind in kinds]
+        self.assertEqual(sorted(ran), sorted(KINDS))
+        for db, kinds in CI_KINDS.items():
+            self.assertEqual(kinds, kinds_for([db], kinds)[db])
+
     def test_the_plan_is_a_function_of_the_seed(self) -> None:
         kinds = kinds_for(BOTH, list(KINDS))
         a = make_plan(40, BOTH, kinds, 7, 1000, 10000)

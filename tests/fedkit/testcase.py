@@ -12,6 +12,14 @@ Example::
 module (``trial`` collects both); ``SPS_TEST_DATABASES=sqlite`` (comma-separated,
 default ``sqlite,postgres``) skips the other variants.
 
+The default suite (what CI runs) is sized to stay under its time budget: a class
+decorated ``@on_both_databases(ci_database="postgres")`` runs on that database
+only, and ``@on_room_versions("10", "11", "12", ci_rotate=True)`` runs each room
+version on one database, in turn (sqlite, postgres, sqlite, ...). The full suite
+(``SPS_TEST_FULL=1``, which ``scripts-dev/test --full`` sets) runs every variant.
+Classes whose code differs by database (the bulk writers' ``COPY``, the
+differential tests) stay on both in every suite.
+
 Each test gets a work directory under ``$SPS_TEST_WORKDIR`` (default
 ``<tmp>/sps-fedkit``). It is deleted when the test passes and kept, with every
 server's config and log, when it fails (the path is printed); set
@@ -244,22 +252,47 @@ class DatabaseVariants:
         return f"<DatabaseVariants of {self.base.__name__}: {', '.join(c.__name__ for c in self.variants.values())}>"
 
 
-def on_both_databases(cls: type[FederationTestCase]) -> Any:
+def full_suite() -> bool:
+    """Whether every database variant runs (``SPS_TEST_FULL=1``), not only the
+    default suite's."""
+    return os.environ.get("SPS_TEST_FULL") == "1"
+
+
+def on_both_databases(
+    cls: type[FederationTestCase] | None = None,
+    *,
+    ci_database: DatabaseKind | None = None,
+) -> Any:
     """Class decorator: define ``<Name>_sqlite`` and ``<Name>_postgres`` in the caller's module.
 
-    Variants not listed in ``SPS_TEST_DATABASES`` are marked skipped."""
-    return _database_variants(cls, sys._getframe(1).f_globals)
+    Variants not listed in ``SPS_TEST_DATABASES`` are marked skipped. With
+    ``ci_database``, the other database's variant runs in the full suite only
+    (see :func:`full_suite`)."""
+    if ci_database is not None and ci_database not in ALL_DATABASES:
+        raise ValueError(f"ci_database: unknown database {ci_database!r}")
+    caller_globals = sys._getframe(1).f_globals
+
+    def decorate(cls: type[FederationTestCase]) -> Any:
+        return _database_variants(cls, caller_globals, ci_database)
+
+    return decorate if cls is None else decorate(cls)
 
 
-def on_room_versions(*versions: str) -> Callable[[type[FederationTestCase]], Any]:
+def on_room_versions(
+    *versions: str, ci_rotate: bool = False
+) -> Callable[[type[FederationTestCase]], Any]:
     """Class decorator, for tests whose rooms are the fake peer's: define
     ``<Name>_v<version>_sqlite`` and ``..._postgres`` for each room version (the
-    class reads ``ROOM_VERSION``). Use instead of :func:`on_both_databases`."""
+    class reads ``ROOM_VERSION``). Use instead of :func:`on_both_databases`.
+
+    With ``ci_rotate``, the default suite runs the i-th version on the i-th
+    database in turn (every version once, both databases covered); the full
+    suite runs all of them on both."""
 
     def decorate(cls: type[FederationTestCase]) -> Any:
         caller_globals = sys._getframe(1).f_globals
         by_version = {}
-        for version in versions:
+        for i, version in enumerate(versions):
             name = f"{cls.__name__}_v{version}"
             variant = type(
                 name,
@@ -270,16 +303,22 @@ def on_room_versions(*versions: str) -> Callable[[type[FederationTestCase]], Any
                     "__qualname__": name,
                 },
             )
-            by_version[version] = _database_variants(variant, caller_globals)
+            ci_database = ALL_DATABASES[i % len(ALL_DATABASES)] if ci_rotate else None
+            by_version[version] = _database_variants(
+                variant, caller_globals, ci_database
+            )
         return by_version
 
     return decorate
 
 
 def _database_variants(
-    cls: type[FederationTestCase], caller_globals: dict[str, Any]
+    cls: type[FederationTestCase],
+    caller_globals: dict[str, Any],
+    ci_database: DatabaseKind | None = None,
 ) -> DatabaseVariants:
     selected = selected_databases()
+    full = full_suite()
     variants: dict[str, type[FederationTestCase]] = {}
     for db in ALL_DATABASES:
         name = f"{cls.__name__}_{db}"
@@ -290,6 +329,11 @@ def _database_variants(
         )
         if db not in selected:
             variant = unittest.skip(f"{db} is not in SPS_TEST_DATABASES")(variant)
+        elif ci_database is not None and db != ci_database and not full:
+            variant = unittest.skip(
+                f"{db}: in the full suite only (scripts-dev/test --full); "
+                f"the default suite runs this class on {ci_database}"
+            )(variant)
         caller_globals[name] = variant
         variants[db] = variant
     return DatabaseVariants(cls, variants)
