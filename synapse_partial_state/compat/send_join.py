@@ -522,6 +522,8 @@ class WakeupHold(Protocol):
 
     def notify(self, token: Any) -> None: ...
 
+    def defer(self, name: str, wake: Callable[[], None]) -> None: ...
+
     def answer_started(self) -> Callable[..., None]: ...
 
 
@@ -581,9 +583,56 @@ def install_fanout_hold(api: ModuleApi, make_hold: HoldFactory) -> WakeupHold | 
     )
     if not holds:  # installed before: the first one stays
         return None
+    _hold_presence(hs, holds[0])
     _SEND_JOIN_HOOKS.answer_started = holds[0].answer_started
     _wrap_on_send_join_request()
     return holds[0]
+
+
+def _hold_presence(hs: Any, hold: WakeupHold) -> None:
+    """Synapse's presence handler's wake-ups through ``hold`` too, where this
+    process runs it (a presence writer: ``PresenceHandler``, not the workers'
+    ``WorkerPresenceHandler``, which has no such wake-up).
+
+    ``PresenceHandler.notify_new_event()`` (checked in 1.163.2: no argument;
+    it starts a background pass over the new current-state deltas unless one
+    is running, and for each join works out the servers to send presence to
+    from every member of the room, without yielding) is wrapped on the
+    instance. The notifier calls it once events are persisted, through the
+    bound method the handler registered at its start
+    (``Notifier.add_replication_callback``, kept in
+    ``ReplicationNotifier._replication_callbacks``): that entry is pointed at
+    the wrapped method."""
+    from synapse.handlers.presence import PresenceHandler
+
+    presence = hs.get_presence_handler()
+    if not isinstance(presence, PresenceHandler):
+        return
+    registered = presence.notify_new_event
+    replication = getattr(hs.get_notifier(), "_replication_notifier", None)
+    callbacks = getattr(replication, "_replication_callbacks", None)
+    if not isinstance(callbacks, list) or registered not in callbacks:
+        logger.warning(
+            "Not holding the presence handler's wake-ups during /send_join "
+            "answers: its notifier callback was not found in this Synapse"
+        )
+        return
+
+    def wrap(native: Callable[[], None]) -> Callable[[], None]:
+        def notify_new_event() -> None:
+            hold.defer("presence", native)
+
+        return notify_new_event
+
+    wrap_instance_method(
+        presence,
+        "notify_new_event",
+        wrap,
+        "synapse.handlers.presence.PresenceHandler.notify_new_event",
+        "wait while a /send_join answer is prepared and sent (bounded), as "
+        "the federation sender does",
+    )
+    callbacks[callbacks.index(registered)] = presence.notify_new_event
 
 
 async def get_room_summary(api: ModuleApi, room_id: str) -> Mapping[str, MemberSummary]:

@@ -23,6 +23,15 @@ before the fan-out of its join takes the reactor (measured at 100,000 members:
 ``/state_ids``, built in 0.1 s from the cache, took 5 s behind the fan-out to
 2,000 servers).
 The same ``max_hold_s`` bounds it all.
+
+Synapse's presence handler is held the same way (:meth:`FanOutHold.defer`):
+woken by the same persisted join, it works out which servers to send presence
+to from every member of the room, in one go on the reactor (measured at
+100,000 members: 1.1 s of it, between the join being stored and the answer
+being written, so that the answer then lost the race against the hold's
+deadline and went out behind the fan-out: a 23 s ``/send_join``). Its wake-up
+carries nothing (it reads the new state deltas itself), so the held one is
+just called once on release.
 """
 
 from __future__ import annotations
@@ -62,6 +71,8 @@ class FanOutHold:
         self._held_count = 0
         self._held_since = 0.0
         self._deadline: Any = None
+        #: other wake-ups held (:meth:`defer`), by name
+        self._deferred: dict[str, Callable[[], None]] = {}
         #: Wake-ups held since start.
         self.held_total = 0
         #: Wake-ups passed on by the deadline while answers were in progress.
@@ -82,6 +93,23 @@ class FanOutHold:
             self._held_since = time.monotonic()
         if self._held is None or self._position(token) > self._position(self._held):
             self._held = token
+        self._arm_deadline()
+
+    def defer(self, name: str, wake: Callable[[], None]) -> None:
+        """Another wake-up that carries nothing (a second one named ``name``
+        while held replaces the first): called now, or held with the sender's
+        and called once on release."""
+        if self._answers == 0 or self._max_hold_s <= 0:
+            wake()
+            return
+        self.held_total += 1
+        self._held_count += 1
+        if self._held is None and not self._deferred:
+            self._held_since = time.monotonic()
+        self._deferred[name] = wake
+        self._arm_deadline()
+
+    def _arm_deadline(self) -> None:
         if self._deadline is None:
             self._deadline = self._call_later(self._max_hold_s, self._on_deadline)
 
@@ -114,7 +142,7 @@ class FanOutHold:
 
     def _on_deadline(self) -> None:
         self._deadline = None
-        if self._held is not None:
+        if self._held is not None or self._deferred:
             self.deadline_releases += 1
         self._release("its deadline")
 
@@ -123,15 +151,25 @@ class FanOutHold:
             self._deadline.cancel()
             self._deadline = None
         token, self._held = self._held, None
+        deferred, self._deferred = self._deferred, {}
+        if token is None and not deferred:
+            return
+        woken = (["Federation sender"] if token is not None else []) + list(deferred)
+        logger.debug(
+            "%s woken after %s: %d wake-up(s) held for %.0f ms",
+            " and ".join(woken),
+            why,
+            self._held_count,
+            (time.monotonic() - self._held_since) * 1000,
+        )
+        self._held_count = 0
         if token is not None:
-            logger.debug(
-                "Federation sender woken after %s: %d wake-up(s) held for %.0f ms",
-                why,
-                self._held_count,
-                (time.monotonic() - self._held_since) * 1000,
-            )
-            self._held_count = 0
             try:
                 self._wake(token)
             except Exception:
                 logger.exception("Waking the federation sender failed")
+        for name, wake in deferred.items():
+            try:
+                wake()
+            except Exception:
+                logger.exception("Waking %s failed", name)

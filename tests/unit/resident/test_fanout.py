@@ -178,3 +178,66 @@ class GraceTests(_HoldCase):
         self.assertEqual(self.woken, [5])
         state()
         self.assertEqual(self.woken, [5])
+
+
+class DeferredWakeUpTests(_HoldCase):
+    """Other wake-ups that carry nothing (Synapse's presence handler's), held
+    with the sender's."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.presence: list[str] = []
+
+    def wake_presence(self) -> None:
+        self.presence.append("woken")
+
+    def test_called_at_once_when_no_answer_is_in_progress(self) -> None:
+        self.hold.defer("presence", self.wake_presence)
+        self.assertEqual(self.presence, ["woken"])
+        self.assertEqual(self.clock.pending(), 0)
+
+    def test_held_until_the_answer_is_sent_and_called_once(self) -> None:
+        done = self.hold.answer_started()
+        self.hold.notify(3)  # the join persisted: both wake-ups come
+        self.hold.defer("presence", self.wake_presence)
+        self.hold.defer("presence", self.wake_presence)
+        self.assertEqual((self.woken, self.presence), ([], []))
+        with self.assertLogs("synapse_partial_state.resident.fanout", "DEBUG") as logs:
+            done()
+        self.assertEqual((self.woken, self.presence), ([3], ["woken"]))
+        self.assertIn("Federation sender and presence woken after", logs.output[0])
+        self.assertEqual(self.hold.held_total, 3)
+        self.assertEqual(self.clock.pending(), 0, "the deadline is cancelled")
+        done()
+        self.clock.advance(10)
+        self.assertEqual(self.presence, ["woken"])
+
+    def test_the_deadline_bounds_it_alone(self) -> None:
+        done = self.hold.answer_started()
+        self.hold.defer("presence", self.wake_presence)
+        self.clock.advance(1.9)
+        self.assertEqual(self.presence, [])
+        self.clock.advance(0.2)
+        self.assertEqual(self.presence, ["woken"])
+        self.assertEqual(self.woken, [], "nothing of the sender's was held")
+        self.assertEqual(self.hold.deadline_releases, 1)
+        done()
+        self.assertEqual(self.presence, ["woken"])
+
+    def test_a_failing_one_is_logged_and_the_others_still_woken(self) -> None:
+        def broken() -> None:
+            raise RuntimeError("boom")
+
+        done = self.hold.answer_started()
+        self.hold.defer("broken", broken)
+        self.hold.notify(4)
+        self.hold.defer("presence", self.wake_presence)
+        with self.assertLogs("synapse_partial_state.resident.fanout", "ERROR"):
+            done()
+        self.assertEqual((self.woken, self.presence), ([4], ["woken"]))
+
+    def test_zero_disables(self) -> None:
+        hold = self.make(0)
+        hold.answer_started()
+        hold.defer("presence", self.wake_presence)
+        self.assertEqual(self.presence, ["woken"])
