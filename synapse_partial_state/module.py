@@ -239,7 +239,9 @@ class PartialStateModule:
                 # A joiner's first state requests before its join's fan-out.
                 serve_state = servlets.while_answering(serve_state, hold.answer_started)
                 serve_state_ids = servlets.while_answering(
-                    serve_state_ids, hold.answer_started
+                    serve_state_ids,
+                    hold.answer_started,
+                    send_join.NEXT_REQUEST_GRACE_S,  # its /state comes next
                 )
             servlets.install_state_servlets(serve_state, serve_state_ids)
             install_event_invalidation_hook(

@@ -127,9 +127,12 @@ StateSelector = Callable[
 #: (room ID, the ``prev_events`` of a join we answered with partial state).
 PartialJoinObserver = Callable[[str, list[str]], None]
 #: A partial answer counts as in progress this long after it has been sent: the
-#: joiner's resync asks for ``/state_ids`` next, and the fan-out of its join
-#: waits for that.
-NEXT_REQUEST_GRACE_S = 0.5
+#: joiner's resync asks for ``/state_ids`` next (once it has stored the answer
+#: and its join: about a second for a module joiner of a 100,000-member room),
+#: then ``/state``; the fan-out of its join waits for those (the hold's
+#: ``fanout_hold_seconds`` bounds it all). With half a second, a benchmark's
+#: ``/state_ids`` arrived just after the fan-out had started (and took 18 s).
+NEXT_REQUEST_GRACE_S = 2.0
 
 
 @attr.s(auto_attribs=True, slots=True)

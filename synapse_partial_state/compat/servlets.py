@@ -112,10 +112,11 @@ AnswerTracker = Callable[[], Callable[..., None]]
 
 
 def while_answering(
-    serve: ServeStateRequest, answer_started: AnswerTracker
+    serve: ServeStateRequest, answer_started: AnswerTracker, grace_s: float = 0.0
 ) -> ServeStateRequest:
     """``serve``, telling ``answer_started`` (the fan-out hold's) that an answer
-    is in progress until its response has been written (or has failed)."""
+    is in progress until its response has been written (or has failed), and
+    ``grace_s`` longer once written (the request a joiner sends next)."""
 
     async def tracked(request: SynapseRequest, query: StateQuery) -> bool:
         finished = answer_started()
@@ -125,7 +126,7 @@ def while_answering(
             finished()
             raise
         # Declined: stock's answer follows in the same request.
-        after_response(finished, f"/state answer in {query.room_id}")
+        after_response(lambda: finished(grace_s), f"/state answer in {query.room_id}")
         return served
 
     return tracked

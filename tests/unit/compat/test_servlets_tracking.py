@@ -28,17 +28,18 @@ class WhileAnsweringTests(unittest.TestCase):
 
         def answer_started() -> Any:
             self.events.append("started")
-            return lambda grace_s=0.0: self.events.append("finished")
+            return lambda grace_s=0.0: self.events.append(
+                f"finished+{grace_s}" if grace_s else "finished"
+            )
 
         self.answer_started = answer_started
 
-    def serve(self, serve: Any) -> tuple[_Request, Any]:
+    def serve(self, serve: Any, grace_s: float = 0.0) -> tuple[_Request, Any]:
         request = _Request()
         token = servlets.FEDERATION_REQUEST.set(request)  # type: ignore[arg-type]
         try:
-            d: Any = defer.ensureDeferred(
-                while_answering(serve, self.answer_started)(request, QUERY)  # type: ignore[arg-type]
-            )
+            tracked = while_answering(serve, self.answer_started, grace_s)
+            d: Any = defer.ensureDeferred(tracked(request, QUERY))  # type: ignore[arg-type]
         finally:
             servlets.FEDERATION_REQUEST.reset(token)
         return request, d
@@ -71,3 +72,13 @@ class WhileAnsweringTests(unittest.TestCase):
         _, d = self.serve(serve)
         self.failureResultOf(d, RuntimeError)
         self.assertEqual(self.events, ["started", "finished"])
+
+    def test_with_a_grace_once_written(self) -> None:
+        async def serve(request: Any, query: StateQuery) -> bool:
+            return True
+
+        request, d = self.serve(serve, grace_s=2.0)
+        self.successResultOf(d)
+        self.assertEqual(self.events, ["started"])
+        request.finished.callback(None)
+        self.assertEqual(self.events, ["started", "finished+2.0"])
