@@ -233,17 +233,14 @@ class PartialStateModule:
                 config.resident.state_cache,
                 metrics=StateServerMetrics(api.server_name),
             )
-            serve_state: servlets.ServeStateRequest = server.serve_state
-            serve_state_ids: servlets.ServeStateRequest = server.serve_state_ids
-            if hold is not None:
-                # A joiner's first state requests before its join's fan-out.
-                serve_state = servlets.while_answering(serve_state, hold.answer_started)
-                serve_state_ids = servlets.while_answering(
-                    serve_state_ids,
-                    hold.answer_started,
-                    send_join.NEXT_REQUEST_GRACE_S,  # its /state comes next
-                )
-            servlets.install_state_servlets(serve_state, serve_state_ids)
+            # With the hold: a joiner's first state requests before its
+            # join's fan-out.
+            servlets.install_state_servlets(
+                server.serve_state,
+                server.serve_state_ids,
+                hold.answer_started if hold is not None else None,
+                send_join.NEXT_REQUEST_GRACE_S,  # the /state follows a /state_ids
+            )
             install_event_invalidation_hook(
                 api, server.forget_event, server.forget_room
             )

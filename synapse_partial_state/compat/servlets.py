@@ -29,21 +29,33 @@ FEDERATION_REQUEST: contextvars.ContextVar[SynapseRequest | None] = (
 )
 
 
-def request_aware_servlet(native: type[Any]) -> type[Any]:
+def request_aware_servlet(
+    native: type[Any], track: AnswerTracker | None = None, grace_s: float = 0.0
+) -> type[Any]:
     """A subclass of the federation servlet class ``native``, of the same name (Synapse
     labels its request metrics and traces with it), whose handlers run with the
     request in :data:`FEDERATION_REQUEST`.
 
     It overrides only ``BaseFederationServlet._wrap`` (checked in 1.163.2), and keeps
-    everything it does (signature check, origin, per-origin rate limit, tracing)."""
+    everything it does (signature check, origin, per-origin rate limit, tracing).
+    With ``track`` (the fan-out hold's ``answer_started``), each request counts
+    as an answer in progress from its arrival (before the signature check,
+    which may wait for the origin's keys) until its response has been written,
+    and ``grace_s`` longer."""
 
     def with_request(inner: Callable[..., Awaitable[Any]]) -> Any:
         @functools.wraps(inner)
         async def wrapped(request: SynapseRequest, *args: Any, **kwargs: Any) -> Any:
             token = FEDERATION_REQUEST.set(request)
+            finished = track() if track is not None else None
             try:
                 return await inner(request, *args, **kwargs)
             finally:
+                if finished is not None:
+                    done = finished
+                    after_response(
+                        lambda: done(grace_s), f"{native.__name__} answer tracking"
+                    )
                 FEDERATION_REQUEST.reset(token)
 
         return wrapped
@@ -82,12 +94,20 @@ def after_response(callback: Callable[[], None], what: str) -> None:
             logger.exception("%s failed", what)
 
     request = FEDERATION_REQUEST.get()
-    if request is None:
+    if request is None or _over(request):
         call()
     else:
         # Fires on finish() (the whole body handed to the connection) or when
         # the connection is lost.
         request.notifyFinish().addBoth(call)
+
+
+def _over(request: Any) -> bool:
+    """Whether ``request`` has finished or lost its connection already (a
+    Twisted request's ``notifyFinish()`` asked after that never fires)."""
+    return bool(getattr(request, "finished", False)) or bool(
+        getattr(request, "_disconnected", False)
+    )
 
 
 @attr.s(frozen=True, auto_attribs=True, slots=True)
@@ -111,29 +131,11 @@ ServeStateRequest = Callable[["SynapseRequest", StateQuery], Awaitable[bool]]
 AnswerTracker = Callable[[], Callable[..., None]]
 
 
-def while_answering(
-    serve: ServeStateRequest, answer_started: AnswerTracker, grace_s: float = 0.0
-) -> ServeStateRequest:
-    """``serve``, telling ``answer_started`` (the fan-out hold's) that an answer
-    is in progress until its response has been written (or has failed), and
-    ``grace_s`` longer once written (the request a joiner sends next)."""
-
-    async def tracked(request: SynapseRequest, query: StateQuery) -> bool:
-        finished = answer_started()
-        try:
-            served = await serve(request, query)
-        except BaseException:
-            finished()
-            raise
-        # Declined: stock's answer follows in the same request.
-        after_response(lambda: finished(grace_s), f"/state answer in {query.room_id}")
-        return served
-
-    return tracked
-
-
 def install_state_servlets(
-    serve_state: ServeStateRequest, serve_state_ids: ServeStateRequest
+    serve_state: ServeStateRequest,
+    serve_state_ids: ServeStateRequest,
+    track: AnswerTracker | None = None,
+    ids_grace_s: float = 0.0,
 ) -> None:
     """Serve ``GET /_matrix/federation/v1/state{,_ids}/{roomId}`` through the module.
 
@@ -149,6 +151,11 @@ def install_state_servlets(
     module, which writes the response itself and returns None (the documented
     "already handled" return of ``BaseFederationServlet`` callbacks), or declines:
     then the stock ``on_GET`` answers, as if the module were not there.
+
+    With ``track``, each request counts as an answer in progress for the fan-out
+    hold from its arrival until its response has been written (and a
+    ``/state_ids`` answer ``ids_grace_s`` longer: its ``/state`` follows), see
+    :func:`request_aware_servlet`.
     """
     from synapse.federation.transport import server as transport_server
     from synapse.federation.transport.server import federation as fed_servlets
@@ -161,9 +168,11 @@ def install_state_servlets(
 
     replace_federation_servlets(
         {
-            native_state: _module_state_servlet(native_state, serve_state, True),
+            native_state: _module_state_servlet(
+                native_state, serve_state, True, track, 0.0
+            ),
             native_state_ids: _module_state_servlet(
-                native_state_ids, serve_state_ids, False
+                native_state_ids, serve_state_ids, False, track, ids_grace_s
             ),
         }
     )
@@ -187,13 +196,17 @@ def install_state_servlets(
 
 
 def _module_state_servlet(
-    native: type[Any], serve: ServeStateRequest, members_only_variant: bool
+    native: type[Any],
+    serve: ServeStateRequest,
+    members_only_variant: bool,
+    track: AnswerTracker | None,
+    grace_s: float,
 ) -> type[Any]:
     """A subclass of ``native`` of the same name, served by ``serve`` (see
     :func:`install_state_servlets`)."""
     from synapse.http.servlet import parse_boolean_from_args, parse_string_from_args
 
-    class Servlet(request_aware_servlet(native)):  # type: ignore[misc]
+    class Servlet(request_aware_servlet(native, track, grace_s)):  # type: ignore[misc]
         _sps_state_servlet = True
 
         async def on_GET(

@@ -80,7 +80,7 @@ class StateServletQueryProperties(unittest.TestCase):
             return serves
 
         servlet = servlets._module_state_servlet(
-            _NativeServlet, serve, members_only_variant
+            _NativeServlet, serve, members_only_variant, None, 0.0
         )()
         token = servlets.FEDERATION_REQUEST.set(object())  # type: ignore[arg-type]
         try:

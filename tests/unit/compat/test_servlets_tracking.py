@@ -1,5 +1,6 @@
-"""``/state`` and ``/state_ids`` answers counted as in progress for the fan-out
-hold until their response has been written (``compat/servlets.while_answering``)."""
+"""``/state`` and ``/state_ids`` requests counted as answers in progress for the
+fan-out hold from their arrival until their response has been written
+(``compat/servlets.request_aware_servlet`` with a tracker)."""
 
 from __future__ import annotations
 
@@ -9,20 +10,43 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from synapse_partial_state.compat import servlets
-from synapse_partial_state.compat.servlets import StateQuery, while_answering
-
-QUERY = StateQuery(origin="a.test", room_id="!r:a", event_id="$e")
+from synapse_partial_state.compat.servlets import request_aware_servlet
 
 
 class _Request:
     def __init__(self) -> None:
-        self.finished: defer.Deferred[None] = defer.Deferred()
+        self.finished = False
+        self.notified: list[defer.Deferred[None]] = []
 
     def notifyFinish(self) -> defer.Deferred[None]:
-        return self.finished
+        d: defer.Deferred[None] = defer.Deferred()
+        self.notified.append(d)
+        return d
+
+    def finish(self) -> None:
+        self.finished = True
+        for d in self.notified:
+            d.callback(None)
 
 
-class WhileAnsweringTests(unittest.TestCase):
+class _NativeServlet:
+    """``BaseFederationServlet``'s shape: ``_wrap(func)`` gives the function the
+    resource calls with the request; here it 'checks the signature' (records
+    it) and calls ``func``."""
+
+    def __init__(self, events: list[str], handler: Any) -> None:
+        self.events = events
+        self.handler = handler
+
+    def _wrap(self, func: Any) -> Any:
+        async def new_func(request: Any) -> Any:
+            self.events.append("signature checked")
+            return await func(request)
+
+        return new_func
+
+
+class RequestTrackingTests(unittest.TestCase):
     def setUp(self) -> None:
         self.events: list[str] = []
 
@@ -34,51 +58,57 @@ class WhileAnsweringTests(unittest.TestCase):
 
         self.answer_started = answer_started
 
-    def serve(self, serve: Any, grace_s: float = 0.0) -> tuple[_Request, Any]:
+    def call(self, handler: Any, grace_s: float = 0.0, track: bool = True) -> Any:
+        cls = request_aware_servlet(
+            _NativeServlet, self.answer_started if track else None, grace_s
+        )
+        servlet = cls(self.events, handler)
+        self.assertEqual(cls.__name__, "_NativeServlet")
         request = _Request()
-        token = servlets.FEDERATION_REQUEST.set(request)  # type: ignore[arg-type]
-        try:
-            tracked = while_answering(serve, self.answer_started, grace_s)
-            d: Any = defer.ensureDeferred(tracked(request, QUERY))  # type: ignore[arg-type]
-        finally:
-            servlets.FEDERATION_REQUEST.reset(token)
+
+        async def func(req: Any) -> Any:
+            self.assertIs(servlets.FEDERATION_REQUEST.get(), req)
+            return await handler(req)
+
+        d = defer.ensureDeferred(servlet._wrap(func)(request))
         return request, d
 
-    def test_in_progress_until_the_response_is_written(self) -> None:
-        async def serve(request: Any, query: StateQuery) -> bool:
+    def test_counted_from_arrival_until_the_response_is_written(self) -> None:
+        async def handler(request: Any) -> None:
             self.events.append("serving")
-            return True
 
-        request, d = self.serve(serve)
-        self.assertTrue(self.successResultOf(d))
-        self.assertEqual(self.events, ["started", "serving"])
-        request.finished.callback(None)
-        self.assertEqual(self.events, ["started", "serving", "finished"])
+        request, d = self.call(handler, grace_s=2.0)
+        self.successResultOf(d)
+        self.assertEqual(self.events, ["started", "signature checked", "serving"])
+        request.finish()
+        self.assertEqual(self.events[-1], "finished+2.0")
+        self.assertIsNone(servlets.FEDERATION_REQUEST.get())
 
-    def test_declined_stock_answers_in_the_same_request(self) -> None:
-        async def serve(request: Any, query: StateQuery) -> bool:
-            return False
+    def test_a_response_written_before_the_handler_returns_ends_it_at_once(
+        self,
+    ) -> None:
+        async def handler(request: Any) -> None:
+            request.finish()  # a small answer written in one go
 
-        request, d = self.serve(serve)
-        self.assertFalse(self.successResultOf(d))
-        self.assertEqual(self.events, ["started"])
-        request.finished.callback(None)
-        self.assertEqual(self.events, ["started", "finished"])
+        _, d = self.call(handler)
+        self.successResultOf(d)
+        self.assertEqual(self.events, ["started", "signature checked", "finished"])
 
-    def test_a_failure_ends_it_at_once(self) -> None:
-        async def serve(request: Any, query: StateQuery) -> bool:
+    def test_a_failure_ends_it_once_the_error_is_written(self) -> None:
+        async def handler(request: Any) -> None:
             raise RuntimeError("no such event")
 
-        _, d = self.serve(serve)
+        request, d = self.call(handler)
         self.failureResultOf(d, RuntimeError)
-        self.assertEqual(self.events, ["started", "finished"])
+        self.assertEqual(self.events, ["started", "signature checked"])
+        request.finish()  # Synapse writes the error
+        self.assertEqual(self.events[-1], "finished")
 
-    def test_with_a_grace_once_written(self) -> None:
-        async def serve(request: Any, query: StateQuery) -> bool:
-            return True
+    def test_without_a_tracker_nothing_is_counted(self) -> None:
+        async def handler(request: Any) -> None:
+            self.events.append("serving")
 
-        request, d = self.serve(serve, grace_s=2.0)
+        request, d = self.call(handler, track=False)
         self.successResultOf(d)
-        self.assertEqual(self.events, ["started"])
-        request.finished.callback(None)
-        self.assertEqual(self.events, ["started", "finished+2.0"])
+        request.finish()
+        self.assertEqual(self.events, ["signature checked", "serving"])
