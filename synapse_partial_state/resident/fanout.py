@@ -89,7 +89,7 @@ class FanOutHold:
             return
         self.held_total += 1
         self._held_count += 1
-        if self._held is None:
+        if self._held is None and not self._deferred:
             self._held_since = time.monotonic()
         if self._held is None or self._position(token) > self._position(self._held):
             self._held = token
