@@ -84,34 +84,33 @@ class FanOutHold:
 
     def notify(self, token: Any) -> None:
         """The sender's wake-up: passed on now, or held."""
-        if self._answers == 0 or self._max_hold_s <= 0:
+        if not self._hold_one():
             self._wake(token)
             return
-        self.held_total += 1
-        self._held_count += 1
-        if self._held is None and not self._deferred:
-            self._held_since = time.monotonic()
         if self._held is None or self._position(token) > self._position(self._held):
             self._held = token
-        self._arm_deadline()
 
     def defer(self, name: str, wake: Callable[[], None]) -> None:
         """Another wake-up that carries nothing (a second one named ``name``
         while held replaces the first): called now, or held with the sender's
         and called once on release."""
-        if self._answers == 0 or self._max_hold_s <= 0:
+        if not self._hold_one():
             wake()
             return
+        self._deferred[name] = wake
+
+    def _hold_one(self) -> bool:
+        """Whether a wake-up arriving now is held (answers are in progress);
+        if so, it is counted and the deadline armed."""
+        if self._answers == 0 or self._max_hold_s <= 0:
+            return False
         self.held_total += 1
         self._held_count += 1
         if self._held is None and not self._deferred:
             self._held_since = time.monotonic()
-        self._deferred[name] = wake
-        self._arm_deadline()
-
-    def _arm_deadline(self) -> None:
         if self._deadline is None:
             self._deadline = self._call_later(self._max_hold_s, self._on_deadline)
+        return True
 
     def answer_started(self) -> Callable[..., None]:
         """An answer is being prepared; call what this returns (once; later calls
