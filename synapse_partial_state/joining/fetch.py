@@ -415,8 +415,9 @@ class StateFetcher:
         per_event: bool,
     ) -> tuple[list[EventBase], list[EventBase]]:
         """(events verified in bulk, events for Synapse's per-event check).
-        Each verdict comes with the event where the check built it (in a
-        thread), else the event is built here."""
+        Each verdict comes with the event the check built (in its thread, or
+        from a worker process's JSON); where it did not, the event is built
+        here."""
         destination, room_id = attempt.destination, attempt.room_id
         room_version, writer = attempt.room_version, attempt.writer
         accepted: list[EventBase] = []

@@ -157,6 +157,40 @@ def verify_chunk_events(
     return [checker.check(raw) for raw in pdus]
 
 
+def verify_chunk_json(
+    room_version_id: str,
+    pdus: Sequence[bytes | dict[str, Any]],
+    keys: Keys,
+    banned: frozenset[str] = frozenset(),
+) -> list[tuple[int, str | None, str | None]]:
+    """:func:`verify_chunk_events` for a worker process, whose events cannot
+    come back as they are: each verdict with the JSON Synapse's
+    ``event_from_pdu_json`` built its event from (the pdu after its parse, as
+    canonical JSON), None where it raises. :func:`event_from_json` makes the
+    same event of it in the calling process, a fraction of the parse's cost
+    there (no JSON validation, no second encoding)."""
+    from canonicaljson import encode_canonical_json
+
+    checker = _ChunkChecker(room_version_id, keys, banned, build_events=True)
+    out: list[tuple[int, str | None, str | None]] = []
+    for raw in pdus:
+        verdict, event_id, event = checker.check(raw)
+        built = None
+        if event is not None:
+            built = encode_canonical_json(checker.last_pdu).decode("utf-8")
+        out.append((verdict, event_id, built))
+    return out
+
+
+def event_from_json(event_json: str, room_version_id: str) -> Any:
+    """The event :func:`verify_chunk_json` built in the worker, from its JSON,
+    as Synapse's ``make_event_from_dict`` makes it of the same pdu."""
+    from synapse.api.room_versions import KNOWN_ROOM_VERSIONS
+    from synapse.events import make_event_from_json
+
+    return make_event_from_json(event_json, KNOWN_ROOM_VERSIONS[room_version_id])
+
+
 class _ChunkChecker:
     """One room version's checks with one set of keys (decoded once each)."""
 
@@ -178,6 +212,9 @@ class _ChunkChecker:
         self.keys = keys
         self.banned = banned
         self.build_events = build_events
+        #: with :attr:`build_events`, the pdu the last event was built from
+        #: (after Synapse's parse edited it)
+        self.last_pdu: dict[str, Any] | None = None
         self._decoded: dict[tuple[str, str], Any] = {}
 
     def check(self, raw: bytes | dict[str, Any]) -> tuple[int, str | None, Any]:
@@ -196,7 +233,9 @@ class _ChunkChecker:
                     pdu = dict(raw)
                     if isinstance(pdu.get("unsigned"), dict):
                         pdu["unsigned"] = dict(pdu["unsigned"])
+                self.last_pdu = None
                 event = event_from_pdu_json(pdu, self.room_version)
+                self.last_pdu = pdu
             elif isinstance(raw, bytes):
                 # canonical JSON already: what make_event_from_dict would build
                 event = make_event_from_json(raw.decode("utf-8"), self.room_version)
@@ -385,9 +424,9 @@ class VerifierPool:
         what follows with the checking of the rest.
 
         A verdict is (verdict, event ID); with ``build_events``, (verdict, event
-        ID, event), the event as :func:`verify_chunk_events` builds it where the
-        chunk was checked in a thread, else None (a worker process's events
-        cannot come back: build them from the pdu)."""
+        ID, event), the event as :func:`verify_chunk_events` builds it (a
+        worker process sends its JSON back, made into the event here), None
+        where Synapse's parse refuses the pdu."""
         keys = dict(keys)
         out = []
         for start in range(0, len(pdus), CHUNK):
@@ -424,7 +463,7 @@ class VerifierPool:
         try:
             with _without_parent_main():
                 future = pool.submit(
-                    verify_chunk,
+                    verify_chunk_json if task.build_events else verify_chunk,
                     task.room_version_id,
                     task.pdus,
                     task.keys,
@@ -453,9 +492,12 @@ class VerifierPool:
         if isinstance(error, BrokenProcessPool):
             self._workers_died(task, d, retries, pool, error)
         elif task.build_events and error is None and not future.cancelled():
-            d.callback(
-                [(verdict, event_id, None) for verdict, event_id in future.result()]
-            )
+            try:
+                built = _events_from_json(task.room_version_id, future.result())
+            except Exception:
+                d.errback()
+            else:
+                d.callback(built)
         else:
             _copy_outcome(d, future)
 
@@ -494,6 +536,20 @@ class VerifierPool:
                 self._thread_executor = None
 
 
+def _events_from_json(
+    room_version_id: str, verdicts: Sequence[tuple[int, str | None, str | None]]
+) -> list[tuple[int, str | None, Any]]:
+    """A worker's :func:`verify_chunk_json` verdicts with their events built."""
+    return [
+        (
+            verdict,
+            event_id,
+            None if built is None else event_from_json(built, room_version_id),
+        )
+        for verdict, event_id, built in verdicts
+    ]
+
+
 @attr.s(slots=True, frozen=True, auto_attribs=True)
 class _Task:
     """One chunk to check, kept until it has its verdicts (to send it again)."""
@@ -501,7 +557,7 @@ class _Task:
     room_version_id: str
     pdus: list[bytes | dict[str, Any]]
     keys: dict[tuple[str, str], tuple[bytes, int]]
-    #: the verdicts with the events (built in a thread only)
+    #: the verdicts with the events (a worker process sends their JSON)
     build_events: bool = False
 
 

@@ -36,10 +36,12 @@ from synapse_partial_state.joining.verify import (
     UNCERTAIN,
     VerifierPool,
     content_hash_matches,
+    event_from_json,
     key_ids_needed,
     required_servers,
     verify_chunk,
     verify_chunk_events,
+    verify_chunk_json,
 )
 
 NAMES = {
@@ -575,6 +577,36 @@ class VerifyChunkEventsTests(unittest.SynchronousTestCase):
             self.assertNotIn("secret", got[-1][2].unsigned)
             self.assertNotIn("age_ts", got[-1][2].unsigned)
 
+    def test_json_from_a_worker_makes_the_same_events(self) -> None:
+        """What a worker process sends back (``verify_chunk_json``) makes,
+        with ``event_from_json``, the events ``verify_chunk_events`` builds,
+        from dicts and from bytes; none where Synapse's parse refuses."""
+        import json
+
+        for version in ("10", "11", "12"):
+            pdus = _mixed_pdus(version)
+            with_unsigned = make_pdu(version)
+            with_unsigned["unsigned"] = {"age": 5, "secret": "dropped", "age_ts": 1}
+            floaty = make_pdu(version, content={"membership": "join", "n": 1.5})
+            pdus += [with_unsigned, floaty]
+            keys = held("a.test", "b.test")
+            expected = verify_chunk_events(version, copy.deepcopy(pdus), keys)
+            for raw in (copy.deepcopy(pdus), [json.dumps(p).encode() for p in pdus]):
+                got = verify_chunk_json(version, raw, keys)
+                self.assertEqual(
+                    [(v, e) for v, e, _ in got], [(v, e) for v, e, _ in expected]
+                )
+                for (_, _, built), (_, _, event) in zip(got, expected, strict=True):
+                    if event is None:
+                        self.assertIsNone(built)
+                        continue
+                    assert built is not None
+                    made = event_from_json(built, version)
+                    self.assertEqual(made.get_dict(), event.get_dict())
+                    self.assertEqual(made.get_pdu_json(), event.get_pdu_json())
+                    self.assertEqual(made.event_id, event.event_id)
+                self.assertIsNone(got[-1][2])  # the float: refused
+
     def test_what_synapse_refuses_is_invalid_from_bytes_too(self) -> None:
         """A pdu Synapse's federation parse refuses (a float where strict
         canonical JSON forbids it, a negative depth) is INVALID with no event,
@@ -696,12 +728,19 @@ class VerifierPoolTests(unittest.TestCase):
 
         return defer.ensureDeferred(go())
 
-    def test_events_come_back_from_the_thread_only(self) -> defer.Deferred[None]:
-        """With ``build_events``, a thread's verdicts carry the events; a
-        worker's cannot (None: the caller builds them)."""
+    def test_events_come_back_from_the_thread_and_the_workers(
+        self,
+    ) -> defer.Deferred[None]:
+        """With ``build_events``, the verdicts carry the events Synapse's
+        federation parse makes of the pdus: built in the thread, or sent back
+        by a worker process as JSON and made into the same events here."""
         pdus = _mixed_pdus("10")
+        with_unsigned = make_pdu("10")
+        with_unsigned["unsigned"] = {"age": 5, "secret": "dropped"}
+        pdus.append(with_unsigned)
         keys = held("a.test", "b.test")
         expected = verify_chunk("10", pdus, keys)
+        room_version = KNOWN_ROOM_VERSIONS["10"]
 
         async def go() -> None:
             for workers in (0, 1):
@@ -710,14 +749,20 @@ class VerifierPoolTests(unittest.TestCase):
                 for _, d in pool.verify_chunks("10", pdus, keys, build_events=True):
                     got.extend(await d)
                 self.assertEqual([(v, e) for v, e, _ in got], expected)
-                events = [ev for v, _, ev in got if v != INVALID]
-                if workers:
-                    self.assertEqual(events, [None] * len(events))
-                else:
-                    self.assertEqual(
-                        [ev.event_id for ev in events],
-                        [e for v, e in expected if v != INVALID],
+                for pdu, (v, event_id, event) in zip(pdus, got, strict=True):
+                    if v == INVALID:
+                        self.assertIsNone(event, workers)
+                        continue
+                    synapse_event = event_from_pdu_json(
+                        copy.deepcopy(pdu), room_version
                     )
+                    self.assertEqual(event.event_id, event_id)
+                    self.assertEqual(event.get_dict(), synapse_event.get_dict())
+                    self.assertEqual(
+                        event.get_pdu_json(), synapse_event.get_pdu_json(), workers
+                    )
+                    self.assertEqual(event.room_version, room_version)
+                self.assertNotIn("secret", got[-1][2].unsigned)
 
         return defer.ensureDeferred(go())
 
