@@ -350,13 +350,54 @@ class ConcurrentBuildTests(_StateServerUnit):
         self.assertEqual(sorted(entry8.state_ids), want)
         self.assertEqual(sorted(entry8.member_ids), want)
 
-    def test_without_the_base_entry_the_whole_group_is_loaded(self) -> None:
+    def test_without_the_base_entry_it_is_built_once_for_its_deltas(self) -> None:
+        """Group 8 and group 9 are each stored as a delta of group 7 (two
+        joins of a wave, a fork each): asked for 8 first, the state server
+        builds 7's entry whole, keeps it, and makes 8 and then 9 of it and
+        their deltas; each as Synapse's whole group would give it."""
         server, access = self.make_gated()
+        other = {(MEMBER, "@other:x"): "$other"}
+        access.events["$other"] = b'{"o":1}'
+        access.groups_for["$z"] = 9
+        deltas = {8: dict(access.DELTA), 9: other}
+
+        async def state_group_delta(state_group: int) -> Any:
+            return (7, deltas[state_group]) if state_group in deltas else (None, None)
+
+        access.state_group_delta = state_group_delta  # type: ignore[method-assign]
         d = defer.ensureDeferred(server._entry("!r:x", "$y"))
         access.group_gates[0].callback(None)
-        _, entry, _ = self.successResultOf(d)
-        self.assertIn("$new", entry.state_ids)
-        self.assertEqual((access.groups, server.stats()["states_by_delta"]), (1, 0))
+        _, entry8, _ = self.successResultOf(d)
+        _, entry9, hit = self.successResultOf(
+            defer.ensureDeferred(server._entry("!r:x", "$z"))
+        )
+        self.assertFalse(hit)
+        self.assertEqual(access.groups, 1, "only group 7 was loaded whole")
+        stats = server.stats()
+        self.assertEqual((stats["base_entries"], stats["states_by_delta"]), (1, 2))
+        base = set(access.state.values())
+        self.assertEqual(sorted(entry8.state_ids), sorted(base | {"$new"}))
+        self.assertEqual(sorted(entry9.state_ids), sorted(base | {"$other"}))
+        self.assertEqual(sorted(entry9.member_ids), sorted(entry9.state_ids))
+        # the base itself is cached: the state at an event before the joins
+        access.groups_for["$before"] = 7
+        _, entry7, hit7 = self.successResultOf(
+            defer.ensureDeferred(server._entry("!r:x", "$before"))
+        )
+        self.assertTrue(hit7)
+        self.assertEqual(sorted(entry7.state_ids), sorted(base))
+
+    def test_a_build_that_waited_for_the_same_state_reuses_it(self) -> None:
+        """A build queued behind its room's build of the same entry (asked
+        by another key's flight) takes that entry instead of building it."""
+        server, access = self.make_gated()
+        first = defer.ensureDeferred(server._entry("!r:x", "$x"))
+        key = ("s", "!r:x", 7, None)
+        second = defer.ensureDeferred(server._build_entry(key, "!r:x", 7, None, "$x"))
+        access.group_gates[0].callback(None)
+        _, entry, _ = self.successResultOf(first)
+        self.assertIs(self.successResultOf(second), entry)
+        self.assertEqual(access.groups, 1)
 
     def test_answers_at_once_load_each_event_once(self) -> None:
         from synapse_partial_state.resident import state as state_module
