@@ -68,7 +68,6 @@ from synapse_partial_state.compat.state_group_deltas import (
     install_state_group_deltas,
 )
 from synapse_partial_state.compat.state_resolution import (
-    install_auth_difference_shortcut,
     install_identical_state_shortcut,
 )
 from synapse_partial_state.compat.sync import install_syncing_signal
@@ -133,7 +132,6 @@ class PartialStateModule:
         """Every patch this process needs, and the engine on the main process."""
         # Wherever this process resolves state (resident, joiner, persister).
         install_identical_state_shortcut(api)
-        install_auth_difference_shortcut(api)
         # Wherever this process takes in events with missing prev events.
         install_fast_prev_state()
         # Wherever this process stores state groups.

@@ -1,5 +1,4 @@
-"""The state-resolution seam: identical state sets resolve to themselves, and
-identical sets of stored events have no auth chain difference."""
+"""The state-resolution seam: identical state sets resolve to themselves."""
 
 from __future__ import annotations
 
@@ -71,68 +70,4 @@ def install_identical_state_shortcut(api: ModuleApi) -> None:
         wrap,
         "synapse.state.StateResolutionHandler.resolve_events_with_store",
         "identical state sets resolve to themselves without state resolution",
-    )
-
-
-def identical_id_sets(state_sets: Sequence[set[str]]) -> bool:
-    """Whether there are at least two sets of event IDs and all are equal."""
-    if len(state_sets) < 2:
-        return False
-    first = state_sets[0]
-    return all(len(other) == len(first) and other == first for other in state_sets[1:])
-
-
-def install_auth_difference_shortcut(api: ModuleApi) -> None:
-    """The auth chain difference of identical sets of stored events is empty,
-    without reading their auth chains.
-
-    Several events persisted in one batch on top of the same state (a wave of
-    joins to a big room, each its own fork) make Synapse resolve their states:
-    state resolution v2 replaces each not-yet-stored event by its auth events
-    (stored, and already in that state), so every set it then hands the store
-    is the same set of stored events, and the store computes their auth chain
-    difference (``get_auth_chain_difference_extended``) over every event of
-    every set: at 100,000 members, 17 such sets took ~35 s of a database
-    connection, holding the room's persistence queue (every joiner's
-    ``/send_join`` waited). The difference of identical sets is empty by
-    definition (the events in some but not all of their auth chains). Only for
-    state resolution v2 (``conflicted_set`` None: room versions before 12);
-    v2.1's conflicted subgraph is left to Synapse.
-
-    Wraps ``EventFederationWorkerStore.get_auth_chain_difference_extended`` on
-    this homeserver's main store (signature unchanged in 1.163)."""
-    from synapse.storage.databases.main.event_federation import StateDifference
-
-    def wrap(native: Callable[..., Any]) -> Callable[..., Any]:
-        async def get_auth_chain_difference_extended(
-            room_id: str,
-            state_sets: list[set[str]],
-            conflicted_set: set[str] | None,
-            additional_backwards_reachable_conflicted_events: set[str] | None,
-        ) -> Any:
-            if conflicted_set is None and identical_id_sets(state_sets):
-                logger.info(
-                    "Auth chain difference in %s skipped: %d identical sets of %d "
-                    "stored events",
-                    room_id,
-                    len(state_sets),
-                    len(state_sets[0]),
-                )
-                return StateDifference(auth_difference=set(), conflicted_subgraph=None)
-            return await native(
-                room_id,
-                state_sets,
-                conflicted_set,
-                additional_backwards_reachable_conflicted_events,
-            )
-
-        return get_auth_chain_difference_extended
-
-    wrap_instance_method(
-        homeserver(api).get_datastores().main,
-        "get_auth_chain_difference_extended",
-        wrap,
-        "synapse.storage.databases.main.event_federation."
-        "EventFederationWorkerStore.get_auth_chain_difference_extended",
-        "identical sets of stored events have no auth chain difference",
     )
