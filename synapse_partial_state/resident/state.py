@@ -519,9 +519,16 @@ class StateServer:
         whole each, they took 2-13 s one after the other at 100,000 members
         (17 joins: a minute), by delta 0.1 s each."""
         started = time.monotonic()
-        all_ids, member_ids = split_state(
-            dict(await self._access.state_ids_of_group(state_group))
+        how = "delta"
+        ids = await self._state_by_delta(
+            room_id, state_group, None, "", build_base=False
         )
+        if ids is None:
+            how = "full"
+            ids = split_state(dict(await self._access.state_ids_of_group(state_group)))
+        else:
+            self.counts["states_by_delta"] += 1
+        all_ids, member_ids = ids
         entry, auth_how = await self._new_entry(
             ("s", room_id, state_group, None),
             room_id,
@@ -532,7 +539,7 @@ class StateServer:
         )
         self.counts["base_entries"] += 1
         self._log_build(
-            entry, f"full, the base of a delta, {auth_how}", time.monotonic() - started
+            entry, f"{how}, the base of a delta, {auth_how}", time.monotonic() - started
         )
         return entry
 
@@ -542,11 +549,15 @@ class StateServer:
         state_group: int,
         adjustment: StateAdjustment,
         event_id: str,
+        build_base: bool = True,
     ) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
-        """(all, member) IDs from the cached entry of the group this one was
-        stored as a delta of: the delta's rows and the old group's events at
-        those keys, instead of the whole group. None when that entry is not
-        cached (or the delta does not say enough: :func:`state_by_delta`)."""
+        """(all, member) IDs from the entry of the group this one was stored
+        as a delta of: the delta's rows and the old group's events at those
+        keys, instead of the whole group. That entry is built and kept when
+        it is not cached (``build_base``: see :meth:`_base_entry`, itself
+        made by delta from a cached entry where it can be, one level only).
+        None without it, or when the delta does not say enough
+        (:func:`state_by_delta`)."""
         prev_group, delta = await self._access.state_group_delta(state_group)
         if prev_group is None or delta is None:
             return None
@@ -559,6 +570,8 @@ class StateServer:
             latest = self._latest.get(room_id)
             if latest is not None and latest.state_group == prev_group:
                 base = latest
+            elif not build_base:
+                return None
             else:
                 # Built whole here, once, for this group and its siblings.
                 base = await self._base_entry(room_id, prev_group)

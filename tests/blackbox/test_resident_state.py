@@ -295,6 +295,65 @@ class StateCache(_StateRoom):
         self.assertEqual(len(answer["pdus"]), len(first["pdus"]) + 1, "one more member")
 
 
+@on_both_databases(ci_database="postgres")
+class StateOfAWaveOfJoins(_StateRoom):
+    def test_forked_joins_share_one_base_and_answer_as_stock(self) -> None:
+        """Three servers join from one make_join moment (a wave): each join is
+        its own fork, its state group a one-member delta of the same group.
+        Their /state_ids and /state come from that group's entry, built once,
+        and equal stock's."""
+        self.build_room()
+        # A new state group first, which nothing has asked about: the joins'
+        # groups are deltas of it, and its entry is built once for them.
+        self.users["alice"].send_state(
+            self.room_id, "m.room.topic", "", {"topic": "before the wave"}
+        )
+        servers = self.peer.create_servers(3)
+        vers = "&".join(f"ver={v}" for v in KNOWN_ROOM_VERSIONS)
+        templates = []
+        for server in servers:
+            make_join = self.peer.federation_request(
+                server,
+                self.hs1.server_name,
+                "GET",
+                f"/_matrix/federation/v1/make_join/{_q(self.room_id)}/"
+                f"{_q(f'@waver:{server}')}?{vers}",
+            )
+            self.assertEqual(make_join["status"], 200, make_join)
+            templates.append(make_join["body"])
+        prevs = {tuple(t["event"]["prev_events"]) for t in templates}
+        self.assertEqual(len(prevs), 1, "every join on the same prev events")
+        joins = []
+        for server, template in zip(servers, templates, strict=True):
+            joined = self.peer.join(
+                self.room_id, self.hs1.server_name, server, "waver", template=template
+            )
+            self.assertEqual(joined["send_join"]["status"], 200, joined)
+            joins.append(joined["event_id"])
+        since = self.hs1.log_offset()
+        module = {
+            join: (self.get_state(join, "state_ids"), self.get_state(join))
+            for join in joins
+        }
+        time.sleep(0.5)  # the log is flushed five times a second
+        built = [
+            line
+            for line in self.hs1.read_log()[since:].splitlines()
+            if "state cache: built state" in line
+        ]
+        self.assertEqual(sum("the base of a delta" in line for line in built), 1, built)
+        joins_built = [line for line in built if "the base of a delta" not in line]
+        self.assertEqual(len(joins_built), 3, built)
+        self.assertTrue(all("state delta" in line for line in joins_built), built)
+        self.switch_to_stock()
+        for join, (ids, full) in module.items():
+            self.assert_same_state_ids(ids, self.get_state(join, "state_ids"), join)
+            self.assert_same_state(full, self.get_state(join), join)
+            waver = {p["state_key"] for p in full["pdus"] if p["type"] == MEMBER}
+            others = {f"@waver:{s}" for s in servers} & waver
+            self.assertEqual(others, set(), "the state before a join has no waver")
+
+
 @on_both_databases(ci_database="sqlite")
 class StateErrorsMatchStock(_StateRoom):
     def test_refusals_are_stock_refusals(self) -> None:

@@ -387,6 +387,41 @@ class ConcurrentBuildTests(_StateServerUnit):
         self.assertTrue(hit7)
         self.assertEqual(sorted(entry7.state_ids), sorted(base))
 
+    def test_the_base_itself_comes_by_delta_from_a_cached_entry(self) -> None:
+        """Group 7 cached; group 8 (not cached) a delta of 7; group 9 a delta
+        of 8: 8 is built as the base of 9 from 7's entry and its delta, no
+        group loaded whole again."""
+        server, access = self.make_gated()
+        other = {(MEMBER, "@other:x"): "$other"}
+        access.events["$other"] = b'{"o":1}'
+        access.groups_for["$z"] = 9
+
+        async def state_group_delta(state_group: int) -> Any:
+            if state_group == 8:
+                return 7, dict(access.DELTA)
+            return (8, other) if state_group == 9 else (None, None)
+
+        async def state_ids_at_keys(state_group: int, keys: Any) -> Any:
+            group = dict(access.state)
+            if state_group == 8:
+                group.update(access.DELTA)
+            return {k: group[k] for k in keys if k in group}
+
+        access.state_group_delta = state_group_delta  # type: ignore[method-assign]
+        access.state_ids_at_keys = state_ids_at_keys  # type: ignore[method-assign]
+        d = defer.ensureDeferred(server._entry("!r:x", "$x"))
+        access.group_gates[0].callback(None)
+        self.successResultOf(d)
+        server._latest.clear()  # not the latest: only the cache holds 7
+        _, entry9, _ = self.successResultOf(
+            defer.ensureDeferred(server._entry("!r:x", "$z"))
+        )
+        self.assertEqual(access.groups, 1, "only group 7 was ever loaded whole")
+        stats = server.stats()
+        self.assertEqual((stats["base_entries"], stats["states_by_delta"]), (1, 2))
+        want = set(access.state.values()) | {"$new", "$other"}
+        self.assertEqual(sorted(entry9.state_ids), sorted(want))
+
     def test_a_build_that_waited_for_the_same_state_reuses_it(self) -> None:
         """A build queued behind its room's build of the same entry (asked
         by another key's flight) takes that entry instead of building it."""
