@@ -570,10 +570,15 @@ class StateServer:
             latest = self._latest.get(room_id)
             if latest is not None and latest.state_group == prev_group:
                 base = latest
-            elif not build_base:
+            elif not build_base or (
+                adjustment is not None and delta.get(adjustment[0]) != event_id
+            ):
+                # (the second: the delta cannot give this state, see
+                # state_by_delta; no base built for nothing)
                 return None
             else:
-                # Built whole here, once, for this group and its siblings.
+                # Built here (by delta where it can be), once, for this group
+                # and its siblings.
                 base = await self._base_entry(room_id, prev_group)
         keys = set(delta)
         if base.adjustment is not None:

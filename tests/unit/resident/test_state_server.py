@@ -422,6 +422,19 @@ class ConcurrentBuildTests(_StateServerUnit):
         want = set(access.state.values()) | {"$new", "$other"}
         self.assertEqual(sorted(entry9.state_ids), sorted(want))
 
+    def test_no_base_is_built_when_the_delta_cannot_give_the_state(self) -> None:
+        """The state before an event of group 8 whose key is not in 8's delta
+        (``state_by_delta`` cannot make it): group 8 is loaded whole, and
+        group 7's entry is not built for nothing."""
+        server, access = self.make_gated()
+        access.groups_for["$w"] = 8
+        access.adjustments = {"$w": ((MEMBER, "@u3:x"), "$m3")}
+        d = defer.ensureDeferred(server._entry("!r:x", "$w"))
+        access.group_gates[0].callback(None)
+        self.successResultOf(d)
+        self.assertEqual(access.groups, 1)
+        self.assertEqual(server.stats()["base_entries"], 0)
+
     def test_a_build_that_waited_for_the_same_state_reuses_it(self) -> None:
         """A build queued behind its room's build of the same entry (asked
         by another key's flight) takes that entry instead of building it."""
