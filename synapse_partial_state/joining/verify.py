@@ -233,7 +233,6 @@ class _ChunkChecker:
                     pdu = dict(raw)
                     if isinstance(pdu.get("unsigned"), dict):
                         pdu["unsigned"] = dict(pdu["unsigned"])
-                self.last_pdu = None
                 event = event_from_pdu_json(pdu, self.room_version)
                 self.last_pdu = pdu
             elif isinstance(raw, bytes):
